@@ -1,0 +1,24 @@
+import os
+
+import pytest
+import torch
+
+# tests never reach a network; fail fast instead of hanging on a download
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+TINY_BASES = ('test_resnet', 'test_vit', 'test_efficientnet', 'test_convnext')
+METHODS = ('fdl', 'ens')
+IMG = 32
+
+
+def model_kwargs(base: str, **kwargs):
+    """Arguments that build a tiny base for 32 px input (ViTs are built for their input size)."""
+    if base.startswith('test_vit'):
+        kwargs.setdefault('img_size', IMG)
+    return kwargs
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)

@@ -1,0 +1,96 @@
+"""Loss terms against values worked out by hand."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from timm_ensembles import EnsembleHead
+from timm_ensembles.losses import feature_difference, feature_difference_loss, loss_similarity, member_cross_entropy
+
+
+def test_feature_difference_is_mean_over_every_element():
+    a = torch.tensor([[[[1.0, 2.0]], [[3.0, 4.0]]]])  # [B=1, C=2, H=1, W=2]
+    b = torch.tensor([[[[0.0, 0.0]], [[3.0, 2.0]]]])
+    # squared differences 1, 4, 0, 4 -> mean 9 / 4
+    assert feature_difference(a, b).item() == pytest.approx(2.25)
+
+
+def test_fdl_two_members_averages_layers():
+    layer0 = (torch.zeros(2, 3), torch.ones(2, 3))  # difference 1 everywhere -> 1
+    layer1 = (torch.zeros(1, 4), torch.full((1, 4), 3.0))  # difference 3 -> 9
+    features = [[layer0[0], layer1[0]], [layer0[1], layer1[1]]]
+    assert feature_difference_loss(features).item() == pytest.approx((1 + 9) / 2)
+
+
+def test_fdl_three_members_averages_pairs():
+    # one layer, scalar features 0, 1, 3: pair losses 1, 9, 4 -> mean 14 / 3
+    features = [[torch.tensor([[0.0]])], [torch.tensor([[1.0]])], [torch.tensor([[3.0]])]]
+    assert feature_difference_loss(features).item() == pytest.approx(14 / 3)
+
+
+def test_fdl_is_symmetric_and_zero_for_identical_members():
+    f = [torch.randn(2, 4, 3, 3), torch.randn(2, 8)]
+    g = [torch.randn(2, 4, 3, 3), torch.randn(2, 8)]
+    assert feature_difference_loss([f, f]).item() == 0.0
+    assert feature_difference_loss([f, g]).item() == pytest.approx(feature_difference_loss([g, f]).item())
+
+
+def test_fdl_bad_input():
+    with pytest.raises(ValueError, match='at least 2 members'):
+        feature_difference_loss([[torch.zeros(1)]])
+    with pytest.raises(ValueError, match='same, non-zero number'):
+        feature_difference_loss([[torch.zeros(1)], [torch.zeros(1), torch.zeros(1)]])
+
+
+def test_similarity():
+    assert loss_similarity(torch.tensor(2.5), torch.tensor(1.0)).item() == pytest.approx(2.25)
+    assert loss_similarity(torch.tensor(1.0), torch.tensor(2.5)).item() == pytest.approx(2.25)
+
+
+def test_member_cross_entropy_hand_values():
+    # member 0 puts logit log(3) on class 0 (p = 3/4 for 2 classes), member 1 uniform
+    logits = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # [B=1, M=2, C=2]
+    ce = member_cross_entropy(logits, torch.tensor([0]))
+    assert ce.tolist() == pytest.approx([-math.log(0.75), math.log(2.0)])
+
+
+def test_member_cross_entropy_equals_per_member_f_cross_entropy():
+    logits = torch.randn(5, 3, 7)
+    target = torch.randint(0, 7, (5,))
+    ce = member_cross_entropy(logits, target, label_smoothing=0.1)
+    for m in range(3):
+        assert ce[m].item() == pytest.approx(F.cross_entropy(logits[:, m], target, label_smoothing=0.1).item())
+
+
+def test_head_linear_starts_as_mean_of_logits():
+    head = EnsembleHead(3, 4, 'linear')
+    logits = torch.randn(2, 3, 4)
+    torch.testing.assert_close(head(logits), logits.mean(1))
+
+
+def test_head_linear_concatenates_member_major():
+    head = EnsembleHead(2, 2, 'linear')
+    with torch.no_grad():
+        head.fc.weight.zero_()
+        head.fc.weight[0, 2] = 1.0  # member 1, class 0
+        head.fc.weight[1, 1] = 1.0  # member 0, class 1
+    logits = torch.tensor([[[1.0, 2.0], [3.0, 4.0]]])
+    assert head(logits).tolist() == [[3.0, 2.0]]
+
+
+def test_head_mean_probs_is_log_of_mean_probability():
+    head = EnsembleHead(2, 2, 'mean_probs')
+    logits = torch.tensor([[[math.log(3.0), 0.0], [0.0, 0.0]]])  # probs (3/4, 1/4) and (1/2, 1/2)
+    probs = head(logits).exp()
+    assert probs[0].tolist() == pytest.approx([0.625, 0.375])
+
+
+def test_head_mean_logits():
+    head = EnsembleHead(2, 2, 'mean_logits')
+    assert head(torch.tensor([[[1.0, 5.0], [3.0, 1.0]]])).tolist() == [[2.0, 3.0]]
+
+
+def test_head_bad_mode():
+    with pytest.raises(ValueError, match="expected one of"):
+        EnsembleHead(2, 2, 'vote')

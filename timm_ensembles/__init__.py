@@ -1,0 +1,11 @@
+"""timm-ensembles: ensembles of timm models, trained with the methods of their papers.
+
+``import timm_ensembles`` registers every model of this package with timm, so that
+``timm.create_model('fdl_resnet50x2')`` and ``timm.create_model('hf-hub:...')`` find them.
+"""
+from ._ensemble import EnsembleHead, EnsembleModel
+from ._registry import create_model, create_task, get_task_cls, list_ensemble_methods, register_task
+from ._task import ClassificationTask, Task
+from .methods import DeepEnsemble, DeepEnsembleTask, FDLEnsemble, FDLTask
+
+__version__ = '0.1.0'

@@ -1,0 +1,119 @@
+"""Shared construction of the ensemble models: timm's builder, the base model's data config, named variants."""
+import sys
+from typing import Any, Callable, Dict, Iterable, Type
+
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._builder import resolve_pretrained_cfg
+from timm.models._pretrained import PretrainedCfg
+from timm.models._registry import get_pretrained_cfg
+from torch import nn
+
+from ._registry import check_model_name, register_ensemble_method
+
+__all__ = ['create_ensemble', 'ensemble_cfg', 'register_ensemble_variants', 'DEFAULT_BASES', 'DEFAULT_SIZES']
+
+# the bases and member counts that get pre-registered names (<method>_<base>x<N>); any other timm model works
+# through the generic entrypoint and timm_ensembles.create_model
+DEFAULT_BASES = (
+    'resnet18', 'resnet34', 'resnet50', 'vgg16_bn', 'densenet121', 'wide_resnet50_2', 'efficientnet_b0',
+    'convnext_tiny', 'vit_small_patch16_224',
+)
+DEFAULT_SIZES = (2, 3, 4)
+
+# preprocessing and input entries an ensemble takes from its base model's config, so that
+# timm.data.resolve_data_config(model=ensemble) gives what the base model would
+_BASE_CFG_KEYS = (
+    'input_size', 'test_input_size', 'min_input_size', 'fixed_input_size', 'interpolation', 'test_interpolation',
+    'crop_pct', 'test_crop_pct', 'crop_mode', 'mean', 'std', 'num_classes', 'label_names', 'label_descriptions',
+)
+_SOURCE_KEYS = ('url', 'file', 'state_dict', 'hf_hub_id')
+
+
+def ensemble_cfg(**kwargs: Any) -> Dict[str, Any]:
+    """Default pretrained cfg of an ensemble entry; the base model's data config is added at creation."""
+    return dict(license='apache-2.0', paper_ids='', **kwargs)
+
+
+def create_ensemble(model_cls: Type[nn.Module], variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """Build an ensemble through timm's ``build_model_with_cfg``.
+
+    Args:
+        model_cls: The ensemble class.
+        variant: Registered name the model is built under.
+        pretrained: Load the ensemble's own published weights (from its pretrained cfg).
+        **kwargs: Ensemble arguments (``base_model``, ``num_members``, ...) and the kwargs timm injects.
+    """
+    base_model = kwargs.get('base_model')
+    if base_model is None:
+        raise ValueError(f"'{variant}' needs base_model=<timm model name>, e.g. timm.create_model('{variant}',"
+                         f" base_model='resnet18', num_members=2).")
+    check_model_name(base_model, what='base model')
+    pretrained_cfg = kwargs.pop('pretrained_cfg', None)
+    if not isinstance(pretrained_cfg, (dict, PretrainedCfg)):
+        # a registry cfg (by tag or default) describes the ensemble's weights; its data config is the base's
+        cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
+        base_cfg = get_pretrained_cfg(base_model) if ':' not in base_model else None
+        base_cfg = base_cfg.to_dict() if base_cfg is not None else PretrainedCfg().to_dict()
+        cfg.update({k: base_cfg[k] for k in _BASE_CFG_KEYS if base_cfg.get(k) is not None})
+        pretrained_cfg = cfg
+    cfg_dict = pretrained_cfg.to_dict() if isinstance(pretrained_cfg, PretrainedCfg) else pretrained_cfg
+    if pretrained:
+        if not any(cfg_dict.get(k) for k in _SOURCE_KEYS):
+            raise ValueError(
+                f"'{variant}' has no published weights of its own (pretrained=True loads the ensemble's weights)."
+                f" Use pretrained_base=True to initialise every member from timm's weights of '{base_model}'."
+            )
+        # the ensemble's own weights replace every member's, so the base weights need not be fetched
+        kwargs['pretrained_base'] = False
+    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
+
+
+def register_ensemble_variants(
+        module_name: str,
+        method: str,
+        create_fn: Callable[..., nn.Module],
+        description: str,
+        bases: Iterable[str] = DEFAULT_BASES,
+        sizes: Iterable[int] = DEFAULT_SIZES,
+) -> None:
+    """Register ``<method>`` (generic) and ``<method>_<base>x<N>`` with timm, on behalf of a method module.
+
+    timm's ``register_model`` reads ``default_cfgs`` from the module that defines an entrypoint, so the
+    entrypoints made here are given that module's name and its ``default_cfgs`` is filled first.
+
+    Args:
+        module_name: ``__name__`` of the method module (it must define ``default_cfgs`` or get one here).
+        method: Generic entrypoint name, e.g. 'fdl'.
+        create_fn: ``create_fn(variant, pretrained=False, **kwargs)`` builds the model.
+        description: One line, e.g. 'FDL ensemble', used in the entrypoints' docstrings.
+        bases: Base models that get named variants.
+        sizes: Member counts that get named variants.
+    """
+    module = sys.modules[module_name]
+    variants = {method: {}}
+    variants.update({f'{method}_{b}x{n}': dict(base_model=b, num_members=n) for b in bases for n in sizes})
+    cfgs = generate_default_cfgs({name: ensemble_cfg() for name in variants})
+    if not hasattr(module, 'default_cfgs'):
+        module.default_cfgs = {}
+    module.default_cfgs.update(cfgs)
+    register_ensemble_method(method, description)
+    for name, fixed in variants.items():
+        fn = _make_entrypoint(name, fixed, create_fn, description)
+        fn.__module__ = module_name
+        setattr(module, name, register_model(fn))
+
+
+def _make_entrypoint(name: str, fixed: Dict[str, Any], create_fn: Callable, description: str) -> Callable:
+    def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
+        for key, value in fixed.items():
+            if kwargs.setdefault(key, value) != value:
+                raise ValueError(f"'{name}' is built with {key}={value!r}; got {key}={kwargs[key]!r}. Use the"
+                                 f" generic '{name.split('_')[0]}' model to choose it.")
+        return create_fn(name, pretrained=pretrained, **kwargs)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    if fixed:
+        entrypoint.__doc__ = f"{description} of {fixed['num_members']} x {fixed['base_model']}."
+    else:
+        entrypoint.__doc__ = f"{description} of any timm model: base_model=<timm name>, num_members=N (>= 2)."
+    return entrypoint

@@ -1,0 +1,128 @@
+"""Training checkpoints and exported model folders, written so that a crash never leaves a half-written file.
+
+Every file is written to a temporary name beside its destination, flushed to disk, then renamed over the
+destination (``os.replace`` is atomic on POSIX and Windows). Checkpoints are read with
+``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and plain containers.
+"""
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
+           'atomic_write_text', 'CHECKPOINT_NAME']
+
+CHECKPOINT_NAME = 'checkpoint.pt'
+PREVIOUS_CHECKPOINT_NAME = 'checkpoint-prev.pt'
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used: missing, truncated, corrupt, or from another run."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # directories cannot be opened on some platforms; the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _atomic_replace(write_fn, dest: Path) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write_fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(dest.parent)
+
+
+def atomic_write_text(path: Union[str, Path], text: str) -> None:
+    _atomic_replace(lambda f: f.write(text.encode('utf-8')), Path(path))
+
+
+def save_checkpoint(state: Dict[str, Any], folder: Union[str, Path]) -> Path:
+    """Write ``state`` as ``folder/checkpoint.pt``; the checkpoint it replaces is kept as ``checkpoint-prev.pt``."""
+    folder = Path(folder)
+    dest = folder / CHECKPOINT_NAME
+    _atomic_replace(lambda f: torch.save(state, f), folder / f'.{CHECKPOINT_NAME}.new')
+    if dest.exists():
+        os.replace(dest, folder / PREVIOUS_CHECKPOINT_NAME)
+    os.replace(folder / f'.{CHECKPOINT_NAME}.new', dest)
+    _fsync_dir(folder)
+    return dest
+
+
+def find_checkpoint(path: Union[str, Path]) -> Path:
+    """The checkpoint file that ``--resume path`` means: the file itself, or ``path/checkpoint.pt``."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / CHECKPOINT_NAME).is_file():
+            return path / CHECKPOINT_NAME
+        raise CheckpointError(f"No {CHECKPOINT_NAME} in '{path}': it is not the output folder of a run that finished"
+                              f" an epoch. --resume takes a run's output folder or a checkpoint file.")
+    if path.is_file():
+        return path
+    raise CheckpointError(f"Cannot resume from '{path}': no such file or folder.")
+
+
+def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """Read a checkpoint safely (``weights_only=True``), with a clear error for a truncated or corrupt file."""
+    path = find_checkpoint(path)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        prev = path.parent / PREVIOUS_CHECKPOINT_NAME
+        hint = f" The checkpoint before it is '{prev}': --resume {prev}." if prev.is_file() and prev != path else ''
+        raise CheckpointError(
+            f"Checkpoint '{path}' is truncated or corrupt and cannot be read ({type(e).__name__}: {e}).{hint}"
+        ) from e
+    if not isinstance(state, dict) or 'task' not in state or 'epoch' not in state:
+        raise CheckpointError(f"'{path}' is not a checkpoint written by train.py (no task state / epoch).")
+    return state
+
+
+def export_folder(
+        model: nn.Module,
+        folder: Union[str, Path],
+        model_config: Optional[Dict[str, Any]] = None,
+        model_args: Optional[Dict[str, Any]] = None,
+        data_config: Optional[Dict[str, Any]] = None,
+) -> Path:
+    """Write ``model`` in timm's Hugging Face folder format (``config.json`` + ``model.safetensors``).
+
+    ``timm.models.save_for_hf`` writes into a temporary folder; its files are then moved into ``folder``,
+    weights first, so that a ``config.json`` in ``folder`` always describes complete weights beside it.
+    """
+    from timm.models import save_for_hf
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix='.export-', dir=folder))
+    try:
+        save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True,
+                    data_config=data_config)
+        # validate the config before it replaces anything
+        json.loads((tmp / 'config.json').read_text())
+        for name in ('model.safetensors', 'config.json'):
+            with open(tmp / name, 'rb') as f:
+                os.fsync(f.fileno())
+            os.replace(tmp / name, folder / name)
+        _fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder

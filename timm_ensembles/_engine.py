@@ -1,0 +1,195 @@
+"""The training and evaluation loops behind ``train.py``, method-agnostic.
+
+They see a task (``task(x, target) -> dict(loss, output, components, stats)``) and a model (with
+``forward_members`` and ``combine`` when it is an ensemble); they never name a method.
+"""
+import math
+import time
+from collections import defaultdict
+from typing import Any, Dict, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+__all__ = ['NonFiniteLossError', 'train_one_epoch', 'evaluate', 'check_input_size', 'format_metrics']
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A loss or loss term became NaN or infinite; training stops before the step is applied."""
+
+
+class _Means:
+    """Running means of scalars (summed on device, read once an epoch)."""
+
+    def __init__(self):
+        self.sums: Dict[str, float] = defaultdict(float)
+        self.counts: Dict[str, int] = defaultdict(int)
+
+    def update(self, name: str, value: Any, n: int = 1) -> None:
+        self.sums[name] += float(value) * n
+        self.counts[name] += n
+
+    def result(self) -> Dict[str, float]:
+        return {k: self.sums[k] / max(self.counts[k], 1) for k in self.sums}
+
+
+def _non_finite_terms(out: Dict[str, Any]) -> list:
+    bad = [name for name, value in out.get('components', {}).items() if not torch.isfinite(value).all()]
+    if not torch.isfinite(out['loss']).all():
+        bad.append('loss')
+    return bad
+
+
+def train_one_epoch(
+        task: nn.Module,
+        loader,
+        optimizer: torch.optim.Optimizer,
+        accelerator,
+        epoch: int,
+        lr_scheduler=None,
+        clip_grad: Optional[float] = None,
+        num_updates: int = 0,
+        show_progress: bool = True,
+) -> Tuple[Dict[str, float], int]:
+    """One epoch of training.
+
+    Args:
+        task: The (prepared) task.
+        loader: The (prepared) training loader.
+        optimizer: The (prepared) optimizer.
+        accelerator: The ``accelerate.Accelerator``.
+        epoch: Epoch index, for messages.
+        lr_scheduler: A timm scheduler, stepped per optimizer update (``step_update``).
+        clip_grad: Max gradient norm, or None.
+        num_updates: Optimizer updates done before this epoch.
+        show_progress: Show a tqdm bar on the main process.
+
+    Returns:
+        (mean of the loss, each component and each stat over the epoch; also train accuracy), updates done so far.
+
+    Raises:
+        NonFiniteLossError: A term became NaN or infinite (on any process); the step is not applied.
+    """
+    task.train()
+    means = _Means()
+    bar = tqdm(loader, desc=f'train {epoch}', disable=not (show_progress and accelerator.is_local_main_process),
+               leave=False, dynamic_ncols=True)
+    for x, target in bar:
+        with accelerator.accumulate(task):
+            out = task(x, target)
+            bad = _non_finite_terms(out)
+            if accelerator.num_processes > 1:
+                # every process must stop together, or the others hang in the next all-reduce
+                flag = torch.tensor([float(bool(bad))], device=out['loss'].device)
+                if accelerator.reduce(flag, reduction='sum').item() > 0 and not bad:
+                    bad = ['loss (on another process)']
+            if bad:
+                terms = {k: float(v) for k, v in out.get('components', {}).items()}
+                raise NonFiniteLossError(
+                    f"Non-finite loss at epoch {epoch}, update {num_updates}: {', '.join(bad)} blew up"
+                    f" (terms: {terms}). The step was not applied."
+                )
+            accelerator.backward(out['loss'])
+            if accelerator.sync_gradients and clip_grad:
+                accelerator.clip_grad_norm_(task.parameters(), clip_grad)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if accelerator.sync_gradients:
+            num_updates += 1
+            if lr_scheduler is not None:
+                lr_scheduler.step_update(num_updates=num_updates)
+        n = target.shape[0]
+        means.update('loss', out['loss'].detach(), n)
+        for name, value in out.get('components', {}).items():
+            means.update(name, value, n)
+        for name, value in out.get('stats', {}).items():
+            means.update(name, value, n)
+        if out.get('output') is not None:
+            means.update('train_acc', (out['output'].detach().argmax(-1) == target).float().mean() * 100, n)
+        bar.set_postfix(loss=f"{out['loss'].item():.4f}", refresh=False)
+    bar.close()
+    return means.result(), num_updates
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, accelerator) -> Dict[str, Any]:
+    """Accuracy and loss of the model, and of every member when the model is an ensemble.
+
+    Returns:
+        ``acc`` and ``loss`` (cross-entropy) of ``model(x)``; for an ensemble also ``member_acc`` (a list),
+        ``member_acc_mean``, and ``mean_probs_acc`` (accuracy of the averaged member probabilities, the deep
+        ensemble's rule, whatever the model's own combine rule is).
+    """
+    model.eval()
+    is_ensemble = hasattr(model, 'forward_members') and hasattr(model, 'combine')
+    correct = 0
+    nll = 0.0
+    total = 0
+    member_correct = None
+    avg_correct = 0
+    for x, target in loader:
+        with accelerator.autocast():
+            if is_ensemble:
+                members = model.forward_members(x)
+                logits = model.combine(members)
+            else:
+                logits = model(x)
+        if is_ensemble:
+            members, logits, target = accelerator.gather_for_metrics((members.float(), logits.float(), target))
+            hits = (members.argmax(-1) == target[:, None]).sum(0)
+            member_correct = hits if member_correct is None else member_correct + hits
+            avg_correct += int((members.softmax(-1).mean(1).argmax(-1) == target).sum())
+        else:
+            logits, target = accelerator.gather_for_metrics((logits.float(), target))
+        correct += int((logits.argmax(-1) == target).sum())
+        nll += float(F.cross_entropy(logits, target, reduction='sum'))
+        total += target.shape[0]
+    if total == 0:
+        raise ValueError('The evaluation set is empty.')
+    metrics: Dict[str, Any] = dict(acc=100.0 * correct / total, loss=nll / total, num_samples=total)
+    if is_ensemble:
+        member_acc = [100.0 * float(c) / total for c in member_correct]
+        metrics.update(member_acc=member_acc, member_acc_mean=sum(member_acc) / len(member_acc),
+                       mean_probs_acc=100.0 * avg_correct / total)
+    return metrics
+
+
+def check_input_size(model: nn.Module, input_size: Tuple[int, int, int], model_name: str) -> None:
+    """Run one dummy image through the model to tell, before training, whether it takes this input size."""
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        with torch.no_grad():
+            model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    except Exception as e:
+        raise ValueError(
+            f"Model '{model_name}' cannot take input size {tuple(input_size)}: {type(e).__name__}: {e}. Choose another"
+            f" --img-size, or, for models built for a fixed size (ViTs), build the model for this one with"
+            f" --model-kwargs img_size={input_size[-1]}."
+        ) from e
+    finally:
+        model.train(was_training)
+
+
+def format_metrics(epoch: int, train: Dict[str, float], val: Dict[str, Any], lr: float, seconds: float) -> str:
+    """One human-readable line per epoch."""
+    parts = [f'epoch {epoch}', f'lr {lr:.3g}']
+    parts += [f'{k} {v:.4g}' for k, v in train.items()]
+    if 'member_acc' in val:
+        parts.append('members ' + ' '.join(f'{a:.2f}' for a in val['member_acc']))
+        parts.append(f"mean-probs {val['mean_probs_acc']:.2f}")
+    parts.append(f"val acc {val['acc']:.2f}")
+    parts.append(f"val loss {val['loss']:.4f}")
+    parts.append(f'{seconds:.0f}s')
+    return ' | '.join(parts)
+
+
+def is_finite_number(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def elapsed(start: float) -> float:
+    return time.perf_counter() - start

@@ -1,0 +1,283 @@
+"""The ensemble container shared by the ensemble methods: N timm models and a head that combines them.
+
+The container holds only what inference needs. What a method adds for training (losses, phases,
+teachers, discriminators) lives in its task (see ``_task.py``).
+"""
+import contextlib
+import math
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._registry import check_model_name
+
+__all__ = ['EnsembleModel', 'EnsembleHead', 'COMBINE_MODES', 'FEATURE_TAPS']
+
+COMBINE_MODES = ('linear', 'mean_logits', 'mean_probs')
+FEATURE_TAPS = ('stages', 'convs')
+
+
+class EnsembleHead(nn.Module):
+    """Combines member logits ``[B, M, C]`` into ensemble logits ``[B, C]``.
+
+    Modes:
+        linear: a learned linear map over the concatenated member logits (the FDL paper's ensemble head,
+            a kernel-1 Conv1d over ``M * C`` channels in its reference code). Initialised to the average of
+            the member logits, so that an untrained head already gives ``mean_logits`` (the reference
+            initialises it randomly; averaging is a better starting point and changes nothing once trained).
+        mean_logits: the average of the member logits.
+        mean_probs: logits whose softmax is the average of the member probabilities (log of the mean
+            probability), the usual deep-ensemble prediction.
+    """
+
+    def __init__(
+            self,
+            num_members: int,
+            num_classes: int,
+            mode: str = 'mean_probs',
+            device: Optional[torch.device] = None,
+            dtype: Optional[torch.dtype] = None,
+    ):
+        super().__init__()
+        if mode not in COMBINE_MODES:
+            raise ValueError(f"Unknown combine mode '{mode}', expected one of {COMBINE_MODES}.")
+        self.num_members = num_members
+        self.num_classes = num_classes
+        self.mode = mode
+        if mode == 'linear' and num_classes > 0:
+            self.fc = nn.Linear(num_members * num_classes, num_classes, device=device, dtype=dtype)
+            self.reset_parameters()
+        else:
+            self.fc = None
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        if self.fc is None:
+            return
+        # concatenation is member-major (index m * C + c), as torch.cat of the members' logits along dim 1
+        eye = torch.eye(self.num_classes, device=self.fc.weight.device, dtype=self.fc.weight.dtype)
+        self.fc.weight.copy_(eye.repeat(1, self.num_members) / self.num_members)
+        self.fc.bias.zero_()
+
+    def forward(self, member_logits: torch.Tensor) -> torch.Tensor:
+        if self.num_classes <= 0:
+            # members are feature extractors (num_classes=0): their pooled features side by side
+            return member_logits.flatten(1)
+        if self.fc is not None:
+            return self.fc(member_logits.flatten(1))
+        if self.mode == 'mean_logits':
+            return member_logits.mean(1)
+        log_probs = F.log_softmax(member_logits.float(), dim=-1)
+        return (torch.logsumexp(log_probs, dim=1) - math.log(self.num_members)).to(member_logits.dtype)
+
+    def extra_repr(self) -> str:
+        return f'mode={self.mode}, num_members={self.num_members}, num_classes={self.num_classes}'
+
+
+class EnsembleModel(nn.Module):
+    """N independently initialised timm models of one architecture and a head that combines them.
+
+    A timm classifier like any other: ``forward(x)`` gives ``[B, C]`` logits in train and eval mode,
+    ``forward_members(x)`` the members' logits ``[B, M, C]`` (batch first, as
+    ``accelerator.gather_for_metrics`` needs). With ``num_classes=0`` the members are feature extractors and
+    ``forward`` gives their pooled features side by side, ``[B, M * F]``, and ``num_features`` is ``M * F``.
+
+    Args:
+        base_model: Any timm model name (a tag selects pretrained weights for ``pretrained_base``), including
+            models a user registered with timm.
+        num_members: Number of members N (>= 2).
+        combine: How ``forward`` combines the members, one of ``COMBINE_MODES`` (see ``EnsembleHead``). Each
+            method sets its own default.
+        pretrained_base: Initialise every member from timm's pretrained weights of ``base_model``. The members
+            are then identical but for their re-initialised classifiers, where ``num_classes`` differs from the
+            weights'. (``pretrained=True`` on the ensemble means the ensemble's own published weights.)
+        num_classes: Number of classes (0: no classifier).
+        in_chans: Number of input channels.
+        device: Device to build the parameters on.
+        dtype: Parameter dtype.
+        **kwargs: Passed to every member's ``timm.create_model`` (``global_pool``, ``img_size``, ``drop_rate``,
+            ``drop_path_rate`` and any other argument of the base model).
+    """
+    default_combine = 'mean_probs'
+
+    def __init__(
+            self,
+            base_model: str,
+            num_members: int = 2,
+            combine: Optional[str] = None,
+            pretrained_base: bool = False,
+            num_classes: int = 1000,
+            in_chans: int = 3,
+            device: Optional[Union[str, torch.device]] = None,
+            dtype: Optional[torch.dtype] = None,
+            **kwargs: Any,
+    ):
+        super().__init__()
+        if not isinstance(base_model, str) or not base_model:
+            raise ValueError(f'base_model must be a timm model name, got {base_model!r}.')
+        check_model_name(base_model, what='base model')
+        if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 2:
+            raise ValueError(
+                f'An ensemble needs num_members >= 2 (an integer), got {num_members!r}. For one network,'
+                f" train the base model '{base_model}' itself."
+            )
+        combine = combine or self.default_combine
+        if combine not in COMBINE_MODES:
+            raise ValueError(f"Unknown combine mode '{combine}', expected one of {COMBINE_MODES}.")
+        self.base_model = base_model
+        self.num_members = num_members
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        member_args = dict(num_classes=num_classes, in_chans=in_chans, device=device, dtype=dtype, **kwargs)
+        # one create_model call per member: each draws its own initialisation from the global RNG
+        self.members = nn.ModuleList([
+            timm.create_model(base_model, pretrained=pretrained_base, **member_args) for _ in range(num_members)
+        ])
+        member = self.members[0]
+        self.member_num_features = member.num_features
+        self.head = EnsembleHead(num_members, num_classes, combine, device=device, dtype=dtype)
+
+    # ---- timm model interface ----
+    @property
+    def combine_mode(self) -> str:
+        return self.head.mode
+
+    @property
+    def num_features(self) -> int:
+        return self.member_num_features * self.num_members
+
+    @property
+    def head_hidden_size(self) -> int:
+        return self.num_features
+
+    @property
+    def global_pool(self) -> Optional[str]:
+        from timm.models._input import _get_global_pool
+        return _get_global_pool(self.members[0])
+
+    @property
+    def _model_args(self) -> Dict[str, Any]:
+        # What timm's factory recorded, less what a reload must not redo (downloading the base's weights,
+        # which the ensemble's own weights replace), plus the arguments that define the ensemble.
+        args = {k: v for k, v in self.__dict__.get('_recorded_model_args', {}).items() if k != 'pretrained_base'}
+        args.update(base_model=self.base_model, num_members=self.num_members, combine=self.combine_mode)
+        return args
+
+    @_model_args.setter
+    def _model_args(self, value: Dict[str, Any]) -> None:
+        self.__dict__['_recorded_model_args'] = dict(value)
+
+    @property
+    def model_args(self) -> Dict[str, Any]:
+        """Arguments that rebuild this ensemble with ``timm.create_model`` (what ``save_for_hf`` records)."""
+        from timm.models._input import get_model_args
+        return get_model_args(self)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+        for member in self.members:
+            if global_pool is None:
+                member.reset_classifier(num_classes)
+            else:
+                member.reset_classifier(num_classes, global_pool)
+        self.num_classes = num_classes
+        self.member_num_features = self.members[0].num_features
+        ref = next(self.members[0].parameters())
+        self.head = EnsembleHead(self.num_members, num_classes, self.combine_mode, device=ref.device, dtype=ref.dtype)
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for member in self.members:
+            member.set_grad_checkpointing(enable)
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set:
+        names = set()
+        for i, member in enumerate(self.members):
+            if hasattr(member, 'no_weight_decay'):
+                names |= {f'members.{i}.{n}' for n in member.no_weight_decay()}
+        return names
+
+    # ---- forward ----
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Unpooled features of every member, stacked on dim 1: ``[B, M, ...]``."""
+        return torch.stack([m.forward_features(x) for m in self.members], dim=1)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """Head of ``forward_features``' output: members' heads, then the ensemble head."""
+        if pre_logits:
+            return torch.cat([m.forward_head(x[:, i], pre_logits=True) for i, m in enumerate(self.members)], dim=1)
+        return self.head(torch.stack([m.forward_head(x[:, i]) for i, m in enumerate(self.members)], dim=1))
+
+    def forward_members(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's logits, ``[B, M, C]``."""
+        return torch.stack([m(x) for m in self.members], dim=1)
+
+    def combine(self, member_logits: torch.Tensor) -> torch.Tensor:
+        """Ensemble logits ``[B, C]`` from member logits ``[B, M, C]`` (what ``forward`` returns)."""
+        return self.head(member_logits)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.combine(self.forward_members(x))
+
+    def forward_members_with_features(
+            self,
+            x: torch.Tensor,
+            taps: str = 'stages',
+            indices: Optional[Union[int, Sequence[int]]] = None,
+    ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+        """Member logits and intermediate features from one forward pass per member.
+
+        Args:
+            x: Input batch.
+            taps: ``'stages'``: the outputs of the stages (blocks for ViTs) from timm's
+                ``forward_intermediates``; ``'convs'``: the output of every convolution, as the FDL paper.
+            indices: With ``taps='stages'``, which intermediates (as ``forward_intermediates`` takes them:
+                an int n for the last n, or a list of indices); None for all.
+
+        Returns:
+            ``([B, M, C] logits, features)`` where ``features[m]`` is the list of member m's feature tensors.
+        """
+        if taps not in FEATURE_TAPS:
+            raise ValueError(f"Unknown feature taps '{taps}', expected one of {FEATURE_TAPS}.")
+        logits, features = [], []
+        for member in self.members:
+            if taps == 'stages':
+                if not hasattr(member, 'forward_intermediates'):
+                    raise ValueError(
+                        f"Base model '{self.base_model}' has no forward_intermediates(); use feature taps 'convs'."
+                    )
+                final, inter = member.forward_intermediates(x, indices=indices)
+                logits.append(member.forward_head(final))
+                features.append(list(inter))
+            else:
+                with capture_conv_outputs(member) as convs:
+                    logits.append(member(x))
+                if not convs:
+                    raise ValueError(f"Base model '{self.base_model}' has no convolutions; use feature taps 'stages'.")
+                features.append(convs)
+        return torch.stack(logits, dim=1), features
+
+
+def conv_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+    """Every convolution of a model, in registration order."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.conv._ConvNd):
+            yield name, module
+
+
+@contextlib.contextmanager
+def capture_conv_outputs(model: nn.Module) -> Iterator[List[torch.Tensor]]:
+    """Collect the output of every convolution run inside the context, in call order."""
+    outputs: List[torch.Tensor] = []
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for _, m in conv_modules(model)]
+    try:
+        yield outputs
+    finally:
+        for h in handles:
+            h.remove()

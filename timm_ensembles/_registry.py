@@ -1,0 +1,141 @@
+"""Registries of this package: training tasks by model class, ensemble methods by generic name.
+
+timm keeps the model registry (``timm.create_model`` finds every name registered here once
+``import timm_ensembles`` has run). This module adds what timm has no place for:
+
+* the task of each model class, so that a training script asks for the objective of a model
+  without naming its method;
+* the generic ensemble methods (``fdl``, ``ens``, ...), so that ``fdl_<any timm model>x<N>`` can be
+  built for bases that have no pre-registered variant.
+"""
+import difflib
+import re
+from typing import Any, Callable, Dict, Optional, Type
+
+import timm
+from timm.models import parse_model_name, split_model_name_tag
+from torch import nn
+
+__all__ = [
+    'register_task', 'get_task_cls', 'create_task', 'register_ensemble_method', 'list_ensemble_methods',
+    'create_model', 'check_model_name',
+]
+
+_task_by_model_cls: Dict[type, type] = {}
+_ensemble_methods: Dict[str, str] = {}  # generic entrypoint name -> one-line description
+
+# <method>_<base>x<N>; greedy base so that bases holding an 'x' (resnext50_32x4d) still parse
+_DYNAMIC_NAME = re.compile(r'^(?P<method>[a-z]+)_(?P<base>.+)x(?P<num>\d+)$')
+
+
+def register_task(model_cls: type) -> Callable[[type], type]:
+    """Class decorator: the decorated task trains models of ``model_cls`` (and its subclasses)."""
+    def _register(task_cls: type) -> type:
+        _task_by_model_cls[model_cls] = task_cls
+        return task_cls
+    return _register
+
+
+def get_task_cls(model: nn.Module | type) -> type:
+    """Task class for a model (or model class), found through the class hierarchy.
+
+    A plain timm model (no registered class in its hierarchy) gets the cross-entropy task, so that a
+    single network is trained by the same script as the ensembles it is compared with.
+    """
+    model_cls = model if isinstance(model, type) else type(model)
+    for cls in model_cls.__mro__:
+        if cls in _task_by_model_cls:
+            return _task_by_model_cls[cls]
+    from ._task import ClassificationTask
+    return ClassificationTask
+
+
+def create_task(model: nn.Module, **task_args: Any) -> nn.Module:
+    """Build the training objective of ``model``.
+
+    Args:
+        model: A model built by ``timm.create_model`` (an ensemble of this package or any timm model).
+        **task_args: Options of that task (see the task class's docstring); unknown options raise.
+    """
+    task_cls = get_task_cls(model)
+    return task_cls(model, **task_args)
+
+
+def register_ensemble_method(name: str, description: str) -> None:
+    """Declare ``name`` as a generic ensemble entrypoint taking ``base_model`` and ``num_members``."""
+    _ensemble_methods[name] = description
+
+
+def list_ensemble_methods() -> Dict[str, str]:
+    return dict(_ensemble_methods)
+
+
+def _close_matches(name: str, candidates) -> str:
+    matches = difflib.get_close_matches(name, list(candidates), n=5, cutoff=0.6)
+    return f" Close matches: {', '.join(matches)}." if matches else ''
+
+
+def check_model_name(model_name: str, what: str = 'model') -> None:
+    """Raise a ValueError naming close matches when ``model_name`` is not in timm's registry.
+
+    Names with a source prefix (``hf-hub:``, ``local-dir:``) are left to timm, which checks them when
+    it reads their config.
+    """
+    source, model_id = parse_model_name(model_name)
+    if source is not None:
+        return
+    arch, _ = split_model_name_tag(model_id)
+    if not timm.is_model(arch):
+        raise ValueError(
+            f"Unknown {what} '{model_name}': timm has no model of that name.{_close_matches(arch, timm.list_models())}"
+            f" `timm.list_models('*pattern*')` lists the valid names; a model of your own must be registered"
+            f" with timm's @register_model (and its module imported) before it is used here."
+        )
+
+
+def parse_dynamic_name(model_name: str) -> Optional[Dict[str, Any]]:
+    """Split ``<method>_<base>x<N>`` into the generic method and its kwargs, or None if it is not one."""
+    m = _DYNAMIC_NAME.match(model_name)
+    if m is None or m.group('method') not in _ensemble_methods:
+        return None
+    return dict(method=m.group('method'), base_model=m.group('base'), num_members=int(m.group('num')))
+
+
+def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` that also builds ``<method>_<any timm model>x<N>`` names.
+
+    Pre-registered variants (``fdl_resnet50x2``) and every other timm name, ``hf-hub:`` and ``local-dir:``
+    sources included, go straight to timm. A name of the form ``<method>_<base>x<N>`` whose base has no
+    pre-registered variant is built by the generic entrypoint of the method
+    (``timm.create_model('<method>', base_model=<base>, num_members=N)``), so its saved config names the
+    generic architecture and reloads anywhere this package is installed.
+
+    Args:
+        model_name: Model name, as for ``timm.create_model``.
+        pretrained: Load the model's own published weights (for an ensemble: the ensemble's, not the base's;
+            see ``pretrained_base``).
+        **kwargs: Passed on to ``timm.create_model``.
+    """
+    source, model_id = parse_model_name(model_name)
+    if source is None:
+        arch, tag = split_model_name_tag(model_id)
+        if not timm.is_model(arch):
+            dyn = parse_dynamic_name(arch)
+            if dyn is None:
+                raise ValueError(
+                    f"Unknown model '{model_name}'.{_close_matches(arch, timm.list_models())}"
+                    f" Ensembles of any timm model are named <method>_<base>x<N> with <method> one of"
+                    f" {sorted(_ensemble_methods)} (x<N> is the number of members, e.g. fdl_resnet18x2)."
+                )
+            if tag:
+                raise ValueError(
+                    f"'{model_name}' has a pretrained tag, but '{arch}' is not a registered model with published"
+                    f" weights. Drop the tag, or use pretrained_base=True for timm's weights of the base."
+                )
+            for key in ('base_model', 'num_members'):
+                if key in kwargs and kwargs[key] != dyn[key]:
+                    raise ValueError(f"'{model_name}' means {key}={dyn[key]!r}, but {key}={kwargs[key]!r} was passed.")
+            kwargs.update(base_model=dyn['base_model'], num_members=dyn['num_members'])
+            model_name = dyn['method']
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+

@@ -1,0 +1,106 @@
+"""The task contract: a training objective as an ``nn.Module`` holding its model.
+
+In the spirit of ``timm.task``: ``task(x, target)`` returns a dict with ``loss`` (what to backpropagate),
+``output`` (``[B, C]`` logits for training accuracy) and ``components`` (named loss terms, detached, for
+logging). A task owns every training-only part (teachers, discriminators, extra heads) and their optimisation
+(``create_optimizer``); the model it holds is what gets exported. A training script asks
+``timm_ensembles.create_task(model)`` for the task and never branches on the method.
+"""
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+from ._registry import get_task_cls
+
+__all__ = ['Task', 'ClassificationTask', 'TaskOutput', 'task_option_names']
+
+TaskOutput = Dict[str, Any]
+
+
+class Task(nn.Module):
+    """Base class of training objectives.
+
+    Subclasses implement ``forward(x, target) -> TaskOutput`` and may override the hooks below.
+
+    Attributes:
+        find_unused_parameters: Whether some trainable parameters can miss a gradient in a step (DDP must be
+            told; it costs an extra graph traversal, so tasks that use every parameter every step say False).
+    """
+    find_unused_parameters: bool = False
+
+    def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
+        super().__init__()
+        self.model = model
+        self.label_smoothing = label_smoothing
+        self.epoch = 0
+        # kept out of the module tree: it is not a submodule and must not be pickled with the task
+        self.__dict__['_optimizer'] = None
+
+    def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy with the task's label smoothing, computed in fp32."""
+        return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called by the training loop before each epoch (0-based); tasks with phases switch here."""
+        self.epoch = epoch
+
+    def param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
+        """Parameter groups of everything the task trains (no weight decay on biases and norms, as timm)."""
+        from timm.optim import param_groups_weight_decay
+        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self._no_weight_decay())
+
+    def _no_weight_decay(self) -> set:
+        nwd = getattr(self.model, 'no_weight_decay', None)
+        return {f'model.{n}' for n in nwd()} if callable(nwd) else set()
+
+    def create_optimizer(self, opt: str = 'sgd', lr: float = 0.1, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
+        """Build the optimizer of everything the task trains, with timm's optimizer factory.
+
+        The task keeps a reference, so that terms whose step size is defined relative to the learning rate
+        can read the current one. Keyword arguments go to ``timm.optim.create_optimizer_v2``.
+        """
+        optimizer = create_optimizer_v2(self.param_groups(weight_decay), opt=opt, lr=lr, weight_decay=weight_decay,
+                                        **kwargs)
+        self.__dict__['_optimizer'] = optimizer
+        return optimizer
+
+    @property
+    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+        return self.__dict__['_optimizer']
+
+    def export_model(self) -> nn.Module:
+        """The model to save and publish: inference parts only."""
+        return self.model
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
+        raise NotImplementedError
+
+
+class ClassificationTask(Task):
+    """Cross-entropy on ``model(x)``: the task of any plain timm model (the single-network baseline).
+
+    Args:
+        model: Any classifier.
+        label_smoothing: Label smoothing of the cross-entropy.
+    """
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
+        output = self.model(x)
+        loss = self.cross_entropy(output, target)
+        return dict(loss=loss, output=output, components=dict(ce=loss.detach()))
+
+
+def task_option_names(model: nn.Module) -> List[str]:
+    """Names of the options the task of ``model`` takes (its ``__init__`` arguments besides the model)."""
+    import inspect
+    names = []
+    for cls in get_task_cls(model).__mro__:
+        if cls is nn.Module or not issubclass(cls, nn.Module):
+            break
+        sig = inspect.signature(cls.__init__)
+        names += [n for n, p in sig.parameters.items() if n not in ('self', 'model') and p.kind == p.KEYWORD_ONLY or
+                  n not in ('self', 'model') and p.kind == p.POSITIONAL_OR_KEYWORD]
+    return sorted(set(names))

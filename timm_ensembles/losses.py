@@ -1,0 +1,53 @@
+"""Loss terms shared by the ensemble methods."""
+import itertools
+from typing import List, Sequence
+
+import torch
+
+__all__ = ['feature_difference', 'feature_difference_loss', 'loss_similarity', 'member_cross_entropy']
+
+
+def feature_difference(f_i: torch.Tensor, f_j: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of two feature tensors over every element (B, C, H, W), in fp32."""
+    return (f_i.float() - f_j.float()).pow(2).mean()
+
+
+def feature_difference_loss(features: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """The FDL paper's L_FDL: feature differences averaged over layers, then over member pairs.
+
+    ``L_d(i, j) = mean_{b,c,h,w} (F_d^i - F_d^j)^2``, ``L_FDL(i, j) = mean_d L_d(i, j)``, and for N > 2 members
+    the mean over all N (N - 1) / 2 pairs, as the reference code does for three members. The method
+    *maximises* this quantity (it enters the objective as ``-L_FDL``).
+
+    Args:
+        features: ``features[m][d]`` is member m's feature tensor at layer d; every member has the same layers.
+
+    Returns:
+        Scalar fp32 tensor.
+    """
+    num_members = len(features)
+    if num_members < 2:
+        raise ValueError(f'The feature difference needs at least 2 members, got {num_members}.')
+    num_layers = len(features[0])
+    if num_layers == 0 or any(len(f) != num_layers for f in features):
+        raise ValueError(f'Every member needs the same, non-zero number of feature layers, got {[len(f) for f in features]}.')
+    pair_losses: List[torch.Tensor] = []
+    for i, j in itertools.combinations(range(num_members), 2):
+        layer_losses = [feature_difference(a, b) for a, b in zip(features[i], features[j])]
+        pair_losses.append(torch.stack(layer_losses).mean())
+    return torch.stack(pair_losses).mean()
+
+
+def loss_similarity(loss_i: torch.Tensor, loss_j: torch.Tensor) -> torch.Tensor:
+    """The FDL paper's similarity term S = (L_i - L_j)^2 between two members' batch losses."""
+    return (loss_i - loss_j).pow(2)
+
+
+def member_cross_entropy(member_logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-member batch cross-entropy of ``[B, M, C]`` logits: a ``[M]`` fp32 tensor."""
+    b, m, c = member_logits.shape
+    per_sample = torch.nn.functional.cross_entropy(
+        member_logits.float().reshape(b * m, c), target.repeat_interleave(m), reduction='none',
+        label_smoothing=label_smoothing,
+    )
+    return per_sample.view(b, m).mean(0)

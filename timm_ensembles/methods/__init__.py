@@ -1,0 +1,3 @@
+"""One module per method; importing them registers their models with timm and their tasks with this package."""
+from .ens import DeepEnsemble, DeepEnsembleTask
+from .fdl import FDLEnsemble, FDLTask

@@ -1,0 +1,276 @@
+#!/usr/bin/env python3
+"""Train a timm model or a timm_ensembles ensemble with its own objective, on CPU, one GPU or many.
+
+    accelerate launch train.py                     # fdl_resnet18x2 on the embedded digits dataset (offline)
+    accelerate launch train.py --model ens_resnet18x2 --dataset fashion-mnist --epochs 10
+    accelerate launch --multi_gpu --num_processes 2 train.py ...   # DDP (two gloo processes on a CPU machine)
+
+The model name picks everything method-specific: the model's task (its losses, phases and training-only parts)
+comes from ``timm_ensembles.create_task(model)``; this script never names a method. Task options are given with
+``--task-kwargs key=value ...``, model options with ``--model-kwargs``; every flag can also come from a YAML file
+(``--config``), flags winning.
+
+The output folder holds the model in timm's Hugging Face format (``config.json`` + ``model.safetensors``, loadable
+with ``timm.create_model('local-dir:<folder>', pretrained=True)`` after ``import timm_ensembles``), ``metrics.jsonl``
+(one line per epoch), ``results.json`` (final-epoch metrics), ``args.yaml``, and ``checkpoint.pt`` (written
+atomically after every epoch) for ``--resume``.
+"""
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from timm.data import resolve_data_config
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ParseKwargs
+
+import timm_ensembles
+from timm_ensembles import data as te_data
+from timm_ensembles._checkpoint import (
+    CheckpointError, atomic_write_text, export_folder, find_checkpoint, load_checkpoint, save_checkpoint)
+from timm_ensembles._engine import NonFiniteLossError, check_input_size, evaluate, format_metrics, train_one_epoch
+
+_logger = logging.getLogger('train')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument('--config', default='', metavar='FILE', help='YAML file of flag defaults (keys as the flags'
+                        ' with underscores, e.g. batch_size: 64); flags given on the command line win')
+    group = parser.add_argument_group('Model')
+    group.add_argument('--model', default='fdl_resnet18x2',
+                       help='timm or timm_ensembles model name: fdl_<base>x<N>, ens_<base>x<N> for any timm base,'
+                            ' or a plain timm model (default: fdl_resnet18x2)')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='model arguments, e.g. img_size=32 drop_rate=0.1 combine=mean_probs')
+    group.add_argument('--pretrained', action='store_true', help="load the model's own published weights")
+    group.add_argument('--pretrained-base', action='store_true',
+                       help="initialise every ensemble member from timm's pretrained weights of the base")
+    group.add_argument('--task-kwargs', nargs='*', default={}, action=ParseKwargs,
+                       help='options of the model\'s task, e.g. warmup_epochs=1 fdl_lr=1e-4 feature_taps=convs')
+    group.add_argument('--compile', action='store_true', help='torch.compile the task')
+    group = parser.add_argument_group('Data')
+    group.add_argument('--dataset', default='digits',
+                       help="'digits' (embedded, offline; default), 'fashion-mnist', 'idx:<folder>', a folder of"
+                            " MNIST-format IDX files, or a timm dataset name (torch/cifar10, hfds/<repo>, a folder)")
+    group.add_argument('--data-dir', default=None, help='root folder for timm dataset names')
+    group.add_argument('--train-split', default='train')
+    group.add_argument('--val-split', default='validation')
+    group.add_argument('--dataset-download', action='store_true', help='let torchvision datasets download')
+    group.add_argument('--train-subset', type=int, default=None, help='train on a fixed subset of N samples')
+    group.add_argument('--val-subset', type=int, default=None, help='evaluate on a fixed subset of N samples')
+    group.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
+    group.add_argument('--img-size', type=int, default=None, help='default: the dataset\'s natural size or the model\'s')
+    group.add_argument('--in-chans', type=int, default=None, help='input channels (default 3; 1 for grayscale input)')
+    group.add_argument('--hflip', type=float, default=None, help='horizontal flip probability (default: per dataset)')
+    group.add_argument('--scale', type=float, nargs=2, default=(0.5, 1.0), metavar=('MIN', 'MAX'),
+                       help='random-resized-crop scale range')
+    group.add_argument('--no-aug', action='store_true', help='no training augmentation')
+    group.add_argument('--workers', type=int, default=2, help='data loader processes per training process')
+    group = parser.add_argument_group('Optimisation')
+    group.add_argument('--epochs', type=int, default=8)
+    group.add_argument('--batch-size', type=int, default=64, help='per process')
+    group.add_argument('--grad-accum-steps', type=int, default=1)
+    group.add_argument('--opt', default='sgd', help='timm optimizer name')
+    group.add_argument('--lr', type=float, default=0.05)
+    group.add_argument('--momentum', type=float, default=0.9)
+    group.add_argument('--weight-decay', type=float, default=5e-4)
+    group.add_argument('--clip-grad', type=float, default=None)
+    group.add_argument('--sched', default='cosine', help='timm scheduler name (cosine, step, multistep, ...)')
+    group.add_argument('--min-lr', type=float, default=1e-5)
+    group.add_argument('--warmup-epochs', type=int, default=0, help='learning-rate warm-up epochs')
+    group.add_argument('--warmup-lr', type=float, default=1e-5)
+    group.add_argument('--decay-epochs', type=float, default=1, help='step scheduler: epochs between decays')
+    group.add_argument('--decay-rate', type=float, default=0.97, help='step scheduler: decay factor')
+    group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+    group.add_argument('--mixed-precision', default=None, choices=('no', 'fp16', 'bf16'),
+                       help="autocast dtype (default: accelerate's config)")
+    group = parser.add_argument_group('Run')
+    group.add_argument('--seed', type=int, default=0)
+    group.add_argument('--output', default='', help='output folder (default: output/train/<time>-<model>)')
+    group.add_argument('--resume', default='', help='continue the run in this output folder (or checkpoint file)')
+    group.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = get_args_parser()
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('--config', default='')
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config:
+        path = Path(known.config)
+        if not path.is_file():
+            parser.error(f"--config '{path}' does not exist")
+        cfg = yaml.safe_load(path.read_text()) or {}
+        valid = {a.dest for a in parser._actions}
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            parser.error(f"unknown keys in {path}: {unknown}; valid keys are the flags' names: {sorted(valid)}")
+        parser.set_defaults(**cfg)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    task_kwargs = dict(args.task_kwargs)
+    if args.smoothing:
+        task_kwargs.setdefault('label_smoothing', args.smoothing)
+
+    resume_state = None
+    if args.resume:
+        try:
+            resume_path = find_checkpoint(args.resume)
+            resume_state = load_checkpoint(resume_path)
+        except CheckpointError as e:
+            raise SystemExit(f'error: {e}') from None
+        args.output = args.output or str(resume_path.parent)
+
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=False)
+    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps,
+                              kwargs_handlers=[ddp_kwargs])
+    is_main = accelerator.is_main_process
+    log = _logger.info if is_main else (lambda *a, **k: None)
+    log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
+        f' mixed precision {accelerator.mixed_precision}')
+
+    # data first: the class count and natural image size come from it
+    train_ds, val_ds, info = te_data.create_datasets(
+        args.dataset, root=args.data_dir, train_split=args.train_split, val_split=args.val_split,
+        train_subset=args.train_subset, val_subset=args.val_subset, download=args.dataset_download,
+        img_mode='L' if args.in_chans == 1 else 'RGB')
+    num_classes = args.num_classes or info.num_classes
+    if not num_classes or num_classes < 1:
+        raise SystemExit(f"error: cannot tell the class count of dataset '{args.dataset}'; pass --num-classes")
+
+    # same seed on every process before the model is built, so that every process builds the same model
+    set_seed(args.seed)
+    model_kwargs = dict(args.model_kwargs)
+    model_kwargs.setdefault('num_classes', num_classes)
+    if args.in_chans:
+        model_kwargs.setdefault('in_chans', args.in_chans)
+    if args.pretrained_base:
+        model_kwargs['pretrained_base'] = True
+    try:
+        model = timm_ensembles.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+        task = timm_ensembles.create_task(model, **task_kwargs)
+    except (ValueError, TypeError, RuntimeError) as e:
+        raise SystemExit(f'error: {e}') from None
+
+    img_size = args.img_size or info.default_img_size
+    data_args = dict(crop_pct=1.0) if info.default_img_size else {}
+    if img_size:
+        data_args['input_size'] = (args.in_chans or 3, img_size, img_size)
+    data_config = resolve_data_config(data_args, model=model)
+    try:
+        check_input_size(model, data_config['input_size'], args.model)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    hflip = args.hflip if args.hflip is not None else info.default_hflip
+    train_loader, val_loader = te_data.create_loaders(
+        train_ds, val_ds, data_config, batch_size=args.batch_size, workers=args.workers, hflip=hflip,
+        scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed)
+    # reseeded every epoch, so that a resumed run sees the same data order as an uninterrupted one
+    shuffle_generator = train_loader.generator
+
+    optimizer = task.create_optimizer(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                      momentum=args.momentum)
+    updates_per_epoch = (len(train_loader) // accelerator.num_processes + args.grad_accum_steps - 1) \
+        // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        step_on_epochs=False, updates_per_epoch=max(updates_per_epoch, 1))
+
+    output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
+    run_identity = dict(model=args.model, model_args=model.model_args if hasattr(model, 'model_args') else {},
+                        num_classes=num_classes)
+    start_epoch, num_updates = 0, 0
+    if resume_state is not None:
+        saved = resume_state.get('run', {})
+        if saved.get('model') != run_identity['model'] or saved.get('model_args') != run_identity['model_args']:
+            raise SystemExit(
+                f"error: --resume {args.resume} is a run of model '{saved.get('model')}' {saved.get('model_args')},"
+                f" but this run builds '{args.model}' {run_identity['model_args']}. Resume with the same --model and"
+                f" --model-kwargs, or start a new run in another --output folder."
+            )
+        task.load_state_dict(resume_state['task'])
+        optimizer.load_state_dict(resume_state['optimizer'])
+        lr_scheduler.load_state_dict(resume_state['scheduler'])
+        start_epoch, num_updates = resume_state['epoch'], resume_state['num_updates']
+        log(f'resumed from {args.resume} at epoch {start_epoch}')
+    elif (output / 'checkpoint.pt').exists():
+        raise SystemExit(f"error: '{output}' already holds a run; pass --resume {output} to continue it, or choose"
+                         f" another --output")
+    if is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(output / 'args.yaml', yaml.safe_dump(vars(args), sort_keys=False))
+
+    if args.compile:
+        task = torch.compile(task)
+    task, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
+    unwrapped = accelerator.unwrap_model(task)
+    unwrapped = getattr(unwrapped, '_orig_mod', unwrapped)
+    export_model = unwrapped.export_model()
+
+    metrics_path = output / 'metrics.jsonl'
+    if is_main:
+        _truncate_metrics(metrics_path, start_epoch)
+    val_metrics = {}
+    for epoch in range(start_epoch, num_epochs):
+        set_seed(args.seed + epoch, device_specific=True)
+        shuffle_generator.manual_seed(args.seed + epoch)
+        unwrapped.on_epoch_start(epoch)
+        start = time.perf_counter()
+        try:
+            train_metrics, num_updates = train_one_epoch(
+                task, train_loader, optimizer, accelerator, epoch, lr_scheduler=lr_scheduler,
+                clip_grad=args.clip_grad, num_updates=num_updates, show_progress=not args.no_progress)
+        except NonFiniteLossError as e:
+            kept = output / 'checkpoint.pt'
+            where = f"the last good checkpoint is '{kept}'" if kept.exists() else 'no epoch had finished, no checkpoint'
+            raise SystemExit(f'error: {e} Training stopped; {where}.') from None
+        lr_scheduler.step(epoch + 1)
+        val_metrics = evaluate(export_model, val_loader, accelerator)
+        seconds = time.perf_counter() - start
+        lr = optimizer.param_groups[0]['lr']
+        log(format_metrics(epoch, train_metrics, val_metrics, lr, seconds))
+        accelerator.wait_for_everyone()
+        if is_main:
+            record = dict(epoch=epoch, lr=lr, seconds=seconds, train=train_metrics, val=val_metrics)
+            with open(metrics_path, 'a') as f:
+                f.write(json.dumps(record) + '\n')
+            save_checkpoint(dict(task=unwrapped.state_dict(), optimizer=optimizer.state_dict(),
+                                 scheduler=lr_scheduler.state_dict(), epoch=epoch + 1, num_updates=num_updates,
+                                 run=run_identity), output)
+        accelerator.wait_for_everyone()
+
+    if is_main:
+        model_config = dict(label_names=info.class_names) if info.class_names else None
+        export_folder(export_model, output, model_config=model_config)
+        results = dict(model=args.model, dataset=info.name, epochs=num_epochs, seed=args.seed,
+                       world_size=accelerator.num_processes, final_epoch=val_metrics)
+        atomic_write_text(output / 'results.json', json.dumps(results, indent=2))
+        log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}; saved to {output}')
+    accelerator.end_training()
+    return 0
+
+
+def _truncate_metrics(path: Path, start_epoch: int) -> None:
+    """Drop metric lines of epochs that a resumed run will redo."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = [ln for ln in lines if json.loads(ln).get('epoch', 0) < start_epoch]
+    atomic_write_text(path, ''.join(ln + '\n' for ln in keep))
+
+
+if __name__ == '__main__':
+    sys.exit(main())
