@@ -33,14 +33,21 @@ from timm.utils import ParseKwargs
 import timm_ensembles
 from timm_ensembles import data as te_data
 from timm_ensembles._checkpoint import (
-    CheckpointError, atomic_write_text, export_folder, find_checkpoint, load_checkpoint, save_checkpoint)
+    CheckpointError,
+    atomic_write_text,
+    export_folder,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from timm_ensembles._engine import NonFiniteLossError, check_input_size, evaluate, format_metrics, train_one_epoch
 
 _logger = logging.getLogger('train')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument('--config', default='', metavar='FILE', help='YAML file of flag defaults (keys as the flags'
                         ' with underscores, e.g. batch_size: 64); flags given on the command line win')
     group = parser.add_argument_group('Model')
@@ -66,7 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--train-subset', type=int, default=None, help='train on a fixed subset of N samples')
     group.add_argument('--val-subset', type=int, default=None, help='evaluate on a fixed subset of N samples')
     group.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
-    group.add_argument('--img-size', type=int, default=None, help='default: the dataset\'s natural size or the model\'s')
+    group.add_argument('--img-size', type=int, default=None,
+                       help='default: the dataset\'s natural size or the model\'s')
     group.add_argument('--in-chans', type=int, default=None, help='input channels (default 3; 1 for grayscale input)')
     group.add_argument('--hflip', type=float, default=None, help='horizontal flip probability (default: per dataset)')
     group.add_argument('--scale', type=float, nargs=2, default=(0.5, 1.0), metavar=('MIN', 'MAX'),
@@ -92,6 +100,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--mixed-precision', default=None, choices=('no', 'fp16', 'bf16'),
                        help="autocast dtype (default: accelerate's config)")
     group = parser.add_argument_group('Run')
+    group.add_argument('--cpu', action='store_true', help='run on the CPU even where an accelerator is available')
     group.add_argument('--seed', type=int, default=0)
     group.add_argument('--output', default='', help='output folder (default: output/train/<time>-<model>)')
     group.add_argument('--resume', default='', help='continue the run in this output folder (or checkpoint file)')
@@ -134,18 +143,24 @@ def main(argv=None) -> int:
         args.output = args.output or str(resume_path.parent)
 
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=False)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision, gradient_accumulation_steps=args.grad_accum_steps,
-                              kwargs_handlers=[ddp_kwargs])
+    # Accelerate only forms a CPU process group (gloo) when told it runs on the CPU; without this, processes
+    # started by `accelerate launch --multi_gpu` on a machine without an accelerator each train alone
+    cpu = args.cpu or not _has_accelerator()
+    accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs])
     is_main = accelerator.is_main_process
     log = _logger.info if is_main else (lambda *a, **k: None)
     log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
         f' mixed precision {accelerator.mixed_precision}')
 
     # data first: the class count and natural image size come from it
-    train_ds, val_ds, info = te_data.create_datasets(
-        args.dataset, root=args.data_dir, train_split=args.train_split, val_split=args.val_split,
-        train_subset=args.train_subset, val_subset=args.val_subset, download=args.dataset_download,
-        img_mode='L' if args.in_chans == 1 else 'RGB')
+    try:
+        train_ds, val_ds, info = te_data.create_datasets(
+            args.dataset, root=args.data_dir, train_split=args.train_split, val_split=args.val_split,
+            train_subset=args.train_subset, val_subset=args.val_subset, download=args.dataset_download,
+            img_mode='L' if args.in_chans == 1 else 'RGB')
+    except (OSError, ValueError) as e:
+        raise SystemExit(f'error: {e}') from None
     num_classes = args.num_classes or info.num_classes
     if not num_classes or num_classes < 1:
         raise SystemExit(f"error: cannot tell the class count of dataset '{args.dataset}'; pass --num-classes")
@@ -261,6 +276,11 @@ def main(argv=None) -> int:
         log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}; saved to {output}')
     accelerator.end_training()
     return 0
+
+
+def _has_accelerator() -> bool:
+    accel = getattr(torch, 'accelerator', None)
+    return accel.is_available() if accel is not None else torch.cuda.is_available()
 
 
 def _truncate_metrics(path: Path, start_epoch: int) -> None:

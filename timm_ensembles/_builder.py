@@ -1,6 +1,7 @@
 """Shared construction of the ensemble models: timm's builder, the base model's data config, named variants."""
 import sys
-from typing import Any, Callable, Dict, Iterable, Type
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
@@ -29,12 +30,12 @@ _BASE_CFG_KEYS = (
 _SOURCE_KEYS = ('url', 'file', 'state_dict', 'hf_hub_id')
 
 
-def ensemble_cfg(**kwargs: Any) -> Dict[str, Any]:
+def ensemble_cfg(**kwargs: Any) -> dict[str, Any]:
     """Default pretrained cfg of an ensemble entry; the base model's data config is added at creation."""
     return dict(license='apache-2.0', paper_ids='', **kwargs)
 
 
-def create_ensemble(model_cls: Type[nn.Module], variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """Build an ensemble through timm's ``build_model_with_cfg``.
 
     Args:
@@ -103,7 +104,7 @@ def register_ensemble_variants(
         setattr(module, name, register_model(fn))
 
 
-def _make_entrypoint(name: str, fixed: Dict[str, Any], create_fn: Callable, description: str) -> Callable:
+def _make_entrypoint(name: str, fixed: dict[str, Any], create_fn: Callable, description: str) -> Callable:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         for key, value in fixed.items():
             if kwargs.setdefault(key, value) != value:

@@ -9,7 +9,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional, Union
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,11 +51,11 @@ def _atomic_replace(write_fn, dest: Path) -> None:
     _fsync_dir(dest.parent)
 
 
-def atomic_write_text(path: Union[str, Path], text: str) -> None:
+def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_replace(lambda f: f.write(text.encode('utf-8')), Path(path))
 
 
-def save_checkpoint(state: Dict[str, Any], folder: Union[str, Path]) -> Path:
+def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     """Write ``state`` as ``folder/checkpoint.pt``; the checkpoint it replaces is kept as ``checkpoint-prev.pt``."""
     folder = Path(folder)
     dest = folder / CHECKPOINT_NAME
@@ -67,7 +67,7 @@ def save_checkpoint(state: Dict[str, Any], folder: Union[str, Path]) -> Path:
     return dest
 
 
-def find_checkpoint(path: Union[str, Path]) -> Path:
+def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint file that ``--resume path`` means: the file itself, or ``path/checkpoint.pt``."""
     path = Path(path)
     if path.is_dir():
@@ -80,7 +80,7 @@ def find_checkpoint(path: Union[str, Path]) -> Path:
     raise CheckpointError(f"Cannot resume from '{path}': no such file or folder.")
 
 
-def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint safely (``weights_only=True``), with a clear error for a truncated or corrupt file."""
     path = find_checkpoint(path)
     try:
@@ -98,10 +98,10 @@ def load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
 
 def export_folder(
         model: nn.Module,
-        folder: Union[str, Path],
-        model_config: Optional[Dict[str, Any]] = None,
-        model_args: Optional[Dict[str, Any]] = None,
-        data_config: Optional[Dict[str, Any]] = None,
+        folder: str | Path,
+        model_config: dict[str, Any] | None = None,
+        model_args: dict[str, Any] | None = None,
+        data_config: dict[str, Any] | None = None,
 ) -> Path:
     """Write ``model`` in timm's Hugging Face folder format (``config.json`` + ``model.safetensors``).
 

@@ -6,7 +6,7 @@ They see a task (``task(x, target) -> dict(loss, output, components, stats)``) a
 import math
 import time
 from collections import defaultdict
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -24,18 +24,18 @@ class _Means:
     """Running means of scalars (summed on device, read once an epoch)."""
 
     def __init__(self):
-        self.sums: Dict[str, float] = defaultdict(float)
-        self.counts: Dict[str, int] = defaultdict(int)
+        self.sums: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
 
     def update(self, name: str, value: Any, n: int = 1) -> None:
         self.sums[name] += float(value) * n
         self.counts[name] += n
 
-    def result(self) -> Dict[str, float]:
+    def result(self) -> dict[str, float]:
         return {k: self.sums[k] / max(self.counts[k], 1) for k in self.sums}
 
 
-def _non_finite_terms(out: Dict[str, Any]) -> list:
+def _non_finite_terms(out: dict[str, Any]) -> list:
     bad = [name for name, value in out.get('components', {}).items() if not torch.isfinite(value).all()]
     if not torch.isfinite(out['loss']).all():
         bad.append('loss')
@@ -49,10 +49,10 @@ def train_one_epoch(
         accelerator,
         epoch: int,
         lr_scheduler=None,
-        clip_grad: Optional[float] = None,
+        clip_grad: float | None = None,
         num_updates: int = 0,
         show_progress: bool = True,
-) -> Tuple[Dict[str, float], int]:
+) -> tuple[dict[str, float], int]:
     """One epoch of training.
 
     Args:
@@ -114,7 +114,7 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator) -> Dict[str, Any]:
+def evaluate(model: nn.Module, loader, accelerator) -> dict[str, Any]:
     """Accuracy and loss of the model, and of every member when the model is an ensemble.
 
     Returns:
@@ -148,7 +148,7 @@ def evaluate(model: nn.Module, loader, accelerator) -> Dict[str, Any]:
         total += target.shape[0]
     if total == 0:
         raise ValueError('The evaluation set is empty.')
-    metrics: Dict[str, Any] = dict(acc=100.0 * correct / total, loss=nll / total, num_samples=total)
+    metrics: dict[str, Any] = dict(acc=100.0 * correct / total, loss=nll / total, num_samples=total)
     if is_ensemble:
         member_acc = [100.0 * float(c) / total for c in member_correct]
         metrics.update(member_acc=member_acc, member_acc_mean=sum(member_acc) / len(member_acc),
@@ -156,7 +156,7 @@ def evaluate(model: nn.Module, loader, accelerator) -> Dict[str, Any]:
     return metrics
 
 
-def check_input_size(model: nn.Module, input_size: Tuple[int, int, int], model_name: str) -> None:
+def check_input_size(model: nn.Module, input_size: tuple[int, int, int], model_name: str) -> None:
     """Run one dummy image through the model to tell, before training, whether it takes this input size."""
     was_training = model.training
     model.eval()
@@ -174,7 +174,7 @@ def check_input_size(model: nn.Module, input_size: Tuple[int, int, int], model_n
         model.train(was_training)
 
 
-def format_metrics(epoch: int, train: Dict[str, float], val: Dict[str, Any], lr: float, seconds: float) -> str:
+def format_metrics(epoch: int, train: dict[str, float], val: dict[str, Any], lr: float, seconds: float) -> str:
     """One human-readable line per epoch."""
     parts = [f'epoch {epoch}', f'lr {lr:.3g}']
     parts += [f'{k} {v:.4g}' for k, v in train.items()]

@@ -5,7 +5,8 @@ teachers, discriminators) lives in its task (see ``_task.py``).
 """
 import contextlib
 import math
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import timm
 import torch
@@ -38,8 +39,8 @@ class EnsembleHead(nn.Module):
             num_members: int,
             num_classes: int,
             mode: str = 'mean_probs',
-            device: Optional[torch.device] = None,
-            dtype: Optional[torch.dtype] = None,
+            device: torch.device | None = None,
+            dtype: torch.dtype | None = None,
     ):
         super().__init__()
         if mode not in COMBINE_MODES:
@@ -107,12 +108,12 @@ class EnsembleModel(nn.Module):
             self,
             base_model: str,
             num_members: int = 2,
-            combine: Optional[str] = None,
+            combine: str | None = None,
             pretrained_base: bool = False,
             num_classes: int = 1000,
             in_chans: int = 3,
-            device: Optional[Union[str, torch.device]] = None,
-            dtype: Optional[torch.dtype] = None,
+            device: str | torch.device | None = None,
+            dtype: torch.dtype | None = None,
             **kwargs: Any,
     ):
         super().__init__()
@@ -154,12 +155,12 @@ class EnsembleModel(nn.Module):
         return self.num_features
 
     @property
-    def global_pool(self) -> Optional[str]:
+    def global_pool(self) -> str | None:
         from timm.models._input import _get_global_pool
         return _get_global_pool(self.members[0])
 
     @property
-    def _model_args(self) -> Dict[str, Any]:
+    def _model_args(self) -> dict[str, Any]:
         # What timm's factory recorded, less what a reload must not redo (downloading the base's weights,
         # which the ensemble's own weights replace), plus the arguments that define the ensemble.
         args = {k: v for k, v in self.__dict__.get('_recorded_model_args', {}).items() if k != 'pretrained_base'}
@@ -167,11 +168,11 @@ class EnsembleModel(nn.Module):
         return args
 
     @_model_args.setter
-    def _model_args(self, value: Dict[str, Any]) -> None:
+    def _model_args(self, value: dict[str, Any]) -> None:
         self.__dict__['_recorded_model_args'] = dict(value)
 
     @property
-    def model_args(self) -> Dict[str, Any]:
+    def model_args(self) -> dict[str, Any]:
         """Arguments that rebuild this ensemble with ``timm.create_model`` (what ``save_for_hf`` records)."""
         from timm.models._input import get_model_args
         return get_model_args(self)
@@ -179,7 +180,7 @@ class EnsembleModel(nn.Module):
     def get_classifier(self) -> nn.Module:
         return self.head
 
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         for member in self.members:
             if global_pool is None:
                 member.reset_classifier(num_classes)
@@ -229,8 +230,8 @@ class EnsembleModel(nn.Module):
             self,
             x: torch.Tensor,
             taps: str = 'stages',
-            indices: Optional[Union[int, Sequence[int]]] = None,
-    ) -> Tuple[torch.Tensor, List[List[torch.Tensor]]]:
+            indices: int | Sequence[int] | None = None,
+    ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """Member logits and intermediate features from one forward pass per member.
 
         Args:
@@ -264,7 +265,7 @@ class EnsembleModel(nn.Module):
         return torch.stack(logits, dim=1), features
 
 
-def conv_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
+def conv_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """Every convolution of a model, in registration order."""
     for name, module in model.named_modules():
         if isinstance(module, nn.modules.conv._ConvNd):
@@ -272,9 +273,9 @@ def conv_modules(model: nn.Module) -> Iterator[Tuple[str, nn.Module]]:
 
 
 @contextlib.contextmanager
-def capture_conv_outputs(model: nn.Module) -> Iterator[List[torch.Tensor]]:
+def capture_conv_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Collect the output of every convolution run inside the context, in call order."""
-    outputs: List[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
     handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for _, m in conv_modules(model)]
     try:
         yield outputs

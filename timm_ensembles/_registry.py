@@ -9,8 +9,10 @@ timm keeps the model registry (``timm.create_model`` finds every name registered
   built for bases that have no pre-registered variant.
 """
 import difflib
+import inspect
 import re
-from typing import Any, Callable, Dict, Optional, Type
+from collections.abc import Callable
+from typing import Any
 
 import timm
 from timm.models import parse_model_name, split_model_name_tag
@@ -21,8 +23,8 @@ __all__ = [
     'create_model', 'check_model_name',
 ]
 
-_task_by_model_cls: Dict[type, type] = {}
-_ensemble_methods: Dict[str, str] = {}  # generic entrypoint name -> one-line description
+_task_by_model_cls: dict[type, type] = {}
+_ensemble_methods: dict[str, str] = {}  # generic entrypoint name -> one-line description
 
 # <method>_<base>x<N>; greedy base so that bases holding an 'x' (resnext50_32x4d) still parse
 _DYNAMIC_NAME = re.compile(r'^(?P<method>[a-z]+)_(?P<base>.+)x(?P<num>\d+)$')
@@ -58,6 +60,12 @@ def create_task(model: nn.Module, **task_args: Any) -> nn.Module:
         **task_args: Options of that task (see the task class's docstring); unknown options raise.
     """
     task_cls = get_task_cls(model)
+    params = inspect.signature(task_cls).parameters
+    valid = [n for n, p in params.items() if n != 'model' and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = sorted(set(task_args) - set(valid))
+    if unknown:
+        raise ValueError(f'Unknown option(s) {unknown} for {task_cls.__name__}, the task of {type(model).__name__};'
+                         f' valid options: {valid}.')
     return task_cls(model, **task_args)
 
 
@@ -66,7 +74,7 @@ def register_ensemble_method(name: str, description: str) -> None:
     _ensemble_methods[name] = description
 
 
-def list_ensemble_methods() -> Dict[str, str]:
+def list_ensemble_methods() -> dict[str, str]:
     return dict(_ensemble_methods)
 
 
@@ -93,7 +101,7 @@ def check_model_name(model_name: str, what: str = 'model') -> None:
         )
 
 
-def parse_dynamic_name(model_name: str) -> Optional[Dict[str, Any]]:
+def parse_dynamic_name(model_name: str) -> dict[str, Any] | None:
     """Split ``<method>_<base>x<N>`` into the generic method and its kwargs, or None if it is not one."""
     m = _DYNAMIC_NAME.match(model_name)
     if m is None or m.group('method') not in _ensemble_methods:

@@ -6,18 +6,16 @@ logging). A task owns every training-only part (teachers, discriminators, extra 
 (``create_optimizer``); the model it holds is what gets exported. A training script asks
 ``timm_ensembles.create_task(model)`` for the task and never branches on the method.
 """
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from ._registry import get_task_cls
+__all__ = ['Task', 'ClassificationTask', 'TaskOutput']
 
-__all__ = ['Task', 'ClassificationTask', 'TaskOutput', 'task_option_names']
-
-TaskOutput = Dict[str, Any]
+TaskOutput = dict[str, Any]
 
 
 class Task(nn.Module):
@@ -47,7 +45,7 @@ class Task(nn.Module):
         """Called by the training loop before each epoch (0-based); tasks with phases switch here."""
         self.epoch = epoch
 
-    def param_groups(self, weight_decay: float) -> List[Dict[str, Any]]:
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """Parameter groups of everything the task trains (no weight decay on biases and norms, as timm)."""
         from timm.optim import param_groups_weight_decay
         return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self._no_weight_decay())
@@ -56,7 +54,9 @@ class Task(nn.Module):
         nwd = getattr(self.model, 'no_weight_decay', None)
         return {f'model.{n}' for n in nwd()} if callable(nwd) else set()
 
-    def create_optimizer(self, opt: str = 'sgd', lr: float = 0.1, weight_decay: float = 0.0, **kwargs) -> torch.optim.Optimizer:
+    def create_optimizer(
+            self, opt: str = 'sgd', lr: float = 0.1, weight_decay: float = 0.0, **kwargs,
+    ) -> torch.optim.Optimizer:
         """Build the optimizer of everything the task trains, with timm's optimizer factory.
 
         The task keeps a reference, so that terms whose step size is defined relative to the learning rate
@@ -68,7 +68,7 @@ class Task(nn.Module):
         return optimizer
 
     @property
-    def optimizer(self) -> Optional[torch.optim.Optimizer]:
+    def optimizer(self) -> torch.optim.Optimizer | None:
         return self.__dict__['_optimizer']
 
     def export_model(self) -> nn.Module:
@@ -92,15 +92,3 @@ class ClassificationTask(Task):
         loss = self.cross_entropy(output, target)
         return dict(loss=loss, output=output, components=dict(ce=loss.detach()))
 
-
-def task_option_names(model: nn.Module) -> List[str]:
-    """Names of the options the task of ``model`` takes (its ``__init__`` arguments besides the model)."""
-    import inspect
-    names = []
-    for cls in get_task_cls(model).__mro__:
-        if cls is nn.Module or not issubclass(cls, nn.Module):
-            break
-        sig = inspect.signature(cls.__init__)
-        names += [n for n, p in sig.parameters.items() if n not in ('self', 'model') and p.kind == p.KEYWORD_ONLY or
-                  n not in ('self', 'model') and p.kind == p.POSITIONAL_OR_KEYWORD]
-    return sorted(set(names))

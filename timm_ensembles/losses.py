@@ -1,6 +1,6 @@
 """Loss terms shared by the ensemble methods."""
 import itertools
-from typing import List, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -30,8 +30,9 @@ def feature_difference_loss(features: Sequence[Sequence[torch.Tensor]]) -> torch
         raise ValueError(f'The feature difference needs at least 2 members, got {num_members}.')
     num_layers = len(features[0])
     if num_layers == 0 or any(len(f) != num_layers for f in features):
-        raise ValueError(f'Every member needs the same, non-zero number of feature layers, got {[len(f) for f in features]}.')
-    pair_losses: List[torch.Tensor] = []
+        counts = [len(f) for f in features]
+        raise ValueError(f'Every member needs the same, non-zero number of feature layers, got {counts}.')
+    pair_losses: list[torch.Tensor] = []
     for i, j in itertools.combinations(range(num_members), 2):
         layer_losses = [feature_difference(a, b) for a, b in zip(features[i], features[j])]
         pair_losses.append(torch.stack(layer_losses).mean())
@@ -43,7 +44,9 @@ def loss_similarity(loss_i: torch.Tensor, loss_j: torch.Tensor) -> torch.Tensor:
     return (loss_i - loss_j).pow(2)
 
 
-def member_cross_entropy(member_logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+def member_cross_entropy(
+        member_logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
+) -> torch.Tensor:
     """Per-member batch cross-entropy of ``[B, M, C]`` logits: a ``[M]`` fp32 tensor."""
     b, m, c = member_logits.shape
     per_sample = torch.nn.functional.cross_entropy(

@@ -39,7 +39,7 @@ momentum; -L_FDL with SGD at a fixed lr 1e-4, momentum 0.85, never scheduled; th
 
 Registered names: ``fdl`` (``base_model=``, ``num_members=``) and ``fdl_<base>x<N>``.
 """
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 
@@ -88,12 +88,12 @@ class FDLTask(Task):
             self,
             model: EnsembleModel,
             feature_taps: str = 'stages',
-            feature_indices: Optional[Union[int, Sequence[int]]] = None,
+            feature_indices: int | Sequence[int] | None = None,
             warmup_epochs: int = 1,
             fdl_lr: float = 1e-4,
             fdl_momentum: float = 0.85,
-            fdl_weight: Optional[float] = None,
-            head_weight: Optional[float] = None,
+            fdl_weight: float | None = None,
+            head_weight: float | None = None,
             similarity_weight: float = 1.0,
             head_lr: float = 1e-2,
             head_momentum: float = 0.9,

@@ -1,0 +1,207 @@
+"""The training objectives: FDL's terms, weights and phases, the deep ensemble's, the task registry."""
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import IMG, TINY_BASES, model_kwargs
+
+import timm_ensembles
+from timm_ensembles import ClassificationTask, DeepEnsembleTask, FDLTask
+
+
+def _fdl(base='test_resnet', num_members=2, **task_args):
+    model = timm.create_model('fdl', base_model=base, num_members=num_members, **model_kwargs(base, num_classes=4))
+    return timm_ensembles.create_task(model, **task_args)
+
+
+def _batch(n=4):
+    return torch.randn(n, 3, IMG, IMG), torch.randint(0, 4, (n,))
+
+
+def _grads(module):
+    return {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize('base', TINY_BASES)
+def test_fdl_loss_equals_hand_assembled_terms(base):
+    task = _fdl(base, fdl_weight=0.3, head_weight=0.7, similarity_weight=2.0)
+    task.on_epoch_start(1)  # joint phase
+    x, y = _batch()
+    out = task(x, y)
+    model = task.model
+    # the same terms, from the model's own forward passes (train mode: batch statistics, deterministic)
+    logits, feats = [], []
+    for member in model.members:
+        final, inter = member.forward_intermediates(x)
+        logits.append(member.forward_head(final))
+        feats.append(inter)
+    ce = [F.cross_entropy(lg, y) for lg in logits]
+    fdl = sum(((a - b) ** 2).mean() for a, b in zip(*feats)) / len(feats[0])
+    head_ce = F.cross_entropy(model.combine(torch.stack(logits, 1).detach()), y)
+    expected = ce[0] + ce[1] + 2.0 * (ce[0] - ce[1]) ** 2 - 0.3 * fdl + 0.7 * head_ce
+    torch.testing.assert_close(out['loss'], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out['components']['fdl'], fdl.detach(), rtol=1e-5, atol=1e-6)
+    assert out['components']['fdl'] > 0
+
+
+def test_fdl_term_is_maximised():
+    """The feature term enters with a minus sign: the loss falls by exactly the weighted L_FDL."""
+    x, y = _batch()
+    losses = {}
+    for w in (0.0, 1.0):
+        torch.manual_seed(1)
+        task = _fdl(fdl_weight=w, head_weight=1.0)
+        task.on_epoch_start(1)
+        out = task(x, y)
+        losses[w] = (out['loss'], out['components']['fdl'])
+    torch.testing.assert_close(losses[1.0][0], losses[0.0][0] - losses[1.0][1], rtol=1e-5, atol=1e-5)
+
+
+def test_fdl_step_increases_feature_difference_when_alone():
+    torch.manual_seed(0)
+    task = _fdl(fdl_weight=1.0, head_weight=0.0, similarity_weight=0.0)
+    task.on_epoch_start(1)
+    x, y = _batch(8)
+    model = task.model
+    with torch.no_grad():
+        before = task(x, y)['components']['fdl']
+    out = task(x, y)
+    members = model.forward_members(x)
+    ce_sum = F.cross_entropy(members[:, 0], y) + F.cross_entropy(members[:, 1], y)
+    (out['loss'] - ce_sum).backward()  # what is left is -L_FDL (S and head weighted 0)
+    with torch.no_grad():
+        for p in model.members.parameters():
+            if p.grad is not None:
+                p -= 0.05 * p.grad
+        after = task(x, y)['components']['fdl']
+    assert after > before
+
+
+def test_warmup_phase_is_cross_entropy_only():
+    task = _fdl(fdl_weight=1.0, head_weight=1.0, warmup_epochs=2)
+    x, y = _batch()
+    for epoch, phase in ((0, 'warmup'), (1, 'warmup'), (2, 'joint')):
+        task.on_epoch_start(epoch)
+        assert task.phase == phase
+        comps = task(x, y)['components']
+        assert ('fdl' in comps) == (phase == 'joint') and ('similarity' in comps) == (phase == 'joint')
+        assert 'ce' in comps and 'head_ce' in comps
+
+
+def test_weights_follow_the_optimizer_learning_rate():
+    task = _fdl()
+    optimizer = task.create_optimizer(opt='sgd', lr=0.1, momentum=0.9)
+    task.on_epoch_start(1)
+    x, y = _batch()
+    # steady-state step of the reference's FDL optimiser (lr 1e-4, momentum 0.85) over the members' (0.1, 0.9)
+    assert task(x, y)['stats']['fdl_weight'] == pytest.approx((1e-4 / 0.15) / (0.1 / 0.1))
+    for group in optimizer.param_groups:
+        group['lr'] = 0.01
+    assert task(x, y)['stats']['fdl_weight'] == pytest.approx((1e-4 / 0.15) / (0.01 / 0.1))
+    assert task._step_ratio(1e-2, 0.9) == pytest.approx(1.0)  # head lr 1e-2 at member lr 1e-2, same momentum
+
+
+def test_weights_need_an_optimizer_or_fixed_values():
+    task = _fdl()
+    task.on_epoch_start(1)
+    with pytest.raises(RuntimeError, match='create_optimizer'):
+        task(*_batch())
+
+
+def test_similarity_uses_one_random_pair_for_three_members():
+    task = _fdl(num_members=3, fdl_weight=0.0, head_weight=0.0)
+    task.on_epoch_start(1)
+    task.eval()  # fixed member outputs, so only the pair changes between calls
+    x, y = _batch()
+    with torch.no_grad():
+        ce = [F.cross_entropy(task.model.forward_members(x)[:, m], y) for m in range(3)]
+        pair_values = {(i, j): ((ce[i] - ce[j]) ** 2).item() for i in range(3) for j in range(i + 1, 3)}
+        seen = set()
+        for _ in range(30):
+            s = task(x, y)['components']['similarity'].item()
+            match = [p for p, v in pair_values.items() if v == pytest.approx(s, rel=1e-5, abs=1e-7)]
+            assert match, f'S={s} is no pair of {pair_values}'
+            seen.update(match)
+    assert len(seen) == 3
+
+
+def test_head_learns_from_detached_logits_only():
+    x, y = _batch()
+    grads = {}
+    for hw in (0.0, 5.0):
+        torch.manual_seed(3)
+        task = _fdl(fdl_weight=0.01, head_weight=hw)
+        task.on_epoch_start(1)
+        task(x, y)['loss'].backward()
+        grads[hw] = _grads(task.model.members)
+    assert grads[0.0].keys() == grads[5.0].keys()
+    for name in grads[0.0]:
+        torch.testing.assert_close(grads[0.0][name], grads[5.0][name])
+
+
+def test_every_parameter_gets_a_gradient_in_both_phases():
+    task = _fdl(fdl_weight=0.01, head_weight=1.0)
+    for epoch in (0, 1):
+        task.zero_grad()
+        task.on_epoch_start(epoch)
+        task(*_batch())['loss'].backward()
+        missing = [n for n, p in task.named_parameters() if p.requires_grad and p.grad is None]
+        assert not missing
+
+
+def test_head_input_eval_uses_members_in_eval_mode():
+    task = _fdl(fdl_weight=0.0, head_weight=1.0, head_input='eval')
+    task.on_epoch_start(1)
+    x, y = _batch()
+    out = task(x, y)
+    assert task.model.training  # restored
+    task.model.eval()
+    with torch.no_grad():
+        expected = F.cross_entropy(task.model(x), y)
+    torch.testing.assert_close(out['components']['head_ce'], expected)
+
+
+def test_conv_taps():
+    task = _fdl(feature_taps='convs', fdl_weight=1.0, head_weight=1.0)
+    task.on_epoch_start(1)
+    out = task(*_batch())
+    assert out['components']['fdl'] > 0
+
+
+def test_deep_ensemble_members_learn_only_their_own_loss():
+    model = timm.create_model('ens', base_model='test_resnet', num_members=2, num_classes=4)
+    task = timm_ensembles.create_task(model)
+    assert isinstance(task, DeepEnsembleTask)
+    x, y = _batch()
+    out = task(x, y)
+    logits = model.forward_members(x)
+    torch.testing.assert_close(out['loss'], F.cross_entropy(logits[:, 0], y) + F.cross_entropy(logits[:, 1], y))
+    out['loss'].backward()
+    g_all = _grads(model.members[0])
+    model.zero_grad()
+    F.cross_entropy(model.members[0](x), y).backward()
+    for name, g in _grads(model.members[0]).items():
+        torch.testing.assert_close(g_all[name], g)
+    assert set(out['components']) == {'ce'}
+    torch.testing.assert_close(out['output'], model.combine(logits.detach()))
+
+
+def test_task_registry():
+    assert timm_ensembles.get_task_cls(timm.create_model('fdl_resnet18x2')) is FDLTask
+    assert timm_ensembles.get_task_cls(timm.create_model('test_resnet')) is ClassificationTask
+    plain = timm_ensembles.create_task(timm.create_model('test_resnet', num_classes=4), label_smoothing=0.1)
+    x, y = _batch()
+    out = plain(x, y)
+    torch.testing.assert_close(out['loss'], F.cross_entropy(plain.model(x), y, label_smoothing=0.1))
+
+
+@pytest.mark.parametrize('bad,match', [
+    (dict(feature_taps='all'), 'Unknown feature_taps'),
+    (dict(head_input='test'), 'Unknown head_input'),
+    (dict(fdl_momentum=1.0), 'fdl_momentum must be in'),
+    (dict(warmup_epochs=-1), 'warmup_epochs must be >= 0'),
+    (dict(fdl_lr_typo=1e-4), r"Unknown option\(s\) \['fdl_lr_typo'\] for FDLTask.*valid options"),
+])
+def test_bad_task_options(bad, match):
+    with pytest.raises(ValueError, match=match):
+        _fdl(**bad)

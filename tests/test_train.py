@@ -1,0 +1,177 @@
+"""train.py end to end, in subprocesses as a user runs it: outputs, reload, resume, bad input, two processes."""
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from accelerate import Accelerator
+from safetensors.torch import load_file
+from timm.data import resolve_data_config
+
+import timm_ensembles  # noqa: F401  (registers the models for the reloads)
+from timm_ensembles import data as te_data
+from timm_ensembles._engine import evaluate
+
+ROOT = Path(__file__).resolve().parents[1]
+# a tiny, fast recipe on the embedded dataset
+QUICK = ['--train-subset', '160', '--val-subset', '80', '--batch-size', '32', '--workers', '0', '--no-progress',
+         '--img-size', '32']
+
+
+def _env():
+    env = dict(os.environ, HF_HUB_OFFLINE='1', OMP_NUM_THREADS='1', PYTHONUNBUFFERED='1')
+    env.pop('ACCELERATE_CONFIG_FILE', None)
+    return env
+
+
+def run_train(*args, launcher=None, check=True, timeout=600):
+    cmd = (launcher or [sys.executable]) + [str(ROOT / 'train.py'), *map(str, args)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
+    return proc
+
+
+def _val_accuracy(folder: Path, val_subset=80) -> float:
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    _, val_ds, _ = te_data.create_datasets('digits', val_subset=val_subset)
+    cfg = resolve_data_config(dict(input_size=(3, 32, 32), crop_pct=1.0), model=model)
+    train_ds, _, _ = te_data.create_datasets('digits', train_subset=16)
+    _, loader = te_data.create_loaders(train_ds, val_ds, cfg, batch_size=32, workers=0)
+    return evaluate(model, loader, Accelerator(cpu=True))['acc']
+
+
+@pytest.fixture(scope='module')
+def fdl_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp('fdl') / 'run'
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--output', out, *QUICK)
+    return out, proc.stdout + proc.stderr
+
+
+def test_run_writes_a_timm_folder_that_reloads(fdl_run):
+    out, log = fdl_run
+    assert 'world size 1' in log and 'members' in log and 'val acc' in log
+    for name in ('config.json', 'model.safetensors', 'metrics.jsonl', 'results.json', 'args.yaml', 'checkpoint.pt'):
+        assert (out / name).is_file(), name
+    config = json.loads((out / 'config.json').read_text())
+    assert config['architecture'] == 'fdl' and config['model_args']['base_model'] == 'test_resnet'
+    assert config['model_args']['num_members'] == 2 and config['num_classes'] == 10
+    assert config['label_names'] == [str(i) for i in range(10)]
+    lines = [json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert [ln['epoch'] for ln in lines] == [0, 1]
+    assert 'fdl' not in lines[0]['train'] and 'fdl' in lines[1]['train']  # phase 0, then the joint phase
+    assert len(lines[1]['val']['member_acc']) == 2
+    results = json.loads((out / 'results.json').read_text())
+    assert results['final_epoch'] == lines[-1]['val']
+    # the exported folder evaluates to exactly the accuracy the run reported
+    assert _val_accuracy(out) == results['final_epoch']['acc']
+    # no training-only state in the export
+    assert all(k.startswith(('members.', 'head.')) for k in load_file(out / 'model.safetensors'))
+
+
+def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
+    args = ['--model', 'ens_test_resnetx2', '--epochs', '3', *QUICK]
+    run_train(*args, '--output', tmp_path / 'full')
+    killed = tmp_path / 'killed'
+    cmd = [sys.executable, str(ROOT / 'train.py'), *args, '--output', str(killed)]
+    proc = subprocess.Popen(cmd, env=_env(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while not (killed / 'checkpoint.pt').exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / 'model.safetensors').exists(), 'the run finished before it could be killed'
+    run_train(*args, '--resume', killed)
+    full, resumed = load_file(tmp_path / 'full' / 'model.safetensors'), load_file(killed / 'model.safetensors')
+    assert full.keys() == resumed.keys()
+    for k in full:
+        assert torch.equal(full[k], resumed[k]), k
+    assert [json.loads(ln)['epoch'] for ln in (killed / 'metrics.jsonl').read_text().splitlines()] == [0, 1, 2]
+
+
+def test_resume_refuses_another_models_run(fdl_run, tmp_path):
+    out, _ = fdl_run
+    proc = run_train('--model', 'ens_test_resnetx2', '--epochs', '3', '--resume', out, '--output', tmp_path / 'x',
+                     *QUICK, check=False)
+    assert proc.returncode != 0
+    assert "is a run of model 'fdl_test_resnetx2'" in proc.stderr and 'ens_test_resnetx2' in proc.stderr
+
+
+def test_refuses_to_overwrite_a_run(fdl_run):
+    out, _ = fdl_run
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--output', out, *QUICK, check=False)
+    assert proc.returncode != 0 and 'already holds a run' in proc.stderr
+
+
+def test_truncated_checkpoint(fdl_run, tmp_path):
+    out, _ = fdl_run
+    copy = tmp_path / 'copy'
+    shutil.copytree(out, copy)
+    ckpt = copy / 'checkpoint.pt'
+    ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '3', '--resume', copy, *QUICK, check=False)
+    assert proc.returncode != 0
+    assert 'truncated or corrupt' in proc.stderr and 'checkpoint-prev.pt' in proc.stderr
+
+
+def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
+    out = tmp_path / 'nan'
+    # a huge fixed FDL weight blows the joint phase up; the warm-up epoch before it is sound
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '3', '--output', out, '--task-kwargs',
+                     'fdl_weight=1e38', 'head_weight=1.0', *QUICK, check=False)
+    assert proc.returncode != 0
+    assert 'blew up' in proc.stderr and 'epoch 1' in proc.stderr and 'last good checkpoint' in proc.stderr
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert state['epoch'] == 1
+    assert all(torch.isfinite(v).all() for v in state['task'].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--model', 'fdl_test_resnetx1'], 'num_members >= 2'),
+    (['--model', 'fdl_resnet1800x2'], "Unknown base model 'resnet1800'"),
+    (['--model', 'fdl_test_resnetx2', '--dataset', '/no/such/folder'], '/no/such/folder'),
+    (['--model', 'ens_vit_small_patch16_224x2', '--img-size', '32'], 'cannot take input size (3, 32, 32)'),
+    (['--model', 'fdl_test_resnetx2', '--task-kwargs', 'fdl_rate=1'], "Unknown option(s) ['fdl_rate']"),
+])
+def test_bad_input_is_a_clear_error(args, message, tmp_path):
+    proc = run_train(*args, '--epochs', '1', '--output', tmp_path / 'bad', *QUICK, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+
+
+def test_yaml_config_and_plain_timm_model(tmp_path):
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text('model: test_resnet\nepochs: 1\nlr: 0.01\nsmoothing: 0.1\n')
+    out = tmp_path / 'single'
+    run_train('--config', cfg, '--output', out, *QUICK)
+    args = (out / 'args.yaml').read_text()
+    assert 'model: test_resnet' in args and 'lr: 0.01' in args
+    assert json.loads((out / 'config.json').read_text())['architecture'] == 'test_resnet'
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('epochz: 3\n')
+    proc = run_train('--config', bad, *QUICK, check=False)
+    assert proc.returncode != 0 and "unknown keys" in proc.stderr and 'epochz' in proc.stderr
+
+
+def test_two_processes(tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` starts two gloo processes on a machine without a GPU."""
+    accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))
+    out = tmp_path / 'ddp'
+    launcher = [accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+                '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--output', out, *QUICK, launcher=launcher)
+    log = proc.stdout + proc.stderr
+    assert 'world size 2' in log
+    results = json.loads((out / 'results.json').read_text())
+    assert results['world_size'] == 2
+    # gather_for_metrics drops the duplicated tail: every validation sample counted once
+    assert results['final_epoch']['num_samples'] == 80
+    assert _val_accuracy(out) == results['final_epoch']['acc']
