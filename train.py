@@ -18,6 +18,7 @@ atomically after every epoch) for ``--resume``.
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -27,6 +28,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from timm.data import resolve_data_config
+from timm.models._input import get_model_args
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ParseKwargs
 
@@ -197,16 +199,15 @@ def main(argv=None) -> int:
 
     optimizer = task.create_optimizer(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                       momentum=args.momentum)
-    updates_per_epoch = (len(train_loader) // accelerator.num_processes + args.grad_accum_steps - 1) \
-        // args.grad_accum_steps
+    # accelerate gives each process an equal share of the batches (padding the last), then accumulation groups them
+    updates_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / args.grad_accum_steps)
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
         step_on_epochs=False, updates_per_epoch=max(updates_per_epoch, 1))
 
     output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
-    run_identity = dict(model=args.model, model_args=model.model_args if hasattr(model, 'model_args') else {},
-                        num_classes=num_classes)
+    run_identity = dict(model=args.model, model_args=get_model_args(model), num_classes=num_classes)
     start_epoch, num_updates = 0, 0
     if resume_state is not None:
         saved = resume_state.get('run', {})
@@ -269,7 +270,8 @@ def main(argv=None) -> int:
 
     if is_main:
         model_config = dict(label_names=info.class_names) if info.class_names else None
-        export_folder(export_model, output, model_config=model_config)
+        # the evaluation preprocessing goes into config.json, so that resolve_data_config(model=reloaded) gives it
+        export_folder(export_model, output, model_config=model_config, data_config=data_config)
         results = dict(model=args.model, dataset=info.name, epochs=num_epochs, seed=args.seed,
                        world_size=accelerator.num_processes, final_epoch=val_metrics)
         atomic_write_text(output / 'results.json', json.dumps(results, indent=2))

@@ -32,7 +32,7 @@ _SOURCE_KEYS = ('url', 'file', 'state_dict', 'hf_hub_id')
 
 def ensemble_cfg(**kwargs: Any) -> dict[str, Any]:
     """Default pretrained cfg of an ensemble entry; the base model's data config is added at creation."""
-    return dict(license='apache-2.0', paper_ids='', **kwargs)
+    return dict(license='apache-2.0', **kwargs)
 
 
 def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -76,6 +76,7 @@ def register_ensemble_variants(
         description: str,
         bases: Iterable[str] = DEFAULT_BASES,
         sizes: Iterable[int] = DEFAULT_SIZES,
+        **cfg: Any,
 ) -> None:
     """Register ``<method>`` (generic) and ``<method>_<base>x<N>`` with timm, on behalf of a method module.
 
@@ -89,11 +90,12 @@ def register_ensemble_variants(
         description: One line, e.g. 'FDL ensemble', used in the entrypoints' docstrings.
         bases: Base models that get named variants.
         sizes: Member counts that get named variants.
+        **cfg: Pretrained-cfg entries common to the method (``paper_ids``, ``paper_name``).
     """
     module = sys.modules[module_name]
     variants = {method: {}}
     variants.update({f'{method}_{b}x{n}': dict(base_model=b, num_members=n) for b in bases for n in sizes})
-    cfgs = generate_default_cfgs({name: ensemble_cfg() for name in variants})
+    cfgs = generate_default_cfgs({name: ensemble_cfg(**cfg) for name in variants})
     if not hasattr(module, 'default_cfgs'):
         module.default_cfgs = {}
     module.default_cfgs.update(cfgs)

@@ -3,8 +3,6 @@
 They see a task (``task(x, target) -> dict(loss, output, components, stats)``) and a model (with
 ``forward_members`` and ``combine`` when it is an ensemble); they never name a method.
 """
-import math
-import time
 from collections import defaultdict
 from typing import Any
 
@@ -186,10 +184,3 @@ def format_metrics(epoch: int, train: dict[str, float], val: dict[str, Any], lr:
     parts.append(f'{seconds:.0f}s')
     return ' | '.join(parts)
 
-
-def is_finite_number(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
-
-
-def elapsed(start: float) -> float:
-    return time.perf_counter() - start

@@ -58,4 +58,6 @@ def _create_ens(variant: str, pretrained: bool = False, **kwargs) -> DeepEnsembl
 
 
 default_cfgs = {}
-register_ensemble_variants(__name__, 'ens', _create_ens, 'Independent deep ensemble')
+register_ensemble_variants(
+    __name__, 'ens', _create_ens, 'Independent deep ensemble', paper_ids='arXiv:1612.01474',
+    paper_name='Simple and Scalable Predictive Uncertainty Estimation using Deep Ensembles')

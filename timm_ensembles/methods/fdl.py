@@ -186,4 +186,6 @@ def _create_fdl(variant: str, pretrained: bool = False, **kwargs) -> FDLEnsemble
 
 
 default_cfgs = {}
-register_ensemble_variants(__name__, 'fdl', _create_fdl, 'FDL ensemble')
+register_ensemble_variants(
+    __name__, 'fdl', _create_fdl, 'FDL ensemble',
+    paper_name='Knowledge Diversification in Ensembles of Identical Neural Networks (BMVC 2022)')
