@@ -396,3 +396,17 @@ def test_fashion_mnist_installed():
     # the first image of both parts is an ankle boot
     assert full_train[0][1] == 9 and val_ds[0][1] == 9
     assert np.bincount(val_ds.targets).tolist() == [1000] * 10
+
+
+def test_hub_dataset_name_reads_a_local_hf_dataset(tmp_path):
+    """`hfds/<name>` goes through timm to `datasets.load_dataset`, here on a local image folder (no network)."""
+    for split in ('train', 'test'):
+        for c in ('cat', 'dog'):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(np.full((8, 8, 3), 40 * i, dtype=np.uint8)).save(tmp_path / split / c / f'{i}.png')
+    train_ds, val_ds, info = create_datasets(f'hfds/{tmp_path}', val_split='test')
+    assert (len(train_ds), len(val_ds)) == (6, 6)
+    assert info.num_classes == 2 and info.class_names == ['cat', 'dog']
+    img, label = train_ds[0]
+    assert img.mode == 'RGB' and img.size == (8, 8) and label in (0, 1)

@@ -417,11 +417,11 @@ def _create_timm(
     if prefix == 'torch':
         if not root:
             raise ValueError(
-                f'{name} needs --data-dir (root): torchvision datasets are read from (and, with --download, '
+                f'{name} needs --data-dir (root): torchvision datasets are read from (and, with --dataset-download, '
                 f'downloaded to) a folder.')
         if not download and not os.path.isdir(root):
             raise FileNotFoundError(
-                f'--data-dir {root} does not exist: point it to where {name} is stored, or pass --download '
+                f'--data-dir {root} does not exist: point it to where {name} is stored, or pass --dataset-download '
                 f'to fetch {name} there.')
 
     kwargs = dict(root=root, download=download, input_img_mode=img_mode)
