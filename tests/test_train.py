@@ -175,3 +175,15 @@ def test_two_processes(tmp_path):
     # gather_for_metrics drops the duplicated tail: every validation sample counted once
     assert results['final_epoch']['num_samples'] == 80
     assert _val_accuracy(out) == results['final_epoch']['acc']
+
+
+def test_mixed_precision_and_gradient_accumulation(tmp_path):
+    out = tmp_path / 'bf16'
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--output', out, '--mixed-precision', 'bf16',
+                     '--grad-accum-steps', '2', '--task-kwargs', 'feature_taps=convs', *QUICK)
+    assert 'mixed precision bf16' in proc.stdout + proc.stderr
+    lines = [json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert lines[1]['train']['fdl'] > 0
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    # 160 samples / batch 32 = 5 batches an epoch, 2 per update -> 3 updates an epoch (the last one partial)
+    assert state['num_updates'] == 6
