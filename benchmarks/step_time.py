@@ -28,7 +28,11 @@ How to read it: absolute times depend on the machine and its load, so the script
 
 Ratios are given two ways: the median over rounds of the ratio within a round (configurations of one round ran
 under about the same load), and the ratio of the minima (each configuration's least disturbed round). When the
-two disagree much, the machine was too noisy for the numbers to mean much: use more rounds or a quiet machine.
+two disagree much, or a configuration's spread (slowest round / fastest) is far above 1, the machine was too
+noisy for the numbers to mean much: use more rounds or a quiet machine.
+
+On a CPU shared with other jobs, pass ``--threads`` no larger than the cores left free: an oversubscribed OpenMP
+thread pool can make every step many times slower, and erratically so, which swamps the ratios.
 
 Usage::
 
@@ -220,10 +224,11 @@ def report(args: argparse.Namespace, times: dict[str, list[float]]) -> None:
     for n in args.members:
         ens, fdl, term = times[f'ens x{n}'], times[f'fdl x{n}'], times[f'FDL term x{n}']
         print(f'\n### N = {n}\n')
-        print('| configuration | median (ms) | min (ms) |')
-        print('|---|---:|---:|')
+        print('| configuration | median (ms) | min (ms) | spread (max / min) |')
+        print('|---|---:|---:|---:|')
         for name in ('single', f'ens x{n}', f'fdl x{n}', f'FDL term x{n}'):
-            print(f'| {name} | {statistics.median(times[name]) * ms:.1f} | {min(times[name]) * ms:.1f} |')
+            t = times[name]
+            print(f'| {name} | {statistics.median(t) * ms:.1f} | {min(t) * ms:.1f} | {max(t) / min(t):.2f} |')
         print()
         print('| ratio | median of per-round ratios | ratio of minima |')
         print('|---|---:|---:|')

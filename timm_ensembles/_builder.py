@@ -9,7 +9,7 @@ from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 from torch import nn
 
-from ._registry import check_model_name, register_ensemble_method
+from ._registry import register_ensemble_method
 
 __all__ = ['create_ensemble', 'ensemble_cfg', 'register_ensemble_variants', 'DEFAULT_BASES', 'DEFAULT_SIZES']
 
@@ -48,7 +48,6 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
     if base_model is None:
         raise ValueError(f"'{variant}' needs base_model=<timm model name>, e.g. timm.create_model('{variant}',"
                          f" base_model='resnet18', num_members=2).")
-    check_model_name(base_model, what='base model')
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     if not isinstance(pretrained_cfg, (dict, PretrainedCfg)):
         # a registry cfg (by tag or default) describes the ensemble's weights; its data config is the base's
