@@ -5,7 +5,8 @@ import torch
 
 # tests never reach a network; fail fast instead of hanging on a download
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one torch thread per pytest-xdist worker: more threads than free cores makes CPU steps many times slower
+torch.set_num_threads(1 if os.environ.get('PYTEST_XDIST_WORKER') else min(2, os.cpu_count() or 1))
 
 TINY_BASES = ('test_resnet', 'test_vit', 'test_efficientnet', 'test_convnext')
 METHODS = ('fdl', 'ens')
