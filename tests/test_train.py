@@ -187,3 +187,12 @@ def test_mixed_precision_and_gradient_accumulation(tmp_path):
     state = torch.load(out / 'checkpoint.pt', weights_only=True)
     # 160 samples / batch 32 = 5 batches an epoch, 2 per update -> 3 updates an epoch (the last one partial)
     assert state['num_updates'] == 6
+
+
+def test_checkpoint_rotation_keeps_a_readable_checkpoint(tmp_path):
+    from timm_ensembles._checkpoint import load_checkpoint, save_checkpoint
+    for epoch in (1, 2, 3):
+        save_checkpoint(dict(task={'w': torch.full((2,), float(epoch))}, epoch=epoch), tmp_path)
+    assert load_checkpoint(tmp_path)['epoch'] == 3
+    assert load_checkpoint(tmp_path / 'checkpoint-prev.pt')['epoch'] == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-prev.pt', 'checkpoint.pt']  # no leftovers

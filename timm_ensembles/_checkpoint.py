@@ -59,10 +59,18 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     """Write ``state`` as ``folder/checkpoint.pt``; the checkpoint it replaces is kept as ``checkpoint-prev.pt``."""
     folder = Path(folder)
     dest = folder / CHECKPOINT_NAME
-    _atomic_replace(lambda f: torch.save(state, f), folder / f'.{CHECKPOINT_NAME}.new')
+    new = folder / f'.{CHECKPOINT_NAME}.new'
+    _atomic_replace(lambda f: torch.save(state, f), new)
     if dest.exists():
-        os.replace(dest, folder / PREVIOUS_CHECKPOINT_NAME)
-    os.replace(folder / f'.{CHECKPOINT_NAME}.new', dest)
+        # a second name for the current checkpoint, so that checkpoint.pt exists at every instant
+        prev_tmp = folder / f'.{PREVIOUS_CHECKPOINT_NAME}.new'
+        prev_tmp.unlink(missing_ok=True)
+        try:
+            os.link(dest, prev_tmp)
+        except OSError:  # no hard links on this file system
+            shutil.copy2(dest, prev_tmp)
+        os.replace(prev_tmp, folder / PREVIOUS_CHECKPOINT_NAME)
+    os.replace(new, dest)
     _fsync_dir(folder)
     return dest
 
