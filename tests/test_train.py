@@ -196,3 +196,19 @@ def test_checkpoint_rotation_keeps_a_readable_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path)['epoch'] == 3
     assert load_checkpoint(tmp_path / 'checkpoint-prev.pt')['epoch'] == 2
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint-prev.pt', 'checkpoint.pt']  # no leftovers
+
+
+def test_a_failed_write_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
+    from timm_ensembles import _checkpoint
+    _checkpoint.save_checkpoint(dict(task={}, epoch=1), tmp_path)
+
+    def failing_save(obj, f):
+        f.write(b'half a checkpoint')
+        raise OSError('disk full')
+
+    monkeypatch.setattr(_checkpoint.torch, 'save', failing_save)
+    with pytest.raises(OSError, match='disk full'):
+        _checkpoint.save_checkpoint(dict(task={}, epoch=2), tmp_path)
+    monkeypatch.undo()
+    assert _checkpoint.load_checkpoint(tmp_path)['epoch'] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pt']
