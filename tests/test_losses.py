@@ -94,3 +94,26 @@ def test_head_mean_logits():
 def test_head_bad_mode():
     with pytest.raises(ValueError, match="expected one of"):
         EnsembleHead(2, 2, 'vote')
+
+
+@pytest.mark.parametrize('num_members', [2, 3, 4, 5])
+def test_fdl_equals_the_pairwise_form(num_members):
+    import itertools
+    features = [[torch.randn(3, 4, 5, 5) * (m + 1), torch.randn(3, 7)] for m in range(num_members)]
+    pairwise = torch.stack([
+        torch.stack([feature_difference(a, b) for a, b in zip(features[i], features[j])]).mean()
+        for i, j in itertools.combinations(range(num_members), 2)]).mean()
+    torch.testing.assert_close(feature_difference_loss(features), pairwise, rtol=1e-5, atol=1e-6)
+
+
+def test_fdl_gradient_equals_the_pairwise_form():
+    import itertools
+    feats = [[torch.randn(2, 3, 4, 4, requires_grad=True)] for _ in range(3)]
+    feature_difference_loss(feats).backward()
+    fast = [f[0].grad.clone() for f in feats]
+    for f in feats:
+        f[0].grad = None
+    torch.stack([feature_difference(feats[i][0], feats[j][0]) for i, j in itertools.combinations(range(3), 2)]
+                ).mean().backward()
+    for g, f in zip(fast, feats):
+        torch.testing.assert_close(g, f[0].grad)

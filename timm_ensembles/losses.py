@@ -19,6 +19,10 @@ def feature_difference_loss(features: Sequence[Sequence[torch.Tensor]]) -> torch
     the mean over all N (N - 1) / 2 pairs, as the reference code does for three members. The method
     *maximises* this quantity (it enters the objective as ``-L_FDL``).
 
+    Up to 4 members the pairs are summed directly; from 5 on, in O(N) passes over the features through the
+    identity ``sum_{i<j} (f_i - f_j)^2 = N sum_i (f_i - mean_k f_k)^2`` (centred, so without cancellation).
+    Measured on a CPU, the pairwise form is the faster up to N = 4 (fewer passes over the features).
+
     Args:
         features: ``features[m][d]`` is member m's feature tensor at layer d; every member has the same layers.
 
@@ -32,11 +36,17 @@ def feature_difference_loss(features: Sequence[Sequence[torch.Tensor]]) -> torch
     if num_layers == 0 or any(len(f) != num_layers for f in features):
         counts = [len(f) for f in features]
         raise ValueError(f'Every member needs the same, non-zero number of feature layers, got {counts}.')
-    pair_losses: list[torch.Tensor] = []
-    for i, j in itertools.combinations(range(num_members), 2):
-        layer_losses = [feature_difference(a, b) for a, b in zip(features[i], features[j])]
-        pair_losses.append(torch.stack(layer_losses).mean())
-    return torch.stack(pair_losses).mean()
+    if num_members <= 4:
+        pair_losses = [torch.stack([feature_difference(a, b) for a, b in zip(features[i], features[j])]).mean()
+                       for i, j in itertools.combinations(range(num_members), 2)]
+        return torch.stack(pair_losses).mean()
+    layer_losses: list[torch.Tensor] = []
+    for layer in zip(*features):
+        stacked = torch.stack([f.float() for f in layer])  # [M, ...]
+        centred = stacked - stacked.mean(0, keepdim=True)
+        # mean over pairs of the per-element mean: N * sum_i mean_e(centred_i^2) / (N (N - 1) / 2)
+        layer_losses.append(centred.pow(2).mean(tuple(range(1, centred.ndim))).sum() * (2.0 / (num_members - 1)))
+    return torch.stack(layer_losses).mean()
 
 
 def loss_similarity(loss_i: torch.Tensor, loss_j: torch.Tensor) -> torch.Tensor:
