@@ -42,7 +42,14 @@ from timm_ensembles._checkpoint import (
     load_checkpoint,
     save_checkpoint,
 )
-from timm_ensembles._engine import NonFiniteLossError, check_input_size, evaluate, format_metrics, train_one_epoch
+from timm_ensembles._engine import (
+    NonFiniteLossError,
+    check_input_size,
+    evaluate,
+    format_metrics,
+    sync_buffers,
+    train_one_epoch,
+)
 
 _logger = logging.getLogger('train')
 
@@ -77,6 +84,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
     group.add_argument('--img-size', type=int, default=None,
                        help='default: the dataset\'s natural size or the model\'s')
+    group.add_argument('--crop-pct', type=float, default=None,
+                       help='evaluation centre-crop fraction (default: 1.0 for small images, else the model\'s)')
     group.add_argument('--in-chans', type=int, default=None, help='input channels (default 3; 1 for grayscale input)')
     group.add_argument('--hflip', type=float, default=None, help='horizontal flip probability (default: per dataset)')
     group.add_argument('--scale', type=float, nargs=2, default=(0.5, 1.0), metavar=('MIN', 'MAX'),
@@ -111,20 +120,29 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Flags over ``--config`` over, with ``--resume``, the resumed run's own ``args.yaml``."""
     parser = get_args_parser()
-    config_parser = argparse.ArgumentParser(add_help=False)
-    config_parser.add_argument('--config', default='')
-    known, _ = config_parser.parse_known_args(argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--config', default='')
+    pre.add_argument('--resume', default='')
+    known, _ = pre.parse_known_args(argv)
+    sources = []
+    if known.resume:
+        run_dir = Path(known.resume)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        if (run_dir / 'args.yaml').is_file():
+            sources.append((run_dir / 'args.yaml', ('config', 'resume', 'output')))
     if known.config:
-        path = Path(known.config)
-        if not path.is_file():
-            parser.error(f"--config '{path}' does not exist")
+        if not Path(known.config).is_file():
+            parser.error(f"--config '{known.config}' does not exist")
+        sources.append((Path(known.config), ()))
+    valid = {a.dest for a in parser._actions}
+    for path, skip in sources:
         cfg = yaml.safe_load(path.read_text()) or {}
-        valid = {a.dest for a in parser._actions}
         unknown = sorted(set(cfg) - valid)
         if unknown:
             parser.error(f"unknown keys in {path}: {unknown}; valid keys are the flags' names: {sorted(valid)}")
-        parser.set_defaults(**cfg)
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k not in skip})
     return parser.parse_args(argv)
 
 
@@ -143,17 +161,6 @@ def main(argv=None) -> int:
         except CheckpointError as e:
             raise SystemExit(f'error: {e}') from None
         args.output = args.output or str(resume_path.parent)
-
-    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=False)
-    # Accelerate only forms a CPU process group (gloo) when told it runs on the CPU; without this, processes
-    # started by `accelerate launch --multi_gpu` on a machine without an accelerator each train alone
-    cpu = args.cpu or not _has_accelerator()
-    accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs])
-    is_main = accelerator.is_main_process
-    log = _logger.info if is_main else (lambda *a, **k: None)
-    log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
-        f' mixed precision {accelerator.mixed_precision}')
 
     # data first: the class count and natural image size come from it
     try:
@@ -183,6 +190,8 @@ def main(argv=None) -> int:
 
     img_size = args.img_size or info.default_img_size
     data_args = dict(crop_pct=1.0) if info.default_img_size else {}
+    if args.crop_pct is not None:
+        data_args['crop_pct'] = args.crop_pct
     if img_size:
         data_args['input_size'] = (args.in_chans or 3, img_size, img_size)
     data_config = resolve_data_config(data_args, model=model)
@@ -190,38 +199,41 @@ def main(argv=None) -> int:
         check_input_size(model, data_config['input_size'], args.model)
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
+
+    # Accelerate only forms a CPU process group (gloo) when told it runs on the CPU; without this, processes
+    # started by `accelerate launch --multi_gpu` on a machine without an accelerator each train alone
+    cpu = args.cpu or not _has_accelerator()
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs])
+    is_main = accelerator.is_main_process
+    log = _logger.info if is_main else (lambda *a, **k: None)
+    log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
+        f' mixed precision {accelerator.mixed_precision}')
+
     hflip = args.hflip if args.hflip is not None else info.default_hflip
     train_loader, val_loader = te_data.create_loaders(
         train_ds, val_ds, data_config, batch_size=args.batch_size, workers=args.workers, hflip=hflip,
         scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed)
     # reseeded every epoch, so that a resumed run sees the same data order as an uninterrupted one
     shuffle_generator = train_loader.generator
-
     optimizer = task.create_optimizer(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                       momentum=args.momentum)
-    # accelerate gives each process an equal share of the batches (padding the last), then accumulation groups them
-    updates_per_epoch = math.ceil(math.ceil(len(train_loader) / accelerator.num_processes) / args.grad_accum_steps)
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        step_on_epochs=False, updates_per_epoch=max(updates_per_epoch, 1))
 
     output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
-    run_identity = dict(model=args.model, model_args=get_model_args(model), num_classes=num_classes)
-    start_epoch, num_updates = 0, 0
+    run_identity = dict(model=args.model, model_args=get_model_args(model), dataset=info.name,
+                        input_size=list(data_config['input_size']), epochs=args.epochs)
     if resume_state is not None:
         saved = resume_state.get('run', {})
-        if saved.get('model') != run_identity['model'] or saved.get('model_args') != run_identity['model_args']:
+        changed = {k: (saved.get(k), v) for k, v in run_identity.items() if saved.get(k) != v}
+        if changed:
+            details = '; '.join(f'{k}: {old!r} there, {new!r} here' for k, (old, new) in changed.items())
             raise SystemExit(
-                f"error: --resume {args.resume} is a run of model '{saved.get('model')}' {saved.get('model_args')},"
-                f" but this run builds '{args.model}' {run_identity['model_args']}. Resume with the same --model and"
-                f" --model-kwargs, or start a new run in another --output folder."
+                f'error: --resume {args.resume} is another run ({details}). A resumed run takes its settings from'
+                f" the run's args.yaml; resume without changing them, or start a new run in another --output folder."
             )
         task.load_state_dict(resume_state['task'])
         optimizer.load_state_dict(resume_state['optimizer'])
-        lr_scheduler.load_state_dict(resume_state['scheduler'])
-        start_epoch, num_updates = resume_state['epoch'], resume_state['num_updates']
-        log(f'resumed from {args.resume} at epoch {start_epoch}')
     elif (output / 'checkpoint.pt').exists():
         raise SystemExit(f"error: '{output}' already holds a run; pass --resume {output} to continue it, or choose"
                          f" another --output")
@@ -235,11 +247,27 @@ def main(argv=None) -> int:
     unwrapped = accelerator.unwrap_model(task)
     unwrapped = getattr(unwrapped, '_orig_mod', unwrapped)
     export_model = unwrapped.export_model()
+    # the schedule counts the updates of this process's share of the batches (as prepared)
+    updates_per_epoch = max(math.ceil(len(train_loader) / args.grad_accum_steps), 1)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+
+    start_epoch, num_updates, val_metrics = 0, 0, {}
+    if resume_state is not None:
+        lr_scheduler.load_state_dict(resume_state['scheduler'])
+        if accelerator.scaler is not None and resume_state.get('scaler'):
+            accelerator.scaler.load_state_dict(resume_state['scaler'])
+        start_epoch, num_updates = resume_state['epoch'], resume_state['num_updates']
+        # building the scheduler reset the learning rate: set it where the interrupted run had it
+        lr_scheduler.step_update(num_updates=num_updates)
+        val_metrics = resume_state.get('val_metrics', {})
+        log(f'resumed from {args.resume} at epoch {start_epoch}')
 
     metrics_path = output / 'metrics.jsonl'
     if is_main:
         _truncate_metrics(metrics_path, start_epoch)
-    val_metrics = {}
     for epoch in range(start_epoch, num_epochs):
         set_seed(args.seed + epoch, device_specific=True)
         shuffle_generator.manual_seed(args.seed + epoch)
@@ -253,19 +281,20 @@ def main(argv=None) -> int:
             kept = output / 'checkpoint.pt'
             where = f"the last good checkpoint is '{kept}'" if kept.exists() else 'no epoch had finished, no checkpoint'
             raise SystemExit(f'error: {e} Training stopped; {where}.') from None
-        lr_scheduler.step(epoch + 1)
+        # DDP keeps each process's BatchNorm statistics of its own last batches: evaluate and save one set
+        sync_buffers(export_model, accelerator)
         val_metrics = evaluate(export_model, val_loader, accelerator)
         seconds = time.perf_counter() - start
         lr = optimizer.param_groups[0]['lr']
         log(format_metrics(epoch, train_metrics, val_metrics, lr, seconds))
-        accelerator.wait_for_everyone()
         if is_main:
             record = dict(epoch=epoch, lr=lr, seconds=seconds, train=train_metrics, val=val_metrics)
             with open(metrics_path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
+            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
             save_checkpoint(dict(task=unwrapped.state_dict(), optimizer=optimizer.state_dict(),
-                                 scheduler=lr_scheduler.state_dict(), epoch=epoch + 1, num_updates=num_updates,
-                                 run=run_identity), output)
+                                 scheduler=lr_scheduler.state_dict(), scaler=scaler, epoch=epoch + 1,
+                                 num_updates=num_updates, val_metrics=val_metrics, run=run_identity), output)
         accelerator.wait_for_everyone()
 
     if is_main:
@@ -290,7 +319,13 @@ def _truncate_metrics(path: Path, start_epoch: int) -> None:
     if not path.exists():
         return
     lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = [ln for ln in lines if json.loads(ln).get('epoch', 0) < start_epoch]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get('epoch', 0) < start_epoch:
+                keep.append(ln)
+        except json.JSONDecodeError:  # a line cut short by the crash being resumed from
+            continue
     atomic_write_text(path, ''.join(ln + '\n' for ln in keep))
 
 

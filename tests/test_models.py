@@ -8,7 +8,7 @@ from timm.models import generate_default_cfgs, register_model
 from timm.models._builder import build_model_with_cfg
 
 import timm_ensembles
-from timm_ensembles import DeepEnsemble, EnsembleModel, FDLEnsemble
+from timm_ensembles import DeepEnsemble, FDLEnsemble
 from timm_ensembles._builder import DEFAULT_BASES, DEFAULT_SIZES
 from timm_ensembles._checkpoint import export_folder
 
@@ -157,9 +157,6 @@ def test_compile_matches_eager():
 
 
 # a model of the user's own, registered with timm, with "pretrained" weights in a local file
-_USER_WEIGHTS = {}
-
-
 class _UserNet(torch.nn.Module):
     def __init__(self, num_classes=1000, in_chans=3, **kwargs):
         super().__init__()
@@ -246,6 +243,3 @@ def test_bad_combine_mode():
     with pytest.raises(ValueError, match='Unknown combine mode'):
         _build('ens', 'test_resnet', combine='vote')
 
-
-def test_ensemble_is_model_base_class():
-    assert issubclass(FDLEnsemble, EnsembleModel) and issubclass(DeepEnsemble, EnsembleModel)

@@ -78,7 +78,7 @@ def test_fdl_step_increases_feature_difference_when_alone():
 
 
 def test_warmup_phase_is_cross_entropy_only():
-    task = _fdl(fdl_weight=1.0, head_weight=1.0, warmup_epochs=2)
+    task = _fdl(fdl_weight=1.0, head_weight=1.0, member_warmup_epochs=2)
     x, y = _batch()
     for epoch, phase in ((0, 'warmup'), (1, 'warmup'), (2, 'joint')):
         task.on_epoch_start(epoch)
@@ -139,8 +139,13 @@ def test_head_learns_from_detached_logits_only():
         torch.testing.assert_close(grads[0.0][name], grads[5.0][name])
 
 
-def test_every_parameter_gets_a_gradient_in_both_phases():
-    task = _fdl(fdl_weight=0.01, head_weight=1.0)
+@pytest.mark.parametrize('method', ['fdl', 'ens'])
+@pytest.mark.parametrize('base', TINY_BASES)
+def test_every_parameter_gets_a_gradient_in_every_phase(method, base):
+    """DDP runs with find_unused_parameters=False: every trainable parameter must get a gradient every step."""
+    model = timm.create_model(method, base_model=base, num_members=2, **model_kwargs(base, num_classes=4))
+    task = timm_ensembles.create_task(model, **(dict(fdl_weight=0.01, head_weight=1.0) if method == 'fdl' else {}))
+    assert not task.find_unused_parameters
     for epoch in (0, 1):
         task.zero_grad()
         task.on_epoch_start(epoch)
@@ -161,11 +166,44 @@ def test_head_input_eval_uses_members_in_eval_mode():
     torch.testing.assert_close(out['components']['head_ce'], expected)
 
 
-def test_conv_taps():
+def test_conv_taps_take_every_convolution_output():
     task = _fdl(feature_taps='convs', fdl_weight=1.0, head_weight=1.0)
     task.on_epoch_start(1)
-    out = task(*_batch())
-    assert out['components']['fdl'] > 0
+    x, y = _batch()
+    out = task(x, y)
+    outputs = [[], []]
+    hooks = [conv.register_forward_hook(lambda _m, _i, o, k=k: outputs[k].append(o))
+             for k, member in enumerate(task.model.members) for conv in member.modules()
+             if isinstance(conv, torch.nn.Conv2d)]
+    for member in task.model.members:
+        member(x)
+    for h in hooks:
+        h.remove()
+    expected = sum(((a - b) ** 2).mean() for a, b in zip(*outputs)) / len(outputs[0])
+    torch.testing.assert_close(out['components']['fdl'], expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_similarity_pairs_are_the_same_on_every_process_and_every_resume():
+    """Tasks built after the same seed (as on every DDP process, or in a resumed run) draw the same pairs."""
+    pairs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        task = _fdl(num_members=4, fdl_weight=0.0, head_weight=0.0)
+        torch.manual_seed(1234 + len(pairs))  # the global RNG differs afterwards, as it does between processes
+        task.on_epoch_start(3)
+        draws = [torch.randperm(4, generator=task._pair_generator)[:2].tolist() for _ in range(5)]
+        task.on_epoch_start(3)
+        assert [torch.randperm(4, generator=task._pair_generator)[:2].tolist() for _ in range(5)] == draws
+        pairs.append(draws)
+    assert pairs[0] == pairs[1] and len({tuple(p) for p in pairs[0]}) > 1
+
+
+def test_adaptive_optimizer_needs_fixed_weights():
+    task = _fdl()
+    task.create_optimizer(opt='adamw', lr=1e-3)
+    task.on_epoch_start(1)
+    with pytest.raises(RuntimeError, match='AdamW.*fdl_weight='):
+        task(*_batch())
 
 
 def test_deep_ensemble_members_learn_only_their_own_loss():
@@ -199,7 +237,7 @@ def test_task_registry():
     (dict(feature_taps='all'), 'Unknown feature_taps'),
     (dict(head_input='test'), 'Unknown head_input'),
     (dict(fdl_momentum=1.0), 'fdl_momentum must be in'),
-    (dict(warmup_epochs=-1), 'warmup_epochs must be >= 0'),
+    (dict(member_warmup_epochs=-1), 'member_warmup_epochs must be >= 0'),
     (dict(fdl_lr_typo=1e-4), r"Unknown option\(s\) \['fdl_lr_typo'\] for FDLTask.*valid options"),
 ])
 def test_bad_task_options(bad, match):

@@ -77,7 +77,9 @@ def test_run_writes_a_timm_folder_that_reloads(fdl_run):
 
 
 def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
-    args = ['--model', 'ens_test_resnetx2', '--epochs', '3', *QUICK]
+    # data-loader workers on: their seeds, and so the augmentation, must repeat too; three members: the random
+    # similarity pair must repeat
+    args = ['--model', 'fdl_test_resnetx3', '--epochs', '3', *QUICK, '--workers', '2']
     run_train(*args, '--output', tmp_path / 'full')
     killed = tmp_path / 'killed'
     cmd = [sys.executable, str(ROOT / 'train.py'), *args, '--output', str(killed)]
@@ -88,7 +90,7 @@ def test_resume_after_kill_matches_uninterrupted_run(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (killed / 'model.safetensors').exists(), 'the run finished before it could be killed'
-    run_train(*args, '--resume', killed)
+    run_train('--resume', killed)  # the run's own args.yaml supplies every other setting
     full, resumed = load_file(tmp_path / 'full' / 'model.safetensors'), load_file(killed / 'model.safetensors')
     assert full.keys() == resumed.keys()
     for k in full:
@@ -101,7 +103,27 @@ def test_resume_refuses_another_models_run(fdl_run, tmp_path):
     proc = run_train('--model', 'ens_test_resnetx2', '--epochs', '3', '--resume', out, '--output', tmp_path / 'x',
                      *QUICK, check=False)
     assert proc.returncode != 0
-    assert "is a run of model 'fdl_test_resnetx2'" in proc.stderr and 'ens_test_resnetx2' in proc.stderr
+    assert "is another run (model: 'fdl_test_resnetx2' there, 'ens_test_resnetx2' here" in proc.stderr
+
+
+def test_resume_refuses_another_dataset(fdl_run, tmp_path):
+    out, _ = fdl_run
+    copy = tmp_path / 'copy'
+    shutil.copytree(out, copy)
+    proc = run_train('--resume', copy, '--dataset', 'fashion-mnist', check=False)
+    assert proc.returncode != 0 and "dataset: 'digits' there" in proc.stderr
+
+
+def test_resume_of_a_finished_run_before_its_export(fdl_run, tmp_path):
+    """Killed after the last checkpoint but before the export: the resume exports with the last epoch's numbers."""
+    out, _ = fdl_run
+    copy = tmp_path / 'copy'
+    shutil.copytree(out, copy)
+    for name in ('config.json', 'model.safetensors', 'results.json'):
+        (copy / name).unlink()
+    run_train('--resume', copy)
+    assert json.loads((copy / 'results.json').read_text()) == json.loads((out / 'results.json').read_text())
+    assert load_file(copy / 'model.safetensors').keys() == load_file(out / 'model.safetensors').keys()
 
 
 def test_refuses_to_overwrite_a_run(fdl_run):
@@ -125,9 +147,10 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     out = tmp_path / 'nan'
     # a huge fixed FDL weight blows the joint phase up; the warm-up epoch before it is sound
     proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '3', '--output', out, '--task-kwargs',
-                     'fdl_weight=1e38', 'head_weight=1.0', *QUICK, check=False)
+                     'fdl_weight=1e30', 'head_weight=1.0', *QUICK, check=False)
     assert proc.returncode != 0
-    assert 'blew up' in proc.stderr and 'epoch 1' in proc.stderr and 'last good checkpoint' in proc.stderr
+    assert 'Non-finite' in proc.stderr and 'epoch 1' in proc.stderr and 'not applied' in proc.stderr
+    assert 'last good checkpoint' in proc.stderr and 'Traceback' not in proc.stderr
     state = torch.load(out / 'checkpoint.pt', weights_only=True)
     assert state['epoch'] == 1
     assert all(torch.isfinite(v).all() for v in state['task'].values() if v.is_floating_point())
@@ -167,7 +190,8 @@ def test_two_processes(tmp_path):
     out = tmp_path / 'ddp'
     launcher = [accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
                 '--mixed_precision', 'no', '--dynamo_backend', 'no']
-    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--output', out, *QUICK, launcher=launcher)
+    proc = run_train('--model', 'fdl_test_resnetx3', '--epochs', '2', '--output', out, '--cpu', *QUICK,
+                     launcher=launcher)
     log = proc.stdout + proc.stderr
     assert 'world size 2' in log
     results = json.loads((out / 'results.json').read_text())
@@ -175,6 +199,11 @@ def test_two_processes(tmp_path):
     # gather_for_metrics drops the duplicated tail: every validation sample counted once
     assert results['final_epoch']['num_samples'] == 80
     assert _val_accuracy(out) == results['final_epoch']['acc']
+    # both processes stop together on a non-finite loss (no process left waiting in an all-reduce)
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '3', '--output', tmp_path / 'nan', '--cpu',
+                     '--task-kwargs', 'fdl_weight=1e30', 'head_weight=1.0', *QUICK, launcher=launcher, check=False,
+                     timeout=300)
+    assert proc.returncode != 0 and 'Non-finite' in proc.stderr
 
 
 def test_mixed_precision_and_gradient_accumulation(tmp_path):
@@ -212,3 +241,30 @@ def test_a_failed_write_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path
     monkeypatch.undo()
     assert _checkpoint.load_checkpoint(tmp_path)['epoch'] == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ['checkpoint.pt']
+
+
+class _BlowUpTask(torch.nn.Module):
+    """A task whose 'fdl' term is infinite from its second call on."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(2))
+        self.calls = 0
+
+    def forward(self, x, target):
+        self.calls += 1
+        ce = (self.w * x.mean()).sum()
+        fdl = torch.tensor(float('inf') if self.calls > 1 else 1.0)
+        return dict(loss=ce - fdl, output=None, components=dict(ce=ce.detach(), fdl=fdl))
+
+
+def test_non_finite_term_is_named_and_its_step_not_applied():
+    from timm_ensembles._engine import NonFiniteLossError, train_one_epoch
+    task = _BlowUpTask()
+    optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
+    accelerator = Accelerator(cpu=True)
+    loader = [(torch.ones(2, 3), torch.zeros(2, dtype=torch.long))] * 3
+    with pytest.raises(NonFiniteLossError, match=r'epoch 4, update 1: fdl blew up') as err:
+        train_one_epoch(task, loader, optimizer, accelerator, epoch=4, show_progress=False)
+    assert 'ce' not in str(err.value).split('blew up')[0]
+    assert task.w.tolist() == pytest.approx([0.9, 0.9])  # the first, finite step only

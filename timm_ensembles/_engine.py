@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ['NonFiniteLossError', 'train_one_epoch', 'evaluate', 'check_input_size', 'format_metrics']
+__all__ = ['NonFiniteLossError', 'train_one_epoch', 'evaluate', 'check_input_size', 'format_metrics', 'sync_buffers']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -19,7 +19,7 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class _Means:
-    """Running means of scalars (summed on device, read once an epoch)."""
+    """Running means of the scalars logged over an epoch."""
 
     def __init__(self):
         self.sums: dict[str, float] = defaultdict(float)
@@ -35,8 +35,8 @@ class _Means:
 
 def _non_finite_terms(out: dict[str, Any]) -> list:
     bad = [name for name, value in out.get('components', {}).items() if not torch.isfinite(value).all()]
-    if not torch.isfinite(out['loss']).all():
-        bad.append('loss')
+    if not bad and not torch.isfinite(out['loss']).all():
+        bad.append('the weighted sum of finite terms (a weight overflowed)')
     return bad
 
 
@@ -90,8 +90,15 @@ def train_one_epoch(
                     f" (terms: {terms}). The step was not applied."
                 )
             accelerator.backward(out['loss'])
-            if accelerator.sync_gradients and clip_grad:
-                accelerator.clip_grad_norm_(task.parameters(), clip_grad)
+            if accelerator.sync_gradients:
+                # the gradients are all-reduced by now, so every process sees the same norm and stops together
+                grad_norm = accelerator.clip_grad_norm_(task.parameters(), clip_grad or float('inf'))
+                if not torch.isfinite(grad_norm):
+                    terms = {k: float(v) for k, v in out.get('components', {}).items()}
+                    raise NonFiniteLossError(
+                        f'Non-finite gradient at epoch {epoch}, update {num_updates}, from finite loss terms {terms}'
+                        f' and weights {out.get("stats", {})}: a term\'s gradient overflowed. The step was not applied.'
+                    )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         if accelerator.sync_gradients:
@@ -108,6 +115,10 @@ def train_one_epoch(
             means.update('train_acc', (out['output'].detach().argmax(-1) == target).float().mean() * 100, n)
         bar.set_postfix(loss=f"{out['loss'].item():.4f}", refresh=False)
     bar.close()
+    # a finite gradient can still overflow a parameter; such weights must never become a checkpoint
+    bad_params = [n for n, p in task.named_parameters() if not torch.isfinite(p).all()]
+    if bad_params:
+        raise NonFiniteLossError(f'Parameters became non-finite in the last update of epoch {epoch}: {bad_params[:5]}.')
     return means.result(), num_updates
 
 
@@ -152,6 +163,15 @@ def evaluate(model: nn.Module, loader, accelerator) -> dict[str, Any]:
         metrics.update(member_acc=member_acc, member_acc_mean=sum(member_acc) / len(member_acc),
                        mean_probs_acc=100.0 * avg_correct / total)
     return metrics
+
+
+def sync_buffers(model: nn.Module, accelerator) -> None:
+    """Give every process the main process's buffers (BatchNorm statistics), which DDP leaves per process."""
+    if accelerator.num_processes < 2:
+        return
+    import torch.distributed as dist
+    for buf in model.buffers():
+        dist.broadcast(buf, src=0)
 
 
 def check_input_size(model: nn.Module, input_size: tuple[int, int, int], model_name: str) -> None:

@@ -766,7 +766,9 @@ def create_loaders(
         num_workers=workers,
         generator=generator,
         pin_memory=pin_memory,
-        persistent_workers=workers > 0,
+        # new workers every epoch: their seeds then come from the generator as it stands at the epoch's start,
+        # so reseeding it per epoch fixes each epoch's order and augmentation (a resumed run repeats them)
+        persistent_workers=False,
     )
     val_loader = DataLoader(
         val_ds,

@@ -19,9 +19,9 @@ def feature_difference_loss(features: Sequence[Sequence[torch.Tensor]]) -> torch
     the mean over all N (N - 1) / 2 pairs, as the reference code does for three members. The method
     *maximises* this quantity (it enters the objective as ``-L_FDL``).
 
-    Up to 4 members the pairs are summed directly; from 5 on, in O(N) passes over the features through the
+    Up to 3 members the pairs are summed directly; from 4 on, in O(N) passes over the features through the
     identity ``sum_{i<j} (f_i - f_j)^2 = N sum_i (f_i - mean_k f_k)^2`` (centred, so without cancellation).
-    Measured on a CPU, the pairwise form is the faster up to N = 4 (fewer passes over the features).
+    Measured on a CPU (``benchmarks/fdl_term.py``), the pairwise form is the faster up to N = 3.
 
     Args:
         features: ``features[m][d]`` is member m's feature tensor at layer d; every member has the same layers.
@@ -36,7 +36,7 @@ def feature_difference_loss(features: Sequence[Sequence[torch.Tensor]]) -> torch
     if num_layers == 0 or any(len(f) != num_layers for f in features):
         counts = [len(f) for f in features]
         raise ValueError(f'Every member needs the same, non-zero number of feature layers, got {counts}.')
-    if num_members <= 4:
+    if num_members <= 3:
         pair_losses = [torch.stack([feature_difference(a, b) for a, b in zip(features[i], features[j])]).mean()
                        for i, j in itertools.combinations(range(num_members), 2)]
         return torch.stack(pair_losses).mean()

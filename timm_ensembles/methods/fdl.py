@@ -18,8 +18,8 @@ momentum; -L_FDL with SGD at a fixed lr 1e-4, momentum 0.85, never scheduled; th
   ``(fdl_lr / (1 - fdl_momentum)) / (lr / (1 - momentum))`` with the optimiser's *current* lr and momentum, so
   its steady-state step is the reference's fixed ``fdl_lr`` step whatever the schedule does to the members' lr;
   the head's loss has weight ``(head_lr / (1 - head_momentum)) / (lr / (1 - momentum))`` likewise. The tiny FDL
-  step is what keeps the unbounded -L_FDL term stable. With a non-SGD optimiser the same weights are used (they
-  keep the terms' relative sizes, not exact step sizes). ``fdl_weight`` and ``head_weight`` fix the weights instead.
+  step is what keeps the unbounded -L_FDL term stable. An adaptive optimiser (Adam, ...) rescales every gradient, so
+  there the weights must be given (``fdl_weight``, ``head_weight``); they fix the weights with SGD too.
 * Differences that remain: gradients of all terms are taken at the same weights (the reference re-runs the
   forward pass after each step); weight decay is applied once per step (the reference applies it in each of
   its optimisers); momentum buffers are shared, matched in steady state but not transiently.
@@ -30,8 +30,8 @@ momentum; -L_FDL with SGD at a fixed lr 1e-4, momentum 0.85, never scheduled; th
   runs a separate pass with the members in eval mode, available as ``head_input='eval'`` (one more forward pass).
   The head is trained from the first epoch (it cannot affect the members, and training it in every step keeps
   every parameter used, which DDP needs); the reference starts it with the joint phase.
-* Phases: the first ``warmup_epochs`` (1, as the reference) train each member on its cross-entropy alone; then
-  the joint phase adds S and -L_FDL. The reference restarts its lr schedule for the joint phase; here one
+* Phases: the first ``member_warmup_epochs`` (1, as the reference) train each member on its cross-entropy
+  alone; then the joint phase adds S and -L_FDL. The reference restarts its lr schedule for the joint phase; here one
   schedule spans the run. For N > 2, S uses one random member pair per step, as the reference; L_FDL averages
   all pairs.
 * The head starts as the average of the member logits (the reference initialises it randomly), so ``forward``
@@ -71,7 +71,7 @@ class FDLTask(Task):
             as the paper).
         feature_indices: Which stages with ``feature_taps='stages'`` (``forward_intermediates``' ``indices``);
             None for all.
-        warmup_epochs: Epochs of phase 0, where each member trains on its cross-entropy alone.
+        member_warmup_epochs: Epochs of phase 0, where each member trains on its cross-entropy alone.
         fdl_lr: The reference's fixed learning rate of the -L_FDL step (1e-4 for CIFAR-10, 1e-5 for CIFAR-100).
         fdl_momentum: The reference's momentum of the -L_FDL step.
         fdl_weight: A fixed weight for -L_FDL instead of the learning-rate coupling above.
@@ -89,7 +89,7 @@ class FDLTask(Task):
             model: EnsembleModel,
             feature_taps: str = 'stages',
             feature_indices: int | Sequence[int] | None = None,
-            warmup_epochs: int = 1,
+            member_warmup_epochs: int = 1,
             fdl_lr: float = 1e-4,
             fdl_momentum: float = 0.85,
             fdl_weight: float | None = None,
@@ -107,14 +107,14 @@ class FDLTask(Task):
             raise ValueError(f"Unknown feature_taps '{feature_taps}', expected one of {FEATURE_TAPS}.")
         if head_input not in ('train', 'eval'):
             raise ValueError(f"Unknown head_input '{head_input}', expected 'train' or 'eval'.")
-        if warmup_epochs < 0:
-            raise ValueError(f'warmup_epochs must be >= 0, got {warmup_epochs}.')
+        if member_warmup_epochs < 0:
+            raise ValueError(f'member_warmup_epochs must be >= 0, got {member_warmup_epochs}.')
         for name, m in (('fdl_momentum', fdl_momentum), ('head_momentum', head_momentum)):
             if not 0 <= m < 1:
                 raise ValueError(f'{name} must be in [0, 1), got {m}.')
         self.feature_taps = feature_taps
         self.feature_indices = feature_indices
-        self.warmup_epochs = warmup_epochs
+        self.member_warmup_epochs = member_warmup_epochs
         self.fdl_lr = fdl_lr
         self.fdl_momentum = fdl_momentum
         self.fdl_weight = fdl_weight
@@ -123,10 +123,19 @@ class FDLTask(Task):
         self.head_lr = head_lr
         self.head_momentum = head_momentum
         self.head_input = head_input
+        # The S pair is drawn from a generator of the task's own, seeded from the global RNG at construction
+        # (which train.py seeds alike on every process) and reseeded each epoch: every DDP process then takes
+        # the same pair in every step, and a resumed run the same pairs as an uninterrupted one.
+        self._pair_seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+        self._pair_generator = torch.Generator().manual_seed(self._pair_seed)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        self._pair_generator.manual_seed(self._pair_seed + epoch)
 
     @property
     def phase(self) -> str:
-        return 'warmup' if self.epoch < self.warmup_epochs else 'joint'
+        return 'warmup' if self.epoch < self.member_warmup_epochs else 'joint'
 
     def _step_ratio(self, term_lr: float, term_momentum: float) -> float:
         """Weight that makes a term's steady-state SGD step ``term_lr / (1 - term_momentum)``."""
@@ -136,7 +145,13 @@ class FDLTask(Task):
                 ' task.create_optimizer(...), or pass fixed weights (fdl_weight=..., head_weight=...).'
             )
         group = self.optimizer.param_groups[0]
-        momentum = group.get('momentum', 0.0) or 0.0
+        if 'momentum' not in group:
+            raise RuntimeError(
+                f'FDLTask\'s default term weights reproduce the reference\'s SGD steps, which have no meaning for'
+                f' {type(self.optimizer).__name__} (an adaptive optimiser rescales every gradient): pass fixed'
+                f' weights, e.g. --task-kwargs fdl_weight=1e-3 head_weight=1.0, or use --opt sgd / momentum.'
+            )
+        momentum = group['momentum'] or 0.0
         effective_lr = max(group['lr'], 1e-12) / (1.0 - momentum)
         return term_lr / (1.0 - term_momentum) / effective_lr
 
@@ -153,7 +168,8 @@ class FDLTask(Task):
         stats = {}
         if joint:
             # S on one random member pair per step, as the reference does for N > 2
-            i, j = (0, 1) if model.num_members == 2 else torch.randperm(model.num_members)[:2].tolist()
+            i, j = (0, 1) if model.num_members == 2 else torch.randperm(
+                model.num_members, generator=self._pair_generator)[:2].tolist()
             similarity = loss_similarity(ce[i], ce[j])
             fdl = feature_difference_loss(features)
             fdl_weight = self.fdl_weight if self.fdl_weight is not None else self._step_ratio(
