@@ -301,6 +301,9 @@ def main(argv=None) -> int:
         model_config = dict(label_names=info.class_names) if info.class_names else None
         # the evaluation preprocessing goes into config.json, so that resolve_data_config(model=reloaded) gives it
         export_folder(export_model, output, model_config=model_config, data_config=data_config)
+        for name, extra in unwrapped.exports().items():
+            export_folder(extra, output / name, model_config=model_config, data_config=data_config)
+            log(f"saved {type(extra).__name__} '{name}' to {output / name}")
         results = dict(model=args.model, dataset=info.name, epochs=num_epochs, seed=args.seed,
                        world_size=accelerator.num_processes, final_epoch=val_metrics)
         atomic_write_text(output / 'results.json', json.dumps(results, indent=2))

@@ -39,27 +39,26 @@ Usage::
     python benchmarks/step_time.py --base resnet18 --img-size 32 --batch-size 64 --members 2 3 4 --rounds 7
 """
 import argparse
-import platform
-import shlex
 import statistics
-import sys
-import time
 from collections.abc import Callable
-from pathlib import Path
 
 import timm
 import torch
+from _common import (
+    OPTIMIZER_ARGS,
+    add_timing_args,
+    check_timing_args,
+    make_train_step,
+    print_header,
+    ratio_row,
+    run_rounds,
+    setup_device,
+)
 
-# time the package of the checkout this script belongs to, whether or not (and whichever version) is installed
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-import timm_ensembles  # noqa: E402
-from timm_ensembles.losses import feature_difference_loss  # noqa: E402
+import timm_ensembles
+from timm_ensembles.losses import feature_difference_loss
 
 NUM_CLASSES = 10
-OPTIMIZER_ARGS = dict(opt='sgd', lr=0.05, momentum=0.9)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -69,46 +68,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument('--img-size', type=int, default=32, help='input height and width')
     parser.add_argument('--batch-size', type=int, default=64)
     parser.add_argument('--members', type=int, nargs='+', default=[2, 3, 4], help='ensemble sizes N to time')
-    parser.add_argument('--rounds', type=int, default=7, help='timed rounds (each times every configuration once)')
-    parser.add_argument('--warmup', type=int, default=2, help='untimed steps per configuration before the rounds')
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
-    parser.add_argument('--threads', type=int, default=None, help='torch intra-op threads (default: torch\'s)')
+    add_timing_args(parser)
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.warmup < 0 or args.batch_size < 1 or args.img_size < 1:
-        parser.error('--rounds, --batch-size and --img-size must be >= 1 and --warmup >= 0.')
+    check_timing_args(parser, args)
+    if args.batch_size < 1 or args.img_size < 1:
+        parser.error('--batch-size and --img-size must be >= 1.')
     if any(n < 2 for n in args.members):
         parser.error('--members: an ensemble needs at least 2 members.')
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        parser.error('--device cuda: CUDA is not available in this torch build or machine.')
     return args
 
 
-def cpu_name() -> str:
-    """The CPU's model name (``platform.processor()`` is often just the architecture on Linux)."""
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
-def make_train_step(task: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
-                    target: torch.Tensor) -> Callable[[], torch.Tensor]:
-    """One full training step of ``task`` on the fixed batch, as a training loop runs it.
-
-    Returns:
-        A closure that runs the step and returns the (detached) loss.
-    """
-    def step() -> torch.Tensor:
-        loss = task(x, target)['loss']
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss.detach()
-    return step
 
 
 def make_fdl_term_step(features: list[list[torch.Tensor]]) -> Callable[[], torch.Tensor]:
@@ -173,48 +144,10 @@ def build_configs(args: argparse.Namespace, x: torch.Tensor,
     return steps, before
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so that a timer reads when the work is done, not when it was queued."""
-    if device.type == 'cuda':
-        torch.cuda.synchronize(device)
 
 
-def run_rounds(args: argparse.Namespace, steps: dict[str, Callable[[], torch.Tensor]],
-               before: dict[str, Callable[[], None]]) -> dict[str, list[float]]:
-    """Warm up every configuration, then time them interleaved.
-
-    Returns:
-        Seconds per step of each configuration, one entry per round.
-    """
-    device = torch.device(args.device)
-    last_loss: dict[str, torch.Tensor] = {}
-    for name, step in steps.items():
-        for _ in range(args.warmup):
-            before.get(name, lambda: None)()
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for r in range(args.rounds):
-        for name, step in steps.items():
-            before.get(name, lambda: None)()
-            synchronize(device)
-            t0 = time.perf_counter()
-            last_loss[name] = step()
-            synchronize(device)
-            times[name].append(time.perf_counter() - t0)
-        print(f'round {r + 1}/{args.rounds} done', file=sys.stderr, flush=True)
-    # a diverged run (NaN/inf) can run at a different speed than a healthy one, so say so rather than hide it
-    for name, loss in last_loss.items():
-        if not torch.isfinite(loss).all():
-            print(f'WARNING: {name}: non-finite loss {loss.item()} in the last round; its time may be'
-                  ' unrepresentative.', file=sys.stderr)
-    return times
 
 
-def ratio_row(label: str, num: list[float], den: list[float], scale: float = 1.0) -> str:
-    """A ratio table row: median of per-round ratios, and ratio of minima."""
-    per_round = statistics.median(a / (scale * b) for a, b in zip(num, den))
-    of_minima = min(num) / (scale * min(den))
-    return f'| {label} | {per_round:.3f} | {of_minima:.3f} |'
 
 
 def report(args: argparse.Namespace, times: dict[str, list[float]]) -> None:
@@ -240,24 +173,10 @@ def report(args: argparse.Namespace, times: dict[str, list[float]]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == 'cuda':
-        # as a training run would: conv algorithms are picked during the warm-up steps, not the timed ones
-        torch.backends.cudnn.benchmark = True
-    device_name = torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()
-
-    print('## Training step time: ensembles vs one network\n')
-    print(f'- command: `python {shlex.join(sys.argv if argv is None else [sys.argv[0], *argv])}`')
-    print(f'- machine: {platform.platform()}, processor {platform.processor() or "?"} ({cpu_name()}), '
-          f'torch threads {torch.get_num_threads()}')
-    print(f'- device: {args.device} ({device_name})')
-    print(f'- python {platform.python_version()}, torch {torch.__version__}, timm {timm.__version__}, '
-          f'timm_ensembles from {Path(timm_ensembles.__file__).parent}')
-    print(f'- base {args.base}, {args.img_size}x{args.img_size} input, batch {args.batch_size}, members {args.members}'
-          f', {args.rounds} rounds after {args.warmup} warm-up steps; optimizer {OPTIMIZER_ARGS}')
-    sys.stdout.flush()
+    device = setup_device(args)
+    print_header('Training step time: ensembles vs one network', argv, args.device,
+                 f'base {args.base}, {args.img_size}x{args.img_size} input, batch {args.batch_size}, members'
+                 f' {args.members}, {args.rounds} rounds after {args.warmup} warm-up steps; optimizer {OPTIMIZER_ARGS}')
 
     torch.manual_seed(0)
     # one fixed batch, made once: the time of data loading and of random number generation is not measured

@@ -268,3 +268,19 @@ def test_non_finite_term_is_named_and_its_step_not_applied():
         train_one_epoch(task, loader, optimizer, accelerator, epoch=4, show_progress=False)
     assert 'ce' not in str(err.value).split('blew up')[0]
     assert task.w.tolist() == pytest.approx([0.9, 0.9])  # the first, finite step only
+
+
+def test_collaborative_run_writes_the_multi_head_and_the_exported_model(tmp_path):
+    out = tmp_path / 'collab'
+    proc = run_train('--model', 'collab_test_resnetx2', '--epochs', '1', '--output', out, *QUICK)
+    log = proc.stdout + proc.stderr
+    assert 'members ' in log and 'mean-probs' in log and "'exported'" in log
+    results = json.loads((out / 'results.json').read_text())['final_epoch']
+    assert len(results['member_acc']) == 2 and results['acc'] == results['member_acc'][0]
+    multi = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    plain = timm.create_model(f'local-dir:{out / "exported"}', pretrained=True).eval()
+    assert type(plain).__name__ == 'ResNet' and plain.num_classes == 10
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(plain(x), multi(x))
+    assert _val_accuracy(out / 'exported') == results['acc']

@@ -5,7 +5,8 @@
 """
 from ._ensemble import EnsembleHead, EnsembleModel
 from ._registry import create_model, create_task, get_task_cls, list_ensemble_methods, register_task
+from ._split import SplitLayout, get_split_layout, register_split_layout
 from ._task import ClassificationTask, Task
-from .methods import DeepEnsemble, DeepEnsembleTask, FDLEnsemble, FDLTask
+from .methods import CollaborativeNet, CollaborativeTask, DeepEnsemble, DeepEnsembleTask, FDLEnsemble, FDLTask
 
 __version__ = '0.1.0'

@@ -75,6 +75,8 @@ def register_ensemble_variants(
         description: str,
         bases: Iterable[str] = DEFAULT_BASES,
         sizes: Iterable[int] = DEFAULT_SIZES,
+        size_arg: str = 'num_members',
+        size_args: dict[int, dict[str, Any]] | None = None,
         **cfg: Any,
 ) -> None:
     """Register ``<method>`` (generic) and ``<method>_<base>x<N>`` with timm, on behalf of a method module.
@@ -88,34 +90,43 @@ def register_ensemble_variants(
         create_fn: ``create_fn(variant, pretrained=False, **kwargs)`` builds the model.
         description: One line, e.g. 'FDL ensemble', used in the entrypoints' docstrings.
         bases: Base models that get named variants.
-        sizes: Member counts that get named variants.
+        sizes: Member (or head) counts that get named variants.
+        size_arg: The argument that the ``x<N>`` of a name sets.
+        size_args: Further fixed arguments of the variants of a size, e.g. ``{4: dict(hierarchy=[2, 2])}``.
         **cfg: Pretrained-cfg entries common to the method (``paper_ids``, ``paper_name``).
     """
     module = sys.modules[module_name]
     variants = {method: {}}
-    variants.update({f'{method}_{b}x{n}': dict(base_model=b, num_members=n) for b in bases for n in sizes})
+    size_args = size_args or {}
+    variants.update({
+        f'{method}_{b}x{n}': {'base_model': b, size_arg: n, **size_args.get(n, {})} for b in bases for n in sizes
+    })
     cfgs = generate_default_cfgs({name: ensemble_cfg(**cfg) for name in variants})
     if not hasattr(module, 'default_cfgs'):
         module.default_cfgs = {}
     module.default_cfgs.update(cfgs)
-    register_ensemble_method(method, description)
+    register_ensemble_method(method, description, size_arg, size_args)
     for name, fixed in variants.items():
-        fn = _make_entrypoint(name, fixed, create_fn, description)
+        fn = _make_entrypoint(name, fixed, create_fn, description, size_arg)
         fn.__module__ = module_name
         setattr(module, name, register_model(fn))
 
 
-def _make_entrypoint(name: str, fixed: dict[str, Any], create_fn: Callable, description: str) -> Callable:
+def _make_entrypoint(
+        name: str, fixed: dict[str, Any], create_fn: Callable, description: str, size_arg: str,
+) -> Callable:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         for key, value in fixed.items():
-            if kwargs.setdefault(key, value) != value:
+            given = kwargs.setdefault(key, value)
+            # a config.json round trip turns tuples into lists
+            if (list(given) if isinstance(given, tuple) else given) != value:
                 raise ValueError(f"'{name}' is built with {key}={value!r}; got {key}={kwargs[key]!r}. Use the"
                                  f" generic '{name.split('_')[0]}' model to choose it.")
         return create_fn(name, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     if fixed:
-        entrypoint.__doc__ = f"{description} of {fixed['num_members']} x {fixed['base_model']}."
+        entrypoint.__doc__ = f"{description}: {fixed[size_arg]} x {fixed['base_model']}."
     else:
-        entrypoint.__doc__ = f"{description} of any timm model: base_model=<timm name>, num_members=N (>= 2)."
+        entrypoint.__doc__ = f"{description} of any timm model: base_model=<timm name>, {size_arg}=N (>= 2)."
     return entrypoint

@@ -15,7 +15,7 @@ from torch import nn
 
 from ._registry import check_model_name
 
-__all__ = ['EnsembleModel', 'EnsembleHead', 'COMBINE_MODES', 'FEATURE_TAPS']
+__all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'COMBINE_MODES', 'FEATURE_TAPS']
 
 COMBINE_MODES = ('linear', 'mean_logits', 'mean_probs')
 FEATURE_TAPS = ('stages', 'convs')
@@ -78,7 +78,32 @@ class EnsembleHead(nn.Module):
         return f'mode={self.mode}, num_members={self.num_members}, num_classes={self.num_classes}'
 
 
-class EnsembleModel(nn.Module):
+class ModelArgsMixin:
+    """``model_args`` for wrappers built by timm's factory: what the factory recorded, less ``pretrained_base``
+    (a reload must not download the base's weights, which the wrapper's own weights replace), plus the arguments
+    that define the wrapper (``_defining_args``)."""
+
+    def _defining_args(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def _model_args(self) -> dict[str, Any]:
+        args = {k: v for k, v in self.__dict__.get('_recorded_model_args', {}).items() if k != 'pretrained_base'}
+        args.update(self._defining_args())
+        return args
+
+    @_model_args.setter
+    def _model_args(self, value: dict[str, Any]) -> None:
+        self.__dict__['_recorded_model_args'] = dict(value)
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """Arguments that rebuild this model with ``timm.create_model`` (what ``save_for_hf`` records)."""
+        from timm.models._input import get_model_args
+        return get_model_args(self)
+
+
+class EnsembleModel(ModelArgsMixin, nn.Module):
     """N independently initialised timm models of one architecture and a head that combines them.
 
     A timm classifier like any other: ``forward(x)`` gives ``[B, C]`` logits in train and eval mode,
@@ -159,23 +184,8 @@ class EnsembleModel(nn.Module):
         from timm.models._input import _get_global_pool
         return _get_global_pool(self.members[0])
 
-    @property
-    def _model_args(self) -> dict[str, Any]:
-        # What timm's factory recorded, less what a reload must not redo (downloading the base's weights,
-        # which the ensemble's own weights replace), plus the arguments that define the ensemble.
-        args = {k: v for k, v in self.__dict__.get('_recorded_model_args', {}).items() if k != 'pretrained_base'}
-        args.update(base_model=self.base_model, num_members=self.num_members, combine=self.combine_mode)
-        return args
-
-    @_model_args.setter
-    def _model_args(self, value: dict[str, Any]) -> None:
-        self.__dict__['_recorded_model_args'] = dict(value)
-
-    @property
-    def model_args(self) -> dict[str, Any]:
-        """Arguments that rebuild this ensemble with ``timm.create_model`` (what ``save_for_hf`` records)."""
-        from timm.models._input import get_model_args
-        return get_model_args(self)
+    def _defining_args(self) -> dict[str, Any]:
+        return dict(base_model=self.base_model, num_members=self.num_members, combine=self.combine_mode)
 
     def get_classifier(self) -> nn.Module:
         return self.head

@@ -25,6 +25,8 @@ __all__ = [
 
 _task_by_model_cls: dict[type, type] = {}
 _ensemble_methods: dict[str, str] = {}  # generic entrypoint name -> one-line description
+_size_args: dict[str, str] = {}  # generic entrypoint name -> the argument that x<N> sets
+_variant_args: dict[str, dict[int, dict[str, Any]]] = {}  # generic name -> N -> further arguments of x<N> names
 
 # <method>_<base>x<N>; greedy base so that bases holding an 'x' (resnext50_32x4d) still parse
 _DYNAMIC_NAME = re.compile(r'^(?P<method>[a-z]+)_(?P<base>.+)x(?P<num>\d+)$')
@@ -69,9 +71,14 @@ def create_task(model: nn.Module, **task_args: Any) -> nn.Module:
     return task_cls(model, **task_args)
 
 
-def register_ensemble_method(name: str, description: str) -> None:
-    """Declare ``name`` as a generic ensemble entrypoint taking ``base_model`` and ``num_members``."""
+def register_ensemble_method(
+        name: str, description: str, size_arg: str = 'num_members', size_args: dict[int, dict[str, Any]] | None = None,
+) -> None:
+    """Declare ``name`` as a generic entrypoint taking ``base_model`` and ``size_arg`` (what x<N> sets); ``size_args``
+    gives the further arguments that ``<name>_<base>x<N>`` means for some N, for every base."""
     _ensemble_methods[name] = description
+    _size_args[name] = size_arg
+    _variant_args[name] = dict(size_args or {})
 
 
 def list_ensemble_methods() -> dict[str, str]:
@@ -106,7 +113,9 @@ def parse_dynamic_name(model_name: str) -> dict[str, Any] | None:
     m = _DYNAMIC_NAME.match(model_name)
     if m is None or m.group('method') not in _ensemble_methods:
         return None
-    return dict(method=m.group('method'), base_model=m.group('base'), num_members=int(m.group('num')))
+    method, num = m.group('method'), int(m.group('num'))
+    return {'method': method, 'base_model': m.group('base'), _size_args[method]: num,
+            **_variant_args[method].get(num, {})}
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -115,8 +124,8 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
     Pre-registered variants (``fdl_resnet50x2``) and every other timm name, ``hf-hub:`` and ``local-dir:``
     sources included, go straight to timm. A name of the form ``<method>_<base>x<N>`` whose base has no
     pre-registered variant is built by the generic entrypoint of the method
-    (``timm.create_model('<method>', base_model=<base>, num_members=N)``), so its saved config names the
-    generic architecture and reloads anywhere this package is installed.
+    (``timm.create_model('<method>', base_model=<base>, num_members=N)``, ``num_heads=N`` for ``collab``), so its
+    saved config names the generic architecture and reloads anywhere this package is installed.
 
     Args:
         model_name: Model name, as for ``timm.create_model``.
@@ -133,17 +142,20 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
                 raise ValueError(
                     f"Unknown model '{model_name}'.{_close_matches(arch, timm.list_models())}"
                     f" Ensembles of any timm model are named <method>_<base>x<N> with <method> one of"
-                    f" {sorted(_ensemble_methods)} (x<N> is the number of members, e.g. fdl_resnet18x2)."
+                    f" {sorted(_ensemble_methods)} (x<N> is the number of members or heads, e.g. fdl_resnet18x2)."
                 )
             if tag:
                 raise ValueError(
                     f"'{model_name}' has a pretrained tag, but '{arch}' is not a registered model with published"
                     f" weights. Drop the tag, or use pretrained_base=True for timm's weights of the base."
                 )
-            for key in ('base_model', 'num_members'):
-                if key in kwargs and kwargs[key] != dyn[key]:
-                    raise ValueError(f"'{model_name}' means {key}={dyn[key]!r}, but {key}={kwargs[key]!r} was passed.")
-            kwargs.update(base_model=dyn['base_model'], num_members=dyn['num_members'])
-            model_name = dyn['method']
+            model_name = dyn.pop('method')
+            for key, value in dyn.items():
+                given = kwargs.get(key, value)
+                # a config.json round trip turns tuples into lists
+                if (list(given) if isinstance(given, tuple) else given) != value:
+                    raise ValueError(f"'{arch}' means {key}={value!r}, but {key}={given!r} was passed. Build the"
+                                     f" generic '{model_name}' model (base_model=...) to choose {key}.")
+            kwargs.update(dyn)
     return timm.create_model(model_name, pretrained=pretrained, **kwargs)
 

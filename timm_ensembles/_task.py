@@ -75,6 +75,10 @@ class Task(nn.Module):
         """The model to save and publish: inference parts only."""
         return self.model
 
+    def exports(self) -> dict[str, nn.Module]:
+        """Further models to save beside ``export_model``, by sub-folder name (e.g. one head as a plain timm model)."""
+        return {}
+
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
         raise NotImplementedError
 
