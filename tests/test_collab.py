@@ -58,19 +58,37 @@ def test_exported_head_equals_the_head_exactly(base, scheme):
             assert torch.equal(exported(x), members[:, h])
 
 
-@pytest.mark.parametrize('base', TINY_BASES)
-def test_shared_weights_are_stored_once(base):
-    model = _build(base, num_heads=4, hierarchy=[2, 2])
-    plain = timm.create_model(base, **model_kwargs(base, num_classes=5))
-    layout, (s1, s2) = model.layout, model.splits
-    per_segment = [0] * layout.num_segments
-    for name, p in plain.named_parameters():
-        per_segment[layout.segment_of(name)] += p.numel()
-    # trunk once, the middle stages twice, the rest four times
-    expected = sum(per_segment[:s1 + 1]) + 2 * sum(per_segment[s1 + 1:s2 + 1]) + 4 * sum(per_segment[s2 + 1:])
+def test_shared_weights_are_stored_once():
+    model = _build('test_resnet', num_heads=4, hierarchy=[2, 2], split=[2, 3])
+    plain = timm.create_model('test_resnet', num_classes=5)
+
+    def count(prefixes):
+        return sum(p.numel() for n, p in plain.named_parameters() if n.split('.')[0] in prefixes)
+    # trunk (stem, layer1, layer2) once, layer3 twice (one per subtree), layer4 and the classifier four times
+    expected = count({'conv1', 'bn1', 'layer1', 'layer2'}) + 2 * count({'layer3'}) + 4 * count({'layer4', 'fc'})
     assert sum(p.numel() for p in model.parameters()) == expected
-    names = list(model.state_dict())
-    assert len(names) == len(set(names))
+    assert {n.split('.')[2] for n in model.state_dict() if n.startswith('heads.1.')} == {'layer4', 'fc'}
+    assert {n.split('.')[2] for n in model.state_dict() if n.startswith('heads.2.')} == {'layer3', 'layer4', 'fc'}
+
+
+EXTRA_BASES = [
+    ('vgg11', dict(mlp_ratio=0.01)),
+    ('densenet121', dict(block_config=(1, 1, 1, 1))),
+    ('mobilenetv3_small_050', {}),
+    ('deit_tiny_distilled_patch16_224', dict(img_size=IMG, depth=2)),
+    ('vit_tiny_patch16_224', dict(img_size=IMG, depth=3, reg_tokens=4, class_token=False, global_pool='avg')),
+]
+
+
+@pytest.mark.parametrize('base,kwargs', EXTRA_BASES, ids=[b for b, _ in EXTRA_BASES])
+def test_export_equality_over_more_families_and_configs(base, kwargs):
+    model = timm.create_model('collab', base_model=base, num_heads=4, hierarchy=[2, 2], num_classes=5, **kwargs)
+    model.eval()
+    x = _x(2)
+    with torch.no_grad():
+        members = model.forward_members(x)
+        for h in range(4):
+            assert torch.equal(model.export_head(h).eval()(x), members[:, h])
 
 
 def test_grad_rescale_is_identity_forward_and_scales_backward():
@@ -82,22 +100,33 @@ def test_grad_rescale_is_identity_forward_and_scales_backward():
     torch.testing.assert_close(x.grad, torch.tensor([6.0, 6.0]))
 
 
-def test_backward_rescaling_divides_shared_gradients_by_the_branch_count():
-    torch.manual_seed(0)
-    model = _build('test_resnet', num_heads=4, hierarchy=[2, 2], split=[1, 3])
+# (hierarchy, split, the gradient factor of the weights in each stage: stem, layer1..layer4; the classifier 1)
+RESCALE_CASES = [
+    ([2, 2], [1, 3], [1 / 4, 1 / 4, 1 / 2, 1 / 2, 1]),
+    ([2, 3], [1, 3], [1 / 6, 1 / 6, 1 / 3, 1 / 3, 1]),
+    ([3, 2], [2, 3], [1 / 6, 1 / 6, 1 / 6, 1 / 2, 1]),
+    ([2, 2, 2], [1, 2, 3], [1 / 8, 1 / 8, 1 / 4, 1 / 2, 1]),
+]
+
+
+@pytest.mark.parametrize('hierarchy,split,factors', RESCALE_CASES, ids=[str(c[0]) for c in RESCALE_CASES])
+def test_backward_rescaling_divides_shared_gradients_by_the_branch_count(hierarchy, split, factors):
+    # the gradient a shared weight receives is the sum over the heads below it, divided by the branch count at
+    # every split on the way: the product of the branching factors below its stage
+    model = _build('test_resnet', num_heads=math.prod(hierarchy), hierarchy=hierarchy, split=split,
+                   dtype=torch.float64)
     task = timm_ensembles.create_task(model)
-    x, y = _x(), torch.randint(0, 5, (4,))
+    x, y = _x().double(), torch.randint(0, 5, (4,))
     grads = {}
     for rescale in (True, False):
         model.backward_rescale = rescale
         model.zero_grad()
         task(x, y)['loss'].backward()
         grads[rescale] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    stage = {'conv1': 0, 'bn1': 0, 'layer1': 1, 'layer2': 2, 'layer3': 3, 'layer4': 4, 'fc': 5}
     for name, g in grads[True].items():
-        level = model._segment_level[model.layout.segment_of(name.split('.', 2)[2])]
-        # trunk: two splits of 2 below it; the middle stages: one; the heads' own: none (powers of 2: exact)
-        factor = {0: 0.25, 1: 0.5, 2: 1.0}[level]
-        torch.testing.assert_close(g, grads[False][name] * factor, rtol=1e-6, atol=1e-10, msg=name)
+        factor = (factors + [1])[stage[name.split('.')[2]]]
+        torch.testing.assert_close(g, grads[False][name] * factor, rtol=1e-12, atol=1e-15, msg=name)
 
 
 def test_soft_loss_hand_computed():
@@ -192,15 +221,65 @@ def test_exported_head_loads_with_plain_timm(tmp_path):
     assert torch.equal(got['y'], expected)
 
 
-def test_mean_combine_averages_the_heads():
-    model = _build('test_resnet', num_heads=2, combine='mean_logits').eval()
+def test_mean_combines_average_the_heads_and_another_head_can_be_designated():
     x = _x()
+    model = _build('test_resnet', num_heads=2, combine='mean_logits').eval()
     with torch.no_grad():
         torch.testing.assert_close(model(x), model.forward_members(x).mean(1))
+    model = _build('test_resnet', num_heads=3, combine='mean_probs').eval()
+    with torch.no_grad():
+        members = model.forward_members(x)
+        torch.testing.assert_close(model(x).softmax(-1), members.softmax(-1).mean(1))
+        model.combine_mode, model.head_index = 'head', 2
+        assert torch.equal(model(x), members[:, 2])
+        assert torch.equal(model.forward_head(model.forward_features(x)), members[:, 2])
+    with pytest.raises(ValueError, match=r'head index in 0\.\.2'):
+        model.head_index = 3
+
+
+def test_reset_classifier_then_export_and_no_weight_decay():
+    model = _build('test_vit', num_heads=2)
+    assert model.no_weight_decay() == {'heads.0.pos_embed', 'heads.0.cls_token'}
+    model.reset_classifier(7, 'avg')
+    model.eval()
+    x = _x(2)
+    with torch.no_grad():
+        assert model(x).shape == (2, 7)
+        assert torch.equal(model.export_head(1).eval()(x), model.forward_members(x)[:, 1])
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = _build('test_resnet', num_heads=4, hierarchy=[2, 2])
+    task = timm_ensembles.create_task(model)
+    x, y = _x(), torch.randint(0, 5, (4,))
+    grads = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        model.zero_grad()
+        task(x, y)['loss'].backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_pretrained_base_heads_get_their_own_classifiers(monkeypatch):
+    # stand-in for timm's pretrained weights (no download in tests): every head starts from the same weights
+    weights = timm.create_model('test_resnet', num_classes=5).state_dict()
+    real = timm.create_model
+
+    def fake_create(name, pretrained=False, **kwargs):
+        model = real(name, **kwargs)
+        if pretrained:
+            model.load_state_dict(weights)
+        return model
+    monkeypatch.setattr(timm, 'create_model', fake_create)
+    model = CollaborativeNet('test_resnet', num_heads=2, split=2, pretrained_base=True, num_classes=5)
+    assert torch.equal(model.heads[0].layer3[0].conv1.weight, model.heads[1].layer3[0].conv1.weight)
+    assert not torch.equal(model.heads[0].fc.weight, model.heads[1].fc.weight)
 
 
 @pytest.mark.parametrize('kwargs,match', [
-    (dict(split=7), r'valid split points are 0 \(after the stem\) to 4'),
+    (dict(split=7), r'valid split points are 0 \(after the stem, if it has one\) to 4'),
     (dict(num_heads=4, hierarchy=[2, 2], split=[3, 2]), 'strictly increasing'),
     (dict(num_heads=1), 'num_heads >= 2'),
     (dict(num_heads=4, hierarchy=[2, 3]), r'gives 6 heads, but num_heads=4'),
@@ -222,3 +301,10 @@ def test_bad_export_index_and_unsupported_family():
         _build('test_byobnet', num_heads=2)
     with pytest.raises(ValueError, match='beta'):
         timm_ensembles.create_task(model, beta=1.5)
+
+
+def test_a_weight_outside_the_layout_is_refused():
+    model = timm.create_model('test_resnet')
+    model.extra = torch.nn.Linear(2, 2)  # a configuration the ResNet layout does not foresee
+    with pytest.raises(ValueError, match="does not place 'extra.weight' of 'test_resnet'"):
+        timm_ensembles.get_split_layout(model, 'test_resnet')

@@ -25,9 +25,12 @@ class SplitLayout:
         stages: Module paths of each stage, in order (a stage may be several modules run one after another).
         tail: Module paths run, in order, after the last stage to finish ``forward_features``.
         head_paths: Module or parameter paths that ``forward_head`` uses (the tail owns them with ``tail``).
-        stem: Module paths run before the first stage; ignored when ``stem_fn`` is given.
+        stem: Module or parameter paths of the stem, run in order before the first stage unless ``stem_fn`` is
+            given.
         stem_fn: ``stem_fn(model, x)`` for stems that are more than modules in a row (a ViT's embeddings).
-            The stem owns every parameter that belongs to no stage and not to the tail.
+
+    Every parameter and buffer of the model must lie under one of the paths (``check``), so that no weight is
+    shared or dropped by mistake when a model this layout does not foresee is cut.
     """
     stages: list[list[str]]
     tail: list[str] = field(default_factory=list)
@@ -59,15 +62,22 @@ class SplitLayout:
                 return i + 1
         if _under(name, self.tail) or _under(name, self.head_paths):
             return self.num_stages + 1
-        return 0
+        if _under(name, self.stem):
+            return 0
+        raise ValueError(f"'{name}' lies in no segment of the split layout.")
 
-    def segment_paths(self, index: int) -> list[str]:
-        """Paths owned by a segment, for every segment but the stem (which owns the rest)."""
-        if index == 0:
-            raise ValueError('the stem owns every path not owned by another segment')
-        if index <= self.num_stages:
-            return list(self.stages[index - 1])
-        return list(self.tail) + list(self.head_paths)
+    def check(self, model: nn.Module, model_name: str) -> None:
+        """Raise if a parameter or buffer of ``model`` lies outside every path of the layout."""
+        for name in model.state_dict():
+            try:
+                self.segment_of(name)
+            except ValueError:
+                raise ValueError(
+                    f"The split layout of {type(model).__name__} does not place '{name}' of '{model_name}' (a"
+                    f' configuration it does not foresee). Register a layout that does with'
+                    f' timm_ensembles.register_split_layout.'
+                ) from None
+
 
 
 def _under(name: str, paths: Iterable[str]) -> bool:
@@ -98,6 +108,7 @@ def get_split_layout(model: nn.Module, model_name: str = '') -> SplitLayout:
             layout = _layouts[cls](model)
             if layout.num_stages < 1:
                 raise ValueError(f"Model '{model_name or type(model).__name__}' has no stages to split.")
+            layout.check(model, model_name or type(model).__name__)
             return layout
     families = sorted(c.__name__ for c in _layouts)
     raise ValueError(
@@ -169,13 +180,20 @@ def _register_builtin() -> None:
 
     @register_split_layout(VisionTransformer)
     def _vit(model: nn.Module) -> SplitLayout:
+        if getattr(model, 'distilled_training', False):
+            raise ValueError('A distilled ViT in distilled training returns two outputs; it cannot be split.')
+
         def stem_fn(m: nn.Module, x: torch.Tensor) -> torch.Tensor:
             x = m.patch_embed(x)
             x = m._pos_embed(x)
             x = m.patch_drop(x)
             return m.norm_pre(x)
-        return SplitLayout(stem_fn=stem_fn, stages=[[f'blocks.{i}'] for i in range(len(model.blocks))],
-                           tail=['norm'], head_paths=_existing(model, ['attn_pool', 'fc_norm', 'head_drop', 'head']))
+        stem = ['patch_embed', 'cls_token', 'reg_token', 'dist_token', 'pos_embed', 'pos_drop', 'patch_drop',
+                'norm_pre']
+        head = ['attn_pool', 'fc_norm', 'head_drop', 'head', 'head_dist']
+        return SplitLayout(stem=_existing(model, stem), stem_fn=stem_fn,
+                           stages=[[f'blocks.{i}'] for i in range(len(model.blocks))],
+                           tail=['norm'], head_paths=_existing(model, head))
 
     @register_split_layout(VGG)
     def _vgg(model: nn.Module) -> SplitLayout:

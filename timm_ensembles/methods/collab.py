@@ -26,7 +26,9 @@ Departures from the paper:
 Registered names: ``collab`` (``base_model=``, ``num_heads=``, ``split=``, ``hierarchy=``),
 ``collab_<base>x2`` (simple sharing) and ``collab_<base>x4`` (hierarchical, 2-way at two depths).
 """
+import fnmatch
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -74,7 +76,9 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
             ``[num_heads]``, simple sharing.
         combine: What ``forward`` returns: 'head', 'mean_logits' or 'mean_probs'.
         head_index: The designated head (``forward`` with ``combine='head'``, ``export_head()``).
-        pretrained_base: Initialise every head from timm's pretrained weights of ``base_model``.
+        pretrained_base: Initialise every head from timm's pretrained weights of ``base_model``; each head's
+            classifier is then re-initialised on its own, or the heads would be identical and teach each other
+            nothing.
         num_classes: Number of classes.
         in_chans: Number of input channels.
         device: Device to build the parameters on.
@@ -118,26 +122,32 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
         self.num_classes = num_classes
         self.in_chans = in_chans
         self.combine_mode = combine
-        self.head_index = head_index
+        self._head_index = head_index
         self.backward_rescale = True  # the task may turn it off (an ablation of the paper)
         self.grad_checkpointing = False
         self._base_args = dict(in_chans=in_chans, **kwargs)
         # one create_model call per head: each draws its own initialisation from the global RNG
         heads = [timm.create_model(base_model, pretrained=pretrained_base, num_classes=num_classes, device=device,
                                    dtype=dtype, **self._base_args) for _ in range(num_heads)]
+        if pretrained_base:
+            for head in heads:
+                head.reset_classifier(num_classes)
+        # what export_head rebuilds before replaying a later reset_classifier
+        self._built_classes, self._built_pool = num_classes, self._pool_of(heads[0])
         self.layout: SplitLayout = get_split_layout(heads[0], base_model)
         n = self.layout.num_stages
         if split is None:
             split = default_splits(n, len(hierarchy))
-        splits = [split] if isinstance(split, int) and not isinstance(split, bool) else split
+        splits = [split] if isinstance(split, numbers.Integral) and not isinstance(split, bool) else split
         if (not isinstance(splits, Sequence) or len(splits) != len(hierarchy)
-                or any(isinstance(s, bool) or not isinstance(s, int) for s in splits)):
+                or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in splits)):
             raise ValueError(f'split must give one stage index per level of the hierarchy {hierarchy}, got {split!r}.')
-        splits = list(splits)
+        splits = [int(s) for s in splits]
         if any(s < 0 or s > n for s in splits) or any(a >= b for a, b in zip(splits, splits[1:])):
             raise ValueError(
-                f"Invalid split {split!r} for '{base_model}': valid split points are 0 (after the stem) to {n} (after"
-                f' its last stage; the heads are then the classifiers), one per level, strictly increasing.'
+                f"Invalid split {split!r} for '{base_model}': valid split points are 0 (after the stem, if it has one)"
+                f' to {n} (after its last stage; the heads are then the classifiers), one per level, strictly'
+                f' increasing.'
             )
         self.hierarchy = hierarchy
         self.splits = splits
@@ -155,6 +165,22 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
     def _check_head_index(index: Any, num_heads: int, what: str) -> None:
         if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_heads:
             raise ValueError(f'{what} must be a head index in 0..{num_heads - 1}, got {index!r}.')
+
+    @staticmethod
+    def _pool_of(model: nn.Module) -> str | None:
+        from timm.models._input import _get_global_pool
+        return _get_global_pool(model)
+
+    @property
+    def head_index(self) -> int:
+        """The designated head: what ``forward`` (with ``combine='head'``), the feature path and ``export_head``
+        use."""
+        return self._head_index
+
+    @head_index.setter
+    def head_index(self, index: int) -> None:
+        self._check_head_index(index, self.num_heads, 'head_index')
+        self._head_index = index
 
     def _owner(self, head: int, segment: int) -> int:
         """The head whose module holds ``segment`` for ``head``: the first head of the subtree sharing it."""
@@ -176,8 +202,7 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
 
     @property
     def global_pool(self) -> str | None:
-        from timm.models._input import _get_global_pool
-        return _get_global_pool(self.heads[self.head_index])
+        return self._pool_of(self.heads[self.head_index])
 
     def get_classifier(self) -> nn.Module:
         return self.heads[self.head_index].get_classifier()
@@ -199,15 +224,17 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
     def no_weight_decay(self) -> set:
         names = set()
         for h, head in enumerate(self.heads):
-            own = {n for n, _ in head.named_parameters()}
+            own = [n for n, _ in head.named_parameters()]
             if hasattr(head, 'no_weight_decay'):
-                names |= {f'heads.{h}.{n}' for n in head.no_weight_decay() if n in own}
+                # entries may be fnmatch patterns (timm matches them so): keep those that match a weight this head owns
+                names |= {f'heads.{h}.{n}' for n in head.no_weight_decay() if fnmatch.filter(own, n)}
         return names
 
     # ---- forward ----
     def _run(self, head: int, segment: int, x: torch.Tensor) -> torch.Tensor:
         model = self.heads[self._owner(head, segment)]
-        if self.grad_checkpointing and torch.is_grad_enabled():
+        # stages only, as timm's checkpoint_seq (a checkpointed BatchNorm updates its statistics twice)
+        if self.grad_checkpointing and torch.is_grad_enabled() and 0 < segment <= self.layout.num_stages:
             return checkpoint(self.layout.run, model, segment, x, use_reentrant=False)
         return self.layout.run(model, segment, x)
 
@@ -245,9 +272,12 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
         return torch.stack([head.forward_head(f) for head, f in zip(self.heads, features)], dim=1)
 
     def combine(self, member_logits: torch.Tensor) -> torch.Tensor:
-        """``forward``'s logits from every head's logits ``[B, H, C]``."""
+        """``forward``'s logits from every head's logits ``[B, H, C]`` (pooled features with ``num_classes=0``,
+        averaged over heads by the mean modes, so that their width stays ``num_features``)."""
         if self.combine_mode == 'head':
             return member_logits[:, self.head_index]
+        if self.num_classes <= 0:
+            return member_logits.mean(1)
         return self._mean(member_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,10 +293,11 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
         index = self.head_index if index is None else index
         self._check_head_index(index, self.num_heads, 'The exported head')
         ref = next(self.parameters())
-        args = dict(self._base_args, num_classes=self.num_classes)
-        if self.global_pool is not None:
-            args['global_pool'] = self.global_pool
-        model = timm.create_model(self.base_model, pretrained=False, device=ref.device, dtype=ref.dtype, **args)
+        model = timm.create_model(self.base_model, pretrained=False, device=ref.device, dtype=ref.dtype,
+                                  num_classes=self._built_classes, **self._base_args)
+        if (self.num_classes, self.global_pool) != (self._built_classes, self._built_pool):
+            # replay the reset_classifier the heads went through, so that the export has their structure
+            model.reset_classifier(self.num_classes, self.global_pool)
         states = {}
         state = {}
         for name in model.state_dict():
