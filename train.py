@@ -70,6 +70,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="initialise every ensemble member from timm's pretrained weights of the base")
     group.add_argument('--task-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='options of the model\'s task, e.g. warmup_epochs=1 fdl_lr=1e-4 feature_taps=convs')
+    group.add_argument('--teacher', action='append', default=None, metavar='MODEL',
+                       help='a teacher of distillation methods (ban_*, meal_*), repeatable: a timm name (its pretrained'
+                            ' weights), hf-hub:<repo>, local-dir:<folder>, or a folder written by train.py')
+    group.add_argument('--generations', type=int, default=1,
+                       help='train K generations in <output>/gen1..genK, each the teacher of the next (born-again'
+                            ' networks; generation 1 learns from --teacher), seed + k for generation k')
     group.add_argument('--compile', action='store_true', help='torch.compile the task')
     group = parser.add_argument_group('Data')
     group.add_argument('--dataset', default='digits',
@@ -149,9 +155,47 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
+    if args.generations < 1:
+        raise SystemExit(f'error: --generations must be >= 1, got {args.generations}')
+    if args.generations > 1:
+        return train_generations(args)
+    return train(args)
+
+
+def train_generations(args: argparse.Namespace) -> int:
+    """K runs in <output>/gen1..genK: generation k learns from generation k-1 (generation 1 from --teacher), with
+    seed + k. Finished generations are kept; running the same command again resumes where it stopped."""
+    if not args.teacher:
+        raise SystemExit('error: --generations needs --teacher: the model generation 1 learns from')
+    if args.resume:
+        raise SystemExit('error: to continue a run of generations, run the same command again (without --resume):'
+                         ' finished generations are skipped and an interrupted one resumes')
+    root = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-gen")
+    teacher = list(args.teacher)
+    for k in range(1, args.generations + 1):
+        folder = root / f'gen{k}'
+        gen_args = argparse.Namespace(**vars(args))
+        gen_args.generations, gen_args.output, gen_args.seed, gen_args.teacher = 1, str(folder), args.seed + k, teacher
+        if (folder / 'results.json').exists():
+            _logger.info(f'generation {k}: done in {folder}')
+        else:
+            if (folder / 'checkpoint.pt').exists():
+                gen_args.resume = str(folder)
+            _logger.info(f'generation {k} of {args.generations}: teacher {teacher}, seed {gen_args.seed},'
+                         f' output {folder}')
+            # the process group (two processes under DDP) must outlive every generation but the last
+            train(gen_args, end_training=k == args.generations)
+        teacher = [str(folder)]
+    return 0
+
+
+def train(args: argparse.Namespace, end_training: bool = True) -> int:
+    """One training run; ``end_training`` ends Accelerate's state (the process group) after it."""
     task_kwargs = dict(args.task_kwargs)
     if args.smoothing:
         task_kwargs.setdefault('label_smoothing', args.smoothing)
+    if args.teacher:
+        task_kwargs['teachers'] = list(args.teacher)
 
     resume_state = None
     if args.resume:
@@ -185,7 +229,7 @@ def main(argv=None) -> int:
     try:
         model = timm_ensembles.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
         task = timm_ensembles.create_task(model, **task_kwargs)
-    except (ValueError, TypeError, RuntimeError) as e:
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
         raise SystemExit(f'error: {e}') from None
 
     img_size = args.img_size or info.default_img_size
@@ -197,6 +241,7 @@ def main(argv=None) -> int:
     data_config = resolve_data_config(data_args, model=model)
     try:
         check_input_size(model, data_config['input_size'], args.model)
+        task.set_data_config(data_config)
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
 
@@ -255,6 +300,8 @@ def main(argv=None) -> int:
         step_on_epochs=False, updates_per_epoch=updates_per_epoch)
 
     start_epoch, num_updates, val_metrics = 0, 0, {}
+    # every group's lr as the schedule has it before the first update (groups with an lr_scale get it applied)
+    lr_scheduler.step_update(num_updates=0)
     if resume_state is not None:
         lr_scheduler.load_state_dict(resume_state['scheduler'])
         if accelerator.scaler is not None and resume_state.get('scaler'):
@@ -308,7 +355,8 @@ def main(argv=None) -> int:
                        world_size=accelerator.num_processes, final_epoch=val_metrics)
         atomic_write_text(output / 'results.json', json.dumps(results, indent=2))
         log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}; saved to {output}')
-    accelerator.end_training()
+    if end_training:
+        accelerator.end_training()
     return 0
 
 

@@ -3,10 +3,24 @@
 ``import timm_ensembles`` registers every model of this package with timm, so that
 ``timm.create_model('fdl_resnet50x2')`` and ``timm.create_model('hf-hub:...')`` find them.
 """
+from ._distill import DistillationTask, StudentModel
 from ._ensemble import EnsembleHead, EnsembleModel
 from ._registry import create_model, create_task, get_task_cls, list_ensemble_methods, register_task
 from ._split import SplitLayout, get_split_layout, register_split_layout
 from ._task import ClassificationTask, Task
-from .methods import CollaborativeNet, CollaborativeTask, DeepEnsemble, DeepEnsembleTask, FDLEnsemble, FDLTask
+from .methods import (
+    BornAgainEnsemble,
+    BornAgainStudent,
+    BornAgainTask,
+    CollaborativeNet,
+    CollaborativeTask,
+    DeepEnsemble,
+    DeepEnsembleTask,
+    FDLEnsemble,
+    FDLTask,
+    MEALStudent,
+    MEALTask,
+    create_bane,
+)
 
 __version__ = '0.1.0'

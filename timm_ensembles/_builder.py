@@ -9,9 +9,12 @@ from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 from torch import nn
 
-from ._registry import register_ensemble_method
+from ._registry import register_ensemble_method, register_student_method
 
-__all__ = ['create_ensemble', 'ensemble_cfg', 'register_ensemble_variants', 'DEFAULT_BASES', 'DEFAULT_SIZES']
+__all__ = [
+    'create_ensemble', 'ensemble_cfg', 'register_ensemble_variants', 'register_student_variants', 'DEFAULT_BASES',
+    'DEFAULT_SIZES',
+]
 
 # the bases and member counts that get pre-registered names (<method>_<base>x<N>); any other timm model works
 # through the generic entrypoint and timm_ensembles.create_model
@@ -95,17 +98,38 @@ def register_ensemble_variants(
         size_args: Further fixed arguments of the variants of a size, e.g. ``{4: dict(hierarchy=[2, 2])}``.
         **cfg: Pretrained-cfg entries common to the method (``paper_ids``, ``paper_name``).
     """
-    module = sys.modules[module_name]
     variants = {method: {}}
     size_args = size_args or {}
     variants.update({
         f'{method}_{b}x{n}': {'base_model': b, size_arg: n, **size_args.get(n, {})} for b in bases for n in sizes
     })
+    register_ensemble_method(method, description, size_arg, size_args)
+    _register(module_name, variants, create_fn, description, size_arg, cfg)
+
+
+def register_student_variants(
+        module_name: str,
+        method: str,
+        create_fn: Callable[..., nn.Module],
+        description: str,
+        bases: Iterable[str] = DEFAULT_BASES,
+        **cfg: Any,
+) -> None:
+    """Register ``<method>`` (generic, ``base_model=``) and ``<method>_<base>`` with timm, for a method whose model
+    is one network of the base's architecture (a distillation student). See ``register_ensemble_variants``."""
+    variants = {method: {}}
+    variants.update({f'{method}_{b}': {'base_model': b} for b in bases})
+    register_student_method(method, description)
+    _register(module_name, variants, create_fn, description, None, cfg)
+
+
+def _register(module_name: str, variants: dict[str, dict[str, Any]], create_fn: Callable, description: str,
+              size_arg: str | None, cfg: dict[str, Any]) -> None:
+    module = sys.modules[module_name]
     cfgs = generate_default_cfgs({name: ensemble_cfg(**cfg) for name in variants})
     if not hasattr(module, 'default_cfgs'):
         module.default_cfgs = {}
     module.default_cfgs.update(cfgs)
-    register_ensemble_method(method, description, size_arg, size_args)
     for name, fixed in variants.items():
         fn = _make_entrypoint(name, fixed, create_fn, description, size_arg)
         fn.__module__ = module_name
@@ -113,7 +137,7 @@ def register_ensemble_variants(
 
 
 def _make_entrypoint(
-        name: str, fixed: dict[str, Any], create_fn: Callable, description: str, size_arg: str,
+        name: str, fixed: dict[str, Any], create_fn: Callable, description: str, size_arg: str | None,
 ) -> Callable:
     def entrypoint(pretrained: bool = False, **kwargs) -> nn.Module:
         for key, value in fixed.items():
@@ -125,8 +149,12 @@ def _make_entrypoint(
         return create_fn(name, pretrained=pretrained, **kwargs)
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
-    if fixed:
+    if fixed and size_arg is None:
+        entrypoint.__doc__ = f"{description}: {fixed['base_model']}."
+    elif fixed:
         entrypoint.__doc__ = f"{description}: {fixed[size_arg]} x {fixed['base_model']}."
+    elif size_arg is None:
+        entrypoint.__doc__ = f"{description} of any timm model: base_model=<timm name>."
     else:
         entrypoint.__doc__ = f"{description} of any timm model: base_model=<timm name>, {size_arg}=N (>= 2)."
     return entrypoint

@@ -25,6 +25,7 @@ __all__ = [
 
 _task_by_model_cls: dict[type, type] = {}
 _ensemble_methods: dict[str, str] = {}  # generic entrypoint name -> one-line description
+_student_methods: dict[str, str] = {}  # generic entrypoint name -> description, for <name>_<base> students
 _size_args: dict[str, str] = {}  # generic entrypoint name -> the argument that x<N> sets
 _variant_args: dict[str, dict[int, dict[str, Any]]] = {}  # generic name -> N -> further arguments of x<N> names
 
@@ -81,6 +82,11 @@ def register_ensemble_method(
     _variant_args[name] = dict(size_args or {})
 
 
+def register_student_method(name: str, description: str) -> None:
+    """Declare ``name`` as a generic entrypoint taking ``base_model``, so that ``<name>_<any timm model>`` builds."""
+    _student_methods[name] = description
+
+
 def list_ensemble_methods() -> dict[str, str]:
     return dict(_ensemble_methods)
 
@@ -109,9 +115,13 @@ def check_model_name(model_name: str, what: str = 'model') -> None:
 
 
 def parse_dynamic_name(model_name: str) -> dict[str, Any] | None:
-    """Split ``<method>_<base>x<N>`` into the generic method and its kwargs, or None if it is not one."""
+    """Split ``<method>_<base>x<N>`` (ensembles) or ``<method>_<base>`` (students) into the generic method and its
+    kwargs, or None if it is neither."""
     m = _DYNAMIC_NAME.match(model_name)
     if m is None or m.group('method') not in _ensemble_methods:
+        method, _, base = model_name.partition('_')
+        if method in _student_methods and base and timm.is_model(split_model_name_tag(base)[0]):
+            return {'method': method, 'base_model': base}
         return None
     method, num = m.group('method'), int(m.group('num'))
     return {'method': method, 'base_model': m.group('base'), _size_args[method]: num,
@@ -142,7 +152,8 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
                 raise ValueError(
                     f"Unknown model '{model_name}'.{_close_matches(arch, timm.list_models())}"
                     f" Ensembles of any timm model are named <method>_<base>x<N> with <method> one of"
-                    f" {sorted(_ensemble_methods)} (x<N> is the number of members or heads, e.g. fdl_resnet18x2)."
+                    f" {sorted(_ensemble_methods)} (x<N> is the number of members or heads, e.g. fdl_resnet18x2);"
+                    f" students <method>_<base> with <method> one of {sorted(_student_methods)}."
                 )
             if tag:
                 raise ValueError(

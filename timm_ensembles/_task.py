@@ -34,12 +34,18 @@ class Task(nn.Module):
         self.model = model
         self.label_smoothing = label_smoothing
         self.epoch = 0
+        self.data_config: dict[str, Any] | None = None
         # kept out of the module tree: it is not a submodule and must not be pickled with the task
         self.__dict__['_optimizer'] = None
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Cross-entropy with the task's label smoothing, computed in fp32."""
         return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+
+    def set_data_config(self, data_config: dict[str, Any]) -> None:
+        """Told by the training script how its batches are preprocessed (``mean``, ``std``, ``input_size``), before
+        training; tasks with teachers map the batches to each teacher's own preprocessing."""
+        self.data_config = dict(data_config)
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the training loop before each epoch (0-based); tasks with phases switch here."""

@@ -1,0 +1,192 @@
+"""Born-again networks: a student retrained from its predecessor's predictions, generation after generation.
+
+Paper: "Born-Again Neural Networks", Furlanello, Lipton, Tschannen, Itti, Anandkumar, ICML 2018 (arXiv:1805.04770).
+No official PyTorch code.
+
+Generation k (a ``ban_<base>`` student, by default of the teacher's architecture) is trained on the cross-entropy
+between its predictions and generation k-1's, without temperature (the paper's BAN: teacher only, no labels), from
+a new random initialisation with the same schedule. The teacher is frozen and in eval mode (``_teachers.py``).
+``train.py --generations K`` runs K generations, each teaching the next. The BAN ensemble (``bane``) averages the
+predicted probabilities of several generations.
+
+Options (``--task-kwargs``): ``temperature`` (T; the loss is scaled by T^2), ``label_weight`` (adds the labels'
+cross-entropy: the paper's BAN+L), and ``variant``:
+
+* ``ban``: cross-entropy against the teacher's distribution (default);
+* ``cwtm``: confidence-weighted by teacher max: the labels' cross-entropy, each sample weighted by the teacher's
+  highest probability, normalised over the batch;
+* ``dkpp``: dark-knowledge with permuted predictions: the teacher's distribution with its non-argmax probabilities
+  permuted at random per sample.
+
+With several teachers, their probabilities are averaged. Registered names: ``ban`` (``base_model=``),
+``ban_<base>``, and ``bane`` (``base_model=``, ``num_members=``, or ``generations=[folders]``).
+"""
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._builder import create_ensemble, register_ensemble_variants, register_student_variants
+from .._distill import DistillationTask, StudentModel
+from .._ensemble import EnsembleModel
+from .._registry import register_task
+from .._task import TaskOutput
+
+__all__ = ['BornAgainStudent', 'BornAgainTask', 'BornAgainEnsemble', 'create_bane', 'soft_cross_entropy']
+
+VARIANTS = ('ban', 'cwtm', 'dkpp')
+
+
+class BornAgainStudent(StudentModel):
+    """A born-again student: one timm model (see ``StudentModel``), trained by ``BornAgainTask``."""
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * mean_b H(target, softmax(logits / T))``, the cross-entropy against a distribution, in fp32."""
+    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(target_probs.float() * log_p).sum(-1).mean() * temperature ** 2
+
+
+def permute_dark_knowledge(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Each row's non-argmax probabilities permuted at random among the non-argmax classes (DKPP)."""
+    batch, num_classes = probs.shape
+    top = probs.argmax(-1, keepdim=True)
+    is_top = torch.zeros_like(probs, dtype=torch.bool).scatter_(1, top, True)
+    # the non-argmax classes of each row, in ascending order and in a random order (the argmax sorts last in both)
+    classes = torch.arange(num_classes, device=probs.device).expand(batch, -1)
+    ordered = torch.argsort(classes + num_classes * is_top, dim=1)[:, :-1]
+    noise = torch.rand(batch, num_classes, generator=generator).to(probs.device)
+    shuffled = torch.argsort(noise + 2.0 * is_top, dim=1)[:, :-1]
+    return probs.scatter(1, ordered, probs.gather(1, shuffled))
+
+
+@register_task(BornAgainStudent)
+class BornAgainTask(DistillationTask):
+    """The born-again objective.
+
+    Args:
+        model: A ``BornAgainStudent``.
+        teachers: The previous generation (or several teachers, averaged): see ``DistillationTask``.
+        variant: 'ban' (default), 'cwtm' or 'dkpp' (see the module docstring).
+        temperature: Softmax temperature of teacher and student in the distillation term (1: the paper's, none).
+        label_weight: Weight of the labels' cross-entropy added to the distillation term (0: the paper's BAN;
+            1: BAN+L). Ignored by 'cwtm', which is a weighted labels' cross-entropy.
+        label_smoothing: Label smoothing of the labels' cross-entropy.
+    """
+
+    def __init__(self, model: BornAgainStudent, teachers: Sequence[str | nn.Module] | str | None = None,
+                 variant: str = 'ban', temperature: float = 1.0, label_weight: float = 0.0,
+                 label_smoothing: float = 0.0):
+        if variant not in VARIANTS:
+            raise ValueError(f"Unknown born-again variant '{variant}', expected one of {VARIANTS}.")
+        if not temperature > 0:
+            raise ValueError(f'temperature must be > 0, got {temperature}.')
+        if label_weight < 0:
+            raise ValueError(f'label_weight must be >= 0, got {label_weight}.')
+        super().__init__(model, teachers, label_smoothing=label_smoothing)
+        self.variant = variant
+        self.temperature = temperature
+        self.label_weight = label_weight
+        self.__dict__['_generator'] = torch.Generator().manual_seed(0)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        # DKPP's permutations are drawn from a generator reseeded per epoch, so a resumed run draws the same ones
+        self.__dict__['_generator'].manual_seed(1000 + epoch)
+
+    @torch.no_grad()
+    def teacher_probs(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """The teachers' averaged probabilities at ``temperature``."""
+        probs = [F.softmax(t(x).float() / temperature, dim=-1) for t in self.on_device(x)]
+        return torch.stack(probs).mean(0)
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
+        logits = self.model(x)
+        components = {}
+        if self.variant == 'cwtm':
+            confidence = self.teacher_probs(x).max(-1).values
+            weights = confidence / confidence.sum()
+            ce = F.cross_entropy(logits.float(), target, reduction='none', label_smoothing=self.label_smoothing)
+            loss = (weights * ce).sum()
+            components['cwtm_ce'] = loss.detach()
+        else:
+            probs = self.teacher_probs(x, self.temperature)
+            if self.variant == 'dkpp':
+                probs = permute_dark_knowledge(probs, self.__dict__['_generator'])
+            loss = soft_cross_entropy(logits, probs, self.temperature)
+            components['kd'] = loss.detach()
+            if self.label_weight:
+                ce = self.cross_entropy(logits, target)
+                loss = loss + self.label_weight * ce
+                components['ce'] = ce.detach()
+        return dict(loss=loss, output=logits.detach(), components=components)
+
+
+class BornAgainEnsemble(EnsembleModel):
+    """BAN ensemble: several generations of born-again students, their probabilities averaged
+    (``combine='mean_probs'``). Build it from generation folders with ``create_bane`` or
+    ``timm.create_model('bane', generations=[...])``; see ``EnsembleModel`` for the arguments."""
+    default_combine = 'mean_probs'
+
+
+def create_bane(generations: Sequence[str | Path], **kwargs) -> BornAgainEnsemble:
+    """A BAN ensemble of trained generations.
+
+    Args:
+        generations: Two or more folders written by ``train.py`` (or ``local-dir:`` / ``hf-hub:`` sources) of
+            students of one architecture and class count.
+        **kwargs: Further ``timm.create_model`` arguments of the ensemble (``combine``, ...).
+
+    Raises:
+        ValueError: Fewer than two generations, or generations of different architectures or class counts.
+    """
+    from .._teachers import load_teacher
+    if isinstance(generations, (str, Path)) or len(generations) < 2:
+        raise ValueError(f'A BAN ensemble needs at least 2 generation folders, got {generations!r}.')
+    models = [load_teacher(str(g)) for g in generations]
+    archs = {_architecture(g, m) for g, m in zip(generations, models)}
+    classes = {m.num_classes for m in models}
+    if len(archs) != 1 or len(classes) != 1:
+        raise ValueError(f'The generations of a BAN ensemble must share one architecture and class count; got'
+                         f' architectures {sorted(archs)} and class counts {sorted(classes)}.')
+    first = models[0]
+    from timm.models._input import get_model_args
+    args = {k: v for k, v in get_model_args(first).items() if k not in ('num_classes',)}
+    args.update(kwargs)
+    ref = next(first.parameters())
+    model = timm.create_model('bane', base_model=archs.pop(), num_members=len(models), num_classes=first.num_classes,
+                              **args).to(ref.device)
+    for member, trained in zip(model.members, models):
+        member.load_state_dict(trained.state_dict())
+    return model.eval()
+
+
+def _architecture(source, model: nn.Module) -> str:
+    folder = Path(str(source).removeprefix('local-dir:'))
+    if (folder / 'config.json').is_file():
+        return json.loads((folder / 'config.json').read_text())['architecture']
+    return model.pretrained_cfg.get('architecture') or type(model).__name__
+
+
+def _create_ban(variant: str, pretrained: bool = False, **kwargs) -> BornAgainStudent:
+    return create_ensemble(BornAgainStudent, variant, pretrained, **kwargs)
+
+
+def _create_bane(variant: str, pretrained: bool = False, **kwargs) -> BornAgainEnsemble:
+    generations = kwargs.pop('generations', None)
+    if generations is not None:
+        for key in ('pretrained_cfg', 'pretrained_cfg_overlay', 'cache_dir'):
+            kwargs.pop(key, None)
+        return create_bane(generations, **kwargs)
+    return create_ensemble(BornAgainEnsemble, variant, pretrained, **kwargs)
+
+
+_PAPER = dict(paper_ids='arXiv:1805.04770', paper_name='Born-Again Neural Networks')
+default_cfgs = {}
+register_student_variants(__name__, 'ban', _create_ban, 'Born-again student', **_PAPER)
+register_ensemble_variants(__name__, 'bane', _create_bane, 'BAN ensemble of born-again generations', bases=(),
+                           **_PAPER)

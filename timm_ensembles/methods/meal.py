@@ -1,0 +1,299 @@
+"""MEAL: one student learning a zoo of frozen teachers through block-wise similarity and discriminators.
+
+Papers: "MEAL: Multi-Model Ensemble via Adversarial Learning", Shen, He, Xue, AAAI 2019 (arXiv:1812.02425; reference
+code AaronHeee/MEAL) and "MEAL V2", Shen & Savvides (arXiv:2009.08453; reference code szq0214/MEAL-V2).
+
+``version='v1'``: every step picks one teacher at random. At several blocks (the last ``num_blocks`` stages of
+timm's ``forward_intermediates``, plus the logits) the student's and the teacher's outputs are aligned to one
+length by adaptive pooling, so that different architectures compare, and a distance (``'ce'``: cross-entropy between
+the softmaxes, the reference's default; ``'kl'``, ``'l1'``, ``'l2'``) is summed over blocks with per-block weights.
+One discriminator per block (an MLP, ``L -> L/2 -> L/4 -> 1``) learns to tell teacher from student outputs.
+
+``version='v2'``: final outputs only; the target is the teachers' averaged probabilities; one discriminator on the
+probabilities (``C -> C/8 -> C/64 -> 1``, at least 8 and 4 wide); no hard labels; start the student from pretrained
+weights (``pretrained_base=True``) and train as the paper (no weight decay, small learning rate).
+
+The adversarial game (``adversarial='game'``, default): the discriminators minimise their binary cross-entropy
+(teacher 1, student 0); the student receives the opposite gradient through a gradient-reversal layer, so it learns
+to make its outputs look like the teacher's, in the same backward pass. ``adversarial='joint'`` is the reference
+codes' behaviour, where the discriminator loss is simply added and minimised by the student too (documented there
+as adversarial, but the student then helps the discriminators); ``'none'`` drops the discriminators.
+
+Departures: intermediate blocks are aligned over channels (global average pooling, then adaptive pooling of the
+channel vector to the student's channel count), where the V1 reference pools the flattened spatial map and averages
+the channels: at the small input sizes this package trains on, the last stages are 1x1 maps whose channel average
+is one number (``align='spatial'`` gives the reference's alignment). The discriminators' logits are not passed
+through a ReLU (the V1 reference's last layer is ReLU'd, which stalls them). Teachers that are ensembles of this
+package count as their members in V1 (a zoo), and by their own prediction in V2. The teachers are kept in eval mode
+(the V1 reference leaves them in train mode by default).
+
+Registered names: ``meal`` (``base_model=``) and ``meal_<base>``.
+"""
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._builder import create_ensemble, register_student_variants
+from .._distill import DistillationTask, StudentModel
+from .._registry import register_task
+from .._split import grad_rescale
+from .._task import TaskOutput
+from .ban import soft_cross_entropy
+
+__all__ = ['MEALStudent', 'MEALTask', 'Discriminator', 'align', 'block_distance']
+
+DISTANCES = ('ce', 'kl', 'l1', 'l2')
+ADVERSARIAL = ('game', 'joint', 'none')
+# the V1 reference's block weights, last intermediate block first (logits weigh 1)
+_V1_BLOCK_WEIGHTS = (0.1, 0.05, 0.01, 0.001)
+
+
+class MEALStudent(StudentModel):
+    """A MEAL student: one timm model (see ``StudentModel``), trained by ``MEALTask``."""
+
+
+class Discriminator(nn.Module):
+    """Teacher-or-student classifier of aligned outputs: an MLP with one logit (teacher = 1)."""
+
+    def __init__(self, in_features: int, hidden: Sequence[int]):
+        super().__init__()
+        layers, width = [], in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
+            width = h
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x.float()).squeeze(-1)
+
+
+def align(feature: torch.Tensor, length: int, mode: str = 'channel') -> torch.Tensor:
+    """A block's output ``[B, C, H, W]`` (or ``[B, C]``) as a ``[B, length]`` vector, by adaptive average pooling.
+
+    Args:
+        feature: The block's output.
+        length: The aligned length.
+        mode: 'channel': average over space, then pool the channel vector to ``length``; 'spatial' (the V1
+            reference): pool the flattened spatial map of every channel to ``length``, then average the channels.
+    """
+    f = feature.float()
+    if f.ndim == 2:
+        return F.adaptive_avg_pool1d(f[:, None], length)[:, 0]
+    f = f.flatten(2)  # [B, C, HW]
+    if mode == 'channel':
+        return F.adaptive_avg_pool1d(f.mean(-1)[:, None], length)[:, 0]
+    if mode == 'spatial':
+        return F.adaptive_avg_pool1d(f, length).mean(1)
+    raise ValueError(f"Unknown alignment '{mode}', expected 'channel' or 'spatial'.")
+
+
+def block_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str, temperature: float = 1.0):
+    """Distance between aligned outputs ``[B, L]``, averaged over the batch (the teacher's side is a target)."""
+    teacher = teacher.detach().float()
+    if distance == 'ce':
+        return soft_cross_entropy(student, F.softmax(teacher / temperature, -1), temperature)
+    if distance == 'kl':
+        return F.kl_div(F.log_softmax(student.float() / temperature, -1), F.log_softmax(teacher / temperature, -1),
+                        reduction='batchmean', log_target=True) * temperature ** 2
+    if distance == 'l1':
+        return F.l1_loss(student.float(), teacher)
+    if distance == 'l2':
+        return F.mse_loss(student.float(), teacher)
+    raise ValueError(f"Unknown distance '{distance}', expected one of {DISTANCES}.")
+
+
+@register_task(MEALStudent)
+class MEALTask(DistillationTask):
+    """The MEAL objective (V1 or V2) with its discriminators.
+
+    Args:
+        model: A ``MEALStudent``.
+        teachers: One or more teachers of any architectures (see ``DistillationTask``).
+        version: 'v1' (one random teacher per step, block-wise) or 'v2' (averaged teachers, final outputs).
+        num_blocks: V1: how many of the last stages of student and teachers are compared besides the logits
+            (default: all the student's, at most the fewest any teacher has; 0: logits only).
+        distance: 'ce', 'kl', 'l1' or 'l2' (V2 uses 'kl' on the probabilities whatever this says).
+        block_weights: Weight of each block's distance, the logits last (default: the V1 reference's
+            0.001, 0.01, 0.05, 0.1 for the intermediate blocks, 1 for the logits).
+        adversarial: 'game' (default), 'joint' (the reference codes') or 'none'; see the module docstring.
+        adv_weights: Weight of each discriminator's loss (default 1 each).
+        disc_lr_scale: The discriminators' learning rate as a fraction of the student's (default: the V1
+            reference's 1e-3 / 0.1 = 0.01 for V1, 1 for V2, whose reference optimises them together).
+        align_mode: 'channel' (default) or 'spatial' (the V1 reference's); see ``align``.
+        temperature: Softmax temperature of the 'ce' / 'kl' distances on the logits.
+        label_weight: Weight of the labels' cross-entropy (0, as both references).
+        label_smoothing: Label smoothing of that cross-entropy.
+    """
+
+    def __init__(self, model: MEALStudent, teachers: Sequence[str | nn.Module] | str | None = None,
+                 version: str = 'v1', num_blocks: int | None = None, distance: str = 'ce',
+                 block_weights: Sequence[float] | None = None, adversarial: str = 'game',
+                 adv_weights: Sequence[float] | None = None, disc_lr_scale: float | None = None,
+                 align_mode: str = 'channel', temperature: float = 1.0, label_weight: float = 0.0,
+                 label_smoothing: float = 0.0):
+        if version not in ('v1', 'v2'):
+            raise ValueError(f"Unknown MEAL version '{version}', expected 'v1' or 'v2'.")
+        if distance not in DISTANCES:
+            raise ValueError(f"Unknown distance '{distance}', expected one of {DISTANCES}.")
+        if adversarial not in ADVERSARIAL:
+            raise ValueError(f"Unknown adversarial mode '{adversarial}', expected one of {ADVERSARIAL}.")
+        if align_mode not in ('channel', 'spatial'):
+            raise ValueError(f"Unknown align_mode '{align_mode}', expected 'channel' or 'spatial'.")
+        super().__init__(model, teachers, label_smoothing=label_smoothing)
+        self.version = version
+        self.distance = distance if version == 'v1' else 'kl'
+        self.adversarial = adversarial
+        self.align_mode = align_mode
+        self.temperature = temperature
+        self.label_weight = label_weight
+        self.disc_lr_scale = disc_lr_scale if disc_lr_scale is not None else (0.01 if version == 'v1' else 1.0)
+        student = model.student
+        num_classes = model.num_classes
+        if version == 'v1':
+            max_blocks = self._max_blocks(student)
+            num_blocks = max_blocks if num_blocks is None else num_blocks
+            if not 0 <= num_blocks <= max_blocks:
+                raise ValueError(f'num_blocks must be in 0..{max_blocks} (the stages the student and every teacher'
+                                 f' have), got {num_blocks}.')
+            channels = [f['num_chs'] for f in student.feature_info][len(student.feature_info) - num_blocks:]
+            self.lengths = channels + [num_classes]
+        else:
+            num_blocks = 0
+            self.lengths = [num_classes]
+        self.num_blocks = num_blocks
+        n = len(self.lengths)
+        default_weights = list(reversed(
+            [_V1_BLOCK_WEIGHTS[min(i, len(_V1_BLOCK_WEIGHTS) - 1)] for i in range(n - 1)])) + [1.0]
+        self.block_weights = list(block_weights) if block_weights is not None else default_weights
+        self.adv_weights = list(adv_weights) if adv_weights is not None else [1.0] * n
+        for name, values in (('block_weights', self.block_weights), ('adv_weights', self.adv_weights)):
+            if len(values) != n:
+                raise ValueError(f'{name} needs {n} values ({num_blocks} blocks and the logits), got {values}.')
+        if adversarial != 'none':
+            if version == 'v1':
+                hidden = [[max(L // 2, 4), max(L // 4, 2)] for L in self.lengths]
+            else:
+                hidden = [[max(L // 8, 8), max(L // 64, 4)] for L in self.lengths]
+            ref = next(student.parameters())
+            self.discriminators = nn.ModuleList([Discriminator(L, h).to(ref.device) for L, h in
+                                                 zip(self.lengths, hidden)])
+        else:
+            self.discriminators = None
+        self.__dict__['_generator'] = torch.Generator().manual_seed(0)
+
+    def _teacher_units(self) -> list[tuple[nn.Module, nn.Module]]:
+        units = []
+        for t in self.__dict__['_teacher_models']:
+            members = getattr(t, 'members', None)
+            if self.version == 'v1' and isinstance(members, nn.ModuleList):
+                units += [(m, t) for m in members]  # an ensemble is a zoo of its members
+            else:
+                units.append((t, t))
+        return units
+
+    def _max_blocks(self, student: nn.Module) -> int:
+        counts = [len(getattr(student, 'feature_info', []))]
+        for unit, _ in self._teacher_units():
+            counts.append(len(getattr(unit, 'feature_info', [])) if hasattr(unit, 'forward_intermediates') else 0)
+        return min(counts)
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        groups = super().param_groups(weight_decay)
+        if self.discriminators is None:
+            return groups
+        disc = {id(p) for p in self.discriminators.parameters()}
+        out = []
+        for g in groups:
+            student = [p for p in g['params'] if id(p) not in disc]
+            ours = [p for p in g['params'] if id(p) in disc]
+            if student:
+                out.append(dict(g, params=student))
+            if ours:
+                # timm's schedulers multiply a group's lr by its lr_scale
+                out.append(dict(g, params=ours, lr_scale=self.disc_lr_scale))
+        return out
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        # the random teacher of each step comes from a generator reseeded per epoch: a resumed run picks the same
+        self.__dict__['_generator'].manual_seed(2000 + epoch)
+
+    def _outputs(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        """The compared blocks' outputs and the logits."""
+        if self.num_blocks == 0:
+            return [model(x)]
+        final, inter = model.forward_intermediates(x, indices=self.num_blocks)
+        return list(inter) + [model.forward_head(final)]
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
+        teachers = self.on_device(x)
+        components, stats = {}, {}
+        T = self.temperature
+        if self.version == 'v1':
+            i = int(torch.randint(len(teachers), (1,), generator=self.__dict__['_generator']))
+            teacher = teachers[i]
+            student_out = self._outputs(self.model.student, x)
+            with torch.no_grad():
+                teacher_out = self._outputs(teacher.teacher, teacher.adapt(x))
+            stats['teacher'] = torch.tensor(float(i))
+            last = len(student_out) - 1
+            # intermediate blocks aligned to a common length; the logits compared as they are
+            s_vecs = [align(o, L, self.align_mode) if k < last else o.float()
+                      for k, (o, L) in enumerate(zip(student_out, self.lengths))]
+            t_vecs = [align(o, L, self.align_mode) if k < last else o.float()
+                      for k, (o, L) in enumerate(zip(teacher_out, self.lengths))]
+            distances = [block_distance(s, t, self.distance, T if k == last else 1.0)
+                         for k, (s, t) in enumerate(zip(s_vecs, t_vecs))]
+            logits = student_out[-1]
+        else:
+            logits = self.model(x)
+            with torch.no_grad():
+                probs = torch.stack([F.softmax(t(x).float() / T, -1) for t in teachers]).mean(0)
+            distances = [soft_cross_entropy(logits, probs, T) - _entropy(probs) * T ** 2]  # KL(probs || student)
+            # the discriminator compares probabilities
+            s_vecs, t_vecs = [F.softmax(logits.float() / T, -1)], [probs]
+        loss = logits.new_zeros((), dtype=torch.float32)
+        for k, (d, w) in enumerate(zip(distances, self.block_weights)):
+            loss = loss + w * d
+            components[f'sim{k}'] = d.detach()
+        if self.discriminators is not None:
+            d_loss = self.adversarial_loss(s_vecs, t_vecs)
+            loss = loss + d_loss
+            components['disc'] = d_loss.detach()
+        if self.label_weight:
+            ce = self.cross_entropy(logits, target)
+            loss = loss + self.label_weight * ce
+            components['ce'] = ce.detach()
+        return dict(loss=loss, output=logits.detach(), components=components, stats=stats)
+
+    def adversarial_loss(self, student_vecs: list[torch.Tensor], teacher_vecs: list[torch.Tensor]) -> torch.Tensor:
+        """The discriminators' binary cross-entropy (teacher 1, student 0), summed with ``adv_weights``.
+
+        With ``adversarial='game'`` the student's outputs reach the discriminators through a gradient reversal:
+        the discriminators descend this loss and the student ascends it, in one backward pass.
+        """
+        total = student_vecs[0].new_zeros(())
+        for disc, s, t, w in zip(self.discriminators, student_vecs, teacher_vecs, self.adv_weights):
+            s_in = grad_rescale(s, -1.0) if self.adversarial == 'game' else s
+            real = disc(t.detach())
+            fake = disc(s_in)
+            bce = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
+                   + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
+            total = total + w * bce
+        return total
+
+
+def _entropy(probs: torch.Tensor) -> torch.Tensor:
+    return -(probs * probs.clamp_min(1e-12).log()).sum(-1).mean()
+
+
+def _create_meal(variant: str, pretrained: bool = False, **kwargs) -> MEALStudent:
+    return create_ensemble(MEALStudent, variant, pretrained, **kwargs)
+
+
+default_cfgs = {}
+register_student_variants(__name__, 'meal', _create_meal, 'MEAL student', paper_ids='arXiv:1812.02425',
+                          paper_name='MEAL: Multi-Model Ensemble via Adversarial Learning')
