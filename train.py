@@ -70,12 +70,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help="initialise every ensemble member from timm's pretrained weights of the base")
     group.add_argument('--task-kwargs', nargs='*', default={}, action=ParseKwargs,
                        help='options of the model\'s task, e.g. warmup_epochs=1 fdl_lr=1e-4 feature_taps=convs')
-    group.add_argument('--teacher', action='append', default=None, metavar='MODEL',
+    group.add_argument('--teacher', action=_ReplaceDefaultAppend, default=None, metavar='MODEL',
                        help='a teacher of distillation methods (ban_*, meal_*), repeatable: a timm name (its pretrained'
                             ' weights), hf-hub:<repo>, local-dir:<folder>, or a folder written by train.py')
     group.add_argument('--generations', type=int, default=1,
                        help='train K generations in <output>/gen1..genK, each the teacher of the next (born-again'
-                            ' networks; generation 1 learns from --teacher), seed + k for generation k')
+                            ' networks; generation 1 learns from --teacher), seed + 1000 k for generation k')
     group.add_argument('--compile', action='store_true', help='torch.compile the task')
     group = parser.add_argument_group('Data')
     group.add_argument('--dataset', default='digits',
@@ -125,6 +125,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _ReplaceDefaultAppend(argparse.Action):
+    """``append`` whose first use on the command line replaces the default (from ``--config`` or a resumed run's
+    args.yaml) instead of adding to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not getattr(namespace, f'_{self.dest}_from_cli', False):
+            setattr(namespace, self.dest, [])
+            setattr(namespace, f'_{self.dest}_from_cli', True)
+        getattr(namespace, self.dest).append(values)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     """Flags over ``--config`` over, with ``--resume``, the resumed run's own ``args.yaml``."""
     parser = get_args_parser()
@@ -149,7 +160,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         if unknown:
             parser.error(f"unknown keys in {path}: {unknown}; valid keys are the flags' names: {sorted(valid)}")
         parser.set_defaults(**{k: v for k, v in cfg.items() if k not in skip})
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    vars(args).pop('_teacher_from_cli', None)
+    if isinstance(args.teacher, str):  # `teacher: folder` in a YAML file
+        args.teacher = [args.teacher]
+    return args
 
 
 def main(argv=None) -> int:
@@ -167,15 +182,20 @@ def train_generations(args: argparse.Namespace) -> int:
     seed + k. Finished generations are kept; running the same command again resumes where it stopped."""
     if not args.teacher:
         raise SystemExit('error: --generations needs --teacher: the model generation 1 learns from')
+    if not args.output:
+        # every process must find the same folders, and running the command again must find the finished ones
+        raise SystemExit('error: --generations needs --output: the folder of gen1..genK')
     if args.resume:
         raise SystemExit('error: to continue a run of generations, run the same command again (without --resume):'
                          ' finished generations are skipped and an interrupted one resumes')
-    root = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}-gen")
+    root = Path(args.output)
     teacher = list(args.teacher)
     for k in range(1, args.generations + 1):
         folder = root / f'gen{k}'
         gen_args = argparse.Namespace(**vars(args))
-        gen_args.generations, gen_args.output, gen_args.seed, gen_args.teacher = 1, str(folder), args.seed + k, teacher
+        # seeds far apart, so that no generation's epoch reuses another's data order or augmentation
+        seed = args.seed + 1000 * k
+        gen_args.generations, gen_args.output, gen_args.seed, gen_args.teacher = 1, str(folder), seed, teacher
         if (folder / 'results.json').exists():
             _logger.info(f'generation {k}: done in {folder}')
         else:
@@ -267,7 +287,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
 
     output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
     run_identity = dict(model=args.model, model_args=get_model_args(model), dataset=info.name,
-                        input_size=list(data_config['input_size']), epochs=args.epochs)
+                        input_size=list(data_config['input_size']), epochs=args.epochs, teachers=args.teacher,
+                        task_kwargs=dict(args.task_kwargs))
     if resume_state is not None:
         saved = resume_state.get('run', {})
         changed = {k: (saved.get(k), v) for k, v in run_identity.items() if saved.get(k) != v}
@@ -298,10 +319,11 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
         decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
         step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    if lr_scheduler is None:
+        raise SystemExit(f"error: unknown --sched '{args.sched}'; use one of timm's: cosine, tanh, step, multistep,"
+                         f' plateau, poly')
 
     start_epoch, num_updates, val_metrics = 0, 0, {}
-    # every group's lr as the schedule has it before the first update (groups with an lr_scale get it applied)
-    lr_scheduler.step_update(num_updates=0)
     if resume_state is not None:
         lr_scheduler.load_state_dict(resume_state['scheduler'])
         if accelerator.scaler is not None and resume_state.get('scaler'):
@@ -355,6 +377,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                        world_size=accelerator.num_processes, final_epoch=val_metrics)
         atomic_write_text(output / 'results.json', json.dumps(results, indent=2))
         log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}; saved to {output}')
+    # the next generation of a --generations run reads this run's folder on every process
+    accelerator.wait_for_everyone()
     if end_training:
         accelerator.end_training()
     return 0

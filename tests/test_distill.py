@@ -166,11 +166,16 @@ def test_teacher_with_other_preprocessing_sees_its_own():
 
 def test_bane_is_the_mean_of_its_generations(tmp_path):
     folders = []
+    data_config = dict(input_size=(3, IMG, IMG), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0,
+                       interpolation='bilinear')
     for k in range(3):
         m = timm.create_model('test_resnet', num_classes=5)
-        folders.append(export_folder(m, tmp_path / f'gen{k}'))
+        folders.append(export_folder(m, tmp_path / f'gen{k}', data_config=data_config))
     bane = timm_ensembles.create_bane(folders)
-    same = timm.create_model('bane', generations=[str(f) for f in folders])
+    same = timm.create_model('bane', generations=[str(f) for f in folders], num_classes=5)
+    # the generations' preprocessing, not the base architecture's default
+    cfg = timm.data.resolve_data_config(model=bane)
+    assert tuple(cfg['input_size']) == (3, IMG, IMG) and tuple(cfg['std']) == (0.25,) * 3
     x = _x()
     with torch.no_grad():
         probs = torch.stack([timm.create_model(f'local-dir:{f}', pretrained=True).eval()(x).softmax(-1)
@@ -205,3 +210,57 @@ def test_bad_teachers(tmp_path):
     with pytest.raises(ValueError, match=r'num_blocks must be in 0\.\.5'):
         timm_ensembles.create_task(_student('meal'), teachers=[timm.create_model('test_resnet', num_classes=5)],
                                    num_blocks=9)
+
+
+def test_teachers_from_folders_take_their_saved_preprocessing_and_modules_the_students(tmp_path):
+    folder = export_folder(timm.create_model('test_resnet', num_classes=5), tmp_path / 'teacher',
+                           data_config=dict(input_size=(3, 48, 48), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0))
+    module = timm.create_model('test_resnet', num_classes=5)  # an ImageNet cfg it was not trained with
+    task = timm_ensembles.create_task(_student('ban'), teachers=[str(folder), module])
+    task.set_data_config(dict(input_size=(3, IMG, IMG), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
+    from_folder, given = task.teachers
+    assert (from_folder.same_norm, from_folder.size) == (False, (48, 48))
+    assert (given.same_norm, given.same_size) == (True, True)
+    assert not from_folder.training and not given.training
+
+
+def test_ban_variants_through_the_task():
+    teacher = timm.create_model('test_resnet', num_classes=5).eval()
+    student = _student('ban')
+    x, y = _x(), torch.randint(0, 5, (4,))
+    with torch.no_grad():
+        t_logits = teacher(x)
+    task = timm_ensembles.create_task(student, teachers=[teacher], temperature=4.0)
+    expected = soft_cross_entropy(student(x), F.softmax(t_logits / 4.0, -1), 4.0)
+    torch.testing.assert_close(task(x, y)['loss'], expected, rtol=1e-5, atol=1e-6)
+    dkpp = timm_ensembles.create_task(student, teachers=[teacher], variant='dkpp')
+    dkpp.on_epoch_start(0)
+    first = dkpp(x, y)['loss']
+    dkpp.on_epoch_start(0)  # reseeded: the same permutations again
+    torch.testing.assert_close(dkpp(x, y)['loss'], first)
+    assert not torch.allclose(first, soft_cross_entropy(student(x), F.softmax(t_logits, -1)))
+
+
+def test_meal_v2_averages_the_teachers_and_the_game_trains_the_discriminator_to_tell_them_apart():
+    teachers = [timm.create_model('test_resnet', num_classes=5).eval(),
+                timm.create_model('test_convnext', num_classes=5).eval()]
+    student = _student('meal')
+    task = timm_ensembles.create_task(student, teachers=teachers, version='v2')
+    x, y = _x(), torch.randint(0, 5, (4,))
+    with torch.no_grad():
+        probs = torch.stack([t(x).softmax(-1) for t in teachers]).mean(0)
+        log_p = student(x).log_softmax(-1)
+    kl = (probs * (probs.log() - log_p)).sum(-1).mean()
+    out = task(x, y)
+    torch.testing.assert_close(out['components']['sim0'], kl, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out['loss'].detach(), kl + out['components']['disc'], rtol=1e-5, atol=1e-6)
+    # a few steps of the discriminator alone: it learns teacher (1) from student (0)
+    disc = task.discriminators[0]
+    optimizer = torch.optim.SGD(disc.parameters(), lr=0.5)
+    s, t = F.softmax(student(x).detach(), -1), probs
+    before = disc(t).mean() - disc(s).mean()
+    for _ in range(20):
+        optimizer.zero_grad()
+        task.adversarial_loss([s], [t]).backward()
+        optimizer.step()
+    assert disc(t).mean() - disc(s).mean() > before

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from accelerate import Accelerator
 from safetensors.torch import load_file
 from timm.data import resolve_data_config
@@ -284,3 +285,64 @@ def test_collaborative_run_writes_the_multi_head_and_the_exported_model(tmp_path
     with torch.no_grad():
         assert torch.equal(plain(x), multi(x))
     assert _val_accuracy(out / 'exported') == results['acc']
+
+
+def test_born_again_generations_and_their_ensemble(fdl_run, tmp_path):
+    teacher = tmp_path / 'teacher'
+    run_train('--model', 'test_resnet', '--epochs', '1', '--output', teacher, *QUICK)
+    out = tmp_path / 'ban'
+    proc = run_train('--model', 'ban_test_resnet', '--teacher', teacher, '--generations', '2', '--epochs', '1',
+                     '--seed', '5', '--output', out, *QUICK)
+    seeds, teachers = [], []
+    for k in (1, 2):
+        gen = out / f'gen{k}'
+        args = yaml.safe_load((gen / 'args.yaml').read_text())
+        seeds.append(args['seed'])
+        teachers.append(args['teacher'])
+        # the folder is the bare student: a plain timm model, no teacher weights
+        assert json.loads((gen / 'config.json').read_text())['architecture'] == 'test_resnet'
+        assert set(load_file(gen / 'model.safetensors')) == set(timm.create_model('test_resnet').state_dict())
+        state = torch.load(gen / 'checkpoint.pt', weights_only=True)['task']
+        assert all(k.startswith('model.student.') for k in state)
+    assert seeds == [1005, 2005] and teachers == [[str(teacher)], [str(out / 'gen1')]]
+    assert 'kd' in proc.stdout + proc.stderr
+    # running it again skips the finished generations
+    again = run_train('--model', 'ban_test_resnet', '--teacher', teacher, '--generations', '2', '--epochs', '1',
+                      '--seed', '5', '--output', out, *QUICK)
+    assert 'generation 2: done' in again.stdout + again.stderr
+    bane = timm.create_model('bane', generations=[str(out / 'gen1'), str(out / 'gen2')])
+    assert bane.num_members == 2 and bane.combine_mode == 'mean_probs'
+    # a model whose task takes no teachers says so
+    proc = run_train('--model', 'ens_test_resnetx2', '--teacher', teacher, '--epochs', '1', *QUICK, check=False)
+    assert proc.returncode != 0 and "Unknown option(s) ['teachers']" in proc.stderr
+    proc = run_train('--model', 'ban_test_resnet', '--epochs', '1', *QUICK, check=False)
+    assert proc.returncode != 0 and 'needs at least one teacher' in proc.stderr
+
+
+def test_meal_student_of_an_ensemble_under_two_processes(fdl_run, tmp_path):
+    teacher, _ = fdl_run
+    accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))
+    launcher = [accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
+                '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    out = tmp_path / 'meal'
+    proc = run_train('--model', 'meal_test_resnet', '--teacher', teacher, '--epochs', '1', '--output', out, '--cpu',
+                     *QUICK, launcher=launcher)
+    log = proc.stdout + proc.stderr
+    assert 'world size 2' in log and 'disc' in log
+    assert set(load_file(out / 'model.safetensors')) == set(timm.create_model('test_resnet').state_dict())
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)['task']
+    assert any(k.startswith('discriminators.') for k in state) and not any('members' in k for k in state)
+    assert _val_accuracy(out) == json.loads((out / 'results.json').read_text())['final_epoch']['acc']
+
+
+def test_teacher_flags_replace_the_configs_and_a_yaml_string_is_one_teacher(tmp_path):
+    sys.path.insert(0, str(ROOT))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(ROOT))
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text('teacher: /some/folder\n')
+    assert train.parse_args(['--config', str(cfg)]).teacher == ['/some/folder']
+    assert train.parse_args(['--config', str(cfg), '--teacher', 'a', '--teacher', 'b']).teacher == ['a', 'b']
+    assert train.parse_args([]).teacher is None

@@ -26,7 +26,7 @@ DEFAULT_SIZES = (2, 3, 4)
 
 # preprocessing and input entries an ensemble takes from its base model's config, so that
 # timm.data.resolve_data_config(model=ensemble) gives what the base model would
-_BASE_CFG_KEYS = (
+BASE_CFG_KEYS = (
     'input_size', 'test_input_size', 'min_input_size', 'fixed_input_size', 'interpolation', 'test_interpolation',
     'crop_pct', 'test_crop_pct', 'crop_mode', 'mean', 'std', 'num_classes', 'label_names', 'label_descriptions',
 )
@@ -57,7 +57,7 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
         base_cfg = get_pretrained_cfg(base_model) if ':' not in base_model else None
         base_cfg = base_cfg.to_dict() if base_cfg is not None else PretrainedCfg().to_dict()
-        cfg.update({k: base_cfg[k] for k in _BASE_CFG_KEYS if base_cfg.get(k) is not None})
+        cfg.update({k: base_cfg[k] for k in BASE_CFG_KEYS if base_cfg.get(k) is not None})
         pretrained_cfg = cfg
     cfg_dict = pretrained_cfg.to_dict() if isinstance(pretrained_cfg, PretrainedCfg) else pretrained_cfg
     if pretrained:

@@ -105,7 +105,8 @@ class DistillationTask(Task):
     Args:
         model: The ``StudentModel``.
         teachers: One or more teachers: timm names (timm's pretrained weights), ``hf-hub:`` / ``local-dir:``
-            sources, folders written by ``train.py`` (ensembles included), or models.
+            sources, folders written by ``train.py`` (ensembles included), or models (fed the student's batches
+            as they are). A teacher must have a ``num_classes`` attribute equal to the student's.
         label_smoothing: Label smoothing of the cross-entropy with the labels, where a method uses it.
     """
 
@@ -126,7 +127,23 @@ class DistillationTask(Task):
         self.teacher_names = [s if isinstance(s, str) else type(s).__name__ for s in specs]
         # outside the module tree: not in state_dict, not moved by .to(), not switched by .train(), not seen by DDP
         self.__dict__['_teacher_models'] = loaded
+        # a model handed over in Python says nothing reliable of its preprocessing (every timm model has an
+        # ImageNet cfg): it is fed the student's batches; loaded teachers take the cfg they were saved with
+        self.__dict__['_given_as_module'] = {id(t) for s, t in zip(specs, loaded) if isinstance(s, nn.Module)}
         self.__dict__['_teachers'] = None
+        # random choices (which teacher, which permutation) come from a generator of the task's own, seeded from
+        # the global RNG at construction (train.py seeds it alike on every process) and reseeded each epoch:
+        # every DDP process then draws the same, and a resumed run the same as an uninterrupted one
+        self._task_seed = int(torch.randint(0, 2 ** 31 - 1, ()).item())
+        self.__dict__['_generator'] = torch.Generator().manual_seed(self._task_seed)
+
+    @property
+    def generator(self) -> torch.Generator:
+        return self.__dict__['_generator']
+
+    def on_epoch_start(self, epoch: int) -> None:
+        super().on_epoch_start(epoch)
+        self.generator.manual_seed(self._task_seed + epoch)
 
     @property
     def teachers(self) -> list[TeacherAdapter]:
@@ -146,9 +163,9 @@ class DistillationTask(Task):
         ref = next(self.model.parameters())
         adapters = []
         for unit, parent in self._teacher_units():
-            # a model without a timm pretrained cfg says nothing of its preprocessing: it gets the student's batches
-            t_cfg = resolve_data_config(model=parent) if getattr(parent, 'pretrained_cfg', None) else cfg
-            adapters.append(TeacherAdapter(unit, cfg, t_cfg).to(ref.device))
+            given = id(parent) in self.__dict__['_given_as_module'] or not getattr(parent, 'pretrained_cfg', None)
+            t_cfg = cfg if given else resolve_data_config(model=parent)
+            adapters.append(TeacherAdapter(unit, cfg, t_cfg).to(ref.device).eval())
         self.__dict__['_teachers'] = adapters
 
     def set_data_config(self, data_config: dict[str, Any]) -> None:

@@ -91,12 +91,6 @@ class BornAgainTask(DistillationTask):
         self.variant = variant
         self.temperature = temperature
         self.label_weight = label_weight
-        self.__dict__['_generator'] = torch.Generator().manual_seed(0)
-
-    def on_epoch_start(self, epoch: int) -> None:
-        super().on_epoch_start(epoch)
-        # DKPP's permutations are drawn from a generator reseeded per epoch, so a resumed run draws the same ones
-        self.__dict__['_generator'].manual_seed(1000 + epoch)
 
     @torch.no_grad()
     def teacher_probs(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -116,7 +110,7 @@ class BornAgainTask(DistillationTask):
         else:
             probs = self.teacher_probs(x, self.temperature)
             if self.variant == 'dkpp':
-                probs = permute_dark_knowledge(probs, self.__dict__['_generator'])
+                probs = permute_dark_knowledge(probs, self.generator)
             loss = soft_cross_entropy(logits, probs, self.temperature)
             components['kd'] = loss.detach()
             if self.label_weight:
@@ -154,14 +148,21 @@ def create_bane(generations: Sequence[str | Path], **kwargs) -> BornAgainEnsembl
         raise ValueError(f'The generations of a BAN ensemble must share one architecture and class count; got'
                          f' architectures {sorted(archs)} and class counts {sorted(classes)}.')
     first = models[0]
+    num_classes = kwargs.pop('num_classes', first.num_classes)
+    if num_classes != first.num_classes:
+        raise ValueError(f'The generations predict {first.num_classes} classes; num_classes={num_classes} was asked.')
     from timm.models._input import get_model_args
-    args = {k: v for k, v in get_model_args(first).items() if k not in ('num_classes',)}
+    args = {k: v for k, v in get_model_args(first).items() if k != 'num_classes'}
     args.update(kwargs)
     ref = next(first.parameters())
-    model = timm.create_model('bane', base_model=archs.pop(), num_members=len(models), num_classes=first.num_classes,
+    model = timm.create_model('bane', base_model=archs.pop(), num_members=len(models), num_classes=num_classes,
                               **args).to(ref.device)
     for member, trained in zip(model.members, models):
         member.load_state_dict(trained.state_dict())
+    # the preprocessing the generations were trained and saved with, not the base architecture's default
+    from .._builder import BASE_CFG_KEYS
+    model.pretrained_cfg = dict(model.pretrained_cfg, **{
+        k: v for k, v in first.pretrained_cfg.items() if k in BASE_CFG_KEYS and v is not None})
     return model.eval()
 
 

@@ -23,8 +23,12 @@ Departures: intermediate blocks are aligned over channels (global average poolin
 channel vector to the student's channel count), where the V1 reference pools the flattened spatial map and averages
 the channels: at the small input sizes this package trains on, the last stages are 1x1 maps whose channel average
 is one number (``align='spatial'`` gives the reference's alignment). The discriminators' logits are not passed
-through a ReLU (the V1 reference's last layer is ReLU'd, which stalls them). Teachers that are ensembles of this
-package count as their members in V1 (a zoo), and by their own prediction in V2. The teachers are kept in eval mode
+through a ReLU (the V1 reference's last layer is ReLU'd, which stalls them) and their hidden activations are
+LeakyReLU(0.2) (ReLU there). With ``align_mode='spatial'`` the aligned lengths are the student's channel counts, not
+the reference's hand-set ``out_dims``. V2's discriminator compares probabilities (the reference feeds it the student's
+logits and the teachers' averaged logits); V2 ignores ``num_blocks``, ``distance`` and ``align_mode``. Teachers that
+are ensembles of this package count as their members in V1 (a zoo), and by their own prediction in V2. The teachers
+are kept in eval mode
 (the V1 reference leaves them in train mode by default).
 
 Registered names: ``meal`` (``base_model=``) and ``meal_<base>``.
@@ -182,7 +186,6 @@ class MEALTask(DistillationTask):
                                                  zip(self.lengths, hidden)])
         else:
             self.discriminators = None
-        self.__dict__['_generator'] = torch.Generator().manual_seed(0)
 
     def _teacher_units(self) -> list[tuple[nn.Module, nn.Module]]:
         units = []
@@ -216,10 +219,15 @@ class MEALTask(DistillationTask):
                 out.append(dict(g, params=ours, lr_scale=self.disc_lr_scale))
         return out
 
-    def on_epoch_start(self, epoch: int) -> None:
-        super().on_epoch_start(epoch)
-        # the random teacher of each step comes from a generator reseeded per epoch: a resumed run picks the same
-        self.__dict__['_generator'].manual_seed(2000 + epoch)
+    def create_optimizer(self, opt: str = 'sgd', lr: float = 0.1, weight_decay: float = 0.0, **kwargs):
+        optimizer = super().create_optimizer(opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
+        for group in optimizer.param_groups:
+            if 'lr_scale' in group:
+                # scaled from the first step, with or without a scheduler; a timm scheduler keeps initial_lr as
+                # its base and applies lr_scale itself
+                group['initial_lr'] = group['lr']
+                group['lr'] = group['lr'] * group['lr_scale']
+        return optimizer
 
     def _outputs(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """The compared blocks' outputs and the logits."""
@@ -233,7 +241,7 @@ class MEALTask(DistillationTask):
         components, stats = {}, {}
         T = self.temperature
         if self.version == 'v1':
-            i = int(torch.randint(len(teachers), (1,), generator=self.__dict__['_generator']))
+            i = int(torch.randint(len(teachers), (1,), generator=self.generator))
             teacher = teachers[i]
             student_out = self._outputs(self.model.student, x)
             with torch.no_grad():
