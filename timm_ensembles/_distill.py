@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ._ensemble import ModelArgsMixin
-from ._registry import check_model_name
+from ._registry import check_base_model
 from ._task import Task
 from ._teachers import TeacherAdapter, TeacherError, load_teachers
 
@@ -44,9 +44,7 @@ class StudentModel(ModelArgsMixin, nn.Module):
             **kwargs: Any,
     ):
         super().__init__()
-        if not isinstance(base_model, str) or not base_model:
-            raise ValueError(f'base_model must be a timm model name, got {base_model!r}.')
-        check_model_name(base_model, what='student model')
+        check_base_model(base_model, what='student model')
         self.base_model = base_model
         self.in_chans = in_chans
         self.student = timm.create_model(base_model, pretrained=pretrained_base, num_classes=num_classes,

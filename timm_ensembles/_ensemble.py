@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._registry import check_model_name
+from ._registry import check_base_model
 
 __all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'COMBINE_MODES', 'FEATURE_TAPS']
 
@@ -142,9 +142,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
             **kwargs: Any,
     ):
         super().__init__()
-        if not isinstance(base_model, str) or not base_model:
-            raise ValueError(f'base_model must be a timm model name, got {base_model!r}.')
-        check_model_name(base_model, what='base model')
+        check_base_model(base_model, what='base model')
         if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 2:
             raise ValueError(
                 f'An ensemble needs num_members >= 2 (an integer), got {num_members!r}. For one network,'

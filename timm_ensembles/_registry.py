@@ -20,7 +20,7 @@ from torch import nn
 
 __all__ = [
     'register_task', 'get_task_cls', 'create_task', 'register_ensemble_method', 'list_ensemble_methods',
-    'create_model', 'check_model_name',
+    'create_model', 'check_model_name', 'check_base_model',
 ]
 
 _task_by_model_cls: dict[type, type] = {}
@@ -94,6 +94,13 @@ def list_ensemble_methods() -> dict[str, str]:
 def _close_matches(name: str, candidates) -> str:
     matches = difflib.get_close_matches(name, list(candidates), n=5, cutoff=0.6)
     return f" Close matches: {', '.join(matches)}." if matches else ''
+
+
+def check_base_model(base_model: Any, what: str = 'base model') -> None:
+    """Raise a ValueError unless ``base_model`` is the name of a timm model (see ``check_model_name``)."""
+    if not isinstance(base_model, str) or not base_model:
+        raise ValueError(f'{what} must be a timm model name, got {base_model!r}.')
+    check_model_name(base_model, what=what)
 
 
 def check_model_name(model_name: str, what: str = 'model') -> None:

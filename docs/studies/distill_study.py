@@ -23,6 +23,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from run_study import split_passthrough
+
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
@@ -78,11 +80,7 @@ def mean_sd(values: list[float]) -> str:
 
 
 def main() -> int:
-    argv = sys.argv[1:]
-    extra = []
-    if '--' in argv:
-        i = argv.index('--')
-        argv, extra = argv[:i], argv[i + 1:]
+    argv, extra = split_passthrough(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--study', default='output/study/fmnist')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])

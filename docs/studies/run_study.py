@@ -18,12 +18,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def main() -> int:
-    argv = sys.argv[1:]
-    extra = []
+def split_passthrough(argv: list[str]) -> tuple[list[str], list[str]]:
+    """This script's arguments, and those after ``--`` (for every train.py run)."""
     if '--' in argv:
         i = argv.index('--')
-        argv, extra = argv[:i], argv[i + 1:]
+        return argv[:i], argv[i + 1:]
+    return argv, []
+
+
+def main() -> int:
+    argv, extra = split_passthrough(sys.argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--models', nargs='+', required=True)
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])

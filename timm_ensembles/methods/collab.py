@@ -40,7 +40,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .._builder import create_ensemble, register_ensemble_variants
 from .._ensemble import EnsembleHead, ModelArgsMixin
-from .._registry import check_model_name, register_task
+from .._registry import check_base_model, register_task
 from .._split import SplitLayout, get_split_layout, grad_rescale
 from .._task import Task, TaskOutput
 
@@ -102,9 +102,7 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
             **kwargs: Any,
     ):
         super().__init__()
-        if not isinstance(base_model, str) or not base_model:
-            raise ValueError(f'base_model must be a timm model name, got {base_model!r}.')
-        check_model_name(base_model, what='base model')
+        check_base_model(base_model, what='base model')
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 2:
             raise ValueError(f'A collaborative network needs num_heads >= 2 (an integer), got {num_heads!r}.')
         if combine not in COMBINE_MODES:
