@@ -179,7 +179,7 @@ def main(argv=None) -> int:
 
 def train_generations(args: argparse.Namespace) -> int:
     """K runs in <output>/gen1..genK: generation k learns from generation k-1 (generation 1 from --teacher), with
-    seed + k. Finished generations are kept; running the same command again resumes where it stopped."""
+    seed + 1000 k. Finished generations are kept; running the same command again resumes where it stopped."""
     if not args.teacher:
         raise SystemExit('error: --generations needs --teacher: the model generation 1 learns from')
     if not args.output:
