@@ -69,13 +69,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--pretrained-base', action='store_true',
                        help="initialise every ensemble member from timm's pretrained weights of the base")
     group.add_argument('--task-kwargs', nargs='*', default={}, action=ParseKwargs,
-                       help='options of the model\'s task, e.g. warmup_epochs=1 fdl_lr=1e-4 feature_taps=convs')
+                       help='options of the model\'s task, e.g. member_warmup_epochs=1 fdl_lr=1e-4 beta=0.5')
     group.add_argument('--teacher', action=_ReplaceDefaultAppend, default=None, metavar='MODEL',
-                       help='a teacher of distillation methods (ban_*, meal_*), repeatable: a timm name (its pretrained'
-                            ' weights), hf-hub:<repo>, local-dir:<folder>, or a folder written by train.py')
+                       help='a teacher, for models whose task learns from teachers; repeatable: a timm name (its'
+                            ' pretrained weights), hf-hub:<repo>, local-dir:<folder>, or a folder written by train.py')
     group.add_argument('--generations', type=int, default=1,
-                       help='train K generations in <output>/gen1..genK, each the teacher of the next (born-again'
-                            ' networks; generation 1 learns from --teacher), seed + 1000 k for generation k')
+                       help='train K generations in <output>/gen1..genK, each the teacher of the next (generation 1'
+                            ' learns from --teacher), seed + 1000 k for generation k')
     group.add_argument('--compile', action='store_true', help='torch.compile the task')
     group = parser.add_argument_group('Data')
     group.add_argument('--dataset', default='digits',
