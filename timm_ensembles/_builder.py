@@ -1,14 +1,17 @@
 """Shared construction of the ensemble models: timm's builder, the base model's data config, named variants."""
+import re
 import sys
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import timm
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._builder import resolve_pretrained_cfg
 from timm.models._pretrained import PretrainedCfg
 from timm.models._registry import get_pretrained_cfg
 from torch import nn
 
+from ._catalog import published_cfgs
 from ._registry import register_ensemble_method, register_student_method
 
 __all__ = [
@@ -55,9 +58,11 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
     if not isinstance(pretrained_cfg, (dict, PretrainedCfg)):
         # a registry cfg (by tag or default) describes the ensemble's weights; its data config is the base's
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
-        base_cfg = get_pretrained_cfg(base_model) if ':' not in base_model else None
-        base_cfg = base_cfg.to_dict() if base_cfg is not None else PretrainedCfg().to_dict()
-        cfg.update({k: base_cfg[k] for k in BASE_CFG_KEYS if base_cfg.get(k) is not None})
+        if not any(cfg.get(k) for k in _SOURCE_KEYS):
+            # a published tag's cfg (hub/README.md) describes its own weights and keeps its own data config
+            base_cfg = get_pretrained_cfg(base_model) if ':' not in base_model else None
+            base_cfg = base_cfg.to_dict() if base_cfg is not None else PretrainedCfg().to_dict()
+            cfg.update({k: base_cfg[k] for k in BASE_CFG_KEYS if base_cfg.get(k) is not None})
         pretrained_cfg = cfg
     cfg_dict = pretrained_cfg.to_dict() if isinstance(pretrained_cfg, PretrainedCfg) else pretrained_cfg
     if pretrained:
@@ -68,7 +73,30 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
             )
         # the ensemble's own weights replace every member's, so the base weights need not be fetched
         kwargs['pretrained_base'] = False
-    return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
+    try:
+        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
+    except TypeError as e:
+        unknown = re.findall(r"unexpected keyword argument '(\w+)'", str(e))
+        if not unknown:
+            raise
+        from . import __version__
+        # timm passes config.json's model_args here on a reload: a newer version may have written arguments this one
+        # does not know
+        raise TypeError(
+            f"'{variant}' does not take the argument(s) {unknown} (timm-ensembles {__version__}, timm"
+            f" {timm.__version__}). If they come from a config.json written by a newer timm-ensembles, upgrade it"
+            f" (pip install -U timm-ensembles); otherwise drop them. ({e})"
+        ) from e
+    except RuntimeError as e:
+        if not pretrained or not any(s in str(e) for s in ('size mismatch', 'Missing key', 'Unexpected key')):
+            raise
+        source = cfg_dict.get('hf_hub_id') or cfg_dict.get('file') or cfg_dict.get('url') or variant
+        detail = '; '.join(line.strip() for line in str(e).splitlines()[1:4])
+        raise RuntimeError(
+            f"The weights of '{source}' do not fit the '{variant}' model its config describes ({detail} ...): its"
+            f" model.safetensors and config.json come from different models, or one of them was edited. Export the"
+            f" model again (train.py, timm_ensembles.hub.push_to_hub) so that both describe the same model."
+        ) from e
 
 
 def register_ensemble_variants(
@@ -126,7 +154,11 @@ def register_student_variants(
 def _register(module_name: str, variants: dict[str, dict[str, Any]], create_fn: Callable, description: str,
               size_arg: str | None, cfg: dict[str, Any]) -> None:
     module = sys.modules[module_name]
-    cfgs = generate_default_cfgs({name: ensemble_cfg(**cfg) for name in variants})
+    # timm makes the first tag with weights an architecture's default; a '*' tag listed after the published tags
+    # takes that place back, so that the untagged name keeps building a fresh model with the base's data config
+    entries = {k: ensemble_cfg(**{**cfg, **v}) for k, v in published_cfgs(variants).items()}
+    entries.update({f'{name}.*': ensemble_cfg(**cfg) for name in variants})
+    cfgs = generate_default_cfgs(entries)
     if not hasattr(module, 'default_cfgs'):
         module.default_cfgs = {}
     module.default_cfgs.update(cfgs)

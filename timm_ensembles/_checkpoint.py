@@ -118,8 +118,12 @@ def export_folder(
     """
     from timm.models import save_for_hf
 
+    from . import __version__
+
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    # the version that wrote the config, so that an older installation loading it can say why it cannot
+    model_config = {**(model_config or {}), 'timm_ensembles_version': __version__}
     tmp = Path(tempfile.mkdtemp(prefix='.export-', dir=folder))
     try:
         save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True,

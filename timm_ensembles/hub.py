@@ -1,0 +1,437 @@
+"""Publishing to and loading from the Hugging Face Hub.
+
+Every model of this package, and every folder ``train.py`` writes, is in timm's Hugging Face format
+(``config.json`` with ``architecture`` and ``model_args``, ``model.safetensors``), so the Hub serves it back to
+``timm.create_model('hf-hub:<org>/<name>', pretrained=True)`` once ``import timm_ensembles`` has registered the
+models. This module adds what timm's ``push_to_hf_hub`` does not know: a model card written from the run's own
+metrics, folders pushed as they are (never their training checkpoint, which holds discriminators and optimiser
+state), and clear errors when a repo cannot be loaded.
+
+    from timm_ensembles.hub import push_to_hub, load_from_hub
+    push_to_hub('output/train/fdl-run', 'my-org/fdl_resnet18x2.fmnist')         # a train.py folder
+    push_to_hub(model, 'my-org/my-ensemble')                                    # a model (or a task)
+    model = load_from_hub('my-org/fdl_resnet18x2.fmnist@v1')                    # any revision
+
+Uploads go through timm's ``push_to_hf_hub`` (models) and huggingface_hub's ``HfApi.upload_folder`` (folders); the
+token, endpoint (``HF_ENDPOINT``), cache and offline mode are huggingface_hub's own. Weights are pushed as safetensors
+only, and loading never unpickles: timm reads safetensors, or ``torch.load(weights_only=True)`` for old repos.
+"""
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import timm
+import yaml
+from torch import nn
+
+__all__ = ['push_to_hub', 'load_from_hub', 'generate_model_card', 'model_card_fields', 'read_run', 'check_config',
+           'RUN_FILES']
+
+# the files of a train.py folder that a repo gets beside the weights: small, plain text, what the card is made of
+RUN_FILES = ('results.json', 'metrics.jsonl', 'args.yaml')
+_WEIGHTS = 'model.safetensors'
+_VERSION_KEY = 'timm_ensembles_version'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# what a folder or a model is
+
+
+def _is_package_model(architecture: str) -> bool:
+    # timm keys its module registry by the last part of the module name, so ask the entrypoint where it lives
+    arch = architecture.split('.')[0]
+    return timm.is_model(arch) and timm.models.model_entrypoint(arch).__module__.startswith(__package__)
+
+
+def read_run(folder: str | Path) -> dict[str, Any]:
+    """The config and run files of a ``train.py`` output folder (or of its ``exported/`` sub-folder).
+
+    Returns:
+        ``config`` (config.json), and where present ``results`` (results.json), ``args`` (args.yaml), ``metrics``
+        (metrics.jsonl lines), ``exported_from`` (the run folder, for an ``exported/`` sub-folder).
+
+    Raises:
+        FileNotFoundError: no ``config.json`` or no ``model.safetensors`` in the folder.
+        ValueError: a ``config.json`` that is not timm's format.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"'{folder}' is not a folder: give the output folder of a train.py run.")
+    for name in ('config.json', _WEIGHTS):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(
+                f"'{folder}' has no {name}: it is not a finished train.py output folder (train.py writes config.json"
+                f" and {_WEIGHTS} after the last epoch; a folder with only checkpoint.pt is still training).")
+    try:
+        config = json.loads((folder / 'config.json').read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"'{folder / 'config.json'}' is not valid JSON ({e}).") from e
+    if not isinstance(config, dict) or 'architecture' not in config:
+        raise ValueError(f"'{folder / 'config.json'}' has no 'architecture': it is not a timm model config.")
+    run: dict[str, Any] = dict(config=config)
+    source = folder
+    if not (folder / 'results.json').is_file() and (folder.parent / 'results.json').is_file():
+        # <run>/exported: a plain timm model exported from the run one level up
+        source = folder.parent
+        run['exported_from'] = str(source)
+    if (source / 'results.json').is_file():
+        run['results'] = json.loads((source / 'results.json').read_text())
+    if (source / 'args.yaml').is_file():
+        run['args'] = yaml.safe_load((source / 'args.yaml').read_text()) or {}
+    if (source / 'metrics.jsonl').is_file():
+        lines = [ln for ln in (source / 'metrics.jsonl').read_text().splitlines() if ln.strip()]
+        run['metrics'] = [json.loads(ln) for ln in lines]
+    return run
+
+
+def _paper(*names: str) -> tuple[str | None, str | None]:
+    """Paper name and id of the first of ``names`` (model names, ``<method>_<any base>x<N>`` included) that has one."""
+    from ._registry import parse_dynamic_name
+
+    for name in names:
+        arch = name.split('.')[0]
+        if not timm.is_model(arch):
+            arch = (parse_dynamic_name(arch) or {}).get('method', '')
+        cfg = timm.models.get_pretrained_cfg(arch) if timm.is_model(arch) else None
+        if cfg is not None and cfg.paper_name:
+            return cfg.paper_name, cfg.paper_ids
+    return None, None
+
+
+def _paper_link(paper_ids: str | None) -> str | None:
+    if paper_ids and paper_ids.startswith('arXiv:'):
+        return f'https://arxiv.org/abs/{paper_ids.removeprefix("arXiv:")}'
+    return None
+
+
+def _fmt(value: float | None) -> str:
+    return '' if value is None else f'{value:.2f}'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# model cards
+
+
+def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
+    """The ``model_card`` dict of timm's ``generate_readme`` for a run (see ``read_run``) pushed as ``repo_id``."""
+    config = run['config']
+    architecture = config['architecture']
+    model_args = config.get('model_args', {})
+    results = run.get('results', {})
+    args = run.get('args', {})
+    trained_as = results.get('model') or args.get('model') or architecture
+    package_model = _is_package_model(architecture)
+    paper_name, paper_ids = _paper(trained_as, architecture)
+    dataset = results.get('dataset') or args.get('dataset')
+    base = model_args.get('base_model')
+    members = model_args.get('num_members') or model_args.get('num_heads')
+    pcfg = config.get('pretrained_cfg', {})
+
+    if package_model:
+        what = f'`{architecture}` ({trained_as})' if trained_as != architecture else f'`{architecture}`'
+        description = (f'{what}, a model of timm-ensembles'
+                       f'{f" with {members} x `{base}`" if base and members else ""}'
+                       f'{f", trained on {dataset}" if dataset else ""}.'
+                       f' Loading it needs `pip install timm-ensembles` and `import timm_ensembles`, which registers'
+                       f' the model with timm.')
+    else:
+        origin = (f'exported from a `{trained_as}` run of timm-ensembles' if trained_as != architecture
+                  else 'trained with timm-ensembles')
+        description = (f'A plain timm `{architecture}`, {origin}{f" on {dataset}" if dataset else ""}. It is an'
+                       f' ordinary timm model: plain timm loads it, timm-ensembles is not needed.')
+        if 'exported_from' in run:
+            description += ' The run trained several heads; this is the designated one, as a plain network.'
+    details: dict[str, Any] = {'Model Type': 'Image classification'}
+    if package_model:
+        details['Architecture'] = architecture
+    details['Trained as'] = f'`{trained_as}`'
+    if paper_name:
+        link = _paper_link(paper_ids)
+        details['Method'] = f'[{paper_name}]({link})' if link else paper_name
+    if base:
+        details['Base model'] = base
+    if members and package_model:
+        details['Members' if 'num_members' in model_args else 'Heads'] = members
+    if dataset:
+        details['Dataset'] = dataset
+    if pcfg.get('input_size'):
+        details['Image size'] = 'x'.join(str(s) for s in pcfg['input_size'][1:])
+    if config.get('num_classes'):
+        details['Classes'] = config['num_classes']
+    if results:
+        details['Training'] = (f"{results.get('epochs')} epochs, seed {results.get('seed')}, "
+                               f"{results.get('world_size', 1)} process(es)")
+    if args.get('teacher'):
+        details['Teachers'] = ', '.join(str(t) for t in args['teacher'])
+
+    lines = ['```python']
+    if package_model:
+        lines += ['import timm_ensembles  # registers the models of timm-ensembles with timm', 'import timm', '',
+                  f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()"]
+    else:
+        lines += ['import timm', '', f"model = timm.create_model('hf-hub:{repo_id}', pretrained=True).eval()"]
+    lines += ['cfg = timm.data.resolve_data_config(model=model)  # the preprocessing it was evaluated with',
+              'transform = timm.data.create_transform(**cfg)', 'logits = model(transform(img).unsqueeze(0))'
+              '  # [1, classes]']
+    if package_model and members:
+        lines.append('members = model.forward_members(transform(img).unsqueeze(0))  # [1, members, classes]')
+    lines.append('```')
+    usage = '\n'.join(lines) + '\n'
+    if package_model:
+        usage += ('\n`timm_ensembles.hub.load_from_hub(' + f"'{repo_id}'" + ')` does the same and explains a repo'
+                  ' it cannot load.\n')
+
+    comparison = ''
+    final = results.get('final_epoch') or {}
+    if final:
+        rows = ['| | accuracy (%) |', '|---|---|', f"| prediction (`model(x)`) | {_fmt(final.get('acc'))} |"]
+        for i, acc in enumerate(final.get('member_acc', [])):
+            rows.append(f"| {'member' if 'num_members' in model_args else 'head'} {i} | {_fmt(acc)} |")
+        if 'mean_probs_acc' in final:
+            rows.append(f"| averaged probabilities | {_fmt(final['mean_probs_acc'])} |")
+        if 'disagreement' in final:
+            rows.append(f"| members' disagreement (fraction) | {final['disagreement']:.4f} |")
+        comparison = (f"Validation results at the final epoch ({final.get('num_samples', '?')} images of"
+                      f" {dataset or 'the evaluation set'}; no epoch selection):\n\n" + '\n'.join(rows) + '\n')
+        if 'exported_from' in run:
+            comparison += ('\nThe first row is the whole run\'s prediction; this export is its designated head'
+                           ' (head 0 unless the run chose another), whose outputs it reproduces exactly.\n')
+    if args:
+        comparison += ('\nTraining: `accelerate launch train.py --config args.yaml --output <new folder>` with this'
+                       " repo's `args.yaml`, from the timm-ensembles repository (the full flags are in that file;"
+                       ' `metrics.jsonl` holds every epoch).\n')
+
+    card = dict(
+        tags=['image-classification', 'timm', 'timm-ensembles'] + ([trained_as.split('_')[0]] if package_model
+                                                                   else []),
+        license=pcfg.get('license', 'apache-2.0'),
+        description=description,
+        details=details,
+        usage=usage,
+    )
+    if dataset:
+        card['details']['Dataset'] = dataset
+    if comparison:
+        card['comparison'] = comparison
+    return card
+
+
+def generate_model_card(source: str | Path | nn.Module, repo_id: str) -> str:
+    """The README.md (model card) that ``push_to_hub`` uploads for ``source`` as ``repo_id``."""
+    from timm.models._hub import generate_readme
+
+    run = read_run(source) if not isinstance(source, nn.Module) else _model_run(source)
+    return generate_readme(model_card_fields(run, repo_id), repo_id.split('/')[-1])
+
+
+def _model_run(model: nn.Module) -> dict[str, Any]:
+    from timm.models._input import get_model_args
+
+    cfg = getattr(model, 'pretrained_cfg', {}) or {}
+    return dict(config=dict(architecture=cfg.get('architecture') or type(model).__name__,
+                            num_classes=getattr(model, 'num_classes', None), model_args=get_model_args(model),
+                            pretrained_cfg={k: v for k, v in cfg.items() if k in ('input_size', 'license')}))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# push
+
+
+def _require_token(token: str | None) -> str:
+    from huggingface_hub import get_token
+
+    token = token or get_token()
+    if not token:
+        raise PermissionError(
+            'Pushing to the Hub needs a token with write access: pass token=..., set the HF_TOKEN environment'
+            ' variable, or log in once with `hf auth login`.')
+    return token
+
+
+def _check_loads(folder: Path) -> None:
+    """Refuse a folder whose config and weights do not rebuild a model: a repo must load as it is pushed."""
+    try:
+        timm.create_model(f'local-dir:{folder}', pretrained=True)
+    except Exception as e:
+        raise ValueError(f"'{folder}' does not load as a model ({type(e).__name__}: {e}); it is not pushed.") from e
+
+
+def push_to_hub(
+        source: str | Path | nn.Module,
+        repo_id: str,
+        *,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool = False,
+        create_pr: bool = False,
+        commit_message: str = 'Add model',
+        model_card: bool = True,
+        check: bool = True,
+):
+    """Publish a model, a task's model or a ``train.py`` output folder to a Hub model repo.
+
+    The repo gets ``config.json`` and ``model.safetensors`` (timm's format, safetensors only), a ``README.md`` model
+    card, and for a folder the run's ``results.json``, ``metrics.jsonl`` and ``args.yaml``. Never a checkpoint:
+    a distillation run's discriminators and teachers, and every optimiser state, stay local. A collaborative run's
+    plain head is published on its own by pushing ``<run>/exported``.
+
+    Args:
+        source: A ``train.py`` output folder, a model, or a task (its ``export_model()`` is pushed).
+        repo_id: ``<org or user>/<name>``; created if it does not exist.
+        token: A token with write access; default: huggingface_hub's (``HF_TOKEN``, ``hf auth login``).
+        revision: Branch to commit to (created from main if it does not exist); default main.
+        private: Create the repo private (an existing repo keeps its visibility).
+        create_pr: Open a pull request with the commit instead of committing to the branch.
+        commit_message: The commit's message.
+        model_card: Upload the generated model card (a folder's card replaces the repo's README.md; a model's is
+            added only where the repo has none, as timm does).
+        check: Reload a folder before pushing it and refuse one that does not load.
+
+    Returns:
+        huggingface_hub's ``CommitInfo`` of the upload.
+    """
+    from huggingface_hub import HfApi
+
+    from . import __version__
+
+    token = _require_token(token)
+    if isinstance(source, nn.Module):
+        from timm.models import push_to_hf_hub
+
+        model = source.export_model() if hasattr(source, 'export_model') else source
+        card = model_card_fields(_model_run(model), repo_id) if model_card else None
+        return push_to_hf_hub(
+            model, repo_id, commit_message=commit_message, token=token, revision=revision, private=private,
+            create_pr=create_pr, model_config={_VERSION_KEY: __version__}, model_card=card,
+            safe_serialization=True)
+
+    folder = Path(source)
+    run = read_run(folder)
+    if check:
+        _check_loads(folder)
+    api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix='timm-ensembles-push-') as tmp:
+        staging = Path(tmp)
+        # only these files, whatever else the folder holds (checkpoint.pt, exported/, logs)
+        for name in ('config.json', _WEIGHTS):
+            _link_or_copy(folder / name, staging / name)
+        run_dir = Path(run.get('exported_from', folder))
+        for name in RUN_FILES:
+            if (run_dir / name).is_file():
+                _link_or_copy(run_dir / name, staging / name)
+        if model_card:
+            (staging / 'README.md').write_text(generate_model_card(folder, repo_id), encoding='utf-8')
+        return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
+                                 commit_message=commit_message)
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        dst.hardlink_to(src)
+    except OSError:  # another file system, or no hard links there
+        shutil.copy2(src, dst)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# pull
+
+
+def _hub_name(name: str) -> tuple[str, str | None]:
+    """``(repo_id, revision)`` of ``org/name``, ``org/name@rev`` or ``hf-hub:org/name[@rev]``."""
+    name = name.removeprefix('hf-hub:')
+    repo_id, _, revision = name.partition('@')
+    if repo_id.count('/') != 1 or not all(repo_id.split('/')):
+        raise ValueError(f"'{name}' is not a Hub model name: expected '<org>/<name>' or '<org>/<name>@<revision>',"
+                         f" optionally after 'hf-hub:'; a local folder is given as 'local-dir:<folder>'.")
+    return repo_id, revision or None
+
+
+def _fetch_config(repo_id: str, revision: str | None) -> dict[str, Any]:
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f' at revision {revision!r}' if revision else ''
+    try:
+        path = hf_hub_download(repo_id, 'config.json', revision=revision)
+    except RevisionNotFoundError as e:
+        raise FileNotFoundError(f"The Hub repo '{repo_id}' has no revision {revision!r} (a branch, tag or commit)."
+                                ) from e
+    except EntryNotFoundError as e:
+        raise FileNotFoundError(
+            f"The Hub repo '{repo_id}'{at} has no config.json: it is not a timm model repo (push one with"
+            f" timm_ensembles.hub.push_to_hub or python hub/push.py).") from e
+    except RepositoryNotFoundError as e:
+        raise FileNotFoundError(
+            f"No model repo '{repo_id}' on {constants.ENDPOINT}, or it is private and no token with access was found"
+            f" (token=..., HF_TOKEN, `hf auth login`). Check the name; hub/README.md lists the published models."
+        ) from e
+    except LocalEntryNotFoundError as e:
+        if constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"'{repo_id}'{at} is not in the local Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set:"
+                f" download it once with the network, or unset HF_HUB_OFFLINE.") from e
+        raise ConnectionError(
+            f"Could not reach {constants.ENDPOINT} to download '{repo_id}'{at}, and it is not in the local cache"
+            f" ({e}). Check the network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the cache only.") from e
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config.json of '{repo_id}'{at} is not valid JSON ({e}).") from e
+
+
+def check_config(config: dict[str, Any], source: str) -> None:
+    """Raise a ValueError that says what is missing when this installation cannot build ``config``'s model."""
+    from . import __version__
+
+    architecture = config.get('architecture')
+    if not architecture:
+        raise ValueError(f"config.json of '{source}' has no 'architecture': it is not a timm model config.")
+    if timm.is_model(architecture):
+        return
+    written_by = config.get(_VERSION_KEY)
+    hint = (f' It was written by timm-ensembles {written_by}; this is timm-ensembles {__version__}: upgrade it'
+            f' (pip install -U timm-ensembles).' if written_by and written_by != __version__ else
+            ' If it is a model of another timm plugin, import that package first (timm has no plugin discovery).')
+    raise ValueError(
+        f"'{source}' is a '{architecture}', a model that neither timm {timm.__version__} nor timm-ensembles"
+        f" {__version__} knows.{hint}")
+
+
+def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Module:
+    """``timm.create_model`` for a Hub repo or a local folder, with this package's models registered.
+
+    The token (private repos), endpoint, cache and offline mode are huggingface_hub's: ``HF_TOKEN`` or
+    ``hf auth login``, ``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``.
+
+    Args:
+        name: ``<org>/<name>``, ``<org>/<name>@<revision>`` or ``hf-hub:...`` (a Hub repo), ``local-dir:<folder>``
+            or a folder path.
+        pretrained: Load the repo's weights (False: only its architecture, freshly initialised).
+        **kwargs: Passed on to ``timm.create_model`` (e.g. ``num_classes`` for a new classifier).
+
+    Raises:
+        FileNotFoundError: The repo, the revision or its config.json does not exist (or not in the offline cache).
+        ConnectionError: The Hub could not be reached and nothing is cached.
+        ValueError: The config names a model this installation does not know (it says which package or version).
+        TypeError: The config holds arguments this version does not know (written by a newer version).
+        RuntimeError: The weights do not fit the model the config describes.
+    """
+    if name.startswith('local-dir:') or Path(name).is_dir():
+        folder = Path(name.removeprefix('local-dir:'))
+        check_config(read_run(folder)['config'], str(folder))
+        return timm.create_model(f'local-dir:{folder}', pretrained=pretrained, **kwargs)
+    repo_id, revision = _hub_name(name)
+    check_config(_fetch_config(repo_id, revision), name)
+    # config.json is in the cache now: timm reads it from there, then fetches the weights
+    return timm.create_model(f'hf-hub:{repo_id}' + (f'@{revision}' if revision else ''), pretrained=pretrained,
+                             **kwargs)
