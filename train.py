@@ -13,7 +13,9 @@ comes from ``timm_ensembles.create_task(model)``; this script never names a meth
 The output folder holds the model in timm's Hugging Face format (``config.json`` + ``model.safetensors``, loadable
 with ``timm.create_model('local-dir:<folder>', pretrained=True)`` after ``import timm_ensembles``), ``metrics.jsonl``
 (one line per epoch), ``results.json`` (final-epoch metrics), ``args.yaml``, and ``checkpoint.pt`` (written
-atomically after every epoch) for ``--resume``.
+atomically after every epoch) for ``--resume``. With ``--snapshot-subset N``, ``snapshots/`` holds every epoch's
+member logits on N fixed validation samples (and with ``--snapshot-weights`` the member weights), read back with
+``timm_ensembles._snapshots.read_snapshots``.
 """
 import argparse
 import json
@@ -49,6 +51,13 @@ from timm_ensembles._engine import (
     format_metrics,
     sync_buffers,
     train_one_epoch,
+)
+from timm_ensembles._snapshots import (
+    member_parameters,
+    predict_members,
+    remove_snapshots_from,
+    snapshot_indices,
+    write_snapshot,
 )
 
 _logger = logging.getLogger('train')
@@ -122,6 +131,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--output', default='', help='output folder (default: output/train/<time>-<model>)')
     group.add_argument('--resume', default='', help='continue the run in this output folder (or checkpoint file)')
     group.add_argument('--no-progress', action='store_true', help='no progress bar')
+    group = parser.add_argument_group('Analysis')
+    group.add_argument('--snapshot-subset', type=int, default=0, metavar='N',
+                       help='after every epoch, save every member\'s logits on N validation samples to'
+                            ' <output>/snapshots/ (the same N samples whatever --seed, so that runs can be compared;'
+                            ' default 0: no snapshots)')
+    group.add_argument('--snapshot-weights', action='store_true',
+                       help='with --snapshot-subset, also save every member\'s parameters each epoch (models whose'
+                            ' members share layers have none of their own and are refused)')
     return parser
 
 
@@ -172,6 +189,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     if args.generations < 1:
         raise SystemExit(f'error: --generations must be >= 1, got {args.generations}')
+    if args.snapshot_subset < 0:
+        raise SystemExit(f'error: --snapshot-subset must be >= 0 (0: no snapshots), got {args.snapshot_subset}')
+    if args.snapshot_weights and not args.snapshot_subset:
+        raise SystemExit('error: --snapshot-weights needs --snapshot-subset N: the weights are saved beside the'
+                         ' snapshot of the predictions')
     if args.generations > 1:
         return train_generations(args)
     return train(args)
@@ -232,6 +254,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             args.dataset, root=args.data_dir, train_split=args.train_split, val_split=args.val_split,
             train_subset=args.train_subset, val_subset=args.val_subset, download=args.dataset_download,
             img_mode='L' if args.in_chans == 1 else 'RGB')
+        snapshot_idx = snapshot_indices(val_ds, args.snapshot_subset) if args.snapshot_subset else None
     except (OSError, ValueError) as e:
         raise SystemExit(f'error: {e}') from None
     num_classes = args.num_classes or info.num_classes
@@ -249,6 +272,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     try:
         model = timm_ensembles.create_model(args.model, pretrained=args.pretrained, **model_kwargs)
         task = timm_ensembles.create_task(model, **task_kwargs)
+        if args.snapshot_weights:
+            member_parameters(task.export_model())  # refuses models without weights per member, before training
     except (ValueError, TypeError, RuntimeError, OSError) as e:
         raise SystemExit(f'error: {e}') from None
 
@@ -282,6 +307,12 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed)
     # reseeded every epoch, so that a resumed run sees the same data order as an uninterrupted one
     shuffle_generator = train_loader.generator
+    snapshot_loader = None
+    if snapshot_idx is not None:
+        # the validation transform (set on val_ds above); its own generator keeps the global RNG untouched
+        snapshot_loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(val_ds, snapshot_idx.tolist()), batch_size=args.batch_size, shuffle=False,
+            num_workers=args.workers, persistent_workers=args.workers > 0, generator=torch.Generator())
     optimizer = task.create_optimizer(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                       momentum=args.momentum)
 
@@ -337,6 +368,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     metrics_path = output / 'metrics.jsonl'
     if is_main:
         _truncate_metrics(metrics_path, start_epoch)
+        remove_snapshots_from(output, start_epoch)
     for epoch in range(start_epoch, num_epochs):
         set_seed(args.seed + epoch, device_specific=True)
         shuffle_generator.manual_seed(args.seed + epoch)
@@ -353,6 +385,12 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         # DDP keeps each process's BatchNorm statistics of its own last batches: evaluate and save one set
         sync_buffers(export_model, accelerator)
         val_metrics = evaluate(export_model, val_loader, accelerator)
+        if is_main and snapshot_loader is not None:
+            # before the checkpoint: a run killed in between redoes this epoch and rewrites its snapshot
+            logits, targets = predict_members(export_model, snapshot_loader, accelerator)
+            params = member_parameters(export_model) if args.snapshot_weights else None
+            write_snapshot(output, epoch, logits, targets, snapshot_idx, dict(model=args.model, dataset=info.name),
+                           member_params=params)
         seconds = time.perf_counter() - start
         lr = optimizer.param_groups[0]['lr']
         log(format_metrics(epoch, train_metrics, val_metrics, lr, seconds))

@@ -346,3 +346,126 @@ def test_teacher_flags_replace_the_configs_and_a_yaml_string_is_one_teacher(tmp_
     assert train.parse_args(['--config', str(cfg)]).teacher == ['/some/folder']
     assert train.parse_args(['--config', str(cfg), '--teacher', 'a', '--teacher', 'b']).teacher == ['a', 'b']
     assert train.parse_args([]).teacher is None
+
+
+SNAPSHOT = ['--snapshot-subset', '20', '--snapshot-weights']
+
+
+@pytest.fixture(scope='module')
+def snapshot_runs(tmp_path_factory):
+    """Two runs of one ensemble that differ only in their seed, and a plain model, all with weight snapshots."""
+    root = tmp_path_factory.mktemp('snapshots')
+    logs = {}
+    for name, model, seed, epochs in (('seed0', 'ens_test_resnetx2', 0, 2), ('seed1', 'ens_test_resnetx2', 1, 2),
+                                      ('plain', 'test_resnet', 0, 1)):
+        proc = run_train('--model', model, '--seed', seed, '--epochs', epochs, '--output', root / name, *SNAPSHOT,
+                         *QUICK)
+        logs[name] = proc.stdout + proc.stderr
+    return root, logs
+
+
+def _snapshot_inputs(model, indices, val_subset=80):
+    """The run's snapshot subset through the evaluation transform, in train.py's batches."""
+    train_ds, val_ds, _ = te_data.create_datasets('digits', train_subset=16, val_subset=val_subset)
+    cfg = resolve_data_config(dict(input_size=(3, 32, 32), crop_pct=1.0), model=model)
+    te_data.create_loaders(train_ds, val_ds, cfg, batch_size=32, workers=0)
+    return torch.utils.data.DataLoader(torch.utils.data.Subset(val_ds, indices.tolist()), batch_size=32)
+
+
+def test_snapshots_hold_the_exported_models_predictions_and_weights(snapshot_runs):
+    from timm_ensembles._snapshots import predict_members, read_snapshots
+    root, logs = snapshot_runs
+    out = root / 'seed0'
+    assert sorted(p.name for p in (out / 'snapshots').iterdir()) == [
+        'epoch_000.safetensors', 'epoch_000.weights.safetensors', 'epoch_001.safetensors',
+        'epoch_001.weights.safetensors']
+    snaps = read_snapshots(out, weights=True)
+    model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    num_params = sum(p.numel() for p in model.members[0].parameters())
+    assert snaps.epochs == [0, 1] and snaps.logits.shape == (2, 20, 2, 10) and snaps.weights.shape == (2, 2, num_params)
+    assert snaps.meta == dict(model='ens_test_resnetx2', dataset='digits', num_classes='10', num_members='2',
+                              format='1')
+    # the last snapshot is the exported model's forward_members on those inputs, with the evaluation transform
+    logits, targets = predict_members(model, _snapshot_inputs(model, snaps.indices))
+    assert torch.equal(targets, snaps.targets)
+    torch.testing.assert_close(snaps.logits[-1], logits, rtol=0, atol=1e-6)
+    assert not torch.equal(snaps.logits[0], snaps.logits[1])  # an epoch of training apart
+    # and its weights are the exported members' parameters, flattened in sorted-name order
+    for m, member in enumerate(model.members):
+        params = dict(member.named_parameters())
+        flat = torch.cat([params[k].detach().reshape(-1) for k in sorted(params)])
+        assert torch.equal(snaps.weights[-1, m], flat)
+    # the evaluation pass logs the members' diversity
+    assert 'disagree ' in logs['seed0'] and 'feat-dist ' in logs['seed0']
+    val = [json.loads(ln)['val'] for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert all(0 <= v['disagreement'] <= 1 and v['feature_distance'] > 0 for v in val)
+
+
+def test_runs_with_other_seeds_snapshot_the_same_inputs(snapshot_runs):
+    from timm_ensembles._snapshots import read_snapshots
+    root, _ = snapshot_runs
+    a, b = read_snapshots(root / 'seed0'), read_snapshots(root / 'seed1')
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.logits, b.logits)
+    assert len(set(a.targets.tolist())) == 10  # stratified: 2 samples of each class
+
+
+def test_snapshots_of_a_plain_model_are_one_member(snapshot_runs):
+    from timm_ensembles._snapshots import read_snapshots
+    root, logs = snapshot_runs
+    snaps = read_snapshots(root / 'plain', weights=True)
+    model = timm.create_model(f'local-dir:{root / "plain"}', pretrained=True)
+    params = dict(model.named_parameters())
+    assert snaps.logits.shape == (1, 20, 1, 10) and snaps.meta['num_members'] == '1'
+    assert torch.equal(snaps.weights[0, 0], torch.cat([params[k].detach().reshape(-1) for k in sorted(params)]))
+    assert 'disagree' not in logs['plain']
+
+
+def test_resumed_run_rewrites_the_snapshots_of_the_epochs_it_redoes(snapshot_runs, tmp_path):
+    """Killed after epoch 0's checkpoint, with a half-done epoch 1 behind it: the resume ends with the snapshots of
+    the uninterrupted run."""
+    from safetensors.torch import save_file
+
+    from timm_ensembles._snapshots import read_snapshots
+    root, _ = snapshot_runs
+    full, copy = root / 'seed0', tmp_path / 'copy'
+    shutil.copytree(full, copy)
+    os.replace(copy / 'checkpoint-prev.pt', copy / 'checkpoint.pt')  # the checkpoint after epoch 0
+    for name in ('config.json', 'model.safetensors', 'results.json'):
+        (copy / name).unlink()
+    stale = read_snapshots(copy)
+    save_file(dict(logits=torch.zeros_like(stale.logits[1]), targets=stale.targets, indices=stale.indices),
+              copy / 'snapshots' / 'epoch_001.safetensors', metadata=dict(stale.meta, epoch='1'))
+    (copy / 'snapshots' / 'epoch_001.weights.safetensors').unlink()
+    run_train('--resume', copy)
+    a, b = read_snapshots(full, weights=True), read_snapshots(copy, weights=True)
+    assert a.epochs == b.epochs == [0, 1] and a.meta == b.meta
+    for key in ('logits', 'targets', 'indices', 'weights'):
+        assert torch.equal(getattr(a, key), getattr(b, key)), key
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--model', 'ens_test_resnetx2', '--snapshot-subset', '81'], '--snapshot-subset 81 is larger than the'
+                                                                   ' validation set (80 samples'),
+    (['--model', 'collab_test_resnetx2', *SNAPSHOT], 'members share layers'),
+])
+def test_bad_snapshot_flags_are_clear_errors(args, message, tmp_path):
+    proc = run_train(*args, '--epochs', '1', '--output', tmp_path / 'bad', *QUICK, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-2000:]
+    assert 'Traceback' not in proc.stderr
+    assert not (tmp_path / 'bad' / 'checkpoint.pt').exists()
+
+
+@pytest.mark.parametrize('args,message', [
+    (['--snapshot-weights'], '--snapshot-weights needs --snapshot-subset N'),
+    (['--snapshot-subset', '-1'], '--snapshot-subset must be >= 0'),
+])
+def test_snapshot_flags_are_checked_before_anything_is_built(args, message):
+    sys.path.insert(0, str(ROOT))
+    try:
+        import train
+    finally:
+        sys.path.remove(str(ROOT))
+    with pytest.raises(SystemExit, match=message):
+        train.main(args)

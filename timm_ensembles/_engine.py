@@ -1,8 +1,10 @@
 """The training and evaluation loops behind ``train.py``, method-agnostic.
 
 They see a task (``task(x, target) -> dict(loss, output, components, stats)``) and a model (with
-``forward_members`` and ``combine`` when it is an ensemble); they never name a method.
+``forward_members`` and ``combine`` when it is an ensemble, and ``forward_members_with_features`` when its members
+have features to compare); they never name a method.
 """
+import itertools
 from collections import defaultdict
 from typing import Any
 
@@ -11,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ['NonFiniteLossError', 'train_one_epoch', 'evaluate', 'check_input_size', 'format_metrics', 'sync_buffers']
+__all__ = ['NonFiniteLossError', 'train_one_epoch', 'evaluate', 'per_sample_feature_difference', 'check_input_size',
+           'format_metrics', 'sync_buffers']
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -122,34 +125,89 @@ def train_one_epoch(
     return means.result(), num_updates
 
 
+def per_sample_feature_difference(features) -> torch.Tensor:
+    """The FDL paper's L_FDL of every sample: ``[B]`` fp32, whose mean is ``feature_difference_loss(features)``.
+
+    Every sample has the same number of elements per layer, so the batch mean over ``(b, c, h, w)`` of each layer is
+    the mean over samples of their own means; per-sample values can then be gathered across processes with the
+    duplicated tail of the last batch dropped, which a batch mean cannot. Pairs are summed directly up to 4 members,
+    from 5 on (where that was measured slower on a CPU, no grad) through
+    ``sum_{i<j} (f_i - f_j)^2 = N sum_i (f_i - mean_k f_k)^2`` (centred, so without cancellation).
+
+    Args:
+        features: ``features[m][d]`` is member m's ``[B, ...]`` feature tensor at layer d.
+    """
+    num_members = len(features)
+    if num_members < 2:
+        raise ValueError(f'The feature difference needs at least 2 members, got {num_members}.')
+    layers = []
+    for layer in zip(*features):
+        layer = [f.float() for f in layer]
+        if num_members <= 4:
+            pairs = itertools.combinations(range(num_members), 2)
+            diff = sum((layer[i] - layer[j]).pow(2).flatten(1).mean(1) for i, j in pairs)
+            layers.append(diff / (num_members * (num_members - 1) // 2))
+        else:
+            mean = sum(layer) / num_members  # no stacked [M, B, ...] copy
+            diff = sum((f - mean).pow(2).flatten(1).mean(1) for f in layer)
+            layers.append(diff * (2.0 / (num_members - 1)))
+    return torch.stack(layers).mean(0)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, accelerator) -> dict[str, Any]:
-    """Accuracy and loss of the model, and of every member when the model is an ensemble.
+    """Accuracy and loss of the model, and of every member and their diversity when the model is an ensemble.
 
     Returns:
         ``acc`` and ``loss`` (cross-entropy) of ``model(x)``; for an ensemble also ``member_acc`` (a list),
-        ``member_acc_mean``, and ``mean_probs_acc`` (accuracy of the averaged member probabilities, the deep
-        ensemble's rule, whatever the model's own combine rule is).
+        ``member_acc_mean``, ``mean_probs_acc`` (accuracy of the averaged member probabilities, the deep
+        ensemble's rule, whatever the model's own combine rule is), ``disagreement`` (the fraction of samples on
+        which two members' argmax differ, averaged over member pairs) and, for models with
+        ``forward_members_with_features``, ``feature_distance`` (the FDL paper's L_FDL between the members' stage
+        features, averaged over samples and pairs). Every sample counts once, also under DDP.
     """
     model.eval()
     is_ensemble = hasattr(model, 'forward_members') and hasattr(model, 'combine')
+    # the stage features come out of the same forward pass as the member logits: no second pass
+    with_features = is_ensemble and hasattr(model, 'forward_members_with_features')
     correct = 0
     nll = 0.0
     total = 0
     member_correct = None
     avg_correct = 0
-    for x, target in loader:
+    pair_differ = None
+    feature_sum = 0.0
+    for batch_index, (x, target) in enumerate(loader):
         with accelerator.autocast():
-            if is_ensemble:
+            if with_features:
+                try:
+                    members, features = model.forward_members_with_features(x)
+                except ValueError:
+                    if batch_index:
+                        raise
+                    # a base without forward_intermediates: the same on every process, so all fall back together
+                    with_features = False
+                    members = model.forward_members(x)
+                else:
+                    distance = per_sample_feature_difference(features)
+                    del features
+            elif is_ensemble:
                 members = model.forward_members(x)
+            if is_ensemble:
                 logits = model.combine(members)
             else:
                 logits = model(x)
         if is_ensemble:
-            members, logits, target = accelerator.gather_for_metrics((members.float(), logits.float(), target))
+            gathered = (members.float(), logits.float(), target) + ((distance,) if with_features else ())
+            members, logits, target, *rest = accelerator.gather_for_metrics(gathered)
             hits = (members.argmax(-1) == target[:, None]).sum(0)
             member_correct = hits if member_correct is None else member_correct + hits
             avg_correct += int((members.softmax(-1).mean(1).argmax(-1) == target).sum())
+            preds = members.argmax(-1)  # [B, M]
+            differ = (preds[:, :, None] != preds[:, None, :]).sum(0)  # [M, M] counts, exact when summed
+            pair_differ = differ if pair_differ is None else pair_differ + differ
+            if rest:
+                feature_sum += float(rest[0].sum())
         else:
             logits, target = accelerator.gather_for_metrics((logits.float(), target))
         correct += int((logits.argmax(-1) == target).sum())
@@ -162,6 +220,12 @@ def evaluate(model: nn.Module, loader, accelerator) -> dict[str, Any]:
         member_acc = [100.0 * float(c) / total for c in member_correct]
         metrics.update(member_acc=member_acc, member_acc_mean=sum(member_acc) / len(member_acc),
                        mean_probs_acc=100.0 * avg_correct / total)
+        num_members = pair_differ.shape[0]
+        if num_members > 1:
+            i, j = torch.triu_indices(num_members, num_members, offset=1)
+            metrics['disagreement'] = float(pair_differ[i, j].double().mean()) / total
+        if with_features:
+            metrics['feature_distance'] = feature_sum / total
     return metrics
 
 
@@ -199,6 +263,10 @@ def format_metrics(epoch: int, train: dict[str, float], val: dict[str, Any], lr:
     if 'member_acc' in val:
         parts.append('members ' + ' '.join(f'{a:.2f}' for a in val['member_acc']))
         parts.append(f"mean-probs {val['mean_probs_acc']:.2f}")
+    if 'disagreement' in val:
+        parts.append(f"disagree {val['disagreement']:.3f}")
+    if 'feature_distance' in val:
+        parts.append(f"feat-dist {val['feature_distance']:.3g}")
     parts.append(f"val acc {val['acc']:.2f}")
     parts.append(f"val loss {val['loss']:.4f}")
     parts.append(f'{seconds:.0f}s')

@@ -1,0 +1,349 @@
+"""Per-epoch snapshots of a training run: every member's predictions on a fixed held-out subset, and optionally
+the members' weights, for the within-run vs between-run comparisons of Fort, Hu & Lakshminarayanan (2019).
+
+A run trained with ``--snapshot-subset N`` holds, in ``<output>/snapshots/``, for every finished epoch ``e``
+(0-based, as ``metrics.jsonl``):
+
+* ``epoch_{e:03d}.safetensors``: ``logits`` float32 ``[S, M, C]`` (every member's logits, eval mode; M = 1 for a
+  plain model), ``targets`` int64 ``[S]`` and ``indices`` int64 ``[S]`` (the subset's indices into the validation
+  set as the run used it, i.e. after ``--val-subset``);
+* with ``--snapshot-weights``, ``epoch_{e:03d}.weights.safetensors``: ``member{m}.{name}`` float32 for every
+  ``named_parameters()`` entry of each member m (parameters only: BatchNorm running statistics are buffers and are
+  not included).
+
+Both carry the safetensors metadata ``epoch``, ``model``, ``dataset``, ``num_classes``, ``num_members`` and
+``format`` (``'1'``). The subset is drawn with a seed of its own (``SNAPSHOT_SEED``), not the run's ``--seed``, so
+that independent runs snapshot the same inputs.
+"""
+import contextlib
+import json
+import re
+import warnings
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import save as safetensors_save
+from torch import nn
+
+from ._checkpoint import _atomic_replace
+
+__all__ = ['Snapshots', 'read_snapshots', 'write_snapshot', 'snapshot_indices', 'member_parameters',
+           'predict_members', 'remove_snapshots_from', 'SNAPSHOT_DIR', 'SNAPSHOT_FORMAT', 'SNAPSHOT_SEED']
+
+SNAPSHOT_DIR = 'snapshots'
+SNAPSHOT_FORMAT = '1'
+# fixed, whatever --seed is: runs that differ only in their seed must snapshot the same inputs
+SNAPSHOT_SEED = 0
+_LOGITS_RE = re.compile(r'^epoch_(\d+)\.safetensors$')
+_HINT = 'run train.py with --snapshot-subset N (N held-out samples) to record them'
+
+
+@dataclass
+class Snapshots:
+    """The snapshots of one run, stacked over epochs.
+
+    Attributes:
+        epochs: The epochs read (0-based), ascending.
+        logits: float32 ``[E, S, M, C]``: every member's logits at every epoch.
+        targets: int64 ``[S]`` labels of the subset.
+        indices: int64 ``[S]`` indices of the subset into the run's validation set.
+        weights: float32 ``[E, M, P]``: each member's parameters flattened in sorted-name order, or None when not
+            asked for.
+        meta: The files' metadata (str -> str: ``model``, ``dataset``, ``num_classes``, ``num_members``,
+            ``format``), without the per-file ``epoch``.
+    """
+    epochs: list[int]
+    logits: torch.Tensor
+    targets: torch.Tensor
+    indices: torch.Tensor
+    weights: torch.Tensor | None = None
+    meta: dict[str, str] = field(default_factory=dict)
+
+
+def _logits_name(epoch: int) -> str:
+    return f'epoch_{epoch:03d}.safetensors'
+
+
+def _weights_name(epoch: int) -> str:
+    return f'epoch_{epoch:03d}.weights.safetensors'
+
+
+def snapshot_indices(dataset, num_samples: int) -> np.ndarray:
+    """The indices of the snapshot subset into the validation set ``dataset``: stratified by label when the dataset
+    exposes its labels, else a fixed random choice, sorted; drawn with ``SNAPSHOT_SEED`` whatever the run's seed.
+
+    Raises:
+        ValueError: ``num_samples`` < 1, larger than the dataset, or an iterable (streamed) dataset.
+    """
+    from .data import SubsetDataset, subset_dataset
+
+    try:
+        total = len(dataset)
+    except TypeError:  # iterable: subset_dataset says why it cannot be subset
+        total = None
+    if total is not None and isinstance(num_samples, int) and num_samples > total:
+        raise ValueError(f'--snapshot-subset {num_samples} is larger than the validation set ({total} samples, after'
+                         f' any --val-subset): use at most {total}.')
+    subset = subset_dataset(dataset, num_samples, seed=SNAPSHOT_SEED, arg='--snapshot-subset')
+    if isinstance(subset, SubsetDataset) and subset is not dataset:
+        return subset.indices.copy()
+    return np.arange(len(dataset), dtype=np.int64)  # the whole set
+
+
+def member_parameters(model: nn.Module) -> list[dict[str, torch.Tensor]]:
+    """Each member's ``named_parameters()``: the ``members`` of an ensemble, or the model itself as member 0.
+
+    Raises:
+        ValueError: The model has members (``forward_members``) but no ``members`` list: its members share layers,
+            so they have no weight vectors of their own.
+    """
+    members = getattr(model, 'members', None)
+    if isinstance(members, nn.ModuleList):
+        return [dict(m.named_parameters()) for m in members]
+    if hasattr(model, 'forward_members'):
+        raise ValueError(
+            f'{type(model).__name__} has no weights per member (its members share layers, no `members` list), so'
+            f' --snapshot-weights cannot record them; snapshot the predictions only (drop --snapshot-weights).')
+    return [dict(model.named_parameters())]
+
+
+@torch.no_grad()
+def predict_members(model: nn.Module, loader: Iterable, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every member's logits (``forward_members``, or ``model(x)`` as one member) in eval mode, on this process.
+
+    Args:
+        model: The unwrapped model; its training mode is restored afterwards.
+        loader: Yields ``(x, target)`` batches.
+        accelerator: An ``accelerate.Accelerator`` for its device and autocast; None: the model's device, no
+            autocast.
+
+    Returns:
+        float32 ``[S, M, C]`` logits and int64 ``[S]`` targets, on the CPU.
+    """
+    was_training = model.training
+    model.eval()
+    device = accelerator.device if accelerator is not None else next(model.parameters()).device
+    logits, targets = [], []
+    try:
+        for x, target in loader:
+            x = x.to(device)
+            with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
+                out = model.forward_members(x) if hasattr(model, 'forward_members') else model(x)[:, None]
+            logits.append(out.float().cpu())
+            targets.append(torch.as_tensor(target).long().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(logits), torch.cat(targets)
+
+
+def _meta(meta: Mapping[str, Any], epoch: int, num_classes: int, num_members: int) -> dict[str, str]:
+    out = {k: str(v) for k, v in meta.items()}
+    out.update(epoch=str(epoch), num_classes=str(num_classes), num_members=str(num_members), format=SNAPSHOT_FORMAT)
+    return out
+
+
+def write_snapshot(
+        folder: str | Path,
+        epoch: int,
+        logits: torch.Tensor,
+        targets: torch.Tensor,
+        indices: torch.Tensor | np.ndarray,
+        meta: Mapping[str, Any],
+        member_params: Sequence[Mapping[str, torch.Tensor]] | None = None,
+) -> Path:
+    """Write one epoch's snapshot files into ``folder/snapshots/``, each atomically (weights first).
+
+    Args:
+        folder: The run's output folder.
+        epoch: The finished epoch (0-based).
+        logits: ``[S, M, C]`` member logits (stored as float32).
+        targets: ``[S]`` labels.
+        indices: ``[S]`` indices of the subset into the validation set.
+        meta: Metadata, at least ``model`` and ``dataset``; values are stored as strings, and ``epoch``,
+            ``num_classes``, ``num_members`` and ``format`` are set here.
+        member_params: Each member's parameters by name (see :func:`member_parameters`), to also write the weights
+            file; None for none.
+
+    Returns:
+        The path of the logits file.
+    """
+    folder = Path(folder) / SNAPSHOT_DIR
+    logits = logits.detach().float().cpu().contiguous()
+    if logits.ndim != 3:
+        raise ValueError(f'Snapshot logits must be [S, M, C], got shape {tuple(logits.shape)}.')
+    num_samples, num_members, num_classes = logits.shape
+    targets = torch.as_tensor(targets).long().cpu().contiguous()
+    indices = torch.as_tensor(np.asarray(indices)).long().cpu().contiguous()
+    if targets.shape != (num_samples,) or indices.shape != (num_samples,):
+        raise ValueError(f'Snapshot targets {tuple(targets.shape)} and indices {tuple(indices.shape)} must be'
+                         f' [{num_samples}], as the logits.')
+    metadata = _meta(meta, epoch, num_classes, num_members)
+    if member_params is not None:
+        if len(member_params) != num_members:
+            raise ValueError(f'{len(member_params)} members of weights for logits of {num_members} members.')
+        # copies: safetensors refuses tensors that share storage (tied weights) or are views
+        tensors = {f'member{m}.{name}': p.detach().to(device='cpu', dtype=torch.float32, copy=True).contiguous()
+                   for m, params in enumerate(member_params) for name, p in params.items()}
+        data = safetensors_save(tensors, metadata=metadata)
+        _atomic_replace(lambda f: f.write(data), folder / _weights_name(epoch))
+    data = safetensors_save(dict(logits=logits, targets=targets, indices=indices), metadata=metadata)
+    dest = folder / _logits_name(epoch)
+    _atomic_replace(lambda f: f.write(data), dest)
+    return dest
+
+
+def remove_snapshots_from(folder: str | Path, start_epoch: int) -> None:
+    """Delete the snapshot files of epochs >= ``start_epoch`` (those a resumed run redoes), so that the folder never
+    mixes a killed run's last epoch with the resumed one's."""
+    folder = Path(folder) / SNAPSHOT_DIR
+    if not folder.is_dir():
+        return
+    for epoch, paths in _epoch_files(folder).items():
+        if epoch >= start_epoch:
+            for path in paths:
+                path.unlink(missing_ok=True)
+
+
+def _epoch_files(folder: Path) -> dict[int, list[Path]]:
+    files: dict[int, list[Path]] = {}
+    for path in folder.iterdir():
+        name = path.name.replace('.weights.', '.')
+        match = _LOGITS_RE.match(name)
+        if match:
+            files.setdefault(int(match.group(1)), []).append(path)
+    return files
+
+
+def _last_logged_epoch(run_folder: Path) -> int | None:
+    path = run_folder / 'metrics.jsonl'
+    if not path.is_file():
+        return None
+    last = None
+    for line in path.read_text().splitlines():
+        try:
+            epoch = json.loads(line).get('epoch')
+        except (json.JSONDecodeError, AttributeError):  # a line cut short by a crash
+            continue
+        if isinstance(epoch, int):
+            last = epoch if last is None else max(last, epoch)
+    return last
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework='pt') as f:
+            return {k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {})
+    except Exception as e:
+        raise ValueError(f"Snapshot file '{path}' cannot be read ({type(e).__name__}: {e}).") from e
+
+
+def _flatten_members(tensors: dict[str, torch.Tensor], num_members: int, path: Path) -> torch.Tensor:
+    flat = []
+    for m in range(num_members):
+        prefix = f'member{m}.'
+        names = sorted(k for k in tensors if k.startswith(prefix))
+        if not names:
+            raise ValueError(f"Snapshot weights '{path}' hold no parameters of member {m}.")
+        flat.append(torch.cat([tensors[k].float().reshape(-1) for k in names]))
+    sizes = {v.numel() for v in flat}
+    if len(sizes) != 1:
+        raise ValueError(f"The members in '{path}' have different parameter counts {sorted(sizes)}; their weight"
+                         f' vectors cannot be stacked.')
+    return torch.stack(flat)
+
+
+def read_snapshots(
+        run_folder: str | Path,
+        epochs: Sequence[int] | None = None,
+        weights: bool = False,
+        allow_missing: bool = False,
+) -> Snapshots:
+    """Read a run's snapshots (see the module docstring for the files).
+
+    Args:
+        run_folder: The run's output folder (or its ``snapshots`` folder).
+        epochs: The epochs to read; None for every epoch from 0 to the last one the run recorded (in
+            ``metrics.jsonl`` or as a snapshot file).
+        weights: Also read the members' weights (the run must have used ``--snapshot-weights``).
+        allow_missing: Read the epochs that exist and warn about the others, instead of raising.
+
+    Returns:
+        :class:`Snapshots`.
+
+    Raises:
+        FileNotFoundError: The run has no snapshots, or no weights snapshots when ``weights`` is set.
+        ValueError: Epochs are missing (named in the message; see ``allow_missing``), or the files of different
+            epochs disagree (subset, targets, shapes or run metadata) or cannot be read.
+    """
+    run_folder = Path(run_folder)
+    folder = run_folder / SNAPSHOT_DIR
+    if not folder.is_dir() and run_folder.name == SNAPSHOT_DIR and run_folder.is_dir():
+        folder, run_folder = run_folder, run_folder.parent
+    if not folder.is_dir():
+        raise FileNotFoundError(f"No snapshots in '{run_folder}' (no {SNAPSHOT_DIR}/ folder): {_HINT}.")
+    files = {e: folder / _logits_name(e) for e, paths in _epoch_files(folder).items()
+             if (folder / _logits_name(e)) in paths}
+    if not files:
+        raise FileNotFoundError(f"No snapshot files in '{folder}': {_HINT}.")
+    if epochs is None:
+        last = max(max(files), _last_logged_epoch(run_folder) or 0)
+        wanted = list(range(last + 1))
+    else:
+        wanted = sorted({int(e) for e in epochs})
+    missing = [e for e in wanted if e not in files]
+    if weights:
+        with_weights = [e for e in wanted if (folder / _weights_name(e)).is_file()]
+        if not with_weights:
+            raise FileNotFoundError(f"No weights snapshots in '{folder}': run train.py with --snapshot-weights (and"
+                                    f' --snapshot-subset N) to record them.')
+        missing = sorted(set(missing) | {e for e in wanted if e not in with_weights})
+    if missing:
+        what = 'snapshot (or weights) files' if weights else 'snapshot files'
+        msg = f"'{folder}' has no {what} for epoch(s) {missing} of {wanted[0]}..{wanted[-1]}"
+        if not allow_missing:
+            raise ValueError(f'{msg}; pass allow_missing=True to read the epochs there are.')
+        warnings.warn(f'{msg}; reading the other epochs.', stacklevel=2)
+        wanted = [e for e in wanted if e not in missing]
+        if not wanted:
+            raise ValueError(f"'{folder}' has none of the epochs asked for.")
+
+    logits, flat_weights, ref, ref_path, meta = [], [], None, None, {}
+    for epoch in wanted:
+        path = files[epoch]
+        tensors, file_meta = _read(path)
+        if not {'logits', 'targets', 'indices'} <= set(tensors):
+            raise ValueError(f"Snapshot file '{path}' lacks logits, targets or indices; it was not written by"
+                             f' train.py.')
+        file_meta.pop('epoch', None)
+        if ref is None:
+            ref, ref_path, meta = tensors, path, file_meta
+        else:
+            for key in ('targets', 'indices'):
+                if not torch.equal(tensors[key], ref[key]):
+                    raise ValueError(f"'{path}' and '{ref_path}' snapshot different {key}: they are not of one"
+                                     f' run with one --snapshot-subset.')
+            if tensors['logits'].shape != ref['logits'].shape:
+                raise ValueError(f"'{path}' holds logits of shape {tuple(tensors['logits'].shape)}, '{ref_path}'"
+                                 f" {tuple(ref['logits'].shape)}.")
+            changed = {k for k in set(meta) | set(file_meta) if meta.get(k) != file_meta.get(k)}
+            if changed:
+                raise ValueError(f"'{path}' and '{ref_path}' are from different runs (metadata {sorted(changed)}"
+                                 f' differ).')
+        logits.append(tensors['logits'].float())
+        if weights:
+            wpath = folder / _weights_name(epoch)
+            wtensors, _ = _read(wpath)
+            flat_weights.append(_flatten_members(wtensors, tensors['logits'].shape[1], wpath))
+    stacked_weights = None
+    if weights:
+        sizes = {tuple(w.shape) for w in flat_weights}
+        if len(sizes) != 1:
+            raise ValueError(f"The weights snapshots in '{folder}' differ in shape across epochs: {sorted(sizes)}.")
+        stacked_weights = torch.stack(flat_weights)
+    return Snapshots(epochs=wanted, logits=torch.stack(logits), targets=ref['targets'].long(),
+                     indices=ref['indices'].long(), weights=stacked_weights, meta=meta)
