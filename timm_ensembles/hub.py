@@ -363,6 +363,14 @@ def _fetch_config(repo_id: str, revision: str | None) -> dict[str, Any]:
     at = f' at revision {revision!r}' if revision else ''
     try:
         path = hf_hub_download(repo_id, 'config.json', revision=revision)
+    except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: first
+        if constants.HF_HUB_OFFLINE:
+            raise FileNotFoundError(
+                f"'{repo_id}'{at} is not in the local Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set:"
+                f" download it once with the network, or unset HF_HUB_OFFLINE.") from e
+        raise ConnectionError(
+            f"Could not reach {constants.ENDPOINT} to download '{repo_id}'{at}, and it is not in the local cache"
+            f" ({e}). Check the network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the cache only.") from e
     except RevisionNotFoundError as e:
         raise FileNotFoundError(f"The Hub repo '{repo_id}' has no revision {revision!r} (a branch, tag or commit)."
                                 ) from e
@@ -373,16 +381,8 @@ def _fetch_config(repo_id: str, revision: str | None) -> dict[str, Any]:
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(
             f"No model repo '{repo_id}' on {constants.ENDPOINT}, or it is private and no token with access was found"
-            f" (token=..., HF_TOKEN, `hf auth login`). Check the name; hub/README.md lists the published models."
+            f" (HF_TOKEN or `hf auth login`). Check the name; hub/README.md lists the published models."
         ) from e
-    except LocalEntryNotFoundError as e:
-        if constants.HF_HUB_OFFLINE:
-            raise FileNotFoundError(
-                f"'{repo_id}'{at} is not in the local Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set:"
-                f" download it once with the network, or unset HF_HUB_OFFLINE.") from e
-        raise ConnectionError(
-            f"Could not reach {constants.ENDPOINT} to download '{repo_id}'{at}, and it is not in the local cache"
-            f" ({e}). Check the network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the cache only.") from e
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as e:
@@ -421,7 +421,7 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
 
     Raises:
         FileNotFoundError: The repo, the revision or its config.json does not exist (or not in the offline cache).
-        ConnectionError: The Hub could not be reached and nothing is cached.
+        ConnectionError: The Hub could not be reached and nothing is cached, or a download broke off for good.
         ValueError: The config names a model this installation does not know (it says which package or version).
         TypeError: The config holds arguments this version does not know (written by a newer version).
         RuntimeError: The weights do not fit the model the config describes.
@@ -433,5 +433,20 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
     repo_id, revision = _hub_name(name)
     check_config(_fetch_config(repo_id, revision), name)
     # config.json is in the cache now: timm reads it from there, then fetches the weights
-    return timm.create_model(f'hf-hub:{repo_id}' + (f'@{revision}' if revision else ''), pretrained=pretrained,
-                             **kwargs)
+    try:
+        return timm.create_model(f'hf-hub:{repo_id}' + (f'@{revision}' if revision else ''), pretrained=pretrained,
+                                 **kwargs)
+    except Exception as e:
+        if not _is_network_error(e):
+            raise
+        raise ConnectionError(
+            f"Downloading the weights of '{name}' failed after huggingface_hub's retries ({type(e).__name__}: {e})."
+            f' The cache keeps no partial file as complete: run it again when the connection is back.') from e
+
+
+def _is_network_error(e: BaseException) -> bool:
+    # huggingface_hub lets its HTTP client's errors through once its retries are spent; a body shorter than announced
+    # is its OSError 'Consistency check failed'
+    if isinstance(e, (ConnectionError, TimeoutError)) or 'Consistency check failed' in str(e):
+        return True
+    return type(e).__module__.split('.')[0] in ('httpx', 'httpx2', 'httpcore', 'requests', 'urllib3')
