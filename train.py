@@ -15,7 +15,7 @@ with ``timm.create_model('local-dir:<folder>', pretrained=True)`` after ``import
 (one line per epoch), ``results.json`` (final-epoch metrics), ``args.yaml``, and ``checkpoint.pt`` (written
 atomically after every epoch) for ``--resume``. With ``--snapshot-subset N``, ``snapshots/`` holds every epoch's
 member logits on N fixed validation samples (and with ``--snapshot-weights`` the member weights), read back with
-``timm_ensembles._snapshots.read_snapshots``.
+``timm_ensembles.read_snapshots``.
 """
 import argparse
 import json

@@ -6,6 +6,7 @@
 from ._distill import DistillationTask, StudentModel
 from ._ensemble import EnsembleHead, EnsembleModel
 from ._registry import create_model, create_task, get_task_cls, list_ensemble_methods, register_task
+from ._snapshots import Snapshots, read_snapshots
 from ._split import SplitLayout, get_split_layout, register_split_layout
 from ._task import ClassificationTask, Task
 from .hub import load_from_hub, push_to_hub
