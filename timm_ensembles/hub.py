@@ -196,8 +196,8 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
         comparison = (f"Validation results at the final epoch ({final.get('num_samples', '?')} images of"
                       f" {dataset or 'the evaluation set'}; no epoch selection):\n\n" + '\n'.join(rows) + '\n')
         if 'exported_from' in run:
-            comparison += ('\nThe first row is the whole run\'s prediction; this export is its designated head'
-                           ' (head 0 unless the run chose another), whose outputs it reproduces exactly.\n')
+            comparison += ('\nThe run\'s prediction (first row) is its designated head, which this export is, with'
+                           ' identical outputs; the other rows are the heads of the run it was exported from.\n')
     if args:
         comparison += ('\nTraining: `accelerate launch train.py --config args.yaml --output <new folder>` with this'
                        " repo's `args.yaml`, from the timm-ensembles repository (the full flags are in that file;"
@@ -211,8 +211,6 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
         details=details,
         usage=usage,
     )
-    if dataset:
-        card['details']['Dataset'] = dataset
     if comparison:
         card['comparison'] = comparison
     return card
