@@ -519,7 +519,7 @@ def _heatmap(fig, ax, matrix, title: str, cbar_label: str, labels: list[str] | N
                     light = (m[i, j] - lo) / ((hi - lo) or 1) > 0.6
                     # no leading zero: '.028' fits a cell of an 8 x 8 matrix at 9 pt, '0.028' does not
                     text = f'{m[i, j]:.{digits}f}'.replace('0.', '.', 1) if 0 <= m[i, j] < 1 else f'{m[i, j]:.2f}'
-                    ax.text(j, i, text, ha='center', va='center', fontsize=9,
+                    ax.text(j, i, text, ha='center', va='center', fontsize=9 if n <= 3 else 8,
                             color='black' if light else 'white')
                 else:  # undefined, e.g. the members of a single-member source
                     ax.text(j, i, 'n/a', ha='center', va='center', fontsize=9, color='gray')
@@ -540,8 +540,9 @@ def _grid(n: int, panel_h: float, max_cols: int = 2):
 def _plot_disagreement(path: Path, per_source: dict[str, dict], between: dict | None) -> bool:
     if between is not None:
         n = len(between['member_labels'])
-        fig = _figure(_WIDTH, 6.2 if n > 6 else 4.6)
-        ax1, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[2, 1]))
+        # wider than the other plots: two square panels side by side, the small one with readable cell labels
+        fig = _figure(_WIDTH + 1.5, 5.0 if n > 6 else 4.0)
+        ax1, ax2 = fig.subplots(1, 2, gridspec_kw=dict(width_ratios=[1.6, 1]))
         _heatmap(fig, ax1, between['disagreement'], 'Member disagreement (all sources)', 'fraction of inputs',
                  labels=between['member_labels'], major=between['offsets'][1:-1], vmin=0)
         blocks = np.array([[np.nan if v is None else v for v in row] for row in between['block_mean']])
