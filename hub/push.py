@@ -15,6 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from huggingface_hub.errors import HfHubHTTPError
+
 from timm_ensembles.hub import generate_model_card, push_to_hub
 
 
@@ -38,7 +40,7 @@ def main(argv=None) -> int:
             return 0
         info = push_to_hub(args.folder, args.repo_id, token=args.token, revision=args.revision, private=args.private,
                            create_pr=args.create_pr, commit_message=args.message, model_card=not args.no_card)
-    except (FileNotFoundError, ValueError, PermissionError) as e:
+    except (OSError, ValueError, HfHubHTTPError) as e:  # OSError: missing files, no token, network
         raise SystemExit(f'error: {e}') from None
     where = getattr(info, 'pr_url', None) or getattr(info, 'commit_url', info)
     print(f'pushed {args.folder} to {args.repo_id}: {where}')

@@ -32,9 +32,10 @@ def test_card_of_an_ensemble_run_has_its_method_members_dataset_and_numbers(tmp_
     fam = families(tmp_path)
     card = generate_model_card(fam['fdl'], 'org/fdl-digits')
     header, body = card.split('---\n')[1], card.split('---\n', 2)[2]
-    assert '- timm-ensembles' in header and '- fdl' in header and '- digits' in header
+    assert '- timm-ensembles' in header and '- fdl' in header
+    assert 'datasets:' not in header  # 'digits' is no Hub dataset: the card names it, the metadata does not
     assert 'Knowledge Diversification in Ensembles of Identical Neural Networks' in body
-    assert '**Base model:** test_resnet' in body and '**Members:** 2' in body and '**Dataset:** digits' in body
+    assert '**Base model:** test_resnet' in body and '**Members:** 2' in body and '**Training data:** digits' in body
     assert '**Training:** 3 epochs, seed 7' in body and '**Image size:** 32x32' in body
     # the run's own numbers, per member and for the ensemble
     for row in ('| prediction (`model(x)`) | 81.25 |', '| member 0 | 80.00 |', '| member 1 | 78.75 |',
@@ -54,6 +55,32 @@ def test_card_of_an_exported_head_is_for_plain_timm(tmp_path):
     assert 'Collaborative Learning for Deep Neural Networks' in card
     # the results are the run's, one level up
     assert '| head 0 | 80.00 |' in card
+
+
+def test_card_names_hub_datasets_in_its_metadata_and_never_a_local_path(tmp_path):
+    folder = families(tmp_path)['fdl']
+    # as train.py writes them: the name given in args.yaml, the resolved source in results.json
+    (folder / 'args.yaml').write_text('model: fdl_test_resnetx2\ndataset: fashion-mnist\n')
+    results = json.loads((folder / 'results.json').read_text())
+    results['dataset'] = 'idx:/home/someone/data/fashion-mnist'
+    (folder / 'results.json').write_text(json.dumps(results))
+    card = generate_model_card(folder, 'org/x')
+    assert 'datasets:\n- zalando-datasets/fashion_mnist\n' in card and '/home/someone' not in card
+    (folder / 'args.yaml').write_text('model: fdl_test_resnetx2\ndataset: idx:/home/someone/data/my-scans\n')
+    card = generate_model_card(folder, 'org/x')
+    assert '**Training data:** my-scans' in card and '/home/someone' not in card and 'datasets:' not in card
+
+
+def test_catalog_tags_carry_the_preprocessing_train_py_evaluated_with():
+    from timm_ensembles._catalog import PUBLISHED
+
+    for name, cfg in PUBLISHED.items():
+        model = timm_ensembles.create_model(name.split('.')[0])
+        # what train.py resolves for a 28 px dataset at its natural 32 px (data_args input_size and crop_pct 1.0)
+        want = timm.data.resolve_data_config(dict(input_size=(3, 32, 32), crop_pct=1.0), model=model)
+        got = timm.data.resolve_data_config(model=timm_ensembles.create_model(name))
+        assert got == want, name
+        assert cfg['num_classes'] == 10 and len(cfg['label_names']) == 10
 
 
 def test_card_of_a_model_without_a_run(tmp_path):
@@ -234,7 +261,9 @@ def test_every_family_round_trips_through_the_upload_server(hub, tmp_path):
         if name in ('fdl', 'collab'):  # folders: the run files come along, the checkpoint never
             assert {'results.json', 'metrics.jsonl', 'args.yaml'} <= set(files)
             assert b'| member 0 | 80.00 |' in files['README.md'] or b'| head 0 | 80.00 |' in files['README.md']
-    assert not any(r.path.endswith(('checkpoint.pt', 'pytorch_model.bin')) for r in hub.requests)
+    # small files travel inside the commit request: what was committed is the record to check
+    added = {f for c in hub.commit_log for f in c.added}
+    assert 'model.safetensors' in added and not added & {'checkpoint.pt', 'pytorch_model.bin'}
 
 
 def load_file_bytes(data: bytes) -> dict[str, torch.Tensor]:
@@ -282,12 +311,33 @@ def test_revisions_pull_requests_and_private_repos(hub, tmp_path):
     assert "No model repo 'org/private'" in out and 'private' in out
 
 
+def test_a_model_pushes_to_a_new_branch_and_without_a_card_when_asked(hub, tmp_path):
+    out = _client("""
+        import torch, timm, timm_ensembles
+        from _hub_families import probe
+        from timm_ensembles.hub import push_to_hub
+        model = timm.create_model('ens', base_model='test_resnet', num_members=2, num_classes=3).eval()
+        push_to_hub(model, 'org/model-branch', revision='v2', model_card=False)
+        with torch.no_grad():
+            assert torch.equal(timm_ensembles.load_from_hub('org/model-branch@v2').eval()(probe()), model(probe()))
+        try:
+            push_to_hub(model, 'org/pr-and-branch', revision='v2', create_pr=True)
+        except ValueError as e:
+            print('refused:', e)
+    """, hub.endpoint, tmp_path)
+    assert 'refused: create_pr=True opens a pull request against the default branch' in out
+    assert 'org/pr-and-branch' not in hub.repos  # refused before anything was sent
+    assert set(hub.files('org/model-branch', 'v2')) == {'config.json', 'model.safetensors'}  # no card at all
+
+
 def test_missing_repos_and_files_and_bad_tokens(hub, tmp_path):
     hub.add_files('org/not-a-model', {'README.md': b'# hello\n'})
+    folder = export_folder(timm.create_model('test_resnet', num_classes=3), tmp_path / 'm')
+    hub.add_files('org/no-weights', {'config.json': (folder / 'config.json').read_bytes()})
     out = _client("""
         import timm_ensembles
         from huggingface_hub.errors import HfHubHTTPError
-        for name in ('org/nowhere', 'org/not-a-model'):
+        for name in ('org/nowhere', 'org/not-a-model', 'org/no-weights'):
             try:
                 timm_ensembles.load_from_hub(name)
             except FileNotFoundError as e:
@@ -299,6 +349,7 @@ def test_missing_repos_and_files_and_bad_tokens(hub, tmp_path):
     """, hub.endpoint, tmp_path, token='hf_wrong')
     assert "No model repo 'org/nowhere'" in out
     assert "'org/not-a-model' has no config.json: it is not a timm model repo" in out
+    assert "FileNotFoundError The Hub repo 'org/no-weights' has a config.json but no weights" in out
     assert 'push refused 401' in out and 'org/denied' not in hub.repos
 
 

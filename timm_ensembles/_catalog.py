@@ -17,10 +17,11 @@ HUB_ORG = 'timm-ensembles'
 FASHION_MNIST_LABELS = (
     'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot')
 
-# the preprocessing train.py evaluated the Fashion-MNIST studies with: 28 px images resized to 32, no crop,
-# the base's (ImageNet) normalisation, grayscale repeated to 3 channels
+# the preprocessing train.py evaluated the Fashion-MNIST studies with (resolve_data_config of the base with the
+# dataset's 32 px and no crop): 28 px images resized to 32 with the base's interpolation and (ImageNet)
+# normalisation, grayscale repeated to 3 channels
 _FMNIST = dict(
-    num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, interpolation='bilinear', mean=IMAGENET_DEFAULT_MEAN,
+    num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
     std=IMAGENET_DEFAULT_STD, label_names=FASHION_MNIST_LABELS,
 )
 

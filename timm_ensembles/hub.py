@@ -12,7 +12,8 @@ state), and clear errors when a repo cannot be loaded.
     push_to_hub(model, 'my-org/my-ensemble')                                    # a model (or a task)
     model = load_from_hub('my-org/fdl_resnet18x2.fmnist@v1')                    # any revision
 
-Uploads go through timm's ``push_to_hf_hub`` (models) and huggingface_hub's ``HfApi.upload_folder`` (folders); the
+A model is written with timm's ``save_for_hf`` (as ``train.py`` writes its folder) and every upload goes through
+huggingface_hub's ``HfApi.upload_folder``, so that a model and a folder get the same files, card and checks; the
 token, endpoint (``HF_ENDPOINT``), cache and offline mode are huggingface_hub's own. Weights are pushed as safetensors
 only, and loading never unpickles: timm reads safetensors, or ``torch.load(weights_only=True)`` for old repos.
 """
@@ -106,6 +107,19 @@ def _paper_link(paper_ids: str | None) -> str | None:
     return None
 
 
+# train.py's dataset names whose data is on the Hub, for the model card's metadata
+_HUB_DATASETS = {'fashion-mnist': 'zalando-datasets/fashion_mnist'}
+
+
+def _dataset_name(name: str | None) -> str | None:
+    """A dataset name fit for a public card: a local folder is named by its last part, never by its path."""
+    if not name:
+        return None
+    if name.startswith('idx:') or '/' in name and not name.startswith('hfds/'):
+        return Path(name.removeprefix('idx:')).name or 'a local dataset'
+    return name
+
+
 def _fmt(value: float | None) -> str:
     return '' if value is None else f'{value:.2f}'
 
@@ -124,7 +138,8 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
     trained_as = results.get('model') or args.get('model') or architecture
     package_model = _is_package_model(architecture)
     paper_name, paper_ids = _paper(trained_as, architecture)
-    dataset = results.get('dataset') or args.get('dataset')
+    # the name the run was given (args.yaml), not the resolved one (results.json: may be a local path)
+    dataset = _dataset_name(args.get('dataset') or results.get('dataset'))
     base = model_args.get('base_model')
     members = model_args.get('num_members') or model_args.get('num_heads')
     pcfg = config.get('pretrained_cfg', {})
@@ -155,7 +170,9 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
     if members and package_model:
         details['Members' if 'num_members' in model_args else 'Heads'] = members
     if dataset:
-        details['Dataset'] = dataset
+        hub_id = _HUB_DATASETS.get(dataset) or (dataset.removeprefix('hfds/') if dataset.startswith('hfds/') else None)
+        # timm writes details['Dataset'] into the card's `datasets:` metadata, which takes Hub dataset ids only
+        details['Dataset' if hub_id else 'Training data'] = hub_id or dataset
     if pcfg.get('input_size'):
         details['Image size'] = 'x'.join(str(s) for s in pcfg['input_size'][1:])
     if config.get('num_classes'):
@@ -217,20 +234,22 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
 
 
 def generate_model_card(source: str | Path | nn.Module, repo_id: str) -> str:
-    """The README.md (model card) that ``push_to_hub`` uploads for ``source`` as ``repo_id``."""
+    """The README.md (model card) that ``push_to_hub`` uploads for ``source`` (a folder, a model or a task) as
+    ``repo_id``."""
     from timm.models._hub import generate_readme
 
-    run = read_run(source) if not isinstance(source, nn.Module) else _model_run(source)
-    return generate_readme(model_card_fields(run, repo_id), repo_id.split('/')[-1])
+    if isinstance(source, nn.Module):
+        with tempfile.TemporaryDirectory(prefix='timm-ensembles-card-') as tmp:
+            return generate_model_card(_export(source, Path(tmp)), repo_id)
+    return generate_readme(model_card_fields(read_run(source), repo_id), repo_id.split('/')[-1])
 
 
-def _model_run(model: nn.Module) -> dict[str, Any]:
-    from timm.models._input import get_model_args
+def _export(source: nn.Module, folder: Path) -> Path:
+    """A model (or a task's export) written as train.py writes it: timm's save_for_hf, safetensors only."""
+    from ._checkpoint import export_folder
 
-    cfg = getattr(model, 'pretrained_cfg', {}) or {}
-    return dict(config=dict(architecture=cfg.get('architecture') or type(model).__name__,
-                            num_classes=getattr(model, 'num_classes', None), model_args=get_model_args(model),
-                            pretrained_cfg={k: v for k, v in cfg.items() if k in ('input_size', 'license')}))
+    model = source.export_model() if hasattr(source, 'export_model') else source
+    return export_folder(model, folder)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -281,40 +300,33 @@ def push_to_hub(
         token: A token with write access; default: huggingface_hub's (``HF_TOKEN``, ``hf auth login``).
         revision: Branch to commit to (created from main if it does not exist); default main.
         private: Create the repo private (an existing repo keeps its visibility).
-        create_pr: Open a pull request with the commit instead of committing to the branch.
+        create_pr: Open a pull request against the default branch instead of committing (not with ``revision``).
         commit_message: The commit's message.
-        model_card: Upload the generated model card (a folder's card replaces the repo's README.md; a model's is
-            added only where the repo has none, as timm does).
-        check: Reload a folder before pushing it and refuse one that does not load.
+        model_card: Upload the generated model card (it replaces the repo's README.md); False uploads none.
+        check: Reload what is pushed before pushing it and refuse it if it does not load.
 
     Returns:
         huggingface_hub's ``CommitInfo`` of the upload.
     """
     from huggingface_hub import HfApi
 
-    from . import __version__
-
+    if revision and create_pr:
+        # huggingface_hub refuses the pair after the repo is created; refuse it before anything is sent
+        raise ValueError(f'create_pr=True opens a pull request against the default branch; it cannot be combined with'
+                         f' revision={revision!r}. Push to the branch, or open the pull request without revision.')
     token = _require_token(token)
-    if isinstance(source, nn.Module):
-        from timm.models import push_to_hf_hub
-
-        model = source.export_model() if hasattr(source, 'export_model') else source
-        card = model_card_fields(_model_run(model), repo_id) if model_card else None
-        return push_to_hf_hub(
-            model, repo_id, commit_message=commit_message, token=token, revision=revision, private=private,
-            create_pr=create_pr, model_config={_VERSION_KEY: __version__}, model_card=card,
-            safe_serialization=True)
-
-    folder = Path(source)
-    run = read_run(folder)
-    if check:
-        _check_loads(folder)
-    api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    if revision and not create_pr:
-        api.create_branch(repo_id, branch=revision, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix='timm-ensembles-push-') as tmp:
         staging = Path(tmp)
+        if isinstance(source, nn.Module):
+            # a model takes the folder's way: the same files, card and checks as a train.py folder
+            folder = _export(source, staging / 'export')
+            staging = staging / 'repo'
+        else:
+            folder = Path(source)
+        run = read_run(folder)
+        if check:
+            _check_loads(folder)
+        staging.mkdir(exist_ok=True)
         # only these files, whatever else the folder holds (checkpoint.pt, exported/, logs)
         for name in ('config.json', _WEIGHTS):
             _link_or_copy(folder / name, staging / name)
@@ -324,6 +336,10 @@ def push_to_hub(
                 _link_or_copy(run_dir / name, staging / name)
         if model_card:
             (staging / 'README.md').write_text(generate_model_card(folder, repo_id), encoding='utf-8')
+        api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if revision:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
         return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
                                  commit_message=commit_message)
 
@@ -353,6 +369,7 @@ def _fetch_config(repo_id: str, revision: str | None) -> dict[str, Any]:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import (
         EntryNotFoundError,
+        GatedRepoError,
         LocalEntryNotFoundError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
@@ -376,6 +393,9 @@ def _fetch_config(repo_id: str, revision: str | None) -> dict[str, Any]:
         raise FileNotFoundError(
             f"The Hub repo '{repo_id}'{at} has no config.json: it is not a timm model repo (push one with"
             f" timm_ensembles.hub.push_to_hub or python hub/push.py).") from e
+    except GatedRepoError as e:  # a subclass of RepositoryNotFoundError
+        raise PermissionError(f"The Hub repo '{repo_id}' is gated: accept its conditions on its Hub page, then use a"
+                              f' token of that account (HF_TOKEN or `hf auth login`).') from e
     except RepositoryNotFoundError as e:
         raise FileNotFoundError(
             f"No model repo '{repo_id}' on {constants.ENDPOINT}, or it is private and no token with access was found"
@@ -418,7 +438,9 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
         **kwargs: Passed on to ``timm.create_model`` (e.g. ``num_classes`` for a new classifier).
 
     Raises:
-        FileNotFoundError: The repo, the revision or its config.json does not exist (or not in the offline cache).
+        FileNotFoundError: The repo, the revision, its config.json or its weights do not exist (or are not in the
+            offline cache).
+        PermissionError: The repo is gated and the token has not accepted its conditions.
         ConnectionError: The Hub could not be reached and nothing is cached, or a download broke off for good.
         ValueError: The config names a model this installation does not know (it says which package or version).
         TypeError: The config holds arguments this version does not know (written by a newer version).
@@ -431,9 +453,19 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
     repo_id, revision = _hub_name(name)
     check_config(_fetch_config(repo_id, revision), name)
     # config.json is in the cache now: timm reads it from there, then fetches the weights
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
+
     try:
         return timm.create_model(f'hf-hub:{repo_id}' + (f'@{revision}' if revision else ''), pretrained=pretrained,
                                  **kwargs)
+    except LocalEntryNotFoundError as e:  # offline, config.json cached but not the weights
+        raise FileNotFoundError(f"The weights of '{name}' are not in the local Hub cache and the Hub cannot be"
+                                f' reached ({e}).') from e
+    except EntryNotFoundError as e:
+        # timm looks for model.safetensors, then falls back to pytorch_model.bin: the error names the fallback
+        raise FileNotFoundError(
+            f"The Hub repo '{name}' has a config.json but no weights (no {_WEIGHTS}): the upload was incomplete. Push"
+            f' the model again (timm_ensembles.hub.push_to_hub or python hub/push.py).') from e
     except Exception as e:
         if not _is_network_error(e):
             raise
