@@ -4,6 +4,7 @@ Imported by the tests and by the client subprocesses they start (which must impo
 ``HF_ENDPOINT``), so it builds everything from seeds and tiny timm bases, with no network.
 """
 import json
+import shutil
 from pathlib import Path
 
 import timm
@@ -72,3 +73,15 @@ def exported(obj: nn.Module | Path) -> nn.Module:
     if isinstance(obj, Path):
         return timm.create_model(f'local-dir:{obj}', pretrained=True).eval()
     return (obj.export_model() if hasattr(obj, 'export_model') else obj).eval()
+
+
+def fill_cache(cache: Path, repo_id: str, folder: Path, commit: str = 'a' * 40) -> None:
+    """Lay out ``folder``'s files as huggingface_hub's cache holds a repo downloaded before (for HF_HUB_OFFLINE=1)."""
+    repo = Path(cache) / f"models--{repo_id.replace('/', '--')}"
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text(commit)
+    snapshot = repo / 'snapshots' / commit
+    snapshot.mkdir(parents=True)
+    for f in Path(folder).iterdir():
+        if f.is_file():
+            shutil.copy(f, snapshot / f.name)

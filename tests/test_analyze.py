@@ -234,3 +234,21 @@ def test_bad_sources(tmp_path):
         main([str(tmp_path / 'nope'), '--dataset', 'digits'])
     with pytest.raises(AnalysisError, match='2 labels for 1 sources'):
         analyze_runs([str(tmp_path)], labels=['a', 'b'])
+
+
+def test_hub_sources_are_read_with_their_run_files(runs, tmp_path, monkeypatch):
+    from _hub_families import fill_cache
+
+    # two repos as push_to_hub leaves them (weights, config, run files), served from an offline cache (conftest sets
+    # HF_HUB_OFFLINE=1)
+    fill_cache(tmp_path / 'cache', 'org/ens', runs['ens'])
+    other = tmp_path / 'other'
+    _make_run(other, timm.create_model('test_resnet', num_classes=NUM_CLASSES), dataset='fashion-mnist')
+    fill_cache(tmp_path / 'cache', 'org/other', other)
+    monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(tmp_path / 'cache'))
+    report = analyze_runs(['hf-hub:org/ens'], dataset='digits', out_dir=tmp_path / 'out', val_subset=20,
+                          verbose=False)
+    assert report['sources']['ens']['num_members'] == 3
+    with pytest.raises(AnalysisError, match=r'another dataset than --dataset \(digits\).*other'):
+        analyze_runs(['hf-hub:org/ens', 'hf-hub:org/other'], dataset='digits', out_dir=tmp_path / 'out',
+                     val_subset=20, verbose=False)

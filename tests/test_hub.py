@@ -7,14 +7,13 @@ huggingface_hub reads ``HF_ENDPOINT`` when it is imported.
 """
 import hashlib
 import json
-import shutil
 import textwrap
 from pathlib import Path
 
 import pytest
 import timm
 import torch
-from _hub_families import ALLOWED_FILES, DATA_CONFIG, NUM_CLASSES, exported, families, probe, write_run
+from _hub_families import ALLOWED_FILES, DATA_CONFIG, NUM_CLASSES, exported, families, fill_cache, probe, write_run
 from safetensors.torch import load_file, save_file
 
 import timm_ensembles
@@ -167,18 +166,6 @@ def test_weights_that_do_not_fit_their_config_give_a_clear_error(tmp_path):
         push_to_hub(folder, 'org/name', token='hf_test')  # checked before any request
 
 
-def _fill_cache(cache: Path, repo_id: str, folder: Path, commit: str = 'a' * 40) -> None:
-    """Lay out ``folder``'s files as huggingface_hub's cache holds a downloaded repo."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    (repo / 'refs').mkdir(parents=True)
-    (repo / 'refs' / 'main').write_text(commit)
-    snapshot = repo / 'snapshots' / commit
-    snapshot.mkdir(parents=True)
-    for f in folder.iterdir():
-        if f.is_file():
-            shutil.copy(f, snapshot / f.name)
-
-
 def test_a_catalog_tag_and_hf_hub_names_load_from_an_offline_cache(tmp_path):
     from _hub_servers import run_client
 
@@ -187,7 +174,7 @@ def test_a_catalog_tag_and_hf_hub_names_load_from_an_offline_cache(tmp_path):
     assert model.num_classes == 10 and model.pretrained_cfg['hf_hub_id'] == 'timm-ensembles/ens_resnet18x2.fmnist'
     folder = export_folder(model, tmp_path / 'repo', data_config=DATA_CONFIG | dict(mean=model.pretrained_cfg['mean'],
                                                                                    std=model.pretrained_cfg['std']))
-    _fill_cache(tmp_path / 'cache', 'timm-ensembles/ens_resnet18x2.fmnist', folder)
+    fill_cache(tmp_path / 'cache', 'timm-ensembles/ens_resnet18x2.fmnist', folder)
     x = probe()
     with torch.no_grad():
         torch.save(model.eval()(x), tmp_path / 'want.pt')

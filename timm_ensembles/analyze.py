@@ -108,10 +108,29 @@ def _canonical_dataset(name: str | None, root: str | None) -> str | None:
     return str(path)
 
 
+def _hub_file(spec: str, filename: str) -> Path:
+    """``filename`` of the Hub repo ``spec`` (``hf-hub:org/name[@rev]``) downloaded, or a missing path if it has
+    none."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    repo_id, _, revision = spec.split(':', 1)[1].partition('@')
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision or None))
+    except EntryNotFoundError:  # also: offline and not cached; a missing repo fails later, loading the model
+        return Path(os.devnull) / filename
+
+
 def _resolve_source(spec: str, label: str | None) -> _Source:
     if spec.startswith(_HUB_PREFIXES):
-        # a Hub repo carries no run files (args.yaml, results.json, snapshots) that this report reads
-        return _Source(spec, label or spec.split(':', 1)[1].rstrip('/').split('/')[-1], spec, None)
+        src = _Source(spec, label or spec.split(':', 1)[1].rstrip('/').split('/')[-1], spec, None)
+        # a repo pushed from a train.py folder carries its args.yaml and results.json (not its snapshots)
+        src.args = _read_yaml(_hub_file(spec, 'args.yaml'))
+        src.results = _read_json(_hub_file(spec, 'results.json'))
+        # the dataset as the run named it, resolved here: the recorded one is a path on the machine that trained it
+        src.dataset = (_canonical_dataset(src.args['dataset'], None) if 'dataset' in src.args
+                       else src.results.get('dataset'))
+        return src
     path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
     if not path.is_dir():
         raise AnalysisError(f"Source '{spec}' is neither an existing folder (a train.py output) nor an hf-hub: name.")
