@@ -575,9 +575,12 @@ def _plot_disagreement(path: Path, per_source: dict[str, dict], between: dict | 
     if not items:
         return False
     fig, axes = _grid(len(items), 3.6)
+    vmax = max(float(np.nanmax(np.asarray(s['disagreement'], dtype=float))) for _, s in items)
     for ax, (label, s) in zip(axes, items):
         _heatmap(fig, ax, s['disagreement'], f'{label}: member disagreement', 'fraction of inputs',
-                 labels=[f'{label}:m{m}' for m in range(s['num_members'])], vmin=0)
+                 labels=[f'{label}:m{m}' for m in range(s['num_members'])], vmin=0, vmax=vmax or None)
+        ax.set_xlabel('member')
+        ax.set_ylabel('member')
     _save(fig, path)
     return True
 
@@ -588,9 +591,14 @@ def _plot_per_source_matrix(path: Path, per_source: dict[str, dict], key: str, t
     if not items:
         return False
     fig, axes = _grid(len(items), 3.6)
+    # one colour scale for every panel, so that sources compare by colour too
+    values = np.concatenate([np.asarray(s[key], dtype=float).ravel() for _, s in items])
+    vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
     for ax, (label, s) in zip(axes, items):
         _heatmap(fig, ax, s[key], f'{label}: {title}', cbar, labels=[f'{label}:m{m}' for m in range(s['num_members'])],
-                 cmap=cmap)
+                 cmap=cmap, vmin=vmin, vmax=vmax)
+        ax.set_xlabel('member')
+        ax.set_ylabel('member')
     _save(fig, path)
     return True
 
