@@ -3,9 +3,8 @@
 The container holds only what inference needs. What a method adds for training (losses, phases,
 teachers, discriminators) lives in its task (see ``_task.py``).
 """
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import timm
@@ -14,8 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._registry import check_base_model
+from ._strategies import (
+    MEMBER_STRATEGIES,
+    AutoStrategy,
+    MemberStrategy,
+    capture_conv_outputs,
+    conv_modules,
+    create_member_strategy,
+)
 
-__all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'COMBINE_MODES', 'FEATURE_TAPS']
+__all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'COMBINE_MODES', 'FEATURE_TAPS', 'MEMBER_STRATEGIES',
+           'capture_conv_outputs', 'conv_modules']
 
 COMBINE_MODES = ('linear', 'mean_logits', 'mean_probs')
 FEATURE_TAPS = ('stages', 'convs')
@@ -80,15 +88,18 @@ class EnsembleHead(nn.Module):
 
 class ModelArgsMixin:
     """``model_args`` for wrappers built by timm's factory: what the factory recorded, less ``pretrained_base``
-    (a reload must not download the base's weights, which the wrapper's own weights replace), plus the arguments
-    that define the wrapper (``_defining_args``)."""
+    (a reload must not download the base's weights, which the wrapper's own weights replace) and ``member_strategy``
+    (how the members run is a choice of the machine that runs them, not part of the model), plus the arguments that
+    define the wrapper (``_defining_args``)."""
+    _unrecorded_args = ('pretrained_base', 'member_strategy')
 
     def _defining_args(self) -> dict[str, Any]:
         raise NotImplementedError
 
     @property
     def _model_args(self) -> dict[str, Any]:
-        args = {k: v for k, v in self.__dict__.get('_recorded_model_args', {}).items() if k != 'pretrained_base'}
+        args = {k: v for k, v in self.__dict__.get('_recorded_model_args', {}).items()
+                if k not in self._unrecorded_args}
         args.update(self._defining_args())
         return args
 
@@ -122,6 +133,8 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
             weights'. (``pretrained=True`` on the ensemble means the ensemble's own published weights.)
         num_classes: Number of classes (0: no classifier).
         in_chans: Number of input channels.
+        member_strategy: How the members run, one of ``MEMBER_STRATEGIES`` (see ``set_member_strategy``); not
+            recorded in ``model_args``.
         device: Device to build the parameters on.
         dtype: Parameter dtype.
         **kwargs: Passed to every member's ``timm.create_model`` (``global_pool``, ``img_size``, ``drop_rate``,
@@ -137,6 +150,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
             pretrained_base: bool = False,
             num_classes: int = 1000,
             in_chans: int = 3,
+            member_strategy: str = 'loop',
             device: str | torch.device | None = None,
             dtype: torch.dtype | None = None,
             **kwargs: Any,
@@ -163,6 +177,58 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         member = self.members[0]
         self.member_num_features = member.num_features
         self.head = EnsembleHead(num_members, num_classes, combine, device=device, dtype=dtype)
+        self.set_member_strategy(member_strategy)
+
+    # ---- how the members run ----
+    def set_member_strategy(self, name: str, example_input: torch.Tensor | None = None) -> None:
+        """Choose how ``forward_members`` and ``forward_members_with_features`` run the members.
+
+        ``'loop'`` (default): one member after another. ``'vmap'``: ``torch.func.vmap`` over the members' stacked
+        parameters and buffers. ``'grouped'``: the members fused into one network of grouped convolutions (BatchNorm
+        CNNs only). ``'auto'``: on the first call for each input shape, dtype, device and mode, times the strategies
+        that accept the model on that batch and keeps the fastest (``member_strategy`` then says which;
+        ``'grouped:split'`` / ``'grouped:grouped'`` are the grouped strategy with one kind of kernel throughout).
+        ``vmap`` and ``grouped`` are checked against the loop when set (outputs, features, gradients, BatchNorm
+        statistics on a probe batch, in float64 on a CPU copy of the members, which stay untouched) and refused with a
+        ``StrategyError`` (a ``ValueError``) that says why. Every strategy reads the members' own parameters and writes
+        their own BatchNorm statistics, so the state_dict, checkpoints and Hub repos are the same whichever ran. See
+        ``_strategies.py``.
+
+        Changing the members' modules afterwards (``reset_classifier`` and ``set_grad_checkpointing`` do this
+        themselves) needs ``set_member_strategy`` again.
+
+        Args:
+            name: One of ``MEMBER_STRATEGIES``.
+            example_input: Probe batch of the check (``auto``: make the choice now, on this batch); default: a
+                random batch of 2 at the base's input size capped at 64 px (a ViT's own size; the full size if the
+                base does not take 64 px).
+        """
+        self._member_strategy: MemberStrategy = create_member_strategy(
+            name, self.members, self.base_model, self.in_chans, example_input)
+
+    @property
+    def member_strategy(self) -> str:
+        """The strategy that runs the members: for ``auto``, the one it chose for the latest call (``'auto'``
+        before its first)."""
+        strategy = self._member_strategy
+        if isinstance(strategy, AutoStrategy):
+            return strategy.last_choice or 'auto'
+        return strategy.name
+
+    @property
+    def member_strategy_info(self) -> dict[str, Any]:
+        """The strategy set and, for ``auto``, the eligible strategies, refusals, choices and timings."""
+        strategy = self._member_strategy
+        info = dict(strategy=strategy.name)
+        if isinstance(strategy, AutoStrategy):
+            info.update(strategy.info())
+        return info
+
+    def _rebuild_member_strategy(self) -> None:
+        # strategies hold references to the members' layers (grouped) or their layout (vmap): rebuild them
+        strategy = getattr(self, '_member_strategy', None)
+        if strategy is not None and strategy.name != 'loop':
+            self.set_member_strategy(strategy.name)
 
     # ---- timm model interface ----
     @property
@@ -198,11 +264,13 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         self.member_num_features = self.members[0].num_features
         ref = next(self.members[0].parameters())
         self.head = EnsembleHead(self.num_members, num_classes, self.combine_mode, device=ref.device, dtype=ref.dtype)
+        self._rebuild_member_strategy()
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for member in self.members:
             member.set_grad_checkpointing(enable)
+        self._rebuild_member_strategy()
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -224,8 +292,8 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         return self.head(torch.stack([m.forward_head(x[:, i]) for i, m in enumerate(self.members)], dim=1))
 
     def forward_members(self, x: torch.Tensor) -> torch.Tensor:
-        """Every member's logits, ``[B, M, C]``."""
-        return torch.stack([m(x) for m in self.members], dim=1)
+        """Every member's logits, ``[B, M, C]`` (run by the member strategy)."""
+        return self._member_strategy.forward_members(x)
 
     def combine(self, member_logits: torch.Tensor) -> torch.Tensor:
         """Ensemble logits ``[B, C]`` from member logits ``[B, M, C]`` (what ``forward`` returns)."""
@@ -240,7 +308,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
             taps: str = 'stages',
             indices: int | Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
-        """Member logits and intermediate features from one forward pass per member.
+        """Member logits and intermediate features from one forward pass of the members (run by the member strategy).
 
         Args:
             x: Input batch.
@@ -254,39 +322,4 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         """
         if taps not in FEATURE_TAPS:
             raise ValueError(f"Unknown feature taps '{taps}', expected one of {FEATURE_TAPS}.")
-        logits, features = [], []
-        for member in self.members:
-            if taps == 'stages':
-                if not hasattr(member, 'forward_intermediates'):
-                    raise ValueError(
-                        f"Base model '{self.base_model}' has no forward_intermediates(); use feature taps 'convs'."
-                    )
-                final, inter = member.forward_intermediates(x, indices=indices)
-                logits.append(member.forward_head(final))
-                features.append(list(inter))
-            else:
-                with capture_conv_outputs(member) as convs:
-                    logits.append(member(x))
-                if not convs:
-                    raise ValueError(f"Base model '{self.base_model}' has no convolutions; use feature taps 'stages'.")
-                features.append(convs)
-        return torch.stack(logits, dim=1), features
-
-
-def conv_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every convolution of a model, in registration order."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.conv._ConvNd):
-            yield name, module
-
-
-@contextlib.contextmanager
-def capture_conv_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the output of every convolution run inside the context, in call order."""
-    outputs: list[torch.Tensor] = []
-    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for _, m in conv_modules(model)]
-    try:
-        yield outputs
-    finally:
-        for h in handles:
-            h.remove()
+        return self._member_strategy.forward_members_with_features(x, taps, indices)
