@@ -59,8 +59,11 @@ from timm_ensembles._snapshots import (
     snapshot_indices,
     write_snapshot,
 )
+from timm_ensembles._strategies import MEMBER_STRATEGIES
 
 _logger = logging.getLogger('train')
+# timm optimizer names that map to torch optimizers with a fused kernel
+_FUSED_OPTS = ('sgd', 'nesterov', 'momentum', 'adam', 'adamw')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -86,6 +89,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='train K generations in <output>/gen1..genK, each the teacher of the next (generation 1'
                             ' learns from --teacher), seed + 1000 k for generation k')
     group.add_argument('--compile', action='store_true', help='torch.compile the task')
+    group.add_argument('--member-strategy', default=None, choices=MEMBER_STRATEGIES,
+                       help="how an ensemble's members run (loop, vmap, grouped, auto: the fastest of those that"
+                            ' accept the model, timed on the first batch); default: loop on a CPU, auto on a GPU.'
+                            ' Checkpoints and exports are the same whichever runs; other models ignore it')
+    group.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                       help='model in channels_last memory format (default: on a GPU only; on a CPU it is slower)')
     group = parser.add_argument_group('Data')
     group.add_argument('--dataset', default='digits',
                        help="'digits' (embedded, offline; default), 'fashion-mnist', 'idx:<folder>', a folder of"
@@ -124,7 +133,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--decay-rate', type=float, default=0.97, help='step scheduler: decay factor')
     group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
     group.add_argument('--mixed-precision', default=None, choices=('no', 'fp16', 'bf16'),
-                       help="autocast dtype (default: accelerate's config)")
+                       help="autocast dtype (default: bf16 on a GPU that supports it, else accelerate's config;"
+                            ' no is fp32)')
+    group.add_argument('--fused-opt', action=argparse.BooleanOptionalAction, default=None,
+                       help="torch's fused optimizer kernel (default: on a GPU, for the optimizers that have one:"
+                            f" {', '.join(_FUSED_OPTS)})")
     group = parser.add_argument_group('Run')
     group.add_argument('--cpu', action='store_true', help='run on the CPU even where an accelerator is available')
     group.add_argument('--seed', type=int, default=0)
@@ -293,6 +306,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     # Accelerate only forms a CPU process group (gloo) when told it runs on the CPU; without this, processes
     # started by `accelerate launch --multi_gpu` on a machine without an accelerator each train alone
     cpu = args.cpu or not _has_accelerator()
+    if args.mixed_precision is None and not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        args.mixed_precision = 'bf16'
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
     accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs])
@@ -313,8 +328,12 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         snapshot_loader = torch.utils.data.DataLoader(
             torch.utils.data.Subset(val_ds, snapshot_idx.tolist()), batch_size=args.batch_size, shuffle=False,
             num_workers=args.workers, persistent_workers=args.workers > 0, generator=torch.Generator())
+    try:
+        _apply_speed_flags(args, task, accelerator.device, data_config['input_size'], log)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
     optimizer = task.create_optimizer(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                      momentum=args.momentum)
+                                      momentum=args.momentum, **(dict(fused=True) if args.fused_opt else {}))
 
     output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
     run_identity = dict(model=args.model, model_args=get_model_args(model), dataset=info.name,
@@ -420,6 +439,34 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     if end_training:
         accelerator.end_training()
     return 0
+
+
+def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, device: torch.device,
+                       input_size: tuple[int, ...], log) -> None:
+    """Resolve the device-dependent defaults of the flags that change how fast, not what, the run trains (into
+    ``args``, so that args.yaml records them) and apply the member strategy and memory format to the model."""
+    gpu = device.type == 'cuda'
+    model = getattr(task, 'model', task)
+    given = args.member_strategy
+    if args.member_strategy is None:
+        args.member_strategy = 'auto' if gpu else 'loop'
+    if args.channels_last is None:
+        args.channels_last = gpu
+    if args.fused_opt is None:
+        args.fused_opt = gpu and args.opt.lower() in _FUSED_OPTS
+    if hasattr(model, 'set_member_strategy'):
+        # vmap and grouped are checked against the loop when set, here on a probe batch of the run's input size
+        # (from a generator of its own: the global random stream stays the same whatever the strategy); auto
+        # decides on the first batches, on the run's device
+        probe = None
+        if args.member_strategy in ('vmap', 'grouped'):
+            ref = next(model.parameters())
+            probe = torch.randn((2, *input_size), generator=torch.Generator().manual_seed(0), dtype=ref.dtype)
+        model.set_member_strategy(args.member_strategy, example_input=probe)
+    elif given not in (None, 'loop'):
+        log(f'--member-strategy {given}: {type(model).__name__} has no members to run another way; ignored')
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
 
 
 def _has_accelerator() -> bool:
