@@ -92,6 +92,7 @@ def ratio_row(label: str, num: list[float], den: list[float], scale: float = 1.0
     of_minima = min(num) / (scale * min(den))
     return f'| {label} | {per_round:.3f} | {of_minima:.3f} |'
 
+
 def print_header(title: str, argv: list[str] | None, device: str, setup: str) -> None:
     """The report's title, then the command, machine, versions and setup, so that a pasted report says what ran."""
     device_name = torch.cuda.get_device_name(torch.device(device)) if device == 'cuda' else cpu_name()
@@ -129,3 +130,12 @@ def check_timing_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
         parser.error('--rounds must be >= 1 and --warmup >= 0.')
     if args.device == 'cuda' and not torch.cuda.is_available():
         parser.error('--device cuda: CUDA is not available in this torch build or machine.')
+
+
+def time_table(times: dict[str, list[float]], names: list[str]) -> None:
+    """Print the step times of ``names``: median, minimum and spread (slowest / fastest round), in ms."""
+    print('| configuration | median (ms) | min (ms) | spread (max / min) |')
+    print('|---|---:|---:|---:|')
+    for name in names:
+        t = times[name]
+        print(f'| {name} | {statistics.median(t) * 1e3:.1f} | {min(t) * 1e3:.1f} | {max(t) / min(t):.2f} |')
