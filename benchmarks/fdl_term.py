@@ -4,7 +4,7 @@
 
 Features: the stage outputs of a resnet18 at 32 px, batch 64, perturbed per member. Prints the minimum over 7
 interleaved rounds, in ms, for each form; ``timm_ensembles.losses.feature_difference_loss`` picks the pairwise
-form up to 4 members and the centred form from 5 on, after this measurement.
+form up to 3 members and the centred form from 4 on, after this measurement.
 """
 import itertools
 import time
