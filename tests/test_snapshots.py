@@ -11,7 +11,7 @@ from torch import nn
 
 import timm_ensembles
 from timm_ensembles import data as te_data
-from timm_ensembles._engine import evaluate, format_metrics, per_sample_feature_difference
+from timm_ensembles._engine import evaluate, format_metrics
 from timm_ensembles._snapshots import (
     member_parameters,
     predict_members,
@@ -20,7 +20,7 @@ from timm_ensembles._snapshots import (
     snapshot_indices,
     write_snapshot,
 )
-from timm_ensembles.losses import feature_difference_loss
+from timm_ensembles.losses import feature_difference_loss, per_sample_feature_difference
 
 META = dict(model='ens_x', dataset='digits')
 

@@ -4,7 +4,6 @@ They see a task (``task(x, target) -> dict(loss, output, components, stats)``) a
 ``forward_members`` and ``combine`` when it is an ensemble, and ``forward_members_with_features`` when its members
 have features to compare); they never name a method.
 """
-import itertools
 from collections import defaultdict
 from typing import Any
 
@@ -13,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-__all__ = ['NonFiniteLossError', 'train_one_epoch', 'evaluate', 'per_sample_feature_difference', 'check_input_size',
+from .losses import per_sample_feature_difference
+
+__all__ = ['NonFiniteLossError', 'train_one_epoch', 'evaluate', 'check_input_size',
            'format_metrics', 'sync_buffers']
 
 
@@ -123,35 +124,6 @@ def train_one_epoch(
     if bad_params:
         raise NonFiniteLossError(f'Parameters became non-finite in the last update of epoch {epoch}: {bad_params[:5]}.')
     return means.result(), num_updates
-
-
-def per_sample_feature_difference(features) -> torch.Tensor:
-    """The FDL paper's L_FDL of every sample: ``[B]`` fp32, whose mean is ``feature_difference_loss(features)``.
-
-    Every sample has the same number of elements per layer, so the batch mean over ``(b, c, h, w)`` of each layer is
-    the mean over samples of their own means; per-sample values can then be gathered across processes with the
-    duplicated tail of the last batch dropped, which a batch mean cannot. Pairs are summed directly up to 4 members,
-    from 5 on (where that was measured slower on a CPU, no grad) through
-    ``sum_{i<j} (f_i - f_j)^2 = N sum_i (f_i - mean_k f_k)^2`` (centred, so without cancellation).
-
-    Args:
-        features: ``features[m][d]`` is member m's ``[B, ...]`` feature tensor at layer d.
-    """
-    num_members = len(features)
-    if num_members < 2:
-        raise ValueError(f'The feature difference needs at least 2 members, got {num_members}.')
-    layers = []
-    for layer in zip(*features):
-        layer = [f.float() for f in layer]
-        if num_members <= 4:
-            pairs = itertools.combinations(range(num_members), 2)
-            diff = sum((layer[i] - layer[j]).pow(2).flatten(1).mean(1) for i, j in pairs)
-            layers.append(diff / (num_members * (num_members - 1) // 2))
-        else:
-            mean = sum(layer) / num_members  # no stacked [M, B, ...] copy
-            diff = sum((f - mean).pow(2).flatten(1).mean(1) for f in layer)
-            layers.append(diff * (2.0 / (num_members - 1)))
-    return torch.stack(layers).mean(0)
 
 
 @torch.no_grad()
