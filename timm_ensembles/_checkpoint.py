@@ -18,6 +18,8 @@ __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkp
            'atomic_write_text', 'CHECKPOINT_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
+# the config.json entry naming the timm-ensembles version that wrote an export
+VERSION_KEY = 'timm_ensembles_version'
 PREVIOUS_CHECKPOINT_NAME = 'checkpoint-prev.pt'
 
 
@@ -123,7 +125,7 @@ def export_folder(
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # the version that wrote the config, so that an older installation loading it can say why it cannot
-    model_config = {**(model_config or {}), 'timm_ensembles_version': __version__}
+    model_config = {**(model_config or {}), VERSION_KEY: __version__}
     tmp = Path(tempfile.mkdtemp(prefix='.export-', dir=folder))
     try:
         save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True,

@@ -27,13 +27,14 @@ import timm
 import yaml
 from torch import nn
 
+from ._checkpoint import VERSION_KEY
+
 __all__ = ['push_to_hub', 'load_from_hub', 'generate_model_card', 'model_card_fields', 'read_run', 'check_config',
            'RUN_FILES']
 
 # the files of a train.py folder that a repo gets beside the weights: small, plain text, what the card is made of
 RUN_FILES = ('results.json', 'metrics.jsonl', 'args.yaml')
 _WEIGHTS = 'model.safetensors'
-_VERSION_KEY = 'timm_ensembles_version'
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -335,7 +336,9 @@ def push_to_hub(
             if (run_dir / name).is_file():
                 _link_or_copy(run_dir / name, staging / name)
         if model_card:
-            (staging / 'README.md').write_text(generate_model_card(folder, repo_id), encoding='utf-8')
+            from timm.models._hub import generate_readme
+            card = generate_readme(model_card_fields(run, repo_id), repo_id.split('/')[-1])
+            (staging / 'README.md').write_text(card, encoding='utf-8')
         api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         if revision:
@@ -416,7 +419,7 @@ def check_config(config: dict[str, Any], source: str) -> None:
         raise ValueError(f"config.json of '{source}' has no 'architecture': it is not a timm model config.")
     if timm.is_model(architecture):
         return
-    written_by = config.get(_VERSION_KEY)
+    written_by = config.get(VERSION_KEY)
     hint = (f' It was written by timm-ensembles {written_by}; this is timm-ensembles {__version__}: upgrade it'
             f' (pip install -U timm-ensembles).' if written_by and written_by != __version__ else
             ' If it is a model of another timm plugin, import that package first (timm has no plugin discovery).')
