@@ -296,7 +296,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         data_args['crop_pct'] = args.crop_pct
     if img_size:
         data_args['input_size'] = (args.in_chans or 3, img_size, img_size)
-    data_config = resolve_data_config(data_args, model=model)
+    # one mean / std value per input channel, also in the exported config.json
+    data_config = te_data.match_channels(resolve_data_config(data_args, model=model))
     try:
         check_input_size(model, data_config['input_size'], args.model)
         task.set_data_config(data_config)

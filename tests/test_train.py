@@ -185,6 +185,18 @@ def test_yaml_config_and_plain_timm_model(tmp_path):
     assert proc.returncode != 0 and "unknown keys" in proc.stderr and 'epochz' in proc.stderr
 
 
+def test_one_channel_run_exports_one_channel_statistics(tmp_path):
+    """A model whose config carries ImageNet's three means, trained on gray input, exports one mean and std."""
+    out = tmp_path / 'gray'
+    run_train('--model', 'test_resnet', '--in-chans', '1', '--epochs', '1', '--output', out, *QUICK)
+    cfg = json.loads((out / 'config.json').read_text())['pretrained_cfg']
+    assert cfg['input_size'] == [1, 32, 32] and len(cfg['mean']) == 1 and len(cfg['std']) == 1
+    base_mean = timm.create_model('test_resnet').pretrained_cfg['mean']
+    assert len(base_mean) == 3 and cfg['mean'][0] == pytest.approx(sum(base_mean) / 3)
+    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
+
+
 def test_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` starts two gloo processes on a machine without a GPU."""
     accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))

@@ -27,10 +27,12 @@ from PIL import Image
 from timm.data import ImageDataset, create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ._tensor_data import FAST_INTERPOLATIONS, BatchAugmentDataset, PreprocessedDataset, batch_collate
+
 __all__ = [
     'DatasetInfo', 'ArrayImageDataset', 'SubsetDataset', 'ModeConvertDataset', 'create_datasets', 'create_loaders',
     'is_embedded', 'read_idx', 'load_idx_folder', 'subset_dataset', 'set_img_mode', 'FASHION_MNIST_DIR',
-    'FASHION_MNIST_CLASSES',
+    'FASHION_MNIST_CLASSES', 'match_channels',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -656,6 +658,20 @@ def set_img_mode(dataset: Dataset, img_mode: str) -> bool:
     return False
 
 
+def match_channels(data_config: dict) -> dict:
+    """A copy of a timm data config whose ``mean`` and ``std`` have one value per channel of its ``input_size``.
+
+    A model's config often carries ImageNet's three values while the run feeds it one gray channel (``--in-chans
+    1``): the gray image stands for three equal channels, so the channel average is the matching statistic. timm
+    refuses to save a config whose statistics do not fit its channels.
+    """
+    in_chans = int(data_config['input_size'][0])
+    out = dict(data_config)
+    for key in ('mean', 'std'):
+        out[key] = _match_channels(data_config[key], in_chans, key)
+    return out
+
+
 def _match_channels(values, num_chans: int, key: str) -> tuple[float, ...]:
     values = tuple(float(v) for v in (values if isinstance(values, (list, tuple)) else (values,)))
     if len(values) == num_chans:
@@ -676,6 +692,44 @@ def _safe_len(dataset) -> int:
         return 0
 
 
+# the largest preprocessed tensor kept in memory (beyond it, the per-image path)
+_MAX_PREPROCESSED_BYTES = 2 << 30
+
+
+def _array_source(dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """The uint8 images and labels of an in-memory dataset of this module without transforms of its own making."""
+    inner, indices = dataset, None
+    if isinstance(dataset, SubsetDataset):
+        inner, indices = dataset.dataset, dataset.indices
+    if not isinstance(inner, ArrayImageDataset) or inner.target_transform is not None:
+        return None
+    if inner.img_mode not in ('L', 'RGB'):
+        return None
+    if indices is None:
+        return inner.images, inner.targets
+    return inner.images[indices], inner.targets[indices]
+
+
+def _batch_augment_dataset(dataset: Dataset, common: dict, scale, hflip: float) -> BatchAugmentDataset | None:
+    """The training set as a :class:`BatchAugmentDataset` when the batched path gives timm's augmentation: in-memory
+    grayscale images, bilinear or bicubic interpolation, 1 or 3 channels."""
+    source = _array_source(dataset)
+    in_chans = common['input_size'][0]
+    if source is None or common['interpolation'] not in FAST_INTERPOLATIONS or in_chans not in (1, 3):
+        return None
+    images, targets = source
+    return BatchAugmentDataset(
+        images, targets, common['input_size'], common['mean'], common['std'],
+        scale=scale, ratio=(3. / 4., 4. / 3.), hflip=hflip, interpolation=common['interpolation'])
+
+
+def _preprocessable(dataset: Dataset, input_size) -> bool:
+    """Whether a dataset's (deterministic) transform can be applied once up front and the result kept in memory."""
+    if _array_source(dataset) is None:
+        return False
+    return len(dataset) * math.prod(input_size) * 4 <= _MAX_PREPROCESSED_BYTES
+
+
 def create_loaders(
         train_ds: Dataset,
         val_ds: Dataset,
@@ -693,7 +747,10 @@ def create_loaders(
     The datasets yield 'L' images when ``data_config['input_size'][0]`` is 1 and 'RGB' when it is 3 (for datasets
     that support it, see :func:`set_img_mode`). A 3-valued mean / std with 1-channel input is averaged to one value.
     Training augmentation is timm's random-resized-crop plus horizontal flip only (no color jitter, auto-augment or
-    random erasing); evaluation resizes and center-crops with the config's crop_pct.
+    random erasing); evaluation resizes and center-crops with the config's crop_pct. In-memory sources (digits, IDX
+    folders) take a faster path with the same semantics: their training batches are augmented a whole batch at a
+    time, their evaluation images transformed once, in the training process (``workers`` applies to the other
+    sources); the crop boxes and flips follow timm's distributions (see ``_tensor_data.py``).
 
     Args:
         train_ds: Training dataset (settable ``transform``).
@@ -702,7 +759,7 @@ def create_loaders(
             crop_mode).
         batch_size: Training batch size (per process).
         val_batch_size: Validation batch size, ``batch_size`` when None.
-        workers: Loader worker processes.
+        workers: Loader worker processes (image folders, timm and Hub datasets).
         hflip: Horizontal flip probability (``DatasetInfo.default_hflip`` suits the data).
         scale: Area range of the random resized crop.
         train_transform: True for the augmenting transform, False to train on the eval transform, or a transform.
@@ -722,11 +779,12 @@ def create_loaders(
                 _logger.warning(
                     f'{type(ds).__name__} cannot be set to yield {img_mode!r} images for {in_chans}-channel input; '
                     f'create it with img_mode={img_mode!r}.')
+    matched = match_channels(data_config)
     common = dict(
         input_size=tuple(data_config['input_size']),
         interpolation=data_config.get('interpolation', 'bilinear'),
-        mean=_match_channels(data_config['mean'], in_chans, 'mean'),
-        std=_match_channels(data_config['std'], in_chans, 'std'),
+        mean=matched['mean'],
+        std=matched['std'],
     )
     eval_tf = create_transform(
         **common,
@@ -756,27 +814,37 @@ def create_loaders(
     pin_memory = torch.cuda.is_available()
     generator = torch.Generator()
     generator.manual_seed(seed)
+    # in-memory images: augmented a batch at a time, evaluation images transformed once (see _tensor_data.py)
+    fast_train = None
+    if train_transform is True:
+        fast_train = _batch_augment_dataset(train_ds, common, scale=tuple(scale), hflip=hflip)
+    elif train_transform is False and _preprocessable(train_ds, common['input_size']):
+        fast_train = PreprocessedDataset(train_ds)
+    fast_val = PreprocessedDataset(val_ds) if _preprocessable(val_ds, common['input_size']) else None
     # iterable datasets shuffle in their reader, a DataLoader refuses shuffle=True for them
     train_iterable = isinstance(train_ds, IterableDataset)
     train_loader = DataLoader(
-        train_ds,
+        fast_train or train_ds,
         batch_size=batch_size,
         shuffle=not train_iterable,
         drop_last=_safe_len(train_ds) > batch_size,
-        num_workers=workers,
+        # in-memory batches are cheaper to make here than to pickle to worker processes
+        num_workers=0 if fast_train else workers,
         generator=generator,
         pin_memory=pin_memory,
+        collate_fn=batch_collate if fast_train else None,
         # new workers every epoch: their seeds then come from the generator as it stands at the epoch's start,
         # so reseeding it per epoch fixes each epoch's order and augmentation (a resumed run repeats them)
         persistent_workers=False,
     )
     val_loader = DataLoader(
-        val_ds,
+        fast_val or val_ds,
         batch_size=val_batch_size or batch_size,
         shuffle=False,
         drop_last=False,
-        num_workers=workers,
+        num_workers=0 if fast_val else workers,
         pin_memory=pin_memory,
-        persistent_workers=workers > 0,
+        collate_fn=batch_collate if fast_val else None,
+        persistent_workers=workers > 0 and not fast_val,
     )
     return train_loader, val_loader
