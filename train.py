@@ -18,9 +18,11 @@ member logits on N fixed validation samples (and with ``--snapshot-weights`` the
 ``timm_ensembles.read_snapshots``.
 """
 import argparse
+import importlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -72,6 +74,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('--config', default='', metavar='FILE', help='YAML file of flag defaults (keys as the flags'
                         ' with underscores, e.g. batch_size: 64); flags given on the command line win')
     group = parser.add_argument_group('Model')
+    group.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
+                       help='import this Python module first (repeatable), e.g. one that registers your own timm'
+                            ' models with @register_model, so that --model can name them')
     group.add_argument('--model', default='fdl_resnet18x2',
                        help='timm or timm_ensembles model name: fdl_<base>x<N>, ens_<base>x<N> for any timm base,'
                             ' or a plain timm model (default: fdl_resnet18x2)')
@@ -200,6 +205,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
+    if args.imports and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
+    for module in args.imports:
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            raise SystemExit(f"error: --import {module}: {e}. Give a module name importable from here (a file"
+                             f" my_models.py in the working directory or on PYTHONPATH is 'my_models').") from None
     if args.generations < 1:
         raise SystemExit(f'error: --generations must be >= 1, got {args.generations}')
     if args.snapshot_subset < 0:
@@ -333,8 +346,11 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         _apply_speed_flags(args, task, accelerator.device, data_config['input_size'], log)
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
-    optimizer = task.create_optimizer(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                      momentum=args.momentum, **(dict(fused=True) if args.fused_opt else {}))
+    try:
+        optimizer = task.create_optimizer(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                          momentum=args.momentum, **(dict(fused=True) if args.fused_opt else {}))
+    except ValueError as e:  # e.g. a task whose terms need an optimizer of another kind
+        raise SystemExit(f'error: {e}') from None
 
     output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
     run_identity = dict(model=args.model, model_args=get_model_args(model), dataset=info.name,

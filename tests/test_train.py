@@ -148,7 +148,7 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     out = tmp_path / 'nan'
     # a huge fixed FDL weight blows the joint phase up; the warm-up epoch before it is sound
     proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '3', '--output', out, '--task-kwargs',
-                     'fdl_weight=1e30', 'head_weight=1.0', *QUICK, check=False)
+                     'fdl_weight=1e30', 'fdl_distance=mse', *QUICK, check=False)
     assert proc.returncode != 0
     assert 'Non-finite' in proc.stderr and 'epoch 1' in proc.stderr and 'not applied' in proc.stderr
     assert 'last good checkpoint' in proc.stderr and 'Traceback' not in proc.stderr
@@ -214,7 +214,7 @@ def test_two_processes(tmp_path):
     assert _val_accuracy(out) == results['final_epoch']['acc']
     # both processes stop together on a non-finite loss (no process left waiting in an all-reduce)
     proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '3', '--output', tmp_path / 'nan', '--cpu',
-                     '--task-kwargs', 'fdl_weight=1e30', 'head_weight=1.0', *QUICK, launcher=launcher, check=False,
+                     '--task-kwargs', 'fdl_weight=1e30', 'fdl_distance=mse', *QUICK, launcher=launcher, check=False,
                      timeout=300)
     assert proc.returncode != 0 and 'Non-finite' in proc.stderr
 

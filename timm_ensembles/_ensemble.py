@@ -20,10 +20,11 @@ from ._strategies import (
     capture_conv_outputs,
     conv_modules,
     create_member_strategy,
+    tapped_convs,
 )
 
 __all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'COMBINE_MODES', 'FEATURE_TAPS', 'MEMBER_STRATEGIES',
-           'capture_conv_outputs', 'conv_modules']
+           'capture_conv_outputs', 'conv_modules', 'tapped_convs']
 
 COMBINE_MODES = ('linear', 'mean_logits', 'mean_probs')
 FEATURE_TAPS = ('stages', 'convs')
@@ -313,7 +314,8 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         Args:
             x: Input batch.
             taps: ``'stages'``: the outputs of the stages (blocks for ViTs) from timm's
-                ``forward_intermediates``; ``'convs'``: the output of every convolution, as the FDL paper.
+                ``forward_intermediates``; ``'convs'``: the outputs of the convolutions the FDL reference taps
+                (``tapped_convs``: all but the shortcut projections).
             indices: With ``taps='stages'``, which intermediates (as ``forward_intermediates`` takes them:
                 an int n for the last n, or a list of indices); None for all.
 

@@ -82,11 +82,23 @@ def conv_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
             yield name, module
 
 
+def tapped_convs(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The convolutions whose outputs FDL's ``feature_taps='convs'`` compares, by the reference code's rule.
+
+    The reference taps every node of the traced graph whose name contains "conv": the convolutions of the stem and of
+    the residual branches, not the 1x1 shortcut (projection) convolutions, which timm and torchvision name
+    ``downsample``. Where no convolution's name contains "conv" (timm's VGG: ``features.0``, ...), every convolution.
+    """
+    convs = list(conv_modules(model))
+    named = [(n, m) for n, m in convs if 'conv' in n.lower()]
+    return named or convs
+
+
 @contextlib.contextmanager
 def capture_conv_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
-    """Collect the output of every convolution run inside the context, in call order."""
+    """Collect the output of every tapped convolution (``tapped_convs``) run inside the context, in call order."""
     outputs: list[torch.Tensor] = []
-    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for _, m in conv_modules(model)]
+    handles = [m.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for _, m in tapped_convs(model)]
     try:
         yield outputs
     finally:
@@ -510,6 +522,9 @@ class GroupedStrategy(MemberStrategy):
         ref_modules = dict(ref.named_modules())
         self._mode_pairs = [(m, ref_modules[n]) for n, m in self.fused.named_modules() if n in ref_modules]
         self._convs = [m for m in self.fused.modules() if isinstance(m, _FusedConv2d)]
+        # the fused tree keeps the members' module paths, so the reference's naming rule picks the same convolutions
+        tapped = {n for n, _ in tapped_convs(ref)}
+        self._tapped = [m for n, m in self.fused.named_modules() if n in tapped and isinstance(m, _FusedConv2d)]
         self.set_conv_kernel(conv_kernel)
 
     def set_conv_kernel(self, conv_kernel: str) -> None:
@@ -593,12 +608,12 @@ class GroupedStrategy(MemberStrategy):
             features = [[layer[m] for layer in per_layer] for m in range(self.num_members)]
         else:
             captured: list[torch.Tensor] = []
-            for conv in self._convs:
+            for conv in self._tapped:
                 conv.capture = captured
             try:
                 logits = self.fused(x)
             finally:
-                for conv in self._convs:
+                for conv in self._tapped:
                     conv.capture = None
             if not captured:
                 raise self._no_convs()

@@ -8,34 +8,51 @@ loss L_FDL (mean squared difference of intermediate features, averaged over laye
 *maximised*; the similarity term S = (L_CE^i - L_CE^j)^2 keeps the members' losses close; an ensemble head
 (a linear map over the concatenated member logits) is trained on the detached member logits.
 
-How this implementation relates to the reference code (``resnet_expt_x3.py``), which steps one SGD optimiser per
-term on every batch (member CE at the member learning rate; S with its own SGD at the member learning rate and
-momentum; -L_FDL with SGD at a fixed lr 1e-4, momentum 0.85, never scheduled; the head with SGD lr 1e-2):
+Where this implementation departs from the paper and its reference code (``resnet_expt_x3.py``, which steps one SGD
+optimiser per term on every batch: member CE at the member lr; S at the member lr and momentum; -L_FDL at a fixed
+lr 1e-4, momentum 0.85; the head at lr 1e-2), and why. This list is the one place these departures are written down;
+the README points here.
 
-* One forward and one backward pass per step instead of five forward passes, the terms summed with weights that
-  reproduce the reference's step sizes: S has weight 1 (same lr and momentum as the members, and SGD momentum is
-  linear in the gradient, so the sum equals the two optimisers); -L_FDL has weight
-  ``(fdl_lr / (1 - fdl_momentum)) / (lr / (1 - momentum))`` with the optimiser's *current* lr and momentum, so
-  its steady-state step is the reference's fixed ``fdl_lr`` step whatever the schedule does to the members' lr;
-  the head's loss has weight ``(head_lr / (1 - head_momentum)) / (lr / (1 - momentum))`` likewise. The tiny FDL
-  step is what keeps the unbounded -L_FDL term stable. An adaptive optimiser (Adam, ...) rescales every gradient, so
-  there the weights must be given (``fdl_weight``, ``head_weight``); they fix the weights with SGD too.
-* Differences that remain: gradients of all terms are taken at the same weights (the reference re-runs the
-  forward pass after each step); weight decay is applied once per step (the reference applies it in each of
-  its optimisers); momentum buffers are shared, matched in steady state but not transiently.
-* Features are taken in the same forward pass as the logits (the reference runs a second pass). By default they
-  are the stage outputs of timm's ``forward_intermediates`` (``feature_taps='stages'``); the paper's choice,
-  the output of every convolution, is ``feature_taps='convs'``.
-* The head is trained on the detached logits of the training forward pass (members in train mode); the reference
-  runs a separate pass with the members in eval mode, available as ``head_input='eval'`` (one more forward pass).
-  The head is trained from the first epoch (it cannot affect the members, and training it in every step keeps
-  every parameter used, which DDP needs); the reference starts it with the joint phase.
-* Phases: the first ``member_warmup_epochs`` (1, as the reference) train each member on its cross-entropy
-  alone; then the joint phase adds S and -L_FDL. The reference restarts its lr schedule for the joint phase; here one
-  schedule spans the run. For N > 2, S uses one random member pair per step, as the reference; L_FDL averages
-  all pairs.
-* The head starts as the average of the member logits (the reference initialises it randomly), so ``forward``
-  is meaningful before the head is trained.
+* **One loss, one backward pass per step.** The terms are summed: ``sum_m CE_m + S - w L_FDL + CE_head``. S has
+  weight 1 (the reference steps it at the members' lr and momentum, and SGD momentum is linear in the gradient, so
+  the sum equals the two optimisers). The head trains in a parameter group of its own at ``head_lr`` (1e-2, as the
+  reference), its loss weight 1. ``w`` gives -L_FDL the reference's steady-state step ``fdl_lr / (1 - fdl_momentum)``
+  relative to the members' ``lr / (1 - momentum)`` *at the schedule's start*, and then stays fixed, so the printed
+  loss is the objective and stays on the scale of its terms. Remaining differences: gradients of all terms at the same
+  weights (the reference re-runs the forward pass after each step), weight decay once per step, shared momentum.
+* **Every term follows the schedule.** The reference never schedules its -L_FDL and head optimisers while the members'
+  lr decays, so late in its training -L_FDL dominates (the paper's plot shows L_FDL rising after epoch 200). Here the
+  schedule anneals the head's group and -L_FDL's step with the members': the objective is the same function wherever
+  an annealing schedule happens to be. (An earlier version coupled ``w`` and the head's weight to the *current* lr:
+  they grew a thousandfold as a cosine schedule annealed, and the main job's loss climbed to 134.)
+* **A bounded distance where the paper's can run away** (``fdl_distance``). The paper's mean squared difference grows
+  without bound with the scale of the features; on a base without normalisation (the paper's own one-layer MNIST
+  network) -L_FDL then pushes the features apart by inflating them, and a strong enough step makes the members
+  collapse (tested: ``fdl_weight=1`` drives a BatchNorm-free pair to chance with 'mse', not with 'relative').
+  'relative' divides each layer's term by the members' feature energy (scale-free, at most N / (N - 1); see
+  ``losses.feature_difference_loss``): the members are pushed apart in direction, not magnitude. The default, 'auto',
+  keeps the paper's 'mse' where it is safe (the stage outputs of a base with normalisation layers) and takes
+  'relative' elsewhere (convolution outputs, which precede their normalisation and can scale freely; bases without
+  normalisation).
+* **Features** come from the same forward pass as the logits (the reference runs two). Default taps: the stage
+  outputs of timm's ``forward_intermediates`` (blocks for ViTs), or the convolutions for a model without it;
+  ``feature_taps='convs'`` takes the outputs of the convolutions the reference takes (its rule: every traced node
+  named "conv", which leaves out the shortcut projections, named ``downsample``; see ``tapped_convs``).
+* **The head** is trained on the detached logits of the training pass (members in train mode) from the first epoch
+  (it cannot affect the members, and training it in every step keeps every parameter used, which DDP needs); the
+  reference runs a separate pass with the members in eval mode from the joint phase on: ``head_input='eval'``. It
+  starts as the average of the member logits (the reference initialises it randomly), so ``forward`` is meaningful
+  before the head is trained. ``forward`` returns the head; evaluation logs the averaged probabilities beside it.
+* **Phases**: the first ``member_warmup_epochs`` (1, as the reference) train each member on its cross-entropy alone;
+  then the joint phase adds S and -L_FDL. The reference restarts its lr schedule for the joint phase; here one
+  schedule spans the run (its member schedule ``1e-5 + 0.1 exp(-0.03 epoch)`` is close to ``--sched step
+  --decay-epochs 1 --decay-rate 0.97 --lr 0.1``). For N > 2, S uses one random member pair per step, as the
+  reference; L_FDL averages all pairs.
+* An adaptive optimiser (Adam, ...) rescales every gradient, so the reference's step sizes mean nothing there: it needs
+  ``fdl_weight`` (and a ``head_lr`` of its scale), refused otherwise when the optimiser is built.
+* Accuracy is reported at the final epoch; the reference reports the best test accuracy over epochs. With
+  ``pretrained_base=True`` the members start identical (but for re-initialised classifiers), where L_FDL and its
+  gradient are zero; the paper's members are independently initialised.
 
 Registered names: ``fdl`` (``base_model=``, ``num_members=``) and ``fdl_<base>x<N>``.
 """
@@ -44,10 +61,10 @@ from collections.abc import Sequence
 import torch
 
 from .._builder import create_ensemble, register_ensemble_variants
-from .._ensemble import FEATURE_TAPS, EnsembleModel
+from .._ensemble import FEATURE_TAPS, EnsembleModel, tapped_convs
 from .._registry import register_task
-from .._task import Task, TaskOutput
-from ..losses import feature_difference_loss, loss_similarity, member_cross_entropy
+from .._task import Task, TaskOutput, check_option
+from ..losses import FEATURE_DISTANCES, feature_difference_loss, loss_similarity, member_cross_entropy
 
 __all__ = ['FDLEnsemble', 'FDLTask']
 
@@ -67,62 +84,89 @@ class FDLTask(Task):
 
     Args:
         model: An ``FDLEnsemble`` (any ``EnsembleModel`` works).
-        feature_taps: 'stages' (timm's ``forward_intermediates``, default) or 'convs' (every convolution output,
-            as the paper).
+        feature_taps: 'stages' (timm's ``forward_intermediates``) or 'convs' (the outputs of the convolutions the
+            reference taps, see ``tapped_convs``); default: 'stages' where the base has ``forward_intermediates``
+            (every timm model), else 'convs' (a model of the user's own).
         feature_indices: Which stages with ``feature_taps='stages'`` (``forward_intermediates``' ``indices``);
             None for all.
+        fdl_distance: 'mse' (the paper's), 'relative' (scale-free and bounded, see ``feature_difference_loss``) or
+            'auto' (default): 'mse' where it is safe, the stage outputs of a base with normalisation layers,
+            'relative' elsewhere (convolution outputs, or a base without normalisation, where -L_FDL could grow
+            without bound by scaling the features up).
         member_warmup_epochs: Epochs of phase 0, where each member trains on its cross-entropy alone.
-        fdl_lr: The reference's fixed learning rate of the -L_FDL step (1e-4 for CIFAR-10, 1e-5 for CIFAR-100).
+        fdl_lr: The reference's learning rate of the -L_FDL step (1e-4 for CIFAR-10, 1e-5 for CIFAR-100), at the
+            schedule's start; the term's step follows the members' schedule from there.
         fdl_momentum: The reference's momentum of the -L_FDL step.
-        fdl_weight: A fixed weight for -L_FDL instead of the learning-rate coupling above.
-        head_weight: A fixed weight for the head's cross-entropy instead of the learning-rate coupling.
+        fdl_weight: A fixed weight for -L_FDL instead of the one ``fdl_lr`` gives (needed with adaptive optimisers).
         similarity_weight: Weight of S (1: the reference steps S at the members' learning rate and momentum).
-        head_lr: The reference's learning rate of the ensemble head.
-        head_momentum: The reference's momentum of the ensemble head.
+        head_lr: Learning rate of the ensemble head's own parameter group (the reference's 1e-2), at the schedule's
+            start; the schedule anneals it like the members'.
+        head_momentum: Momentum of the head's group (default: the optimizer's).
         head_input: 'train' (detached logits of the training pass) or 'eval' (a separate pass, members in eval
-            mode, as the reference).
+            mode, as the reference; one more forward pass per step).
         label_smoothing: Label smoothing of the cross-entropies.
     """
 
     def __init__(
             self,
             model: EnsembleModel,
-            feature_taps: str = 'stages',
+            feature_taps: str | None = None,
             feature_indices: int | Sequence[int] | None = None,
+            fdl_distance: str = 'auto',
             member_warmup_epochs: int = 1,
             fdl_lr: float = 1e-4,
             fdl_momentum: float = 0.85,
             fdl_weight: float | None = None,
-            head_weight: float | None = None,
             similarity_weight: float = 1.0,
             head_lr: float = 1e-2,
-            head_momentum: float = 0.9,
+            head_momentum: float | None = None,
             head_input: str = 'train',
             label_smoothing: float = 0.0,
     ):
         super().__init__(model, label_smoothing=label_smoothing)
         if not isinstance(model, EnsembleModel):
             raise TypeError(f'FDLTask trains an ensemble of this package, got {type(model).__name__}.')
+        member = model.members[0]
+        if feature_taps is None:
+            feature_taps = 'stages' if hasattr(member, 'forward_intermediates') else 'convs'
         if feature_taps not in FEATURE_TAPS:
             raise ValueError(f"Unknown feature_taps '{feature_taps}', expected one of {FEATURE_TAPS}.")
+        if fdl_distance not in ('auto', *FEATURE_DISTANCES):
+            raise ValueError(f"Unknown fdl_distance '{fdl_distance}', expected 'auto' or one of {FEATURE_DISTANCES}.")
         if head_input not in ('train', 'eval'):
             raise ValueError(f"Unknown head_input '{head_input}', expected 'train' or 'eval'.")
-        if member_warmup_epochs < 0:
-            raise ValueError(f'member_warmup_epochs must be >= 0, got {member_warmup_epochs}.')
+        check_option('member_warmup_epochs', member_warmup_epochs, int, low=0)
+        check_option('fdl_lr', fdl_lr, float, low=0)
+        check_option('head_lr', head_lr, float, low=0)
+        check_option('similarity_weight', similarity_weight, float, low=0)
+        if fdl_weight is not None:
+            check_option('fdl_weight', fdl_weight, float, low=0)
         for name, m in (('fdl_momentum', fdl_momentum), ('head_momentum', head_momentum)):
-            if not 0 <= m < 1:
-                raise ValueError(f'{name} must be in [0, 1), got {m}.')
+            if m is not None:
+                check_option(name, m, float, low=0)
+                if not m < 1:
+                    raise ValueError(f'{name} must be in [0, 1), got {m}.')
+        if feature_taps == 'stages' and not hasattr(member, 'forward_intermediates'):
+            raise ValueError(f"Base model '{model.base_model}' has no forward_intermediates() to tap its stages:"
+                             f" use --task-kwargs feature_taps=convs.")
+        if feature_taps == 'convs' and not tapped_convs(member):
+            raise ValueError(f"Base model '{model.base_model}' has no convolutions to tap: use --task-kwargs"
+                             f" feature_taps=stages.")
+        if fdl_distance == 'auto':
+            normalised = any(isinstance(m, _NORM_TYPES) for m in member.modules())
+            fdl_distance = 'mse' if feature_taps == 'stages' and normalised else 'relative'
         self.feature_taps = feature_taps
         self.feature_indices = feature_indices
+        self.fdl_distance = fdl_distance
         self.member_warmup_epochs = member_warmup_epochs
         self.fdl_lr = fdl_lr
         self.fdl_momentum = fdl_momentum
         self.fdl_weight = fdl_weight
-        self.head_weight = head_weight
         self.similarity_weight = similarity_weight
         self.head_lr = head_lr
         self.head_momentum = head_momentum
         self.head_input = head_input
+        self._coupled_fdl_weight: float | None = None
         # The S pair is drawn from a generator of the task's own, seeded from the global RNG at construction
         # (which train.py seeds alike on every process) and reseeded each epoch: every DDP process then takes
         # the same pair in every step, and a resumed run the same pairs as an uninterrupted one.
@@ -137,23 +181,55 @@ class FDLTask(Task):
     def phase(self) -> str:
         return 'warmup' if self.epoch < self.member_warmup_epochs else 'joint'
 
-    def _step_ratio(self, term_lr: float, term_momentum: float) -> float:
-        """Weight that makes a term's steady-state SGD step ``term_lr / (1 - term_momentum)``."""
-        if self.optimizer is None:
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """The members' groups, and the ensemble head's own group at ``head_lr`` (its loss has weight 1)."""
+        head = self.model.head.fc
+        if head is None:
+            return super().param_groups(weight_decay)
+        head_ids = {id(p) for p in head.parameters()}
+        extra = dict(lr=self.head_lr, **({} if self.head_momentum is None else dict(momentum=self.head_momentum)))
+        groups = []
+        for g in super().param_groups(weight_decay):
+            members = [p for p in g['params'] if id(p) not in head_ids]
+            ours = [p for p in g['params'] if id(p) in head_ids]
+            if members:
+                groups.append(dict(g, params=members))
+            if ours:
+                groups.append(dict(g, params=ours, **extra))
+        return groups
+
+    def create_optimizer(self, opt: str = 'sgd', lr: float = 0.1, weight_decay: float = 0.0, **kwargs):
+        """The optimizer of the members and the head (see ``Task.create_optimizer``), and the -L_FDL weight.
+
+        The weight gives -L_FDL the reference's steady-state SGD step ``fdl_lr / (1 - fdl_momentum)`` relative to the
+        members' ``lr / (1 - momentum)`` at the schedule's start, and stays fixed: the term's step then anneals with
+        the schedule, as every other term's does, wherever the schedule is.
+
+        Raises:
+            ValueError: An optimizer without momentum buffers (an adaptive one) and no ``fdl_weight``.
+        """
+        optimizer = super().create_optimizer(opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
+        if self.fdl_weight is None:
+            group = optimizer.param_groups[0]
+            if 'momentum' not in group:
+                raise ValueError(
+                    f'FDLTask\'s default -L_FDL weight reproduces the reference\'s SGD step, which has no meaning for'
+                    f' {type(optimizer).__name__} (an adaptive optimiser rescales every gradient): pass a fixed'
+                    f' weight, e.g. --task-kwargs fdl_weight=1e-3 (and head_lr=<the head\'s lr>), or use --opt sgd.')
+            effective_lr = max(lr, 1e-12) / (1.0 - (group['momentum'] or 0.0))
+            self._coupled_fdl_weight = self.fdl_lr / (1.0 - self.fdl_momentum) / effective_lr
+        return optimizer
+
+    @property
+    def fdl_term_weight(self) -> float:
+        """The weight of -L_FDL in the loss: ``fdl_weight``, or the one ``create_optimizer`` derived from ``fdl_lr``."""
+        if self.fdl_weight is not None:
+            return self.fdl_weight
+        if self._coupled_fdl_weight is None:
             raise RuntimeError(
-                'FDLTask sets its term weights from the optimizer\'s learning rate: build the optimizer with'
-                ' task.create_optimizer(...), or pass fixed weights (fdl_weight=..., head_weight=...).'
-            )
-        group = self.optimizer.param_groups[0]
-        if 'momentum' not in group:
-            raise RuntimeError(
-                f'FDLTask\'s default term weights reproduce the reference\'s SGD steps, which have no meaning for'
-                f' {type(self.optimizer).__name__} (an adaptive optimiser rescales every gradient): pass fixed'
-                f' weights, e.g. --task-kwargs fdl_weight=1e-3 head_weight=1.0, or use --opt sgd / momentum.'
-            )
-        momentum = group['momentum'] or 0.0
-        effective_lr = max(group['lr'], 1e-12) / (1.0 - momentum)
-        return term_lr / (1.0 - term_momentum) / effective_lr
+                'FDLTask sets its -L_FDL weight from the optimizer\'s learning rate: build the optimizer with'
+                ' task.create_optimizer(...), or pass a fixed fdl_weight=...')
+        return self._coupled_fdl_weight
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
         model = self.model
@@ -171,9 +247,8 @@ class FDLTask(Task):
             i, j = (0, 1) if model.num_members == 2 else torch.randperm(
                 model.num_members, generator=self._pair_generator)[:2].tolist()
             similarity = loss_similarity(ce[i], ce[j])
-            fdl = feature_difference_loss(features)
-            fdl_weight = self.fdl_weight if self.fdl_weight is not None else self._step_ratio(
-                self.fdl_lr, self.fdl_momentum)
+            fdl = feature_difference_loss(features, self.fdl_distance)
+            fdl_weight = self.fdl_term_weight
             loss = loss + self.similarity_weight * similarity - fdl_weight * fdl
             components.update(similarity=similarity.detach(), fdl=fdl.detach())
             stats['fdl_weight'] = fdl_weight
@@ -181,9 +256,8 @@ class FDLTask(Task):
         if model.head.fc is not None:
             head_logits = output if self.head_input == 'train' else model.combine(self._eval_member_logits(x))
             head_ce = self.cross_entropy(head_logits, target)
-            head_weight = self.head_weight if self.head_weight is not None else self._step_ratio(
-                self.head_lr, self.head_momentum)
-            loss = loss + head_weight * head_ce
+            # weight 1: the head's step size is its parameter group's learning rate
+            loss = loss + head_ce
             components['head_ce'] = head_ce.detach()
         return dict(loss=loss, output=output, components=components, stats=stats)
 
@@ -195,6 +269,9 @@ class FDLTask(Task):
             return self.model.forward_members(x)
         finally:
             self.model.train(was_training)
+
+
+_NORM_TYPES = (torch.nn.modules.batchnorm._NormBase, torch.nn.GroupNorm, torch.nn.LayerNorm)
 
 
 def _create_fdl(variant: str, pretrained: bool = False, **kwargs) -> FDLEnsemble:

