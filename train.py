@@ -110,6 +110,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--dataset-download', action='store_true', help='let torchvision datasets download')
     group.add_argument('--train-subset', type=int, default=None, help='train on a fixed subset of N samples')
     group.add_argument('--val-subset', type=int, default=None, help='evaluate on a fixed subset of N samples')
+    group.add_argument('--holdout', type=int, default=None, metavar='N',
+                       help='validate on N training samples held out (from those --train-subset leaves out, else'
+                            ' removed from training), and evaluate --val-split once at the end as the test set;'
+                            " choices a method leaves to validation (FDL's head or averaged probabilities) are made"
+                            ' on the held-out samples')
     group.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
     group.add_argument('--img-size', type=int, default=None,
                        help='default: the dataset\'s natural size or the model\'s')
@@ -281,6 +286,11 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             train_subset=args.train_subset, val_subset=args.val_subset, download=args.dataset_download,
             img_mode='L' if args.in_chans == 1 else 'RGB')
         snapshot_idx = snapshot_indices(val_ds, args.snapshot_subset) if args.snapshot_subset else None
+        # with --holdout the dataset's validation split becomes the test set, evaluated once at the end
+        test_ds = None
+        if args.holdout is not None:
+            test_ds = val_ds
+            train_ds, val_ds = te_data.split_holdout(train_ds, args.holdout)
     except (OSError, ValueError) as e:
         raise SystemExit(f'error: {e}') from None
     num_classes = args.num_classes or info.num_classes
@@ -334,13 +344,16 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     train_loader, val_loader = te_data.create_loaders(
         train_ds, val_ds, data_config, batch_size=args.batch_size, workers=args.workers, hflip=hflip,
         scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed)
+    test_loader = None if test_ds is None else te_data.create_eval_loader(test_ds, data_config, args.batch_size,
+                                                                           args.workers)
     # reseeded every epoch, so that a resumed run sees the same data order as an uninterrupted one
     shuffle_generator = train_loader.generator
     snapshot_loader = None
     if snapshot_idx is not None:
-        # the validation transform (set on val_ds above); its own generator keeps the global RNG untouched
+        # the evaluation transform (set by the loaders above); its own generator keeps the global RNG untouched
         snapshot_loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(val_ds, snapshot_idx.tolist()), batch_size=args.batch_size, shuffle=False,
+            torch.utils.data.Subset(val_ds if test_ds is None else test_ds, snapshot_idx.tolist()),
+            batch_size=args.batch_size, shuffle=False,
             num_workers=args.workers, persistent_workers=args.workers > 0, generator=torch.Generator())
     try:
         _apply_speed_flags(args, task, accelerator.device, data_config['input_size'], log)
@@ -355,7 +368,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
     run_identity = dict(model=args.model, model_args=get_model_args(model), dataset=info.name,
                         input_size=list(data_config['input_size']), epochs=args.epochs, teachers=args.teacher,
-                        task_kwargs=dict(args.task_kwargs))
+                        task_kwargs=dict(args.task_kwargs), holdout=args.holdout)
     if resume_state is not None:
         saved = resume_state.get('run', {})
         changed = {k: (saved.get(k), v) for k, v in run_identity.items() if saved.get(k) != v}
@@ -377,6 +390,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     if args.compile:
         task = torch.compile(task)
     task, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
+    if test_loader is not None:
+        test_loader = accelerator.prepare(test_loader)
     unwrapped = accelerator.unwrap_model(task)
     unwrapped = getattr(unwrapped, '_orig_mod', unwrapped)
     export_model = unwrapped.export_model()
@@ -440,6 +455,13 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                                  num_updates=num_updates, val_metrics=val_metrics, run=run_identity), output)
         accelerator.wait_for_everyone()
 
+    test_metrics, selection = None, None
+    if test_loader is not None:
+        # every process makes the same choice from the same (gathered) validation metrics
+        selection = unwrapped.select_on_validation(val_metrics)
+        if selection:
+            log(selection)
+        test_metrics = evaluate(export_model, test_loader, accelerator)
     if is_main:
         model_config = dict(label_names=info.class_names) if info.class_names else None
         # the evaluation preprocessing goes into config.json, so that resolve_data_config(model=reloaded) gives it
@@ -449,8 +471,12 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             log(f"saved {type(extra).__name__} '{name}' to {output / name}")
         results = dict(model=args.model, dataset=info.name, epochs=num_epochs, seed=args.seed,
                        world_size=accelerator.num_processes, final_epoch=val_metrics)
+        if test_metrics is not None:
+            results.update(holdout=args.holdout, selection=selection, test=test_metrics)
         atomic_write_text(output / 'results.json', json.dumps(results, indent=2))
-        log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}; saved to {output}')
+        test = '' if test_metrics is None else f', test acc {test_metrics["acc"]:.2f} (mean-probs' \
+            f' {test_metrics.get("mean_probs_acc", test_metrics["acc"]):.2f})'
+        log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}{test}; saved to {output}')
     # the next generation of a --generations run reads this run's folder on every process
     accelerator.wait_for_everyone()
     if end_training:

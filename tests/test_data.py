@@ -18,6 +18,7 @@ from timm_ensembles.data import (
     create_loaders,
     is_embedded,
     read_idx,
+    split_holdout,
 )
 
 # 2 train images of 3x4 and 3 test images, small enough to check by hand
@@ -379,7 +380,7 @@ def test_train_transform_no_extra_aug(tmp_path):
         assert x.shape == (2, 3, 16, 16) and torch.allclose(x, torch.full_like(x, 0.2), atol=1e-6)
     # False trains on the eval transform
     create_loaders(train_ds, val_ds, _config((3, 16, 16), (0.,) * 3, (1.,) * 3), 2, train_transform=False, workers=0)
-    assert train_ds.transform is val_ds.transform
+    assert repr(train_ds.transform) == repr(val_ds.transform)  # the eval transform
 
 
 # --- the real Fashion-MNIST, when installed
@@ -410,3 +411,26 @@ def test_hub_dataset_name_reads_a_local_hf_dataset(tmp_path):
     assert info.num_classes == 2 and info.class_names == ['cat', 'dog']
     img, label = train_ds[0]
     assert img.mode == 'RGB' and img.size == (8, 8) and label in (0, 1)
+
+
+def test_holdout_comes_from_what_the_training_subset_leaves_out(digits):
+    train_ds, _, _ = create_datasets(train_subset=300)
+    kept = set(train_ds.indices.tolist())
+    train_after, holdout = split_holdout(train_ds, 200)
+    assert train_after is train_ds and len(holdout) == 200
+    assert not kept & set(holdout.indices.tolist())  # the training data is unchanged
+    # stratified: 10 classes of about the same size, 20 each give or take the rounding
+    counts = np.bincount(holdout.targets, minlength=10)
+    assert counts.sum() == 200 and np.abs(counts - 20).max() <= 1
+    # its own copy of the images' dataset: setting its transform leaves the training set's alone
+    holdout.transform = lambda img: 'eval'
+    train_ds.transform = lambda img: 'train'
+    assert holdout[0][0] == 'eval' and train_ds[0][0] == 'train'
+    # without a subset, the held-out samples leave the training set
+    full, _, _ = create_datasets()
+    rest, holdout = split_holdout(full, 100)
+    assert len(rest) + len(holdout) == len(full) and not set(rest.indices) & set(holdout.indices)
+    with pytest.raises(ValueError, match='holdout=2000 is more than the 1137 training samples left'):
+        split_holdout(train_ds, 2000)
+    with pytest.raises(ValueError, match='holdout=0 is invalid'):
+        split_holdout(train_ds, 0)

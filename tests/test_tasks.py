@@ -360,3 +360,25 @@ def test_fdl_pair_of_a_net_without_normalisation_does_not_collapse():
     # ... where the paper's unbounded one runs away: the features blow up and the members fall to chance
     (warm, joint), finite = _train_plain_pair(fdl_weight=1.0, fdl_distance='mse')
     assert not finite or max(joint) < 50, joint
+
+
+def test_head_or_average_is_chosen_on_validation_metrics(tmp_path):
+    from timm_ensembles._checkpoint import export_folder
+    task = _fdl()
+    model = task.model
+    x, _ = _batch()
+    note = task.select_on_validation(dict(acc=91.0, mean_probs_acc=90.5))
+    assert model.combine_mode == 'linear' and 'ensemble head (91.00 %)' in note
+    note = task.select_on_validation(dict(acc=90.0, mean_probs_acc=90.5))
+    assert model.combine_mode == 'mean_probs' and model.head.fc is None and 'averaged probabilities (90.50 %)' in note
+    model.eval()
+    with torch.no_grad():
+        expected = torch.log(model.forward_members(x).softmax(-1).mean(1))
+        torch.testing.assert_close(model(x), expected, rtol=1e-5, atol=1e-5)
+    # the choice is part of the saved model
+    export_folder(model, tmp_path)
+    reloaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert reloaded.combine_mode == 'mean_probs'
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+    assert task.select_on_validation(dict(acc=80.0, mean_probs_acc=90.5)) is None  # nothing left to choose

@@ -197,6 +197,24 @@ def test_one_channel_run_exports_one_channel_statistics(tmp_path):
     assert model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
 
 
+def test_holdout_validates_on_training_images_and_tests_once(tmp_path):
+    out = tmp_path / 'holdout'
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--holdout', '100', '--output', out, *QUICK)
+    results = json.loads((out / 'results.json').read_text())
+    assert results['final_epoch']['num_samples'] == 100 and results['test']['num_samples'] == 80
+    assert results['holdout'] == 100 and results['selection'].startswith('forward: the ')
+    assert results['selection'] in proc.stderr + proc.stdout and 'test acc' in proc.stderr + proc.stdout
+    # the choice was made on the held-out images and is what the saved model does on the test images
+    val, test = results['final_epoch'], results['test']
+    assert json.loads((out / 'config.json').read_text())['model_args']['combine'] == (
+        'mean_probs' if val['mean_probs_acc'] > val['acc'] else 'linear')
+    assert _val_accuracy(out) == test['acc']
+    # the held-out count is part of the run: another is refused on resume
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--holdout', '50', '--resume', out, *QUICK,
+                     check=False)
+    assert proc.returncode != 0 and 'holdout: 100 there, 50 here' in proc.stderr
+
+
 def test_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` starts two gloo processes on a machine without a GPU."""
     accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))

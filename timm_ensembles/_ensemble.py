@@ -267,6 +267,16 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         self.head = EnsembleHead(self.num_members, num_classes, self.combine_mode, device=ref.device, dtype=ref.dtype)
         self._rebuild_member_strategy()
 
+    def set_combine(self, mode: str) -> None:
+        """Change how ``forward`` combines the members (one of ``COMBINE_MODES``); a new ``linear`` head starts as the
+        average of the member logits, and leaving ``linear`` drops the trained head. ``model_args`` records the mode,
+        so that a reload rebuilds the same model."""
+        if mode not in COMBINE_MODES:
+            raise ValueError(f"Unknown combine mode '{mode}', expected one of {COMBINE_MODES}.")
+        if mode != self.combine_mode:
+            ref = next(self.members[0].parameters())
+            self.head = EnsembleHead(self.num_members, self.num_classes, mode, device=ref.device, dtype=ref.dtype)
+
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         for member in self.members:

@@ -101,6 +101,16 @@ class Task(nn.Module):
         """The model to save and publish: inference parts only."""
         return self.model
 
+    def select_on_validation(self, metrics: dict[str, Any]) -> str | None:
+        """Told, after the last epoch, the final metrics on held-out validation data (``evaluate`` of the exported
+        model); a task may then make a choice its method leaves to validation (FDL: the ensemble head or the averaged
+        probabilities). Called only when the run's validation data is not its test set (``train.py --holdout``).
+
+        Returns:
+            What was chosen and why, for the log; None when there was nothing to choose.
+        """
+        return None
+
     def exports(self) -> dict[str, nn.Module]:
         """Further models to save beside ``export_model``, by sub-folder name (e.g. one head as a plain timm model)."""
         return {}

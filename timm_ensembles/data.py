@@ -12,6 +12,7 @@ Datasets yield ``(PIL image, int label)`` and take a settable ``transform`` (lik
 :func:`create_loaders` sets timm's train / eval transforms and builds plain DataLoaders; the training script's
 Accelerate ``prepare`` adds the distributed sampling.
 """
+import copy
 import gzip
 import logging
 import math
@@ -32,7 +33,7 @@ from ._tensor_data import FAST_INTERPOLATIONS, BatchAugmentDataset, Preprocessed
 __all__ = [
     'DatasetInfo', 'ArrayImageDataset', 'SubsetDataset', 'ModeConvertDataset', 'create_datasets', 'create_loaders',
     'is_embedded', 'read_idx', 'load_idx_folder', 'subset_dataset', 'set_img_mode', 'FASHION_MNIST_DIR',
-    'FASHION_MNIST_CLASSES', 'match_channels',
+    'FASHION_MNIST_CLASSES', 'match_channels', 'split_holdout', 'create_eval_loader',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -570,6 +571,40 @@ def subset_dataset(dataset: Dataset, num_samples: int | None, seed: int = 0, arg
     return SubsetDataset(dataset, indices)
 
 
+def split_holdout(train_ds: Dataset, num_samples: int, seed: int = 1) -> tuple[Dataset, Dataset]:
+    """Hold ``num_samples`` training samples out as validation data, stratified by label where labels are known.
+
+    When ``train_ds`` is a subset (``--train-subset``), the held-out samples come from the samples it leaves out, so
+    the training data stays what it was; otherwise they are removed from it. The held-out set reads a shallow copy of
+    the underlying dataset, so that it keeps its own (evaluation) transform.
+
+    Returns:
+        (training dataset, held-out dataset).
+
+    Raises:
+        ValueError: A size below 1, or more samples than are left to hold out.
+    """
+    _check_subset_size(num_samples, 'holdout')
+    if isinstance(train_ds, IterableDataset):
+        raise ValueError('holdout needs a map-style training set; this one is iterable (streamed).')
+    if isinstance(train_ds, SubsetDataset):
+        full, kept = train_ds.dataset, train_ds.indices
+    else:
+        full, kept = train_ds, np.zeros(0, dtype=np.int64)
+    free = np.setdiff1d(np.arange(len(full)), kept)
+    if num_samples > len(free):
+        raise ValueError(f'holdout={num_samples} is more than the {len(free)} training samples left to hold out.')
+    targets = _get_targets(full)
+    if targets is not None:
+        chosen = free[_stratified_indices(targets[free], num_samples, seed)]
+    else:
+        chosen = np.sort(np.random.default_rng(seed).permutation(free)[:num_samples])
+    holdout = SubsetDataset(copy.copy(full), chosen)
+    if not isinstance(train_ds, SubsetDataset):
+        train_ds = SubsetDataset(full, np.setdiff1d(np.arange(len(full)), chosen))
+    return train_ds, holdout
+
+
 def create_datasets(
         name: str | None = None,
         root: str | None = None,
@@ -771,27 +806,8 @@ def create_loaders(
     """
     if train_ds is val_ds:
         raise ValueError('train_ds and val_ds must be distinct objects: each gets its own transform.')
-    in_chans = int(data_config['input_size'][0])
-    img_mode = {1: 'L', 3: 'RGB'}.get(in_chans)
-    if img_mode is not None:
-        for ds in (train_ds, val_ds):
-            if not set_img_mode(ds, img_mode):
-                _logger.warning(
-                    f'{type(ds).__name__} cannot be set to yield {img_mode!r} images for {in_chans}-channel input; '
-                    f'create it with img_mode={img_mode!r}.')
-    matched = match_channels(data_config)
-    common = dict(
-        input_size=tuple(data_config['input_size']),
-        interpolation=data_config.get('interpolation', 'bilinear'),
-        mean=matched['mean'],
-        std=matched['std'],
-    )
-    eval_tf = create_transform(
-        **common,
-        is_training=False,
-        crop_pct=data_config.get('crop_pct'),
-        crop_mode=data_config.get('crop_mode'),
-    )
+    _set_channels(train_ds, data_config)
+    common, eval_tf = _common_and_eval_transform(data_config)
     if callable(train_transform):
         train_tf = train_transform
     elif train_transform:
@@ -809,7 +825,6 @@ def create_loaders(
     else:
         train_tf = eval_tf
     train_ds.transform = train_tf
-    val_ds.transform = eval_tf
 
     pin_memory = torch.cuda.is_available()
     generator = torch.Generator()
@@ -820,7 +835,6 @@ def create_loaders(
         fast_train = _batch_augment_dataset(train_ds, common, scale=tuple(scale), hflip=hflip)
     elif train_transform is False and _preprocessable(train_ds, common['input_size']):
         fast_train = PreprocessedDataset(train_ds)
-    fast_val = PreprocessedDataset(val_ds) if _preprocessable(val_ds, common['input_size']) else None
     # iterable datasets shuffle in their reader, a DataLoader refuses shuffle=True for them
     train_iterable = isinstance(train_ds, IterableDataset)
     train_loader = DataLoader(
@@ -837,14 +851,50 @@ def create_loaders(
         # so reseeding it per epoch fixes each epoch's order and augmentation (a resumed run repeats them)
         persistent_workers=False,
     )
-    val_loader = DataLoader(
-        fast_val or val_ds,
-        batch_size=val_batch_size or batch_size,
+    val_loader = create_eval_loader(val_ds, data_config, val_batch_size or batch_size, workers)
+    return train_loader, val_loader
+
+
+def _set_channels(dataset: Dataset, data_config: dict) -> None:
+    # 'L' images for 1 input channel, 'RGB' for 3, where the dataset supports it
+    in_chans = int(data_config['input_size'][0])
+    img_mode = {1: 'L', 3: 'RGB'}.get(in_chans)
+    if img_mode is not None and not set_img_mode(dataset, img_mode):
+        _logger.warning(f'{type(dataset).__name__} cannot be set to yield {img_mode!r} images for {in_chans}-channel'
+                        f' input; create it with img_mode={img_mode!r}.')
+
+
+def _common_and_eval_transform(data_config: dict) -> tuple[dict, Callable]:
+    """The arguments shared by timm's train and eval transforms of a data config, and the eval transform."""
+    matched = match_channels(data_config)
+    common = dict(input_size=tuple(data_config['input_size']),
+                  interpolation=data_config.get('interpolation', 'bilinear'), mean=matched['mean'], std=matched['std'])
+    eval_tf = create_transform(**common, is_training=False, crop_pct=data_config.get('crop_pct'),
+                               crop_mode=data_config.get('crop_mode'))
+    return common, eval_tf
+
+
+def create_eval_loader(dataset: Dataset, data_config: dict, batch_size: int, workers: int = 2) -> DataLoader:
+    """An evaluation loader (in order, nothing dropped) with timm's eval transform: ``create_loaders``' validation
+    loader, and the loader of a third split (the test set of a run that validates on held-out training data).
+
+    Args:
+        dataset: The dataset (settable ``transform``; its images are switched to the config's channels).
+        data_config: ``timm.data.resolve_data_config`` output.
+        batch_size: Batch size.
+        workers: Loader worker processes (image folders, timm and Hub datasets).
+    """
+    _set_channels(dataset, data_config)
+    dataset.transform = _common_and_eval_transform(data_config)[1]
+    # in-memory images are transformed once (a deterministic transform) and served as tensors
+    fast = PreprocessedDataset(dataset) if _preprocessable(dataset, data_config['input_size']) else None
+    return DataLoader(
+        fast or dataset,
+        batch_size=batch_size,
         shuffle=False,
         drop_last=False,
-        num_workers=0 if fast_val else workers,
-        pin_memory=pin_memory,
-        collate_fn=batch_collate if fast_val else None,
-        persistent_workers=workers > 0 and not fast_val,
+        num_workers=0 if fast else workers,
+        pin_memory=torch.cuda.is_available(),
+        collate_fn=batch_collate if fast else None,
+        persistent_workers=workers > 0 and not fast,
     )
-    return train_loader, val_loader

@@ -53,6 +53,7 @@ RECIPES = {
         args=['--train-subset', '96', '--val-subset', '64', '--img-size', '32', '--batch-size', '32', '--workers', '0'],
         model_kwargs=[],
         epochs=2,
+        holdout=200,
     ),
 }
 
@@ -224,7 +225,7 @@ def archive(out: Path, recipe: str, archive_root: Path = ARCHIVE) -> None:
         for name in _ARCHIVED:
             if (folder / name).exists():
                 shutil.copyfile(folder / name, dst / name)
-    for cache in src_root.rglob('bane-*.json'):
+    for cache in [*src_root.rglob('bane-*.json'), *src_root.rglob('holdout-choice.json')]:
         dst = dst_root / cache.relative_to(src_root)
         dst.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(cache, dst)
@@ -232,7 +233,10 @@ def archive(out: Path, recipe: str, archive_root: Path = ARCHIVE) -> None:
 
 # ---- tables ----
 def _final(folder: Path) -> dict:
-    return json.loads((folder / 'results.json').read_text())['final_epoch']
+    """The final epoch's metrics on the test set: ``test`` of a run that validated on held-out data, else the
+    evaluation of every epoch (on the dataset's evaluation split, the test set here; no epoch is selected)."""
+    results = json.loads((folder / 'results.json').read_text())
+    return results.get('test') or results['final_epoch']
 
 
 def _minutes(folder: Path) -> float:
@@ -285,6 +289,41 @@ def _bane(folders: list[Path], cache: Path, archived: Path) -> float:
     return metrics['acc']
 
 
+def _chosen_on_holdout(folder: Path, cache: Path, archived: Path, holdout_size: int) -> float:
+    """Test accuracy of an FDL run's ``forward`` as ``train.py --holdout`` would have chosen it: the head or the
+    averaged probabilities, whichever is more accurate on ``holdout_size`` training images the run did not train on
+    (taken from those its ``--train-subset`` leaves out). For runs made without ``--holdout``; cached like ``_bane``."""
+    for path in (archived, cache):
+        if path.exists():
+            return json.loads(path.read_text())['test_acc']
+    sys.path.insert(0, str(ROOT))
+    import timm
+    import yaml
+    from accelerate import Accelerator
+    from timm.data import resolve_data_config
+
+    import timm_ensembles  # noqa: F401  (registers the models)
+    from timm_ensembles import data as te_data
+    from timm_ensembles._engine import evaluate
+
+    run_args = yaml.safe_load((folder / 'args.yaml').read_text())
+    train_ds, _, _ = te_data.create_datasets(
+        run_args['dataset'], root=run_args['data_dir'], train_split=run_args['train_split'],
+        val_split=run_args['val_split'], train_subset=run_args['train_subset'], val_subset=run_args['val_subset'])
+    _, holdout = te_data.split_holdout(train_ds, holdout_size)
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    loader = te_data.create_eval_loader(holdout, resolve_data_config(model=model), batch_size=256, workers=0)
+    val = evaluate(model, loader, Accelerator(cpu=True))
+    test = _final(folder)
+    choice = 'mean_probs' if val['mean_probs_acc'] > val['acc'] else 'head'
+    record = dict(holdout=holdout_size, head_val=val['acc'], mean_probs_val=val['mean_probs_acc'], choice=choice,
+                  test_acc=test['mean_probs_acc'] if choice == 'mean_probs' else test['acc'])
+    for path in (cache, archived):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record))
+    return record['test_acc']
+
+
 def _rows(study: str, root: Path, live: Path, seeds) -> list[tuple[str, dict[str, list[float]], float | None]]:
     """(label, {column: per-seed values}, minutes per run) of every row whose runs have all finished in ``root`` (the
     archive, or the live run folders); joint evaluations not cached yet are computed from the folders in ``live``."""
@@ -318,6 +357,13 @@ def _rows(study: str, root: Path, live: Path, seeds) -> list[tuple[str, dict[str
             cols['members'] = [f['member_acc_mean'] for f in finals]
             cols['mean_probs'] = [f['mean_probs_acc'] for f in finals]
         rows.append((name, cols, statistics.mean(_minutes(run.folder(root, s)) for s in seeds)))
+        head_runs = [json.loads((run.folder(root, s) / 'results.json').read_text()) for s in seeds]
+        if run.model.startswith('fdl_') and not any('test' in r for r in head_runs):
+            size = RECIPES[recipe].get('holdout', 5000)
+            values = [_chosen_on_holdout(run.folder(live, s), run.folder(live, s) / 'holdout-choice.json',
+                                         run.folder(root, s) / 'holdout-choice.json', size) for s in seeds]
+            rows.append((f'{name}, `forward` chosen on {size:,} held-out training images', dict(forward=values),
+                         None))
     return rows
 
 

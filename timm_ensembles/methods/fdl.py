@@ -42,7 +42,10 @@ the README points here.
   (it cannot affect the members, and training it in every step keeps every parameter used, which DDP needs); the
   reference runs a separate pass with the members in eval mode from the joint phase on: ``head_input='eval'``. It
   starts as the average of the member logits (the reference initialises it randomly), so ``forward`` is meaningful
-  before the head is trained. ``forward`` returns the head; evaluation logs the averaged probabilities beside it.
+  before the head is trained. ``forward`` returns the head, unless the run validates on held-out data
+  (``train.py --holdout N``): then the end of training keeps whichever of the head and the averaged probabilities
+  is more accurate there (``select_on_validation``), never choosing on the test set. (Trained on the members'
+  training logits, the head can trail the plain average on new data.)
 * **Phases**: the first ``member_warmup_epochs`` (1, as the reference) train each member on its cross-entropy alone;
   then the joint phase adds S and -L_FDL. The reference restarts its lr schedule for the joint phase; here one
   schedule spans the run (its member schedule ``1e-5 + 0.1 exp(-0.03 epoch)`` is close to ``--sched step
@@ -260,6 +263,20 @@ class FDLTask(Task):
             loss = loss + head_ce
             components['head_ce'] = head_ce.detach()
         return dict(loss=loss, output=output, components=components, stats=stats)
+
+    def select_on_validation(self, metrics: dict) -> str | None:
+        """``forward`` becomes the averaged probabilities when they are more accurate than the trained head on
+        held-out validation data (``acc`` is the head's, ``mean_probs_acc`` the average's); the head stays otherwise."""
+        model = self.model
+        if model.combine_mode != 'linear' or 'mean_probs_acc' not in metrics:
+            return None
+        head, average = metrics['acc'], metrics['mean_probs_acc']
+        if average > head:
+            model.set_combine('mean_probs')
+            return (f'forward: the averaged probabilities ({average:.2f} %) instead of the ensemble head'
+                    f' ({head:.2f} %), more accurate on the validation data')
+        return f'forward: the ensemble head ({head:.2f} %), at least as accurate as the averaged probabilities' \
+               f' ({average:.2f} %) on the validation data'
 
     @torch.no_grad()
     def _eval_member_logits(self, x: torch.Tensor) -> torch.Tensor:
