@@ -83,8 +83,9 @@ def _fmnist_runs(base: str) -> dict[str, Run]:
         Run(f'{base}-e40', base, extra=['--epochs', '40']),  # twice the epochs: has the single network converged?
         Run('ens_x2', f'ens_{base}x2'),
         Run('fdl_x2', f'fdl_{base}x2'),
-        Run('ens_x4', f'ens_{base}x4'),
-        Run('fdl_x4', f'fdl_{base}x4'),
+        # with per-epoch snapshots of 1,000 test images and the members' weights, for Fort et al.'s views
+        Run('ens_x4', f'ens_{base}x4', extra=['--snapshot-subset', '1000', '--snapshot-weights']),
+        Run('fdl_x4', f'fdl_{base}x4', extra=['--snapshot-subset', '1000', '--snapshot-weights']),
         Run('collab_x2', f'collab_{base}x2'),
         Run('collab_x4', f'collab_{base}x4'),
         Run('ban', f'ban_{base}', teachers=[base], generations=3),
@@ -98,6 +99,7 @@ def _fmnist_runs(base: str) -> dict[str, Run]:
         Run('fdl_x2-warmup5', f'fdl_{base}x2', task_kwargs=['member_warmup_epochs=5']),
         Run('collab_x2-beta0.9', f'collab_{base}x2', task_kwargs=['beta=0.9']),
         Run('collab_x2-T1', f'collab_{base}x2', task_kwargs=['temperature=1']),
+        Run('collab_x4-no_rescale', f'collab_{base}x4', task_kwargs=['backward_rescale=False']),
         Run('ban_labels', f'ban_{base}', teachers=[base], task_kwargs=['label_weight=1.0']),
         Run('ban_T4', f'ban_{base}', teachers=[base], task_kwargs=['temperature=4']),
         Run('meal_v1-labels', f'meal_{base}', teachers=['ens_x2'], task_kwargs=['label_weight=1.0']),
@@ -124,6 +126,7 @@ STUDIES = {
     'distill': ('fmnist', ['resnet10t', 'ens_x2', 'ban', 'meal_v1', 'meal_v2'], (0, 1, 2)),
     'ablations': ('fmnist', ['resnet10t', 'fdl_x2', 'fdl_x2-relative', 'fdl_x2-step10', 'fdl_x2-step100',
                              'fdl_x2-head_eval', 'fdl_x2-warmup5', 'collab_x2', 'collab_x2-beta0.9', 'collab_x2-T1',
+                             'collab_x4', 'collab_x4-no_rescale',
                              'ban', 'ban_labels', 'ban_T4', 'ens_x2', 'meal_v1', 'meal_v1-labels'], (0,)),
     'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
     'smoke': ('smoke', ['test_resnet', 'ens_x2', 'fdl_x2', 'ban'], (0,)),
