@@ -32,7 +32,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from timm.data import resolve_data_config
-from timm.models._input import get_model_args
+from timm.models import get_model_args
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ParseKwargs
 

@@ -7,6 +7,7 @@ huggingface_hub reads ``HF_ENDPOINT`` when it is imported.
 """
 import hashlib
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -160,7 +161,13 @@ def test_weights_that_do_not_fit_their_config_give_a_clear_error(tmp_path):
     weights = load_file(folder / 'model.safetensors')
     weights['members.1.fc.weight'] = torch.zeros(4, weights['members.1.fc.weight'].shape[1])
     save_file(weights, folder / 'model.safetensors')
-    with pytest.raises(RuntimeError, match=r"weights of .* do not fit the 'ens' model.*members\.1\.fc\.weight"):
+    # only a classifier differs: the message names it and points to num_classes=
+    with pytest.raises(RuntimeError, match=r"classifiers of .*\(members\.1\.fc\) do not fit .*num_classes="):
+        load_from_hub(f'local-dir:{folder}')
+    inner = next(k for k in weights if k.startswith('members.1.layer1.') and k.endswith('conv1.weight'))
+    weights[inner] = torch.zeros(1, 1, 1, 1)
+    save_file(weights, folder / 'model.safetensors')
+    with pytest.raises(RuntimeError, match=rf"weights of .* do not fit the 'ens' model.*{re.escape(inner)}"):
         load_from_hub(f'local-dir:{folder}')
     with pytest.raises(ValueError, match='does not load as a model'):
         push_to_hub(folder, 'org/name', token='hf_test')  # checked before any request

@@ -1,11 +1,13 @@
 """The ensemble wrappers as timm models, over methods x tiny timm bases."""
+import os
+import tempfile
+
 import pytest
 import timm
 import torch
 from conftest import IMG, METHODS, TINY_BASES, model_kwargs
 from timm.data import resolve_data_config
-from timm.models import generate_default_cfgs, register_model
-from timm.models._builder import build_model_with_cfg
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 import timm_ensembles
 from timm_ensembles import DeepEnsemble, FDLEnsemble
@@ -182,8 +184,10 @@ class _UserNet(torch.nn.Module):
         self.fc = torch.nn.Linear(8, num_classes)
 
 
-default_cfgs = generate_default_cfgs({'te_user_net.local': dict(file='', num_classes=10, mean=(0.5,), std=(0.5,),
-                                                                 input_size=(3, 16, 16))})
+# the user's weights file: written by the test that loads it (one per pytest process)
+_USER_WEIGHTS = os.path.join(tempfile.gettempdir(), f'te_user_net-{os.getpid()}.safetensors')
+default_cfgs = generate_default_cfgs({'te_user_net.local': dict(
+    file=_USER_WEIGHTS, num_classes=10, mean=(0.5,), std=(0.5,), input_size=(3, 16, 16))})
 
 
 @register_model
@@ -191,11 +195,10 @@ def te_user_net(pretrained=False, **kwargs):
     return build_model_with_cfg(_UserNet, 'te_user_net', pretrained, **kwargs)
 
 
-def test_user_registered_base_and_pretrained_base(tmp_path):
+def test_user_registered_base_and_pretrained_base():
     from safetensors.torch import save_file
     weights = _UserNet(num_classes=10).state_dict()
-    save_file(weights, tmp_path / 'w.safetensors')
-    timm.models._registry._model_pretrained_cfgs['te_user_net.local'].file = str(tmp_path / 'w.safetensors')
+    save_file(weights, _USER_WEIGHTS)
     model = timm.create_model('fdl', base_model='te_user_net', num_members=2, pretrained_base=True)
     for member in model.members:
         assert torch.equal(member.conv.weight, weights['conv.weight'])

@@ -20,6 +20,7 @@ import pytest
 import timm
 import torch
 from conftest import IMG, TINY_BASES, model_kwargs
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 import timm_ensembles
 from timm_ensembles._checkpoint import export_folder
@@ -292,3 +293,46 @@ def test_train_py_member_strategy_flag(tmp_path):
     assert list(saved['grouped']) == list(saved['loop'])
     for key, value in saved['loop'].items():
         torch.testing.assert_close(saved['grouped'][key], value, rtol=1e-4, atol=1e-5)
+
+
+class _Flat28(torch.nn.Module):
+    """A user's model that takes 28x28 input only (a flattening classifier), registered with a config that states
+    timm's default 224 px."""
+
+    def __init__(self, num_classes=10, in_chans=1, **kwargs):
+        super().__init__()
+        self.num_classes = num_classes
+        self.num_features = 4 * 14 * 14
+        self.conv = torch.nn.Conv2d(in_chans, 4, 3, padding=1)
+        self.bn = torch.nn.BatchNorm2d(4)
+        self.fc = torch.nn.Linear(4 * 14 * 14, num_classes)
+
+    def forward(self, x):
+        return self.fc(torch.nn.functional.max_pool2d(self.bn(self.conv(x)).relu(), 2).flatten(1))
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        self.fc = torch.nn.Linear(4 * 14 * 14, num_classes)
+
+
+default_cfgs = generate_default_cfgs({'te_flat28': dict(input_size=(1, 224, 224), num_classes=10)})
+
+
+@register_model
+def te_flat28(pretrained=False, **kwargs):
+    return build_model_with_cfg(_Flat28, 'te_flat28', pretrained, **kwargs)
+
+
+@pytest.mark.parametrize('strategy', ['vmap', 'grouped'])
+def test_a_model_the_default_probe_cannot_feed_is_checked_on_its_first_batch(strategy):
+    model = timm.create_model('ens', base_model='te_flat28', num_members=2, in_chans=1, member_strategy=strategy)
+    assert model.member_strategy == strategy
+    x = torch.randn(4, 1, 28, 28)
+    loop = timm.create_model('ens', base_model='te_flat28', num_members=2, in_chans=1)
+    loop.load_state_dict(model.state_dict())
+    model.eval()
+    loop.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model.forward_members(x), loop.forward_members(x), rtol=1e-4, atol=1e-5)
+    # with a probe the model cannot take, setting the strategy is still refused, and says why
+    with pytest.raises(ValueError, match=r'the loop itself fails on the probe batch \(2, 1, 32, 32\)'):
+        model.set_member_strategy(strategy, example_input=torch.randn(2, 1, 32, 32))

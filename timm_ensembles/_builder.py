@@ -5,18 +5,23 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import timm
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
-from timm.models._builder import resolve_pretrained_cfg
-from timm.models._pretrained import PretrainedCfg
-from timm.models._registry import get_pretrained_cfg
+from timm.models import (
+    PretrainedCfg,
+    build_model_with_cfg,
+    generate_default_cfgs,
+    get_pretrained_cfg,
+    load_pretrained,
+    register_model,
+    resolve_pretrained_cfg,
+)
 from torch import nn
 
 from ._catalog import published_cfgs
 from ._registry import register_ensemble_method, register_student_method
 
 __all__ = [
-    'create_ensemble', 'ensemble_cfg', 'register_ensemble_variants', 'register_student_variants', 'DEFAULT_BASES',
-    'DEFAULT_SIZES',
+    'adaptable_layers', 'create_ensemble', 'ensemble_cfg', 'register_ensemble_variants', 'register_student_variants',
+    'DEFAULT_BASES', 'DEFAULT_SIZES',
 ]
 
 # the bases and member counts that get pre-registered names (<method>_<base>x<N>); any other timm model works
@@ -50,6 +55,10 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         pretrained: Load the ensemble's own published weights (from its pretrained cfg).
         **kwargs: Ensemble arguments (``base_model``, ``num_members``, ...) and the kwargs timm injects.
     """
+    num_classes = kwargs.get('num_classes')
+    if isinstance(num_classes, bool) or (num_classes is not None and (not isinstance(num_classes, int)
+                                                                      or num_classes < 0)):
+        raise ValueError(f'num_classes must be a whole number >= 0 (0: no classifier), got {num_classes!r}.')
     base_model = kwargs.get('base_model')
     if base_model is None:
         raise ValueError(f"'{variant}' needs base_model=<timm model name>, e.g. timm.create_model('{variant}',"
@@ -74,7 +83,7 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         # the ensemble's own weights replace every member's, so the base weights need not be fetched
         kwargs['pretrained_base'] = False
     try:
-        return build_model_with_cfg(model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg, **kwargs)
+        model = build_model_with_cfg(model_cls, variant, pretrained=False, pretrained_cfg=pretrained_cfg, **kwargs)
     except TypeError as e:
         unknown = re.findall(r"unexpected keyword argument '(\w+)'", str(e))
         if not unknown:
@@ -87,16 +96,62 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
             f" {timm.__version__}). If they come from a config.json written by a newer timm-ensembles, upgrade it"
             f" (pip install -U timm-ensembles); otherwise drop them. ({e})"
         ) from e
+    # the layers timm adapts when weights are loaded for another class count or channel count (it re-initialises the
+    # classifiers and converts the first convolutions): found on the instance, so that folders written before these
+    # entries were recorded adapt too; recorded in the config the model is exported with
+    first_convs, classifiers = adaptable_layers(model)
+    model.pretrained_cfg.update(first_conv=first_convs or None, classifier=classifiers or None)
+    # timm's load_pretrained reads the input stems from the model's own traits first (timm keeps a model's
+    # declaration there, and fills it from the registry's cfg, which knows no instance's members)
+    model._traits = dict(getattr(model, '_traits', {}), first_conv=tuple(first_convs) or None)
+    if not pretrained:
+        return model
+    load_cfg = dict(model.pretrained_cfg)
+    num_classes = getattr(model, 'num_classes', load_cfg.get('num_classes'))
+    in_chans = getattr(model, 'in_chans', kwargs.get('in_chans', 3))
+    try:
+        load_pretrained(model, pretrained_cfg=load_cfg, num_classes=num_classes, in_chans=in_chans)
     except RuntimeError as e:
-        if not pretrained or not any(s in str(e) for s in ('size mismatch', 'Missing key', 'Unexpected key')):
+        if not any(s in str(e) for s in ('size mismatch', 'Missing key', 'Unexpected key')):
             raise
         source = cfg_dict.get('hf_hub_id') or cfg_dict.get('file') or cfg_dict.get('url') or variant
         detail = '; '.join(line.strip() for line in str(e).splitlines()[1:4])
+        mismatched = re.findall(r'size mismatch for ([\w.]+)\.(?:weight|bias)', str(e))
+        if mismatched and all(name in classifiers for name in mismatched):
+            raise RuntimeError(
+                f"The classifiers of '{source}' ({', '.join(sorted(set(mismatched)))}) do not fit this model's"
+                f" {num_classes} classes while its config.json says the weights have as many: pass num_classes=<the"
+                f" class count you want> to fine-tune (the classifiers are then re-initialised), or fix config.json."
+            ) from e
         raise RuntimeError(
             f"The weights of '{source}' do not fit the '{variant}' model its config describes ({detail} ...): its"
             f" model.safetensors and config.json come from different models, or one of them was edited. Export the"
             f" model again (train.py, timm_ensembles.hub.push_to_hub) so that both describe the same model."
         ) from e
+    return model
+
+
+def adaptable_layers(model: nn.Module) -> tuple[list[str], list[str]]:
+    """The first convolutions and classifiers of a model of this package, as timm's ``pretrained_cfg`` names them
+    (``first_conv``, ``classifier``): those of every timm model inside it (members, heads, a student, generations),
+    prefixed with their path, and the layers the wrapper itself declares (``extra_classifiers``, e.g. an ensemble
+    head). timm's ``load_pretrained`` re-initialises the classifiers when the class count differs from the weights'
+    and adapts the first convolutions to another channel count, as it does for its own models.
+    """
+    state = set(model.state_dict())
+    first_convs: list[str] = []
+    classifiers: list[str] = []
+    for path, module in model.named_modules():
+        cfg = getattr(module, 'pretrained_cfg', None)
+        if module is model or not cfg:
+            continue
+        for key, found in (('first_conv', first_convs), ('classifier', classifiers)):
+            names = cfg.get(key) or ()
+            for name in ((names,) if isinstance(names, str) else names):
+                if f'{path}.{name}.weight' in state:
+                    found.append(f'{path}.{name}')
+    classifiers += [n for n in getattr(model, 'extra_classifiers', ()) if f'{n}.weight' in state]
+    return first_convs, classifiers
 
 
 def register_ensemble_variants(

@@ -16,6 +16,7 @@ from ._ensemble import ModelArgsMixin
 from ._registry import check_base_model
 from ._task import Task
 from ._teachers import TeacherAdapter, TeacherError, load_teachers
+from ._timm_compat import get_global_pool
 
 __all__ = ['StudentModel', 'DistillationTask']
 
@@ -63,8 +64,7 @@ class StudentModel(ModelArgsMixin, nn.Module):
 
     @property
     def global_pool(self) -> str | None:
-        from timm.models._input import _get_global_pool
-        return _get_global_pool(self.student)
+        return get_global_pool(self.student)
 
     def get_classifier(self) -> nn.Module:
         return self.student.get_classifier()

@@ -22,6 +22,7 @@ from ._strategies import (
     create_member_strategy,
     tapped_convs,
 )
+from ._timm_compat import get_global_pool
 
 __all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'COMBINE_MODES', 'FEATURE_TAPS', 'MEMBER_STRATEGIES',
            'capture_conv_outputs', 'conv_modules', 'tapped_convs']
@@ -111,7 +112,7 @@ class ModelArgsMixin:
     @property
     def model_args(self) -> dict[str, Any]:
         """Arguments that rebuild this model with ``timm.create_model`` (what ``save_for_hf`` records)."""
-        from timm.models._input import get_model_args
+        from timm.models import get_model_args
         return get_model_args(self)
 
 
@@ -233,6 +234,12 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
 
     # ---- timm model interface ----
     @property
+    def extra_classifiers(self) -> tuple[str, ...]:
+        """Classifiers of the ensemble itself (beside its members'), re-initialised on a fine-tune to another class
+        count: the linear ensemble head."""
+        return ('head.fc',) if self.head.fc is not None else ()
+
+    @property
     def combine_mode(self) -> str:
         return self.head.mode
 
@@ -246,8 +253,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
 
     @property
     def global_pool(self) -> str | None:
-        from timm.models._input import _get_global_pool
-        return _get_global_pool(self.members[0])
+        return get_global_pool(self.members[0])
 
     def _defining_args(self) -> dict[str, Any]:
         return dict(base_model=self.base_model, num_members=self.num_members, combine=self.combine_mode)

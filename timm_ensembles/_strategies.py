@@ -935,5 +935,35 @@ def create_member_strategy(
         return strategy
     strategy = _build(name, members, base_model)
     if name != 'loop':
-        _check(strategy, in_chans, example_input)
+        try:
+            _check(strategy, in_chans, example_input)
+        except _LoopFailed:
+            if example_input is not None:
+                raise
+            # no default probe fits the model (a user's model for one input size its config does not state):
+            # check on the first real batch instead
+            return _CheckedOnFirstCall(strategy)
     return strategy
+
+
+class _CheckedOnFirstCall(MemberStrategy):
+    """A strategy whose check against the loop waits for the first batch it is given."""
+
+    def __init__(self, strategy: MemberStrategy):
+        super().__init__(strategy.members, strategy.base_model)
+        self.inner = strategy
+        self.name = strategy.name
+        self.checked = False
+
+    def _ensure_checked(self, x: torch.Tensor) -> None:
+        if not self.checked:
+            verify_against_loop(self.inner, x.detach())
+            self.checked = True
+
+    def forward_members(self, x: torch.Tensor) -> torch.Tensor:
+        self._ensure_checked(x)
+        return self.inner.forward_members(x)
+
+    def forward_members_with_features(self, x, taps='stages', indices=None):
+        self._ensure_checked(x)
+        return self.inner.forward_members_with_features(x, taps, indices)

@@ -28,6 +28,7 @@ import yaml
 from torch import nn
 
 from ._checkpoint import VERSION_KEY
+from ._timm_compat import generate_readme
 
 __all__ = ['push_to_hub', 'load_from_hub', 'generate_model_card', 'model_card_fields', 'read_run', 'check_config',
            'RUN_FILES']
@@ -237,8 +238,6 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
 def generate_model_card(source: str | Path | nn.Module, repo_id: str) -> str:
     """The README.md (model card) that ``push_to_hub`` uploads for ``source`` (a folder, a model or a task) as
     ``repo_id``."""
-    from timm.models._hub import generate_readme
-
     if isinstance(source, nn.Module):
         with tempfile.TemporaryDirectory(prefix='timm-ensembles-card-') as tmp:
             return generate_model_card(_export(source, Path(tmp)), repo_id)
@@ -336,7 +335,6 @@ def push_to_hub(
             if (run_dir / name).is_file():
                 _link_or_copy(run_dir / name, staging / name)
         if model_card:
-            from timm.models._hub import generate_readme
             card = generate_readme(model_card_fields(run, repo_id), repo_id.split('/')[-1])
             (staging / 'README.md').write_text(card, encoding='utf-8')
         api = HfApi(token=token, library_name='timm', library_version=timm.__version__)

@@ -151,7 +151,7 @@ def create_bane(generations: Sequence[str | Path], **kwargs) -> BornAgainEnsembl
     num_classes = kwargs.pop('num_classes', first.num_classes)
     if num_classes != first.num_classes:
         raise ValueError(f'The generations predict {first.num_classes} classes; num_classes={num_classes} was asked.')
-    from timm.models._input import get_model_args
+    from timm.models import get_model_args
     args = {k: v for k, v in get_model_args(first).items() if k != 'num_classes'}
     args.update(kwargs)
     ref = next(first.parameters())

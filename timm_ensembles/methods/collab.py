@@ -43,6 +43,7 @@ from .._ensemble import EnsembleHead, ModelArgsMixin
 from .._registry import check_base_model, register_task
 from .._split import SplitLayout, get_split_layout, grad_rescale
 from .._task import Task, TaskOutput
+from .._timm_compat import get_global_pool
 
 __all__ = ['CollaborativeNet', 'CollaborativeTask', 'default_splits']
 
@@ -166,8 +167,7 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
 
     @staticmethod
     def _pool_of(model: nn.Module) -> str | None:
-        from timm.models._input import _get_global_pool
-        return _get_global_pool(model)
+        return get_global_pool(model)
 
     @property
     def head_index(self) -> int:
