@@ -164,6 +164,23 @@ def test_teacher_with_other_preprocessing_sees_its_own():
     assert not adapter.training and not teacher.training
 
 
+def test_input_map_between_gray_and_colour_models():
+    from timm_ensembles._teachers import InputMap
+    colour = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=(3, 8, 8))
+    gray = dict(mean=(0.5,), std=(0.25,), input_size=(1, 8, 8))
+    x = _x(2)[:, :, :8, :8]
+    pixels = x * torch.tensor(colour['std']).view(1, 3, 1, 1) + torch.tensor(colour['mean']).view(1, 3, 1, 1)
+    # a gray model sees the pixels' channel mean, normalised its way
+    torch.testing.assert_close(InputMap(colour, gray)(x), (pixels.mean(1, keepdim=True) - 0.5) / 0.25)
+    # a colour model fed gray input sees the gray pixels in every channel
+    g = torch.randn(2, 1, 8, 8)
+    expected = (g * 0.25 + 0.5 - torch.tensor(colour['mean']).view(1, 3, 1, 1)) / torch.tensor(
+        colour['std']).view(1, 3, 1, 1)
+    torch.testing.assert_close(InputMap(gray, colour)(g), expected)
+    with pytest.raises(ValueError, match='Cannot map 2-channel input'):
+        InputMap(dict(gray, input_size=(2, 8, 8), mean=(0.5, 0.5), std=(0.2, 0.2)), colour)
+
+
 def test_bane_is_the_mean_of_its_generations(tmp_path):
     folders = []
     data_config = dict(input_size=(3, IMG, IMG), mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0,
@@ -219,8 +236,8 @@ def test_teachers_from_folders_take_their_saved_preprocessing_and_modules_the_st
     task = timm_ensembles.create_task(_student('ban'), teachers=[str(folder), module])
     task.set_data_config(dict(input_size=(3, IMG, IMG), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)))
     from_folder, given = task.teachers
-    assert (from_folder.same_norm, from_folder.size) == (False, (48, 48))
-    assert (given.same_norm, given.same_size) == (True, True)
+    assert (from_folder.input_map.same_norm, from_folder.input_map.size) == (False, (48, 48))
+    assert (given.input_map.same_norm, given.input_map.same_size) == (True, True)
     assert not from_folder.training and not given.training
 
 

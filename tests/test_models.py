@@ -32,7 +32,9 @@ def test_shapes_train_and_eval(method, base):
         assert model.forward_members(x).shape == (2, 3, 5)
     assert model.num_classes == 5 and len(model.members) == 3
     assert model.num_features == 3 * model.members[0].num_features
-    assert model.get_classifier() is model.head
+    classifiers = model.get_classifier()  # every member's, then the ensemble head where it has weights
+    assert classifiers[:3] == tuple(m.get_classifier() for m in model.members)
+    assert classifiers[3:] == ((model.head,) if model.head.fc is not None else ())
 
 
 @pytest.mark.parametrize('method,base', PARAMS)
@@ -248,3 +250,45 @@ def test_bad_combine_mode():
     with pytest.raises(ValueError, match='Unknown combine mode'):
         _build('ens', 'test_resnet', combine='vote')
 
+
+
+@pytest.mark.parametrize('name, prefixes', [
+    ('fdl_test_resnetx2', ('members.0.', 'members.1.')),
+    ('collab_test_resnetx2', ('heads.0.', 'heads.1.')),
+    ('ban_test_resnet', ('student.',)),
+])
+def test_layer_decay_decays_every_member_by_its_own_depth(name, prefixes):
+    from timm.optim import create_optimizer_v2
+    model = timm_ensembles.create_model(name, num_classes=4)
+    base = timm.create_model('test_resnet', num_classes=4)
+    scale_of = {}
+    for m in (model, base):
+        names = {id(p): n for n, p in m.named_parameters()}
+        for group in create_optimizer_v2(m, 'sgd', lr=0.1, layer_decay=0.5).param_groups:
+            scale_of.update({(m is base, names[id(p)]): group['lr_scale'] for p in group['params']})
+    for (is_base, n), scale in scale_of.items():
+        if is_base:
+            continue
+        if n.startswith('head.'):  # the ensemble head goes with the classifiers
+            assert scale == scale_of[(True, 'fc.weight')]
+            continue
+        prefix = next(p for p in prefixes if n.startswith(p))
+        if (True, n[len(prefix):]) in scale_of:  # a weight the base has: the base's depth, whichever member holds it
+            assert scale == scale_of[(True, n[len(prefix):])], n
+    assert len({s for (b, _), s in scale_of.items() if not b}) == len({s for (b, _), s in scale_of.items() if b})
+
+
+def test_features_only_gives_the_members_maps_side_by_side():
+    model = timm.create_model('ens', base_model='test_resnet', num_members=2, features_only=True, out_indices=(1, 3))
+    base = timm.create_model('test_resnet', features_only=True, out_indices=(1, 3))
+    assert model.feature_info.channels() == [2 * c for c in base.feature_info.channels()]
+    assert model.feature_info.reduction() == base.feature_info.reduction()
+    full = timm.create_model('ens', base_model='test_resnet', num_members=2).eval()
+    wanted = model.state_dict()  # timm's feature wrapper holds the ensemble as .model, its unused layers pruned
+    model.load_state_dict({f'model.{k}': v for k, v in full.state_dict().items() if f'model.{k}' in wanted})
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        levels = model.eval()(x)
+        per_member = [m.forward_intermediates(x, indices=(1, 3), intermediates_only=True) for m in full.members]
+    for level, k in zip(levels, range(2)):
+        torch.testing.assert_close(level, torch.cat([p[k] for p in per_member], dim=1))

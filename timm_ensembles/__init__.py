@@ -22,7 +22,10 @@ from .methods import (
     FDLTask,
     MEALStudent,
     MEALTask,
+    ModelEnsemble,
+    ModelEnsembleTask,
     create_bane,
+    ensemble_of,
 )
 
 __version__ = '0.1.0'

@@ -1,4 +1,5 @@
 """Shared construction of the ensemble models: timm's builder, the base model's data config, named variants."""
+import math
 import re
 import sys
 from collections.abc import Callable, Iterable
@@ -18,9 +19,11 @@ from torch import nn
 
 from ._catalog import published_cfgs
 from ._registry import register_ensemble_method, register_student_method
+from ._timm_compat import FeatureGetterNet
 
 __all__ = [
     'adaptable_layers', 'create_ensemble', 'ensemble_cfg', 'register_ensemble_variants', 'register_student_variants',
+    'register_models',
     'DEFAULT_BASES', 'DEFAULT_SIZES',
 ]
 
@@ -60,18 +63,23 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
                                                                       or num_classes < 0)):
         raise ValueError(f'num_classes must be a whole number >= 0 (0: no classifier), got {num_classes!r}.')
     base_model = kwargs.get('base_model')
-    if base_model is None:
+    base_free = getattr(model_cls, 'base_free', False)  # built from its members' configs, not one base model's
+    if base_model is None and not base_free:
         raise ValueError(f"'{variant}' needs base_model=<timm model name>, e.g. timm.create_model('{variant}',"
                          f" base_model='resnet18', num_members=2).")
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     if not isinstance(pretrained_cfg, (dict, PretrainedCfg)):
         # a registry cfg (by tag or default) describes the ensemble's weights; its data config is the base's
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
+        base_cfg = get_pretrained_cfg(base_model) if base_model and ':' not in base_model else None
+        base_cfg = base_cfg.to_dict() if base_cfg is not None else PretrainedCfg().to_dict()
         if not any(cfg.get(k) for k in _SOURCE_KEYS):
             # a published tag's cfg (hub/README.md) describes its own weights and keeps its own data config
-            base_cfg = get_pretrained_cfg(base_model) if ':' not in base_model else None
-            base_cfg = base_cfg.to_dict() if base_cfg is not None else PretrainedCfg().to_dict()
             cfg.update({k: base_cfg[k] for k in BASE_CFG_KEYS if base_cfg.get(k) is not None})
+        cfg['pool_size'] = _pool_size(base_cfg, cfg.get('input_size'))
+        if base_free:
+            # no defaults to pass on: the class count and input come from the members (filled in after the build)
+            cfg.update(num_classes=-1, input_size=None)
         pretrained_cfg = cfg
     cfg_dict = pretrained_cfg.to_dict() if isinstance(pretrained_cfg, PretrainedCfg) else pretrained_cfg
     if pretrained:
@@ -81,8 +89,12 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
                 f" Use pretrained_base=True to initialise every member from timm's weights of '{base_model}'."
             )
         # the ensemble's own weights replace every member's, so the base weights need not be fetched
-        kwargs['pretrained_base'] = False
+        if not base_free:
+            kwargs['pretrained_base'] = False
     try:
+        features_only = kwargs.pop('features_only', False)
+        out_indices = kwargs.pop('out_indices', None)
+        feature_cls = kwargs.pop('feature_cls', 'getter')
         model = build_model_with_cfg(model_cls, variant, pretrained=False, pretrained_cfg=pretrained_cfg, **kwargs)
     except TypeError as e:
         unknown = re.findall(r"unexpected keyword argument '(\w+)'", str(e))
@@ -99,13 +111,51 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
     # the layers timm adapts when weights are loaded for another class count or channel count (it re-initialises the
     # classifiers and converts the first convolutions): found on the instance, so that folders written before these
     # entries were recorded adapt too; recorded in the config the model is exported with
+    if base_free:
+        # the data config the model was built with (its members' or the one given)
+        model.pretrained_cfg.update({k: tuple(v) if isinstance(v, list) else v
+                                     for k, v in model.data_config.items()}, num_classes=model.num_classes)
     first_convs, classifiers = adaptable_layers(model)
     model.pretrained_cfg.update(first_conv=first_convs or None, classifier=classifiers or None)
     # timm's load_pretrained reads the input stems from the model's own traits first (timm keeps a model's
     # declaration there, and fills it from the registry's cfg, which knows no instance's members)
     model._traits = dict(getattr(model, '_traits', {}), first_conv=tuple(first_convs) or None)
-    if not pretrained:
-        return model
+    if pretrained:
+        _load(model, variant, cfg_dict, classifiers, kwargs)
+    if features_only:
+        model = _features(model, variant, out_indices, feature_cls)
+    return model
+
+
+def _pool_size(base_cfg: dict, input_size) -> tuple[int, int] | None:
+    """The unpooled feature map's size at ``input_size``: the base's ``pool_size`` at its own input size, scaled."""
+    pool, base_size = base_cfg.get('pool_size'), base_cfg.get('input_size')
+    if not pool or not base_size or not input_size:
+        return tuple(pool) if pool else None
+    return tuple(max(1, math.ceil(s * p / b)) for s, p, b in zip(input_size[1:], pool, base_size[1:]))
+
+
+def _features(model: nn.Module, variant: str, out_indices, feature_cls: str) -> nn.Module:
+    """``features_only=True``: timm's getter wrapper around ``forward_intermediates`` (the hook-based default needs
+    one sequential module tree, which members, heads or a student wrapper are not)."""
+    if feature_cls != 'getter':
+        raise ValueError(f"'{variant}' gives its feature maps through forward_intermediates: feature_cls='getter'"
+                         f" (the default here), not {feature_cls!r}.")
+    if not hasattr(model, 'forward_intermediates'):
+        raise ValueError(f"'{variant}' has no feature maps to give (features_only=True): its base model has no"
+                         f" forward_intermediates().")
+    if out_indices is None:
+        out_indices = tuple(range(min(5, len(model.feature_info))))  # timm's default: the first five levels
+    pretrained_cfg = dict(model.pretrained_cfg)
+    model = FeatureGetterNet(model, out_indices=out_indices)
+    for key in ('num_classes', 'classifier', 'global_pool'):  # as timm's pretrained_cfg_for_features
+        pretrained_cfg.pop(key, None)
+    model.pretrained_cfg = model.default_cfg = pretrained_cfg
+    return model
+
+
+def _load(model: nn.Module, variant: str, cfg_dict: dict, classifiers: list[str], kwargs: dict) -> None:
+    """The model's own weights, adapted as timm adapts its models' (see ``adaptable_layers``)."""
     load_cfg = dict(model.pretrained_cfg)
     num_classes = getattr(model, 'num_classes', load_cfg.get('num_classes'))
     in_chans = getattr(model, 'in_chans', kwargs.get('in_chans', 3))
@@ -128,7 +178,6 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
             f" model.safetensors and config.json come from different models, or one of them was edited. Export the"
             f" model again (train.py, timm_ensembles.hub.push_to_hub) so that both describe the same model."
         ) from e
-    return model
 
 
 def adaptable_layers(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -204,6 +253,13 @@ def register_student_variants(
     variants.update({f'{method}_{b}': {'base_model': b} for b in bases})
     register_student_method(method, description)
     _register(module_name, variants, create_fn, description, None, cfg)
+
+
+def register_models(module_name: str, names: Iterable[str], create_fn: Callable[..., nn.Module], description: str,
+                    **cfg: Any) -> None:
+    """Register entrypoints ``names`` (no fixed arguments) with timm, on behalf of a method module; see
+    ``register_ensemble_variants``."""
+    _register(module_name, {name: {} for name in names}, create_fn, description, None, cfg)
 
 
 def _register(module_name: str, variants: dict[str, dict[str, Any]], create_fn: Callable, description: str,

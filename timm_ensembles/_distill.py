@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from ._ensemble import ModelArgsMixin
+from ._ensemble import ModelArgsMixin, prefix_group_matcher
 from ._registry import check_base_model
 from ._task import Task
 from ._teachers import TeacherAdapter, TeacherError, load_teachers
@@ -22,7 +22,8 @@ __all__ = ['StudentModel', 'DistillationTask']
 
 
 class StudentModel(ModelArgsMixin, nn.Module):
-    """One timm model trained by a distillation method (the method's subclass picks the task).
+    """One timm model trained by a distillation method (the method's subclass picks the task). Scriptable
+    (``torch.jit.script``) where its base is: the properties below are Python-only.
 
     Args:
         base_model: The student's architecture, any timm model name.
@@ -33,6 +34,9 @@ class StudentModel(ModelArgsMixin, nn.Module):
         dtype: Parameter dtype.
         **kwargs: Passed to ``timm.create_model`` (``img_size``, drop rates, ...).
     """
+
+    __jit_unused_properties__ = ['model_args', '_model_args', 'num_classes', 'num_features', 'head_hidden_size',
+                                 'global_pool', 'feature_info', 'output_fmt']
 
     def __init__(
             self,
@@ -63,8 +67,32 @@ class StudentModel(ModelArgsMixin, nn.Module):
         return self.student.num_features
 
     @property
+    def head_hidden_size(self) -> int:
+        return getattr(self.student, 'head_hidden_size', self.student.num_features)
+
+    @property
     def global_pool(self) -> str | None:
         return get_global_pool(self.student)
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """The student's feature levels (its modules under ``student.``)."""
+        info = self.student.feature_info
+        info = info.get_dicts() if hasattr(info, 'get_dicts') else info
+        return [dict(level, module=f"student.{level['module']}") for level in info]
+
+    @property
+    def output_fmt(self) -> str:
+        return getattr(self.student, 'output_fmt', 'NCHW')
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The student's parameter groups under ``student.`` (layer decay, see ``EnsembleModel.group_matcher``)."""
+        return prefix_group_matcher(self.student.group_matcher(coarse=coarse), r'^student\.')
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        return self.student.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
 
     def get_classifier(self) -> nn.Module:
         return self.student.get_classifier()
@@ -90,8 +118,8 @@ class StudentModel(ModelArgsMixin, nn.Module):
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         return self.student.forward_head(x, pre_logits=pre_logits)
 
-    def forward_intermediates(self, x: torch.Tensor, **kwargs: Any):
-        return self.student.forward_intermediates(x, **kwargs)
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        return self.student.forward_intermediates(x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
@@ -174,7 +202,7 @@ class DistillationTask(Task):
         """The teachers, moved to the batch's device if the task was moved since they were built."""
         teachers = self.teachers
         for t in teachers:
-            if t.scale.device != x.device:
+            if t.input_map.src_std.device != x.device:
                 t.to(x.device)
         return teachers
 

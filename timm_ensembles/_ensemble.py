@@ -24,8 +24,8 @@ from ._strategies import (
 )
 from ._timm_compat import get_global_pool
 
-__all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'COMBINE_MODES', 'FEATURE_TAPS', 'MEMBER_STRATEGIES',
-           'capture_conv_outputs', 'conv_modules', 'tapped_convs']
+__all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'prefix_group_matcher', 'COMBINE_MODES', 'FEATURE_TAPS',
+           'MEMBER_STRATEGIES', 'capture_conv_outputs', 'conv_modules', 'tapped_convs']
 
 COMBINE_MODES = ('linear', 'mean_logits', 'mean_probs')
 FEATURE_TAPS = ('stages', 'convs')
@@ -114,6 +114,22 @@ class ModelArgsMixin:
         """Arguments that rebuild this model with ``timm.create_model`` (what ``save_for_hf`` records)."""
         from timm.models import get_model_args
         return get_model_args(self)
+
+
+def prefix_group_matcher(matcher: dict[str, Any], prefix: str) -> dict[str, Any]:
+    r"""A timm ``group_matcher`` of a sub-model, for its parameters under ``prefix`` (a regex such as
+    ``r'^members\.\d+\.'``): every pattern anchored there, its ordinal groups kept."""
+    def shift(pattern):
+        if isinstance(pattern, str):
+            # non-capturing: a pattern's alternatives ('^conv1|bn1') all start at the prefix, and its numbered
+            # groups (the layer ordinals) keep their numbers
+            return f"{prefix}(?:{pattern.lstrip('^')})"
+        if isinstance(pattern, tuple) and all(isinstance(v, (int, float)) for v in pattern):
+            return pattern  # an ordinal, e.g. (99999,)
+        if isinstance(pattern, (list, tuple)):
+            return type(pattern)(shift(p) for p in pattern)
+        return pattern
+    return {k: shift(v) for k, v in matcher.items()}
 
 
 class EnsembleModel(ModelArgsMixin, nn.Module):
@@ -249,7 +265,8 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
 
     @property
     def head_hidden_size(self) -> int:
-        return self.num_features
+        member = self.members[0]
+        return self.num_members * getattr(member, 'head_hidden_size', member.num_features)
 
     @property
     def global_pool(self) -> str | None:
@@ -258,8 +275,14 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
     def _defining_args(self) -> dict[str, Any]:
         return dict(base_model=self.base_model, num_members=self.num_members, combine=self.combine_mode)
 
-    def get_classifier(self) -> nn.Module:
-        return self.head
+    def get_classifier(self) -> tuple[nn.Module, ...]:
+        """Every classifier: the members', then the ensemble head where it has weights (timm accepts a tuple)."""
+        return tuple(m.get_classifier() for m in self.members) + ((self.head,) if self.head.fc is not None else ())
+
+    def _new_head(self, num_classes: int, mode: str) -> None:
+        ref = next(self.members[0].parameters())
+        self.head = EnsembleHead(self.num_members, num_classes, mode, device=ref.device, dtype=ref.dtype)
+        self.head.train(self.training)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         for member in self.members:
@@ -269,8 +292,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
                 member.reset_classifier(num_classes, global_pool)
         self.num_classes = num_classes
         self.member_num_features = self.members[0].num_features
-        ref = next(self.members[0].parameters())
-        self.head = EnsembleHead(self.num_members, num_classes, self.combine_mode, device=ref.device, dtype=ref.dtype)
+        self._new_head(num_classes, self.combine_mode)
         self._rebuild_member_strategy()
 
     def set_combine(self, mode: str) -> None:
@@ -280,8 +302,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         if mode not in COMBINE_MODES:
             raise ValueError(f"Unknown combine mode '{mode}', expected one of {COMBINE_MODES}.")
         if mode != self.combine_mode:
-            ref = next(self.members[0].parameters())
-            self.head = EnsembleHead(self.num_members, self.num_classes, mode, device=ref.device, dtype=ref.dtype)
+            self._new_head(self.num_classes, mode)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -297,23 +318,95 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
                 names |= {f'members.{i}.{n}' for n in member.no_weight_decay()}
         return names
 
-    # ---- forward ----
+    # ---- features: the members' maps side by side, as timm's API shapes them ----
+    @property
+    def output_fmt(self) -> str:
+        return getattr(self.members[0], 'output_fmt', 'NCHW')
+
+    def _feature_dim(self, fmt: str | None = None) -> int:
+        # the channel axis of a feature map: 1 for NCHW, the last for NHWC and token sequences (NLC)
+        return 1 if (fmt or self.output_fmt) == 'NCHW' else -1
+
+    def _side_by_side(self, maps: Sequence[torch.Tensor], fmt: str | None = None) -> torch.Tensor:
+        return torch.cat(list(maps), dim=self._feature_dim(fmt))
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """The members' feature levels, each with ``num_chs`` M times the member's: an ensemble's feature map at a
+        level is its members' maps concatenated along the channels (member-major), what ``forward_intermediates``
+        and ``features_only=True`` give."""
+        info = getattr(self.members[0], 'feature_info', None)
+        if info is None:
+            raise AttributeError(f"Base model '{self.base_model}' has no feature_info: its members cannot give"
+                                 f" feature maps.")
+        info = info.get_dicts() if hasattr(info, 'get_dicts') else info
+        return [dict(level, num_chs=level['num_chs'] * self.num_members, module=f"members.0.{level['module']}")
+                for level in info]
+
+    @property
+    def pool_size(self) -> tuple[int, int] | None:
+        return self.pretrained_cfg.get('pool_size') if hasattr(self, 'pretrained_cfg') else None
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Unpooled features of every member, stacked on dim 1: ``[B, M, ...]``."""
-        return torch.stack([m.forward_features(x) for m in self.members], dim=1)
+        """Unpooled features: every member's, concatenated along the channels (``num_features`` channels)."""
+        return self._side_by_side([m.forward_features(x) for m in self.members])
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        """Head of ``forward_features``' output: members' heads, then the ensemble head."""
-        if pre_logits:
-            return torch.cat([m.forward_head(x[:, i], pre_logits=True) for i, m in enumerate(self.members)], dim=1)
-        return self.head(torch.stack([m.forward_head(x[:, i]) for i, m in enumerate(self.members)], dim=1))
+        """Head of ``forward_features``' output: each member's head on its share of the channels, then the ensemble
+        head; with ``pre_logits``, the members' pooled features side by side (``head_hidden_size`` wide)."""
+        parts = x.chunk(self.num_members, dim=self._feature_dim())
+        outputs = [m.forward_head(part, pre_logits=pre_logits) for m, part in zip(self.members, parts)]
+        if pre_logits or self.num_classes <= 0:
+            return self._side_by_side(outputs, 'NCHW' if outputs[0].ndim == 2 else None)
+        return self.head(torch.stack(outputs, dim=1))
 
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: int | Sequence[int] | None = None,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's ``forward_intermediates`` of every member (same arguments), their maps concatenated along the
+        channels level by level; the final features are ``forward_features``'."""
+        per_member = [m.forward_intermediates(x, indices=indices, norm=norm, stop_early=stop_early,
+                                              output_fmt=output_fmt, intermediates_only=intermediates_only)
+                      for m in self.members]
+        if intermediates_only:
+            return [self._side_by_side(level, output_fmt) for level in zip(*per_member)]
+        finals, inters = zip(*per_member)
+        return self._side_by_side(finals), [self._side_by_side(level, output_fmt) for level in zip(*inters)]
+
+    def prune_intermediate_layers(self, indices: int | Sequence[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Prune every member past the last intermediate taken (timm's ``features_only``); returns the indices."""
+        kept = [m.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+                for m in self.members]
+        if prune_head:
+            self.num_classes = 0
+            self._new_head(0, self.combine_mode)
+        return kept[0]
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The members' parameter groups (timm's ``group_matcher``) for every member at once: layer k of every member
+        falls in group k, so that ``layer_decay`` decays each member by its own depth; the ensemble head goes with
+        the classifiers, in the last group."""
+        return prefix_group_matcher(self.members[0].group_matcher(coarse=coarse), r'^members\.\d+\.')
+
+    # ---- forward ----
     def forward_members(self, x: torch.Tensor) -> torch.Tensor:
         """Every member's logits, ``[B, M, C]`` (run by the member strategy)."""
         return self._member_strategy.forward_members(x)
 
     def combine(self, member_logits: torch.Tensor) -> torch.Tensor:
-        """Ensemble logits ``[B, C]`` from member logits ``[B, M, C]`` (what ``forward`` returns)."""
+        """Ensemble logits ``[B, C]`` from member logits ``[B, M, C]`` (what ``forward`` returns). Without classifiers
+        (``num_classes=0``) the members' outputs are features: side by side, pooled ``[B, M * F]`` or unpooled maps
+        concatenated along their channels."""
+        if self.num_classes <= 0:
+            return self._side_by_side(member_logits.unbind(1), 'NCHW' if member_logits.ndim == 3 else None)
         return self.head(member_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

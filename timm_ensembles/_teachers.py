@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
-__all__ = ['TeacherError', 'load_teacher', 'load_teachers', 'TeacherAdapter']
+__all__ = ['TeacherError', 'load_teacher', 'load_teachers', 'InputMap', 'TeacherAdapter']
 
 
 class TeacherError(ValueError):
@@ -79,6 +79,48 @@ def load_teachers(specs: Sequence[str | nn.Module], device: torch.device | str |
     return [load_teacher(s, device) for s in specs]
 
 
+class InputMap(nn.Module):
+    """Maps a batch preprocessed one way (``src_cfg``: ``mean``, ``std``, ``input_size``) to another model's
+    preprocessing (``dst_cfg``): an exact per-channel affine map of the normalisation (the pixels' channel mean for a
+    gray model fed colour, the gray channel repeated for a colour model fed gray), bilinear resizing of the size
+    (crops are not redone). What a teacher or an ensemble member of another architecture is fed through."""
+
+    def __init__(self, src_cfg: dict[str, Any], dst_cfg: dict[str, Any]):
+        super().__init__()
+        src_chans, dst_chans = int(src_cfg['input_size'][0]), int(dst_cfg['input_size'][0])
+        if src_chans != dst_chans and {src_chans, dst_chans} != {1, 3}:
+            raise ValueError(f'Cannot map {src_chans}-channel input to a model that takes {dst_chans} channels.')
+        s_mean, s_std = _per_channel(src_cfg['mean'], src_chans), _per_channel(src_cfg['std'], src_chans)
+        t_mean, t_std = _per_channel(dst_cfg['mean'], dst_chans), _per_channel(dst_cfg['std'], dst_chans)
+        self.channels = None if src_chans == dst_chans else dst_chans
+        self.same_norm = self.channels is None and bool(torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std))
+        for name, value in (('src_mean', s_mean), ('src_std', s_std), ('dst_mean', t_mean), ('dst_std', t_std)):
+            self.register_buffer(name, value.view(1, -1, 1, 1), persistent=False)
+        self.size = tuple(dst_cfg['input_size'][-2:])
+        self.same_size = self.size == tuple(src_cfg['input_size'][-2:])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.same_norm:
+            pixels = x * self.src_std.to(x.dtype) + self.src_mean.to(x.dtype)
+            if self.channels == 1:
+                pixels = pixels.mean(1, keepdim=True)
+            elif self.channels == 3:
+                pixels = pixels.expand(-1, 3, -1, -1)
+            x = (pixels - self.dst_mean.to(x.dtype)) / self.dst_std.to(x.dtype)
+        if not self.same_size and tuple(x.shape[-2:]) != self.size:
+            x = F.interpolate(x, size=self.size, mode='bilinear', align_corners=False)
+        return x
+
+
+def _per_channel(values, channels: int) -> torch.Tensor:
+    values = torch.tensor(values if isinstance(values, (list, tuple)) else [values], dtype=torch.float32)
+    if len(values) == channels:
+        return values
+    if len(values) == 1:
+        return values.repeat(channels)
+    return values.mean(0, keepdim=True) if channels == 1 else values
+
+
 class TeacherAdapter(nn.Module):
     """Maps a batch preprocessed for the student to the teacher's normalisation and input size, then runs it.
 
@@ -91,22 +133,10 @@ class TeacherAdapter(nn.Module):
     def __init__(self, teacher: nn.Module, student_cfg: dict[str, Any], teacher_cfg: dict[str, Any] | None = None):
         super().__init__()
         self.teacher = teacher
-        teacher_cfg = teacher_cfg or resolve_data_config(model=teacher)
-        s_mean, s_std = torch.tensor(student_cfg['mean']), torch.tensor(student_cfg['std'])
-        t_mean, t_std = torch.tensor(teacher_cfg['mean']), torch.tensor(teacher_cfg['std'])
-        self.same_norm = bool(torch.equal(s_mean, t_mean) and torch.equal(s_std, t_std))
-        # x_t = (x_s * s_std + s_mean - t_mean) / t_std = x_s * scale + shift, per channel
-        self.register_buffer('scale', (s_std / t_std).view(1, -1, 1, 1), persistent=False)
-        self.register_buffer('shift', ((s_mean - t_mean) / t_std).view(1, -1, 1, 1), persistent=False)
-        self.size = tuple(teacher_cfg['input_size'][-2:])
-        self.same_size = self.size == tuple(student_cfg['input_size'][-2:])
+        self.input_map = InputMap(student_cfg, teacher_cfg or resolve_data_config(model=teacher))
 
     def adapt(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.same_norm:
-            x = x * self.scale.to(x.dtype) + self.shift.to(x.dtype)
-        if not self.same_size and tuple(x.shape[-2:]) != self.size:
-            x = F.interpolate(x, size=self.size, mode='bilinear', align_corners=False)
-        return x
+        return self.input_map(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.teacher(self.adapt(x))
@@ -114,4 +144,3 @@ class TeacherAdapter(nn.Module):
     def train(self, mode: bool = True) -> 'TeacherAdapter':
         # a frozen teacher stays in eval mode: train() on a parent must not switch its BatchNorm or dropout
         return super().train(False)
-

@@ -2,5 +2,6 @@
 from .ban import BornAgainEnsemble, BornAgainStudent, BornAgainTask, create_bane
 from .collab import CollaborativeNet, CollaborativeTask
 from .ens import DeepEnsemble, DeepEnsembleTask
+from .ensemble import ModelEnsemble, ModelEnsembleTask, ensemble_of
 from .fdl import FDLEnsemble, FDLTask
 from .meal import MEALStudent, MEALTask

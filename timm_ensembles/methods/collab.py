@@ -26,6 +26,7 @@ Departures from the paper:
 Registered names: ``collab`` (``base_model=``, ``num_heads=``, ``split=``, ``hierarchy=``),
 ``collab_<base>x2`` (simple sharing) and ``collab_<base>x4`` (hierarchical, 2-way at two depths).
 """
+import copy
 import fnmatch
 import math
 import numbers
@@ -39,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._builder import create_ensemble, register_ensemble_variants
-from .._ensemble import EnsembleHead, ModelArgsMixin
+from .._ensemble import EnsembleHead, ModelArgsMixin, prefix_group_matcher
 from .._registry import check_base_model, register_task
 from .._split import SplitLayout, get_split_layout, grad_rescale
 from .._task import Task, TaskOutput
@@ -202,8 +203,60 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
     def global_pool(self) -> str | None:
         return self._pool_of(self.heads[self.head_index])
 
-    def get_classifier(self) -> nn.Module:
-        return self.heads[self.head_index].get_classifier()
+    def get_classifier(self) -> tuple[nn.Module, ...]:
+        """Every head's classifier, the designated head's first (timm accepts a tuple)."""
+        order = [self.head_index] + [h for h in range(self.num_heads) if h != self.head_index]
+        return tuple(self.heads[h].get_classifier() for h in order)
+
+    # ---- features: the designated head's, as the base model gives them ----
+    def _path_model(self, head: int | None = None) -> nn.Module:
+        """A model of the base architecture whose every segment is the module that ``head`` runs (its own, or the
+        shared one of the head that owns it): the same parameters, no copy. timm's feature API (``feature_info``,
+        ``forward_intermediates``, ``prune_intermediate_layers``) then works as on the exported head."""
+        head = self.head_index if head is None else head
+        view = _shallow(self.heads[head])
+        layout = self.layout
+        for segment in range(layout.num_segments):
+            owner = self.heads[self._owner(head, segment)]
+            if segment == 0:
+                paths = layout.stem
+            elif segment <= layout.num_stages:
+                paths = layout.stages[segment - 1]
+            else:
+                paths = [*layout.tail, *layout.head_paths]
+            for path in paths:
+                _share(view, owner, path)
+        return view
+
+    @property
+    def feature_info(self) -> list[dict[str, Any]]:
+        """The designated head's feature levels: a collaborative net's feature maps are those of the network it
+        exports (``export_head``)."""
+        info = self.heads[self.head_index].feature_info
+        return info.get_dicts() if hasattr(info, 'get_dicts') else list(info)
+
+    @property
+    def output_fmt(self) -> str:
+        return getattr(self.heads[self.head_index], 'output_fmt', 'NCHW')
+
+    def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
+        """timm's ``forward_intermediates`` of the designated head's network (see ``feature_info``)."""
+        return (getattr(self, '_pruned_path', None) or self._path_model()).forward_intermediates(x, *args, **kwargs)
+
+    def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> list[int]:
+        """Keep only the designated head's path up to its last intermediate taken (``features_only=True``); the
+        heads themselves are left as they are."""
+        path = self._path_model()
+        kept = path.prune_intermediate_layers(indices, prune_norm=prune_norm, prune_head=prune_head)
+        self.__dict__['_pruned_path'] = path  # outside the module tree: the parameters stay the heads'
+        return kept
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        """The base's parameter groups in every head (layer k of every head in group k: ``layer_decay`` by depth,
+        the shared stages counted once where they are stored)."""
+        return prefix_group_matcher(self.heads[0].group_matcher(coarse=coarse), r'^heads\.\d+\.')
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         for head in self.heads:
@@ -213,6 +266,7 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
                 head.reset_classifier(num_classes, global_pool)
         self.num_classes = num_classes
         self._mean = EnsembleHead(self.num_heads, num_classes, self._mean.mode)
+        self._mean.train(self.training)
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -402,3 +456,28 @@ register_ensemble_variants(
     __name__, 'collab', _create_collab, 'Collaborative multi-head network', sizes=(2, 4), size_arg='num_heads',
     size_args={4: dict(hierarchy=[2, 2])}, paper_ids='arXiv:1805.11761',
     paper_name='Collaborative Learning for Deep Neural Networks')
+
+
+def _shallow(module: nn.Module) -> nn.Module:
+    """A shallow copy of a module with a module table of its own (replacing a child changes only the copy)."""
+    view = copy.copy(module)
+    view._modules = dict(module._modules)
+    return view
+
+
+def _share(view: nn.Module, owner: nn.Module, path: str) -> None:
+    """``view.<path>`` becomes ``owner.<path>`` (a module, parameter or buffer: layouts name all three), the parents
+    along the path copied shallowly so that neither original tree changes."""
+    *parents, leaf = path.split('.')
+    node, source = view, owner
+    for name in parents:
+        child = _shallow(node._modules[name])
+        node._modules[name] = child
+        node, source = child, source._modules[name]
+    for table in ('_modules', '_parameters', '_buffers'):
+        if leaf in getattr(source, table):
+            if table != '_modules':
+                setattr(node, table, dict(getattr(node, table)))
+            getattr(node, table)[leaf] = getattr(source, table)[leaf]
+            return
+    raise KeyError(f"'{path}' is no module, parameter or buffer of the head that owns it.")
