@@ -45,7 +45,7 @@ RECIPES = {
         args=['--dataset', 'idx:{mnist}', '--img-size', '28', '--in-chans', '1', '--batch-size', '128',
               '--lr', '0.05', '--workers', '0', '--no-aug', '--import', 'convnet'],
         model_kwargs=[],
-        epochs=10,
+        epochs=6,
     ),
     # the test suite's check of this script: seconds on the embedded digits
     'smoke': dict(
