@@ -12,7 +12,8 @@ process is training (a lock file beside the folder), so a study can span session
 thread each) can share its runs: start the same command twice. ``table`` reads only the folders: final-epoch
 accuracy on the test set (never a best epoch), mean ± sd over seeds, per seed, and the paired difference to the
 baseline on the same seeds; evaluations of several runs together (BAN ensembles) are cached beside the runs.
-``readme`` replaces the text between ``<!-- study:<name> -->`` and ``<!-- /study:<name> -->`` in README.md.
+``readme`` replaces the text between ``<!-- study:<name> -->`` and ``<!-- /study:<name> -->`` in README.md and
+docs/studies/README.md.
 """
 import argparse
 import json
@@ -398,17 +399,18 @@ def table(study: str, args: argparse.Namespace) -> str:
 
 
 def update_readme(args: argparse.Namespace) -> None:
-    readme = ROOT / 'README.md'
-    text = readme.read_text()
-    for study in STUDIES:
-        if study == 'smoke':
-            continue
-        start, end = f'<!-- study:{study} -->', f'<!-- /study:{study} -->'
-        if start in text and end in text:
-            before, rest = text.split(start, 1)
-            _, after = rest.split(end, 1)
-            text = f'{before}{start}\n{table(study, args)}\n{end}{after}'
-    readme.write_text(text)
+    """Rewrite the generated tables of README.md and docs/studies/README.md (between their study markers)."""
+    tables = {}
+    for readme in (ROOT / 'README.md', HERE / 'README.md'):
+        text = readme.read_text()
+        for study in STUDIES:
+            start, end = f'<!-- study:{study} -->', f'<!-- /study:{study} -->'
+            if start in text and end in text:
+                tables.setdefault(study, table(study, args))
+                before, rest = text.split(start, 1)
+                _, after = rest.split(end, 1)
+                text = f'{before}{start}\n{tables[study]}\n{end}{after}'
+        readme.write_text(text)
 
 
 def main(argv=None) -> int:
