@@ -207,6 +207,8 @@ def run_study(study: str, args: argparse.Namespace) -> None:
             progressed = True
             break  # back to the top: earlier runs may have become ready
         if pending and not progressed:
+            if args.no_wait:
+                break  # leave them to the process that holds them, and go on to the next study
             time.sleep(30)  # every remaining run is in another process's hands or waits for one
     print(table(study, args))
 
@@ -420,6 +422,8 @@ def main(argv=None) -> int:
     parser.add_argument('studies', nargs='*', help=f'of {", ".join(STUDIES)} (default: all)')
     parser.add_argument('--seeds', nargs='+', type=int, default=None, help="default: the study's own")
     parser.add_argument('--runs', nargs='+', default=None, help='run only these of the studies\' runs')
+    parser.add_argument('--no-wait', action='store_true',
+                        help='run: go on to the next study instead of waiting for runs another process holds')
     parser.add_argument('--out', default=str(ROOT / 'output' / 'study'), help='root of the run folders')
     parser.add_argument('--archive', default=str(ARCHIVE), help='where the small files of finished runs are kept')
     parser.add_argument('--from-runs', action='store_true',
