@@ -18,6 +18,8 @@ member logits on N fixed validation samples (and with ``--snapshot-weights`` the
 ``timm_ensembles.read_snapshots``.
 """
 import argparse
+import ast
+import functools
 import importlib
 import json
 import logging
@@ -34,7 +36,6 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from timm.data import resolve_data_config
 from timm.models import get_model_args
 from timm.scheduler import create_scheduler_v2
-from timm.utils import ParseKwargs
 
 import timm_ensembles
 from timm_ensembles import data as te_data
@@ -47,6 +48,7 @@ from timm_ensembles._checkpoint import (
     save_checkpoint,
 )
 from timm_ensembles._engine import (
+    LabelError,
     NonFiniteLossError,
     check_input_size,
     evaluate,
@@ -80,12 +82,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--model', default='fdl_resnet18x2',
                        help='timm or timm_ensembles model name: fdl_<base>x<N>, ens_<base>x<N> for any timm base,'
                             ' or a plain timm model (default: fdl_resnet18x2)')
-    group.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=_Kwargs,
                        help='model arguments, e.g. img_size=32 drop_rate=0.1 combine=mean_probs')
     group.add_argument('--pretrained', action='store_true', help="load the model's own published weights")
     group.add_argument('--pretrained-base', action='store_true',
                        help="initialise every ensemble member from timm's pretrained weights of the base")
-    group.add_argument('--task-kwargs', nargs='*', default={}, action=ParseKwargs,
+    group.add_argument('--task-kwargs', nargs='*', default={}, action=_Kwargs,
                        help='options of the model\'s task, e.g. member_warmup_epochs=1 fdl_lr=1e-4 beta=0.5')
     group.add_argument('--teacher', action=_ReplaceDefaultAppend, default=None, metavar='MODEL',
                        help='a teacher, for models whose task learns from teachers; repeatable: a timm name (its'
@@ -165,6 +167,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Kwargs(argparse.Action):
+    """``key=value`` pairs, values read as Python literals where they are ones (timm's ParseKwargs), else strings; a
+    token without ``=`` is an error that says so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kwargs = {}
+        for token in values:
+            key, sep, value = token.partition('=')
+            if not sep or not key:
+                parser.error(f"{option_string} {token!r}: options are key=value pairs, e.g. {option_string}"
+                             f" fdl_lr=1e-4 feature_taps=convs")
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
+
+
 class _ReplaceDefaultAppend(argparse.Action):
     """``append`` whose first use on the command line replaces the default (from ``--config`` or a resumed run's
     args.yaml) instead of adding to it."""
@@ -195,7 +215,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         sources.append((Path(known.config), ()))
     valid = {a.dest for a in parser._actions}
     for path, skip in sources:
-        cfg = yaml.safe_load(path.read_text()) or {}
+        try:
+            cfg = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            parser.error(f'{path} is not valid YAML: {" ".join(str(e).split())}')
+        if not isinstance(cfg, dict):
+            parser.error(f'{path} must hold a mapping of flag names to values (e.g. epochs: 10), got'
+                         f' {type(cfg).__name__}')
         unknown = sorted(set(cfg) - valid)
         if unknown:
             parser.error(f"unknown keys in {path}: {unknown}; valid keys are the flags' names: {sorted(valid)}")
@@ -207,8 +233,80 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# the flags that change a run's result, compared on --resume (the dataset by its name, recorded beside them; the data
+# folder and the initial weights are left out: data may move between sessions, and the checkpoint replaces the weights)
+IDENTITY_FLAGS = (
+    'model', 'model_kwargs', 'task_kwargs', 'teacher', 'train_split', 'val_split', 'train_subset', 'val_subset',
+    'holdout', 'num_classes', 'img_size', 'crop_pct', 'in_chans', 'hflip', 'scale', 'no_aug', 'epochs', 'batch_size',
+    'grad_accum_steps', 'opt', 'lr', 'momentum', 'weight_decay', 'clip_grad', 'sched', 'min_lr', 'warmup_epochs',
+    'warmup_lr', 'decay_epochs', 'decay_rate', 'smoothing', 'mixed_precision', 'seed',
+)
+
+
+def _normalised(value):
+    """A value as YAML reads it back (tuples become lists), so that what is saved and what is compared agree."""
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+# (flag, test, what is allowed): every flag's range, checked in one place before anything is built or written
+_CHECKS = (
+    ('epochs', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
+    ('batch_size', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
+    ('grad_accum_steps', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
+    ('workers', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
+    ('generations', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
+    ('snapshot_subset', lambda v: _whole(v) and v >= 0, 'a whole number >= 0 (0: no snapshots)'),
+    ('seed', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
+    ('train_subset', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number >= 1 (omit it for all)'),
+    ('val_subset', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number >= 1 (omit it for all)'),
+    ('holdout', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number >= 1'),
+    ('num_classes', lambda v: v is None or (_whole(v) and v >= 1), "a whole number >= 1 (omit it for the dataset's)"),
+    ('img_size', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number of pixels >= 1 (omit it for the'
+                                                              " dataset's or model's)"),
+    ('in_chans', lambda v: v in (None, 1, 3), '1 (gray) or 3 (colour)'),
+    ('crop_pct', lambda v: v is None or (_number(v) and 0 < v <= 1), 'a fraction in (0, 1]'),
+    ('hflip', lambda v: v is None or (_number(v) and 0 <= v <= 1), 'a probability in [0, 1]'),
+    ('scale', lambda v: len(v) == 2 and all(_number(x) for x in v) and 0 < v[0] <= v[1] <= 1,
+     'two area fractions MIN MAX with 0 < MIN <= MAX <= 1'),
+    ('lr', lambda v: _number(v) and v > 0, 'a number > 0'),
+    ('min_lr', lambda v: _number(v) and v >= 0, 'a number >= 0'),
+    ('warmup_lr', lambda v: _number(v) and v >= 0, 'a number >= 0'),
+    ('warmup_epochs', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
+    ('momentum', lambda v: _number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    ('weight_decay', lambda v: _number(v) and v >= 0, 'a number >= 0'),
+    ('clip_grad', lambda v: v is None or (_number(v) and v > 0), 'a gradient norm > 0 (omit it for no clipping)'),
+    ('smoothing', lambda v: _number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    ('decay_epochs', lambda v: _number(v) and v > 0, 'a number > 0'),
+    ('decay_rate', lambda v: _number(v) and v > 0, 'a number > 0'),
+)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a flag outside its range (also from a YAML config) with one line naming the flag, the value and what
+    is allowed, before anything is built or written."""
+    for name, ok, allowed in _CHECKS:
+        value = getattr(args, name)
+        if not ok(value):
+            shown = ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            raise SystemExit(f"error: --{name.replace('_', '-')} {shown}: must be {allowed}.")
+    if args.warmup_epochs >= args.epochs:
+        raise SystemExit(f'error: --warmup-epochs {args.warmup_epochs}: must be fewer than --epochs {args.epochs}.')
+    if args.snapshot_weights and not args.snapshot_subset:
+        raise SystemExit('error: --snapshot-weights needs --snapshot-subset N: the weights are saved beside the'
+                         ' snapshot of the predictions')
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    check_args(args)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     if args.imports and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
@@ -218,13 +316,6 @@ def main(argv=None) -> int:
         except ImportError as e:
             raise SystemExit(f"error: --import {module}: {e}. Give a module name importable from here (a file"
                              f" my_models.py in the working directory or on PYTHONPATH is 'my_models').") from None
-    if args.generations < 1:
-        raise SystemExit(f'error: --generations must be >= 1, got {args.generations}')
-    if args.snapshot_subset < 0:
-        raise SystemExit(f'error: --snapshot-subset must be >= 0 (0: no snapshots), got {args.snapshot_subset}')
-    if args.snapshot_weights and not args.snapshot_subset:
-        raise SystemExit('error: --snapshot-weights needs --snapshot-subset N: the weights are saved beside the'
-                         ' snapshot of the predictions')
     if args.generations > 1:
         return train_generations(args)
     return train(args)
@@ -293,9 +384,15 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             train_ds, val_ds = te_data.split_holdout(train_ds, args.holdout)
     except (OSError, ValueError) as e:
         raise SystemExit(f'error: {e}') from None
-    num_classes = args.num_classes or info.num_classes
+    num_classes = args.num_classes if args.num_classes is not None else info.num_classes
     if not num_classes or num_classes < 1:
         raise SystemExit(f"error: cannot tell the class count of dataset '{args.dataset}'; pass --num-classes")
+    try:
+        for split, ds in (('training', train_ds), ('validation', val_ds), ('test', test_ds)):
+            if ds is not None:
+                te_data.check_labels(ds, num_classes, split)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
 
     # same seed on every process before the model is built, so that every process builds the same model
     set_seed(args.seed)
@@ -313,7 +410,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     except (ValueError, TypeError, RuntimeError, OSError) as e:
         raise SystemExit(f'error: {e}') from None
 
-    img_size = args.img_size or info.default_img_size
+    img_size = args.img_size if args.img_size is not None else info.default_img_size
     data_args = dict(crop_pct=1.0) if info.default_img_size else {}
     if args.crop_pct is not None:
         data_args['crop_pct'] = args.crop_pct
@@ -324,6 +421,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     try:
         check_input_size(model, data_config['input_size'], args.model)
         task.set_data_config(data_config)
+        task.set_label_names(info.class_names)
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
 
@@ -343,7 +441,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     hflip = args.hflip if args.hflip is not None else info.default_hflip
     train_loader, val_loader = te_data.create_loaders(
         train_ds, val_ds, data_config, batch_size=args.batch_size, workers=args.workers, hflip=hflip,
-        scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed)
+        scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed, rank=accelerator.process_index)
     test_loader = None if test_ds is None else te_data.create_eval_loader(test_ds, data_config, args.batch_size,
                                                                            args.workers)
     # reseeded every epoch, so that a resumed run sees the same data order as an uninterrupted one
@@ -366,12 +464,13 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         raise SystemExit(f'error: {e}') from None
 
     output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
-    run_identity = dict(model=args.model, model_args=get_model_args(model), dataset=info.name,
-                        input_size=list(data_config['input_size']), epochs=args.epochs, teachers=args.teacher,
-                        task_kwargs=dict(args.task_kwargs), holdout=args.holdout)
+    run_identity = _normalised(dict(
+        **{flag: getattr(args, flag) for flag in IDENTITY_FLAGS},
+        model_args=get_model_args(model), dataset=info.name, input_size=list(data_config['input_size'])))
     if resume_state is not None:
-        saved = resume_state.get('run', {})
-        changed = {k: (saved.get(k), v) for k, v in run_identity.items() if saved.get(k) != v}
+        # a run saved by an older version records fewer entries: those it has must match
+        saved = _normalised(resume_state.get('run', {}))
+        changed = {k: (saved[k], v) for k, v in run_identity.items() if k in saved and saved[k] != v}
         if changed:
             details = '; '.join(f'{k}: {old!r} there, {new!r} here' for k, (old, new) in changed.items())
             raise SystemExit(
@@ -385,7 +484,9 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                          f" another --output")
     if is_main:
         output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / 'args.yaml', yaml.safe_dump(vars(args), sort_keys=False))
+        # what reproduces the run: never where it was written, where it resumed from, or the config it came from
+        recorded = {k: v for k, v in vars(args).items() if k not in ('output', 'resume', 'config')}
+        atomic_write_text(output / 'args.yaml', yaml.safe_dump(_normalised(recorded), sort_keys=False))
 
     if args.compile:
         task = torch.compile(task)
@@ -428,14 +529,20 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         try:
             train_metrics, num_updates = train_one_epoch(
                 task, train_loader, optimizer, accelerator, epoch, lr_scheduler=lr_scheduler,
-                clip_grad=args.clip_grad, num_updates=num_updates, show_progress=not args.no_progress)
+                clip_grad=args.clip_grad, num_updates=num_updates, show_progress=not args.no_progress,
+                num_classes=num_classes if epoch == start_epoch else None)
+        except LabelError as e:  # a dataset that does not expose its labels, checked on its first batch
+            raise SystemExit(f'error: {e}') from None
         except NonFiniteLossError as e:
             kept = output / 'checkpoint.pt'
             where = f"the last good checkpoint is '{kept}'" if kept.exists() else 'no epoch had finished, no checkpoint'
             raise SystemExit(f'error: {e} Training stopped; {where}.') from None
         # DDP keeps each process's BatchNorm statistics of its own last batches: evaluate and save one set
         sync_buffers(export_model, accelerator)
-        val_metrics = evaluate(export_model, val_loader, accelerator)
+        try:
+            val_metrics = evaluate(export_model, val_loader, accelerator, num_classes=num_classes)
+        except LabelError as e:
+            raise SystemExit(f'error: {e}') from None
         if is_main and snapshot_loader is not None:
             # before the checkpoint: a run killed in between redoes this epoch and rewrites its snapshot
             logits, targets = predict_members(export_model, snapshot_loader, accelerator)
@@ -445,15 +552,11 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         seconds = time.perf_counter() - start
         lr = optimizer.param_groups[0]['lr']
         log(format_metrics(epoch, train_metrics, val_metrics, lr, seconds))
-        if is_main:
-            record = dict(epoch=epoch, lr=lr, seconds=seconds, train=train_metrics, val=val_metrics)
-            with open(metrics_path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
-            scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-            save_checkpoint(dict(task=unwrapped.state_dict(), optimizer=optimizer.state_dict(),
-                                 scheduler=lr_scheduler.state_dict(), scaler=scaler, epoch=epoch + 1,
-                                 num_updates=num_updates, val_metrics=val_metrics, run=run_identity), output)
-        accelerator.wait_for_everyone()
+        record = dict(epoch=epoch, lr=lr, seconds=seconds, train=train_metrics, val=val_metrics)
+        state = dict(task=unwrapped, optimizer=optimizer, scheduler=lr_scheduler, scaler=accelerator.scaler,
+                     epoch=epoch + 1, num_updates=num_updates, val_metrics=val_metrics, run=run_identity)
+        _on_main(accelerator, functools.partial(_save_epoch, output, record, state),
+                 f'saving epoch {epoch} to {output}')
 
     test_metrics, selection = None, None
     if test_loader is not None:
@@ -461,7 +564,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         selection = unwrapped.select_on_validation(val_metrics)
         if selection:
             log(selection)
-        test_metrics = evaluate(export_model, test_loader, accelerator)
+        test_metrics = evaluate(export_model, test_loader, accelerator, num_classes=num_classes, split='test')
     if is_main:
         model_config = dict(label_names=info.class_names) if info.class_names else None
         # the evaluation preprocessing goes into config.json, so that resolve_data_config(model=reloaded) gives it
@@ -510,6 +613,32 @@ def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, device: 
         log(f'--member-strategy {given}: {type(model).__name__} has no members to run another way; ignored')
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+
+
+def _save_epoch(output: Path, record: dict, state: dict) -> None:
+    """Append the epoch's metrics and write the checkpoint (the objects' state dicts) atomically."""
+    with open(output / 'metrics.jsonl', 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    states = {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in state.items()}
+    save_checkpoint(states, output)
+
+
+def _on_main(accelerator, fn, what: str) -> None:
+    """Run ``fn`` (file output) on the main process; if it fails there, every process stops at once with the
+    message, instead of the others waiting in the next collective call until its timeout."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001  (reported below, on every process)
+            error = e
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+        if accelerator.reduce(flag, reduction='sum').item() > 0 and error is None:
+            raise SystemExit(f'error: the main process failed {what}; this process stops with it.')
+    if error is not None:
+        raise SystemExit(f'error: {what} failed: {type(error).__name__}: {error}. The last checkpoint written'
+                         f' before it is kept.') from error
 
 
 def _has_accelerator() -> bool:

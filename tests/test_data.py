@@ -160,12 +160,12 @@ def test_idx_folder_splits(tmp_path):
 def test_idx_fashion_names(tmp_path):
     folder = tmp_path / 'Fashion-small'
     _write_idx_folder(folder, gz=True)
-    _, _, info = create_datasets(f'idx:{folder}')
-    assert info.class_names == list(FASHION_MNIST_CLASSES) and info.num_classes == 10
-    assert info.default_hflip == 0.5
-    # the alias reads root when given
+    # the alias reads root when given, and gives Fashion-MNIST's names and flips (a folder's name does not)
     _, _, info = create_datasets('fashion-mnist', root=str(folder))
     assert info.name == f'idx:{folder}' and info.num_classes == 10
+    assert info.class_names == list(FASHION_MNIST_CLASSES) and info.default_hflip == 0.5
+    _, _, info = create_datasets(f'idx:{folder}')
+    assert info.class_names == ['0', '1', '2', '3'] and info.default_hflip == 0.0  # the folder's 4 classes
 
 
 def test_idx_bad_magic(tmp_path):

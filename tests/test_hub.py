@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 from _hub_families import ALLOWED_FILES, DATA_CONFIG, NUM_CLASSES, exported, families, fill_cache, probe, write_run
 from safetensors.torch import load_file, save_file
 
@@ -425,3 +426,60 @@ def test_a_download_broken_off_is_retried_or_fails_clearly_and_leaves_no_corrupt
     hub.fail_downloads('model.safetensors', times=0)
     out = _client(code, hub.endpoint, tmp_path / 'b', **{'HF_HUB_CACHE': str(tmp_path / 'cache2')})
     assert 'identical True' in out
+
+
+def test_a_repo_with_only_pytorch_model_bin_is_refused_before_any_pickle_is_fetched(hub, tmp_path):
+    import io
+
+    model = timm_ensembles.create_model('ens_test_resnetx2', num_classes=3)
+    folder = export_folder(model, tmp_path / 'm')
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    hub.add_files('org/pickled', {'config.json': (folder / 'config.json').read_bytes(),
+                                  'pytorch_model.bin': buffer.getvalue()})
+    out = _client("""
+        import timm, timm_ensembles
+        for load in (lambda: timm_ensembles.load_from_hub('org/pickled'),
+                     lambda: timm.create_model('hf-hub:org/pickled', pretrained=True)):
+            try:
+                load()
+            except FileNotFoundError as e:
+                print('refused:', e)
+    """, hub.endpoint, tmp_path)
+    assert out.count("refused: The Hub repo 'org/pickled' has no model.safetensors, only pytorch_model.bin") == 2
+    assert not any(r.method == 'GET' and r.path.endswith('pytorch_model.bin') for r in hub.requests)
+
+
+def test_a_pushed_folder_names_no_path_of_this_machine(hub, tmp_path):
+    folder = write_run(timm.create_model('ban', base_model='test_resnet', num_classes=NUM_CLASSES), tmp_path / 'run',
+                       'ban_test_resnet')
+    local = str(tmp_path)
+    (folder / 'args.yaml').write_text(
+        f'model: ban_test_resnet\ndataset: idx:{local}/mnist\ndata_dir: {local}/data\nteacher:\n- {local}/teacher\n'
+        f'output: {local}/run\nepochs: 3\nseed: 7\n')
+    results = json.loads((folder / 'results.json').read_text())
+    (folder / 'results.json').write_text(json.dumps(dict(results, teacher=[f'{local}/teacher'])))
+    _client(f"""
+        from timm_ensembles.hub import push_to_hub
+        push_to_hub({str(folder)!r}, 'org/paths')
+    """, hub.endpoint, tmp_path)
+    files = hub.files('org/paths')
+    assert {'args.yaml', 'results.json', 'README.md'} <= set(files)
+    for name, data in files.items():
+        assert local.encode() not in data and b'/tmp/' not in data, name
+    args = yaml.safe_load(files['args.yaml'])
+    assert args['dataset'] == 'idx:<local>/mnist' and args['teacher'] == ['<local>/teacher']
+
+
+def test_private_on_an_existing_public_repo_is_refused(hub, tmp_path):
+    hub.add_files('org/public', {'README.md': b'# public\n'})
+    commits = len(hub.commit_log)
+    out = _client("""
+        import timm_ensembles
+        try:
+            timm_ensembles.push_to_hub(timm_ensembles.create_model('ens_test_resnetx2'), 'org/public', private=True)
+        except ValueError as e:
+            print('refused:', e)
+    """, hub.endpoint, tmp_path)
+    assert "refused: 'org/public' exists and is public: private=True cannot make it private" in out
+    assert len(hub.commit_log) == commits and not hub.repos['org/public'].private

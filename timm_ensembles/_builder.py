@@ -159,6 +159,11 @@ def _load(model: nn.Module, variant: str, cfg_dict: dict, classifiers: list[str]
     load_cfg = dict(model.pretrained_cfg)
     num_classes = getattr(model, 'num_classes', load_cfg.get('num_classes'))
     in_chans = getattr(model, 'in_chans', kwargs.get('in_chans', 3))
+    if load_cfg.get('hf_hub_id') and not (load_cfg.get('file') or load_cfg.get('state_dict')):
+        # timm.create_model('hf-hub:...') falls back to pytorch_model.bin: refuse the pickle before it is fetched
+        from .hub import _hub_name, _require_safetensors
+
+        _require_safetensors(*_hub_name(load_cfg['hf_hub_id']), load_cfg['hf_hub_id'])
     try:
         load_pretrained(model, pretrained_cfg=load_cfg, num_classes=num_classes, in_chans=in_chans)
     except RuntimeError as e:

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
-           'atomic_write_text', 'CHECKPOINT_NAME']
+           'atomic_write_text', 'sweep_temporaries', 'CHECKPOINT_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 # the config.json entry naming the timm-ensembles version that wrote an export
@@ -57,13 +58,36 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     _atomic_replace(lambda f: f.write(text.encode('utf-8')), Path(path))
 
 
-def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
-    """Write ``state`` as ``folder/checkpoint.pt``; the checkpoint it replaces is kept as ``checkpoint-prev.pt``."""
+def sweep_temporaries(folder: str | Path) -> list[Path]:
+    """Remove what a save killed half-way leaves behind (``.checkpoint.pt.*.tmp``, ``.*.new``); one process writes a
+    run's folder, so none of them is being written when it starts a save. Returns the removed files."""
     folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    stale = [p for pattern in ('.*.tmp', '.*.new') for p in folder.glob(pattern) if p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+def _readable(path: Path) -> bool:
+    """Whether a checkpoint file is whole: torch's zip format with every member's checksum intact."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
+    """Write ``state`` as ``folder/checkpoint.pt``; the checkpoint it replaces is kept as ``checkpoint-prev.pt`` when it
+    is readable (a corrupt one, which a run resumed from the backup leaves, never replaces a readable backup)."""
+    folder = Path(folder)
+    sweep_temporaries(folder)
     dest = folder / CHECKPOINT_NAME
     new = folder / f'.{CHECKPOINT_NAME}.new'
     _atomic_replace(lambda f: torch.save(state, f), new)
-    if dest.exists():
+    if dest.exists() and _readable(dest):
         # a second name for the current checkpoint, so that checkpoint.pt exists at every instant
         prev_tmp = folder / f'.{PREVIOUS_CHECKPOINT_NAME}.new'
         prev_tmp.unlink(missing_ok=True)

@@ -167,6 +167,18 @@ class DistillationTask(Task):
     def generator(self) -> torch.Generator:
         return self.__dict__['_generator']
 
+    def set_label_names(self, label_names: list[str] | None) -> None:
+        """Refuse a teacher whose saved class names differ from the dataset's (the same count of other classes)."""
+        if not label_names:
+            return
+        for name, teacher in zip(self.teacher_names, self.__dict__['_teacher_models']):
+            theirs = (getattr(teacher, 'pretrained_cfg', None) or {}).get('label_names')
+            if theirs and list(theirs) != list(label_names):
+                diff = next(i for i, (a, b) in enumerate(zip(theirs, label_names)) if a != b)
+                raise TeacherError(
+                    f"teacher '{name}' was trained on other classes: its class {diff} is {theirs[diff]!r}, this"
+                    f" dataset's is {label_names[diff]!r}. Distillation needs a teacher of the same classes.")
+
     def on_epoch_start(self, epoch: int) -> None:
         super().on_epoch_start(epoch)
         self.generator.manual_seed(self._task_seed + epoch)

@@ -14,8 +14,16 @@ from tqdm import tqdm
 
 from .losses import per_sample_feature_difference
 
-__all__ = ['NonFiniteLossError', 'train_one_epoch', 'evaluate', 'check_input_size',
+__all__ = ['LabelError', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'check_input_size', 'check_batch_labels',
            'format_metrics', 'sync_buffers']
+
+
+# consecutive fp16 overflow steps tolerated: GradScaler halves its scale at each, so 2^-30 of the starting scale
+MAX_FP16_OVERFLOWS = 30
+
+
+class LabelError(ValueError):
+    """A batch holds labels the model has no class for."""
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -44,6 +52,16 @@ def _non_finite_terms(out: dict[str, Any]) -> list:
     return bad
 
 
+def check_batch_labels(target: torch.Tensor, num_classes: int | None, split: str) -> None:
+    """Refuse labels outside ``0..num_classes - 1`` before they reach a loss (on a GPU, a device-side assert)."""
+    if num_classes is None or not target.numel() or target.dtype.is_floating_point:
+        return
+    low, high = int(target.min()), int(target.max())
+    if low < 0 or high >= num_classes:
+        raise LabelError(f'The {split} split has a label {low if low < 0 else high} outside 0..{num_classes - 1} for'
+                         f' {num_classes} classes: pass the right --num-classes, or check the labels.')
+
+
 def train_one_epoch(
         task: nn.Module,
         loader,
@@ -54,6 +72,7 @@ def train_one_epoch(
         clip_grad: float | None = None,
         num_updates: int = 0,
         show_progress: bool = True,
+        num_classes: int | None = None,
 ) -> tuple[dict[str, float], int]:
     """One epoch of training.
 
@@ -67,6 +86,7 @@ def train_one_epoch(
         clip_grad: Max gradient norm, or None.
         num_updates: Optimizer updates done before this epoch.
         show_progress: Show a tqdm bar on the main process.
+        num_classes: When given, the first batch's labels are checked against it.
 
     Returns:
         (mean of the loss, each component and each stat over the epoch; also train accuracy), updates done so far.
@@ -76,9 +96,12 @@ def train_one_epoch(
     """
     task.train()
     means = _Means()
+    overflows = 0  # consecutive fp16 overflow steps, which GradScaler skips and answers with a smaller scale
     bar = tqdm(loader, desc=f'train {epoch}', disable=not (show_progress and accelerator.is_local_main_process),
                leave=False, dynamic_ncols=True)
-    for x, target in bar:
+    for step, (x, target) in enumerate(bar):
+        if step == 0:
+            check_batch_labels(target, num_classes, 'training')
         with accelerator.accumulate(task):
             out = task(x, target)
             bad = _non_finite_terms(out)
@@ -97,7 +120,11 @@ def train_one_epoch(
             if accelerator.sync_gradients:
                 # the gradients are all-reduced by now, so every process sees the same norm and stops together
                 grad_norm = accelerator.clip_grad_norm_(task.parameters(), clip_grad or float('inf'))
-                if not torch.isfinite(grad_norm):
+                finite = bool(torch.isfinite(grad_norm))
+                overflows = 0 if finite else overflows + 1
+                # with fp16's GradScaler an overflow is routine: the scaler skips that step and halves its scale;
+                # only a run of them (the scale cannot get small enough) means the gradient itself is not finite
+                if not finite and (accelerator.scaler is None or overflows > MAX_FP16_OVERFLOWS):
                     terms = {k: float(v) for k, v in out.get('components', {}).items()}
                     raise NonFiniteLossError(
                         f'Non-finite gradient at epoch {epoch}, update {num_updates}, from finite loss terms {terms}'
@@ -127,8 +154,11 @@ def train_one_epoch(
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, accelerator) -> dict[str, Any]:
+def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = None,
+             split: str = 'validation') -> dict[str, Any]:
     """Accuracy and loss of the model, and of every member and their diversity when the model is an ensemble.
+
+    With ``num_classes``, the first batch's labels are checked against it (``split`` names the data in the message).
 
     Returns:
         ``acc`` and ``loss`` (cross-entropy) of ``model(x)``; for an ensemble also ``member_acc`` (a list),
@@ -150,6 +180,8 @@ def evaluate(model: nn.Module, loader, accelerator) -> dict[str, Any]:
     pair_differ = None
     feature_sum = 0.0
     for batch_index, (x, target) in enumerate(loader):
+        if batch_index == 0:
+            check_batch_labels(target, num_classes, split)
         with accelerator.autocast():
             if with_features:
                 try:

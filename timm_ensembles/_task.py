@@ -51,6 +51,9 @@ class Task(nn.Module):
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
         super().__init__()
+        check_option('label_smoothing', label_smoothing, float, low=0)
+        if not label_smoothing < 1:
+            raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}.')
         self.model = model
         self.label_smoothing = label_smoothing
         self.epoch = 0
@@ -66,6 +69,10 @@ class Task(nn.Module):
         """Told by the training script how its batches are preprocessed (``mean``, ``std``, ``input_size``), before
         training; tasks with teachers map the batches to each teacher's own preprocessing."""
         self.data_config = dict(data_config)
+
+    def set_label_names(self, label_names: list[str] | None) -> None:
+        """Told the dataset's class names, where it has them, before training; tasks that learn from other models
+        check that those predict the same classes."""
 
     def on_epoch_start(self, epoch: int) -> None:
         """Called by the training loop before each epoch (0-based); tasks with phases switch here."""

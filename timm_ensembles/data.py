@@ -13,10 +13,12 @@ Datasets yield ``(PIL image, int label)`` and take a settable ``transform`` (lik
 Accelerate ``prepare`` adds the distributed sampling.
 """
 import copy
+import functools
 import gzip
 import logging
 import math
 import os
+import random
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from ._tensor_data import FAST_INTERPOLATIONS, BatchAugmentDataset, Preprocessed
 __all__ = [
     'DatasetInfo', 'ArrayImageDataset', 'SubsetDataset', 'ModeConvertDataset', 'create_datasets', 'create_loaders',
     'is_embedded', 'read_idx', 'load_idx_folder', 'subset_dataset', 'set_img_mode', 'FASHION_MNIST_DIR',
-    'FASHION_MNIST_CLASSES', 'match_channels', 'split_holdout', 'create_eval_loader',
+    'FASHION_MNIST_CLASSES', 'match_channels', 'split_holdout', 'create_eval_loader', 'check_labels',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -364,7 +366,18 @@ def _create_idx(folder: str, train_split: str, val_split: str, img_mode: str, al
     val_images, val_labels = arrays[_fixed_split(val_split, source)]
 
     max_label = int(max(train_labels.max(initial=0), val_labels.max(initial=0)))
-    is_fashion = 'fashion' in os.path.basename(folder).lower() and max_label < len(FASHION_MNIST_CLASSES)
+    present = np.union1d(np.unique(train_labels), np.unique(val_labels))
+    if len(present) != max_label + 1:
+        # one corrupt label byte would otherwise make a model of 201 classes without a word
+        missing = sorted(set(range(max_label + 1)) - set(present.tolist()))
+        counts = {int(c): int((train_labels == c).sum() + (val_labels == c).sum()) for c in present}
+        rare = sorted(counts, key=counts.get)[:3]
+        raise ValueError(
+            f'IDX dataset {folder}: its labels are not the classes 0..K-1 (the highest is {max_label}, but'
+            f' {len(missing)} classes below it never occur, e.g. {missing[:5]}); the rarest labels are'
+            f' {", ".join(f"{c} ({counts[c]} images)" for c in rare)}: a corrupt label file?')
+    # Fashion-MNIST's names and flips only for Fashion-MNIST itself, not for any folder whose name says 'fashion'
+    is_fashion = (alias == 'fashion-mnist' or folder == FASHION_MNIST_DIR) and max_label < len(FASHION_MNIST_CLASSES)
     if is_fashion:
         class_names = list(FASHION_MNIST_CLASSES)
     else:
@@ -539,6 +552,22 @@ def _check_subset_size(num_samples: int | None, arg: str):
         return
     if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
         raise ValueError(f'{arg}={num_samples!r} is invalid: it must be a whole number of samples >= 1 (or None).')
+
+
+def check_labels(dataset: Dataset, num_classes: int, split: str) -> None:
+    """Refuse a dataset whose labels (where it exposes them) fall outside ``0..num_classes - 1``.
+
+    Raises:
+        ValueError: Naming the split, the offending labels and the class count.
+    """
+    targets = _get_targets(dataset)
+    if targets is None or not len(targets):
+        return
+    bad = targets[(targets < 0) | (targets >= num_classes)]
+    if len(bad):
+        raise ValueError(f'The {split} split has labels outside 0..{num_classes - 1} ({len(bad)} samples, e.g.'
+                         f' {sorted(set(bad.tolist()))[:5]}) for {num_classes} classes: pass the right --num-classes,'
+                         f' or check the labels.')
 
 
 def subset_dataset(dataset: Dataset, num_samples: int | None, seed: int = 0, arg: str = 'subset') -> Dataset:
@@ -776,6 +805,7 @@ def create_loaders(
         scale: tuple[float, float] = (0.5, 1.0),
         train_transform: bool | Callable = True,
         seed: int = 0,
+        rank: int = 0,
 ) -> tuple[DataLoader, DataLoader]:
     """Set timm's transforms on the datasets and build the training and validation loaders.
 
@@ -799,6 +829,8 @@ def create_loaders(
         scale: Area range of the random resized crop.
         train_transform: True for the augmenting transform, False to train on the eval transform, or a transform.
         seed: Seed of the training shuffle (a ``torch.Generator``, which also seeds the workers).
+        rank: The process's rank under DDP: its loader workers draw their augmentation from seeds of their own (the
+            shuffle's seed is shared by every process, so that they split one permutation).
 
     Returns:
         Training loader (shuffled, last partial batch dropped when the dataset holds more than one batch) and
@@ -847,12 +879,23 @@ def create_loaders(
         generator=generator,
         pin_memory=pin_memory,
         collate_fn=batch_collate if fast_train else None,
+        worker_init_fn=functools.partial(_seed_worker, rank),
         # new workers every epoch: their seeds then come from the generator as it stands at the epoch's start,
         # so reseeding it per epoch fixes each epoch's order and augmentation (a resumed run repeats them)
         persistent_workers=False,
     )
     val_loader = create_eval_loader(val_ds, data_config, val_batch_size or batch_size, workers)
     return train_loader, val_loader
+
+
+def _seed_worker(rank: int, worker_id: int) -> None:
+    """Seed a loader worker's generators (torch, ``random``, numpy) from its own seed and the process's rank: the
+    worker seeds derive from one base seed that every DDP process shares, and the k-th sample of every rank would
+    otherwise get the same crop and flip."""
+    seed = (torch.utils.data.get_worker_info().seed + 1_000_003 * rank) % 2 ** 63
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
 
 
 def _set_channels(dataset: Dataset, data_config: dict) -> None:

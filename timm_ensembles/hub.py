@@ -18,6 +18,7 @@ token, endpoint (``HF_ENDPOINT``), cache and offline mode are huggingface_hub's 
 only, and loading never unpickles: timm reads safetensors, or ``torch.load(weights_only=True)`` for old repos.
 """
 import json
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -183,7 +184,8 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
         details['Training'] = (f"{results.get('epochs')} epochs, seed {results.get('seed')}, "
                                f"{results.get('world_size', 1)} process(es)")
     if args.get('teacher'):
-        details['Teachers'] = ', '.join(str(t) for t in args['teacher'])
+        teachers = args['teacher'] if isinstance(args['teacher'], list) else [args['teacher']]
+        details['Teachers'] = ', '.join(str(t) for t in _without_local_paths(teachers))
 
     lines = ['```python']
     if package_model:
@@ -331,18 +333,41 @@ def push_to_hub(
         for name in ('config.json', _WEIGHTS):
             _link_or_copy(folder / name, staging / name)
         run_dir = Path(run.get('exported_from', folder))
-        for name in RUN_FILES:
-            if (run_dir / name).is_file():
-                _link_or_copy(run_dir / name, staging / name)
+        # the run's files without the paths of this machine (output, data, teachers): never published
+        run = _without_local_paths(run)
+        if 'args' in run:
+            (staging / 'args.yaml').write_text(yaml.safe_dump(run['args'], sort_keys=False), encoding='utf-8')
+        if 'results' in run:
+            (staging / 'results.json').write_text(json.dumps(run['results'], indent=2), encoding='utf-8')
+        if (run_dir / 'metrics.jsonl').is_file():
+            _link_or_copy(run_dir / 'metrics.jsonl', staging / 'metrics.jsonl')
         if model_card:
             card = generate_readme(model_card_fields(run, repo_id), repo_id.split('/')[-1])
             (staging / 'README.md').write_text(card, encoding='utf-8')
         api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
         repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        if private and not api.repo_info(repo_id).private:
+            raise ValueError(f"'{repo_id}' exists and is public: private=True cannot make it private (the Hub keeps an"
+                             f" existing repo's visibility). Change it in the repo's settings, or push to a new repo.")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
         return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
                                  commit_message=commit_message)
+
+
+def _without_local_paths(value: Any) -> Any:
+    """``value`` (a run's args, results, nested) with every absolute path of this machine replaced by ``<local>/`` and
+    its last part: a published repo names its data and teachers, never where they lay here."""
+    if isinstance(value, dict):
+        return {k: _without_local_paths(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_without_local_paths(v) for v in value]
+    if isinstance(value, str):
+        for prefix in ('local-dir:', 'idx:', ''):
+            rest = value[len(prefix):]
+            if value.startswith(prefix) and (rest.startswith(('/', '~')) or re.match(r'^[A-Za-z]:[\\/]', rest)):
+                return f'{prefix}<local>/{Path(rest).name}'
+    return value
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -453,6 +478,8 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
         return timm.create_model(f'local-dir:{folder}', pretrained=pretrained, **kwargs)
     repo_id, revision = _hub_name(name)
     check_config(_fetch_config(repo_id, revision), name)
+    if pretrained:
+        _require_safetensors(repo_id, revision, name)
     # config.json is in the cache now: timm reads it from there, then fetches the weights
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
@@ -464,15 +491,39 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
                                 f' reached ({e}).') from e
     except EntryNotFoundError as e:
         # timm looks for model.safetensors, then falls back to pytorch_model.bin: the error names the fallback
-        raise FileNotFoundError(
-            f"The Hub repo '{name}' has a config.json but no weights (no {_WEIGHTS}): the upload was incomplete. Push"
-            f' the model again (timm_ensembles.hub.push_to_hub or python hub/push.py).') from e
+        raise FileNotFoundError(_no_weights(name)) from e
     except Exception as e:
         if not _is_network_error(e):
             raise
         raise ConnectionError(
             f"Downloading the weights of '{name}' failed after huggingface_hub's retries ({type(e).__name__}: {e})."
             f' The cache keeps no partial file as complete: run it again when the connection is back.') from e
+
+
+def _require_safetensors(repo_id: str, revision: str | None, name: str) -> None:
+    """Refuse a repo without ``model.safetensors`` before timm falls back to ``pytorch_model.bin``: that is a pickle,
+    and this package never unpickles weights from the network."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    api = HfApi()
+    try:
+        if api.file_exists(repo_id, _WEIGHTS, revision=revision):
+            return
+        pickled = api.file_exists(repo_id, 'pytorch_model.bin', revision=revision)
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
+        return  # the listing cannot be had (offline, a mirror): timm's download of model.safetensors decides
+    if pickled:
+        raise FileNotFoundError(
+            f"The Hub repo '{name}' has no {_WEIGHTS}, only pytorch_model.bin: a pickle, which this package never"
+            f' loads from the network. Push the model as safetensors (timm_ensembles.hub.push_to_hub, or'
+            f' safetensors.torch.save_file on a state dict you trust).')
+    raise FileNotFoundError(_no_weights(name))
+
+
+def _no_weights(name: str) -> str:
+    return (f"The Hub repo '{name}' has a config.json but no weights (no {_WEIGHTS}): the upload was incomplete. Push"
+            f' the model again (timm_ensembles.hub.push_to_hub or python hub/push.py).')
 
 
 def _is_network_error(e: BaseException) -> bool:

@@ -34,7 +34,7 @@ from .._builder import create_ensemble, register_ensemble_variants, register_stu
 from .._distill import DistillationTask, StudentModel
 from .._ensemble import EnsembleModel
 from .._registry import register_task
-from .._task import TaskOutput
+from .._task import TaskOutput, check_option
 
 __all__ = ['BornAgainStudent', 'BornAgainTask', 'BornAgainEnsemble', 'create_bane', 'soft_cross_entropy']
 
@@ -83,6 +83,8 @@ class BornAgainTask(DistillationTask):
                  label_smoothing: float = 0.0):
         if variant not in VARIANTS:
             raise ValueError(f"Unknown born-again variant '{variant}', expected one of {VARIANTS}.")
+        check_option('temperature', temperature, float)
+        check_option('label_weight', label_weight, float)
         if not temperature > 0:
             raise ValueError(f'temperature must be > 0, got {temperature}.')
         if label_weight < 0:

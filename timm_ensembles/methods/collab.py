@@ -43,7 +43,7 @@ from .._builder import create_ensemble, register_ensemble_variants
 from .._ensemble import EnsembleHead, ModelArgsMixin, prefix_group_matcher
 from .._registry import check_base_model, register_task
 from .._split import SplitLayout, get_split_layout, grad_rescale
-from .._task import Task, TaskOutput
+from .._task import Task, TaskOutput, check_option
 from .._timm_compat import get_global_pool
 
 __all__ = ['CollaborativeNet', 'CollaborativeTask', 'default_splits']
@@ -403,6 +403,10 @@ class CollaborativeTask(Task):
     def __init__(self, model: CollaborativeNet, beta: float = 0.5, temperature: float = 2.0,
                  backward_rescale: bool = True, label_smoothing: float = 0.0):
         super().__init__(model, label_smoothing=label_smoothing)
+        check_option('beta', beta, float, low=0)
+        check_option('temperature', temperature, float)
+        if not isinstance(backward_rescale, bool):
+            raise ValueError(f'backward_rescale must be True or False, got {backward_rescale!r}.')
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f'beta (the weight of the cross-entropy) must be in [0, 1], got {beta}.')
         if not temperature > 0:

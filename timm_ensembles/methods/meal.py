@@ -43,7 +43,7 @@ from .._builder import create_ensemble, register_student_variants
 from .._distill import DistillationTask, StudentModel
 from .._registry import register_task
 from .._split import grad_rescale
-from .._task import TaskOutput
+from .._task import TaskOutput, check_option
 from .ban import soft_cross_entropy
 
 __all__ = ['MEALStudent', 'MEALTask', 'Discriminator', 'align', 'block_distance']
@@ -146,6 +146,12 @@ class MEALTask(DistillationTask):
             raise ValueError(f"Unknown adversarial mode '{adversarial}', expected one of {ADVERSARIAL}.")
         if align_mode not in ('channel', 'spatial'):
             raise ValueError(f"Unknown align_mode '{align_mode}', expected 'channel' or 'spatial'.")
+        check_option('temperature', temperature, float, low=1e-12)
+        check_option('label_weight', label_weight, float, low=0)
+        if disc_lr_scale is not None:
+            check_option('disc_lr_scale', disc_lr_scale, float, low=0)
+        if num_blocks is not None:
+            check_option('num_blocks', num_blocks, int, low=0)
         super().__init__(model, teachers, label_smoothing=label_smoothing)
         self.version = version
         self.distance = distance if version == 'v1' else 'kl'

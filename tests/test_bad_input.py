@@ -1,0 +1,221 @@
+"""Bad input through train.py and the API: one line that names the flag, value and what is allowed, no traceback,
+no output written; resumes that would silently be another run; checkpoint rotation; labels; workers' seeds."""
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_train import QUICK, ROOT, _env, run_train
+
+from timm_ensembles import data as te_data
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--clip-grad', '-1'], '--clip-grad -1.0: must be a gradient norm > 0'),
+    (['--clip-grad', '0'], '--clip-grad 0.0: must be a gradient norm > 0'),
+    (['--img-size', '0'], '--img-size 0: must be a whole number of pixels >= 1'),
+    (['--num-classes', '0'], '--num-classes 0: must be a whole number >= 1'),
+    (['--hflip', '7'], '--hflip 7.0: must be a probability in [0, 1]'),
+    (['--scale', '2', '1'], '--scale 2.0 1.0: must be two area fractions MIN MAX with 0 < MIN <= MAX <= 1'),
+    (['--epochs', '0'], '--epochs 0: must be a whole number >= 1'),
+    (['--lr', '-1'], '--lr -1.0: must be a number > 0'),
+    (['--batch-size', '0'], '--batch-size 0: must be a whole number >= 1'),
+    (['--grad-accum-steps', '0'], '--grad-accum-steps 0: must be a whole number >= 1'),
+    (['--smoothing', '2'], '--smoothing 2.0: must be a number in [0, 1)'),
+    (['--in-chans', '2'], '--in-chans 2: must be 1 (gray) or 3 (colour)'),
+    (['--task-kwargs', 'fdl_lr'], "--task-kwargs 'fdl_lr': options are key=value pairs"),
+    (['--task-kwargs', 'fdl_lr=abc'], "fdl_lr must be a number, got 'abc'"),
+    (['--num-classes', '5'], 'training split has labels outside 0..4'),
+])
+def test_bad_flags_are_one_line_before_anything_is_written(args, message, tmp_path):
+    out = tmp_path / 'run'
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '1', *QUICK, *args, '--output', out, check=False)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr[-1500:]
+    assert 'Traceback' not in proc.stderr
+    assert not out.exists()
+
+
+def test_a_config_that_is_not_yaml_or_not_a_mapping(tmp_path):
+    for text, message in (('epochs: [1,\n', 'is not valid YAML'), ('- 1\n- 2\n', 'must hold a mapping')):
+        cfg = tmp_path / 'cfg.yaml'
+        cfg.write_text(text)
+        proc = run_train('--config', cfg, *QUICK, '--output', tmp_path / 'run', check=False)
+        assert proc.returncode != 0 and message in proc.stderr and 'Traceback' not in proc.stderr
+
+
+@pytest.fixture(scope='module')
+def resumed_run(tmp_path_factory):
+    """A run of two epochs that was resumed once (so its args.yaml was written by a resumed run)."""
+    out = tmp_path_factory.mktemp('resumed') / 'run'
+    run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--output', out, *QUICK,
+              '--task-kwargs', 'feature_indices=(1,2)')
+    (out / 'results.json').unlink()
+    run_train('--resume', out)  # a tuple task option resumes: it is compared as YAML reads it back
+    return out
+
+
+def test_args_yaml_never_carries_resume_output_or_config(resumed_run, tmp_path):
+    recorded = yaml.safe_load((resumed_run / 'args.yaml').read_text())
+    assert not {'resume', 'output', 'config'} & set(recorded)
+    assert recorded['task_kwargs'] == {'feature_indices': [1, 2]}
+    # the reproduction recipe the model card prints: a new run, not a resumption of the old one
+    new = tmp_path / 'again'
+    proc = run_train('--config', resumed_run / 'args.yaml', '--output', new)
+    assert 'resumed from' not in proc.stderr + proc.stdout
+    assert json.loads((new / 'results.json').read_text())['epochs'] == 2
+
+
+@pytest.mark.parametrize('flags, changed', [
+    (['--lr', '0.5'], 'lr: 0.05 there, 0.5 here'),
+    (['--batch-size', '16'], 'batch_size: 32 there, 16 here'),
+    (['--seed', '7'], 'seed: 0 there, 7 here'),
+    (['--train-subset', '64'], 'train_subset: 160 there, 64 here'),
+])
+def test_resume_with_a_changed_flag_is_refused(resumed_run, flags, changed):
+    proc = run_train('--resume', resumed_run, *flags, check=False)
+    assert proc.returncode != 0 and changed in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_rotation_never_replaces_a_readable_backup_with_a_corrupt_checkpoint(resumed_run, tmp_path):
+    run = tmp_path / 'run'
+    shutil.copytree(resumed_run, run)
+    (run / 'results.json').unlink()
+    (run / 'checkpoint.pt').write_bytes((run / 'checkpoint.pt').read_bytes()[:1000])  # corrupt
+    (run / '.checkpoint.pt.1234.tmp').write_bytes(b'half a save')  # what a killed save leaves
+    prev = run / 'checkpoint-prev.pt'
+    state = torch.load(prev, weights_only=True)
+    assert state['epoch'] == 1
+    # resume from the backup, with one more epoch to train (the epoch count is part of the run: change it in place)
+    proc = run_train('--resume', prev, check=False)
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert torch.load(run / 'checkpoint.pt', weights_only=True)['epoch'] == 2
+    # the corrupt file did not become the backup
+    assert torch.load(prev, weights_only=True)['epoch'] == 1
+    assert not list(run.glob('.*.tmp'))
+
+
+def test_sparse_idx_labels_and_a_folder_named_fashion(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ('sparse', 'my-fashion-copy'):
+        folder = tmp_path / name
+        folder.mkdir()
+        for stem, n in (('train', 40), ('t10k', 10)):
+            images = rng.integers(0, 256, (n, 8, 8), dtype=np.uint8)
+            labels = (np.arange(n) % 10).astype(np.uint8)
+            if name == 'sparse' and stem == 'train':
+                labels[3] = 200  # one corrupt byte
+            header = (0x803).to_bytes(4, 'big') + b''.join(d.to_bytes(4, 'big') for d in images.shape)
+            (folder / f'{stem}-images-idx3-ubyte').write_bytes(header + images.tobytes())
+            (folder / f'{stem}-labels-idx1-ubyte').write_bytes((0x801).to_bytes(4, 'big') + n.to_bytes(4, 'big')
+                                                               + labels.tobytes())
+    with pytest.raises(ValueError, match=r'not the classes 0\.\.K-1 \(the highest is 200.*200 \(1 images\)'):
+        te_data.create_datasets(f"idx:{tmp_path / 'sparse'}")
+    _, _, info = te_data.create_datasets(f"idx:{tmp_path / 'my-fashion-copy'}")
+    assert info.class_names == [str(i) for i in range(10)] and info.default_hflip == 0.0
+
+
+def test_a_teacher_of_other_classes_with_the_same_count(tmp_path):
+    import timm
+
+    from timm_ensembles._checkpoint import export_folder
+    teacher = export_folder(timm.create_model('test_resnet', num_classes=10), tmp_path / 'teacher',
+                            model_config=dict(label_names=[f'shoe{i}' for i in range(10)]))
+    proc = run_train('--model', 'ban_test_resnet', '--teacher', teacher, '--epochs', '1', *QUICK,
+                     '--output', tmp_path / 'student', check=False)
+    assert proc.returncode != 0 and "was trained on other classes: its class 0 is 'shoe0'" in proc.stderr
+    assert 'Traceback' not in proc.stderr
+
+
+def test_a_failed_save_on_the_main_process_stops_both_processes_at_once(tmp_path):
+    accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))
+    out = tmp_path / 'run'
+    out.mkdir()
+    (out / '.checkpoint.pt.new').mkdir()  # the main process's first save cannot replace a folder
+    cmd = [accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision',
+           'no', '--dynamo_backend', 'no', str(ROOT / 'train.py'), '--model', 'ens_test_resnetx2', '--epochs', '2',
+           '--cpu', '--output', str(out), *map(str, QUICK)]
+    start = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300, cwd=ROOT)
+    assert proc.returncode != 0
+    assert 'saving epoch 0' in proc.stderr and 'failed' in proc.stderr
+    assert 'the main process failed saving epoch 0' in proc.stderr  # the other process says why it stops
+    assert time.time() - start < 200  # not the collective timeout (30 minutes)
+
+
+def test_loader_workers_draw_per_rank():
+    class Noise(torch.utils.data.Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return torch.rand(()), 0
+
+    def draws(rank):
+        import functools
+        loader = torch.utils.data.DataLoader(Noise(), batch_size=4, num_workers=1,
+                                             worker_init_fn=functools.partial(te_data._seed_worker, rank),
+                                             generator=torch.Generator().manual_seed(0))
+        return next(iter(loader))[0]
+    assert torch.equal(draws(0), draws(0)) and not torch.equal(draws(0), draws(1))
+
+
+def test_fp16_overflow_steps_are_skipped_and_only_a_run_of_them_stops(monkeypatch):
+    from timm_ensembles import _engine
+
+    class InfGrad(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return torch.full_like(g, float('inf')) if Task.overflow else g
+
+    class Task(torch.nn.Module):
+        overflow = True
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(()))
+
+        def forward(self, x, y):
+            return dict(loss=InfGrad.apply(self.w) * x.mean(), output=None, components={})
+
+    class Accelerator:
+        num_processes, sync_gradients, is_local_main_process = 1, True, False
+        scaler = object()  # fp16: a GradScaler skips the overflow steps
+
+        def accumulate(self, _):
+            import contextlib
+            return contextlib.nullcontext()
+
+        def backward(self, loss):
+            loss.backward()
+
+        def clip_grad_norm_(self, params, _):
+            return torch.stack([p.grad.norm() for p in params]).norm()
+
+    class SkippingOptimizer:  # as the scaler's step: nothing applied on an overflow step
+        def step(self):
+            pass
+
+        def zero_grad(self, set_to_none=True):
+            task.w.grad = None
+
+    task = Task()
+    optimizer = SkippingOptimizer()
+    batches = [(torch.ones(2), torch.zeros(2))] * 5
+    _engine.train_one_epoch(task, batches, optimizer, Accelerator(), 0, show_progress=False)  # 5 overflows: fine
+    monkeypatch.setattr(_engine, 'MAX_FP16_OVERFLOWS', 3)
+    with pytest.raises(_engine.NonFiniteLossError, match='Non-finite gradient'):
+        _engine.train_one_epoch(task, batches, optimizer, Accelerator(), 0, show_progress=False)
+    Accelerator.scaler = None  # fp32: the first non-finite gradient stops
+    with pytest.raises(_engine.NonFiniteLossError, match='update 0'):
+        _engine.train_one_epoch(task, batches[:1], optimizer, Accelerator(), 0, show_progress=False)
