@@ -50,6 +50,12 @@ def test_study_resumes_skips_and_tabulates(tmp_path):
     table = _study('table', 'smoke', '--from-runs', *common).stdout
     assert 'not finished for every seed yet: ens_x2' in table
     assert '| fdl_x2 |' in _study('table', 'smoke', *common).stdout  # the archive still has every row
+    # with a seed not run yet, no row is complete: each run is named with what its finished seeds (generations) gave
+    table = _study('table', 'smoke', '--seeds', '0', '1', *common[2:]).stdout
+    assert f'test_resnet (seed 0: {single:.2f})' in table
+    gens = [json.loads((out / 'ban-s0' / f'gen{k}' / 'results.json').read_text())['final_epoch']['acc']
+            for k in (1, 2, 3)]
+    assert 'ban (seed 0: ' + ' / '.join(f'{a:.2f}' for a in gens) + ')' in table
 
 
 def test_unknown_study_is_refused():

@@ -390,8 +390,10 @@ def table(study: str, args: argparse.Namespace) -> str:
     live = Path(args.out) / recipe
     root = live if args.from_runs else Path(args.archive) / recipe
     rows = _rows(study, root, live, seeds)
+    missing = [n for n in names if n not in {r[0].split(' ')[0].rstrip(':') for r in rows}]
+    partial = ', '.join(_partial(_runs(recipe)[n], root, seeds) for n in missing)
     if not rows:
-        return f'(no finished rows of {study} yet in {root})'
+        return f'(no finished rows of {study} yet in {root}; not finished for every seed yet: {partial})'
     baseline = rows[0][1]['forward']
     head = ('| run | prediction (`forward`) | mean of the members | averaged probabilities | per seed ('
             + ', '.join(map(str, seeds)) + ') | paired Δ vs ' + rows[0][0] + ' (seeds better) | min / run |')
@@ -404,10 +406,22 @@ def table(study: str, args: argparse.Namespace) -> str:
                  '' if cols['forward'] is baseline else _paired(cols['forward'], baseline),
                  f'{minutes:.0f}' if minutes is not None else '']
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
-    missing = [n for n in names if n not in {r[0].split(' ')[0].rstrip(':') for r in rows}]
     if missing:
-        lines.append(f'\n(not finished for every seed yet: {", ".join(missing)})')
+        lines.append(f'\n(not finished for every seed yet: {partial})')
     return '\n'.join(lines)
+
+
+def _partial(run: Run, root: Path, seeds) -> str:
+    """A run not finished for every seed, with the final accuracy of the seeds (and generations) that have finished:
+    a first look, not a result."""
+    done = []
+    for s in seeds:
+        folders = ([run.folder(root, s) / f'gen{k}' for k in range(1, run.generations + 1)] if run.generations > 1
+                   else [run.folder(root, s)])
+        accs = [f'{_final(f)["acc"]:.2f}' for f in folders if (f / 'results.json').exists()]
+        if accs:
+            done.append(f'seed {s}: ' + ' / '.join(accs))
+    return run.name + (f' ({"; ".join(done)})' if done else '')
 
 
 def update_readme(args: argparse.Namespace) -> None:
