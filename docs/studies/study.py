@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parent
 
 # Fashion-MNIST at its own 28 px, one gray channel, 20,000 training images (a fixed stratified subset), batch 128,
 # SGD lr 0.1 momentum 0.9 weight decay 5e-4, cosine to 1e-5; the base is timm's resnet10t made narrow (channels
-# 16-128, stem 16: 0.32 M parameters), the largest ResNet this 2-core CPU trains to convergence 3 seeds x every method
+# 16-128, stem 16: 0.32 M parameters), small enough for this 2-core CPU to train 3 seeds x every method
 RECIPES = {
     'fmnist': dict(
         base='resnet10t',
@@ -393,7 +393,8 @@ def table(study: str, args: argparse.Namespace) -> str:
     missing = [n for n in names if n not in {r[0].split(' ')[0].rstrip(':') for r in rows}]
     partial = ', '.join(_partial(_runs(recipe)[n], root, seeds) for n in missing)
     if not rows:
-        return f'(no finished rows of {study} yet in {root}; not finished for every seed yet: {partial})'
+        where = root.relative_to(ROOT) if root.is_relative_to(ROOT) else root
+        return f'(no finished rows of {study} yet in {where}; not finished for every seed yet: {partial})'
     baseline = rows[0][1]['forward']
     head = ('| run | prediction (`forward`) | mean of the members | averaged probabilities | per seed ('
             + ', '.join(map(str, seeds)) + ') | paired Δ vs ' + rows[0][0] + ' (seeds better) | min / run |')
