@@ -159,6 +159,10 @@ def test_model_args_of_a_newer_version_give_a_clear_error(tmp_path):
 def test_weights_that_do_not_fit_their_config_give_a_clear_error(tmp_path):
     folder = export_folder(timm.create_model('ens', base_model='test_resnet', num_members=2, num_classes=3),
                            tmp_path / 'm')
+    # a config that records no checksum of its weights (timm's own, an older version's): the fit itself is checked
+    config = json.loads((folder / 'config.json').read_text())
+    del config['timm_ensembles_weights_sha256']
+    (folder / 'config.json').write_text(json.dumps(config))
     weights = load_file(folder / 'model.safetensors')
     weights['members.1.fc.weight'] = torch.zeros(4, weights['members.1.fc.weight'].shape[1])
     save_file(weights, folder / 'model.safetensors')
@@ -172,6 +176,22 @@ def test_weights_that_do_not_fit_their_config_give_a_clear_error(tmp_path):
         load_from_hub(f'local-dir:{folder}')
     with pytest.raises(ValueError, match='does not load as a model'):
         push_to_hub(folder, 'org/name', token='hf_test')  # checked before any request
+
+
+def test_a_flipped_byte_in_the_weights_is_refused_on_load(tmp_path):
+    ens = export_folder(timm.create_model('ens', base_model='test_resnet', num_members=2, num_classes=3),
+                        tmp_path / 'e')
+    plain = export_folder(timm.create_model('test_resnet', num_classes=3), tmp_path / 'p')  # e.g. a BAN student
+    for folder in (ens, plain):
+        timm.create_model(f'local-dir:{folder}', pretrained=True)  # intact: loads
+        data = bytearray((folder / 'model.safetensors').read_bytes())
+        data[-7] ^= 0x10  # one bit of one weight
+        (folder / 'model.safetensors').write_bytes(bytes(data))
+    message = r"weights of '.*' are not the ones its config.json was written with \(sha256 .*corrupted"
+    for load in (lambda: timm.create_model(f'local-dir:{ens}', pretrained=True), lambda: load_from_hub(str(ens)),
+                 lambda: load_from_hub(f'local-dir:{plain}')):
+        with pytest.raises(RuntimeError, match=message):
+            load()
 
 
 def test_a_catalog_tag_and_hf_hub_names_load_from_an_offline_cache(tmp_path):
@@ -483,3 +503,24 @@ def test_private_on_an_existing_public_repo_is_refused(hub, tmp_path):
     """, hub.endpoint, tmp_path)
     assert "refused: 'org/public' exists and is public: private=True cannot make it private" in out
     assert len(hub.commit_log) == commits and not hub.repos['org/public'].private
+
+
+def test_a_repo_whose_weights_changed_after_export_is_refused(hub, tmp_path):
+    for name, model in (('ens', timm_ensembles.create_model('ens_test_resnetx2', num_classes=3)),
+                        ('plain', timm.create_model('test_resnet', num_classes=3))):
+        folder = export_folder(model, tmp_path / name)
+        data = bytearray((folder / 'model.safetensors').read_bytes())
+        data[-7] ^= 0x10
+        hub.add_files(f'org/flipped-{name}', {'config.json': (folder / 'config.json').read_bytes(),
+                                              'model.safetensors': bytes(data)})
+    out = _client("""
+        import timm, timm_ensembles
+        for load in (lambda: timm_ensembles.load_from_hub('org/flipped-ens'),
+                     lambda: timm.create_model('hf-hub:org/flipped-ens', pretrained=True),
+                     lambda: timm_ensembles.load_from_hub('org/flipped-plain')):
+            try:
+                load()
+            except RuntimeError as e:
+                print('refused:', e)
+    """, hub.endpoint, tmp_path)
+    assert out.count('are not the ones its config.json was written with') == 3, out

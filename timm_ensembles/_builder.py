@@ -1,8 +1,10 @@
 """Shared construction of the ensemble models: timm's builder, the base model's data config, named variants."""
+import json
 import math
 import re
 import sys
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -164,6 +166,7 @@ def _load(model: nn.Module, variant: str, cfg_dict: dict, classifiers: list[str]
         from .hub import _hub_name, _require_safetensors
 
         _require_safetensors(*_hub_name(load_cfg['hf_hub_id']), load_cfg['hf_hub_id'])
+    _check_recorded_weights(load_cfg)
     try:
         load_pretrained(model, pretrained_cfg=load_cfg, num_classes=num_classes, in_chans=in_chans)
     except RuntimeError as e:
@@ -183,6 +186,32 @@ def _load(model: nn.Module, variant: str, cfg_dict: dict, classifiers: list[str]
             f" model.safetensors and config.json come from different models, or one of them was edited. Export the"
             f" model again (train.py, timm_ensembles.hub.push_to_hub) so that both describe the same model."
         ) from e
+
+
+def _check_recorded_weights(load_cfg: dict) -> None:
+    """A local folder's or Hub repo's weights, against the sha256 its config.json records (``export_folder``)."""
+    from ._checkpoint import check_weights
+
+    if load_cfg.get('source') == 'local-dir' and load_cfg.get('file'):
+        folder = Path(load_cfg['file'])
+        config_path, weights = folder / 'config.json', folder / 'model.safetensors'
+        source = f'local-dir:{folder}'
+    elif load_cfg.get('source') == 'hf-hub' and load_cfg.get('hf_hub_id'):
+        from huggingface_hub import hf_hub_download
+
+        from .hub import _hub_name
+
+        source = load_cfg['hf_hub_id']
+        repo_id, revision = _hub_name(source)
+        try:  # both come from the cache when timm has fetched them; timm's own download reports what fails
+            config_path = Path(hf_hub_download(repo_id, 'config.json', revision=revision))
+            weights = Path(hf_hub_download(repo_id, 'model.safetensors', revision=revision))
+        except Exception:
+            return
+    else:
+        return
+    if config_path.is_file() and weights.is_file():
+        check_weights(json.loads(config_path.read_text()), weights, source)
 
 
 def adaptable_layers(model: nn.Module) -> tuple[list[str], list[str]]:

@@ -4,6 +4,7 @@ Every file is written to a temporary name beside its destination, flushed to dis
 destination (``os.replace`` is atomic on POSIX and Windows). Checkpoints are read with
 ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and plain containers.
 """
+import hashlib
 import json
 import os
 import shutil
@@ -16,11 +17,13 @@ import torch
 from torch import nn
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
-           'atomic_write_text', 'sweep_temporaries', 'CHECKPOINT_NAME']
+           'atomic_write_text', 'sweep_temporaries', 'check_weights', 'CHECKPOINT_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 # the config.json entry naming the timm-ensembles version that wrote an export
 VERSION_KEY = 'timm_ensembles_version'
+# the sha256 of model.safetensors, recorded in config.json beside it: a flipped byte in the weights is an error on load
+WEIGHTS_SHA_KEY = 'timm_ensembles_weights_sha256'
 PREVIOUS_CHECKPOINT_NAME = 'checkpoint-prev.pt'
 
 
@@ -154,8 +157,9 @@ def export_folder(
     try:
         save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True,
                     data_config=data_config)
-        # validate the config before it replaces anything
-        json.loads((tmp / 'config.json').read_text())
+        config = json.loads((tmp / 'config.json').read_text())  # validated before it replaces anything
+        config[WEIGHTS_SHA_KEY] = _sha256(tmp / 'model.safetensors')
+        (tmp / 'config.json').write_text(json.dumps(config, indent=2), encoding='utf-8')
         for name in ('model.safetensors', 'config.json'):
             with open(tmp / name, 'rb') as f:
                 os.fsync(f.fileno())
@@ -164,3 +168,28 @@ def export_folder(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_weights(config: dict[str, Any], weights: str | Path, source: str) -> None:
+    """Refuse weights that are not the bytes ``config`` (a config.json written by ``export_folder``) was written with.
+
+    Raises:
+        RuntimeError: The file's sha256 differs from the one recorded (a corrupted download or disk, an edited file).
+    """
+    expected = config.get(WEIGHTS_SHA_KEY)
+    if expected is None:
+        return  # written by timm itself or by an older version: nothing recorded to compare
+    found = _sha256(Path(weights))
+    if found != expected:
+        raise RuntimeError(
+            f"The weights of '{source}' are not the ones its config.json was written with (sha256 {found[:12]}... of"
+            f" {weights}, {expected[:12]}... recorded): the file is corrupted or was changed. Download it again"
+            f" (remove it from the Hugging Face cache) or export the model again.")

@@ -28,7 +28,7 @@ import timm
 import yaml
 from torch import nn
 
-from ._checkpoint import VERSION_KEY
+from ._checkpoint import VERSION_KEY, WEIGHTS_SHA_KEY, check_weights
 from ._timm_compat import generate_readme
 
 __all__ = ['push_to_hub', 'load_from_hub', 'generate_model_card', 'model_card_fields', 'read_run', 'check_config',
@@ -474,12 +474,26 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
     """
     if name.startswith('local-dir:') or Path(name).is_dir():
         folder = Path(name.removeprefix('local-dir:'))
-        check_config(read_run(folder)['config'], str(folder))
+        config = read_run(folder)['config']
+        check_config(config, str(folder))
+        if pretrained and not _is_package_model(config['architecture']):  # this package's models check on load
+            check_weights(config, folder / _WEIGHTS, str(folder))
         return timm.create_model(f'local-dir:{folder}', pretrained=pretrained, **kwargs)
     repo_id, revision = _hub_name(name)
-    check_config(_fetch_config(repo_id, revision), name)
+    config = _fetch_config(repo_id, revision)
+    check_config(config, name)
     if pretrained:
         _require_safetensors(repo_id, revision, name)
+        if not _is_package_model(config['architecture']) and WEIGHTS_SHA_KEY in config:
+            from huggingface_hub import hf_hub_download
+
+            # a plain timm model (a student, a head): timm loads it without this package, so check it here
+            try:
+                weights = hf_hub_download(repo_id, _WEIGHTS, revision=revision)
+            except Exception:
+                weights = None  # timm's own download, below, reports what failed
+            if weights:
+                check_weights(config, weights, name)
     # config.json is in the cache now: timm reads it from there, then fetches the weights
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
