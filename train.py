@@ -266,8 +266,8 @@ _CHECKS = (
     ('in_chans', lambda v: v in (None, 1, 3), '1 (gray) or 3 (colour)'),
     ('crop_pct', lambda v: v is None or (_number(v) and 0 < v <= 1), 'a fraction in (0, 1]'),
     ('hflip', lambda v: v is None or (_number(v) and 0 <= v <= 1), 'a probability in [0, 1]'),
-    ('scale', lambda v: len(v) == 2 and all(_number(x) for x in v) and 0 < v[0] <= v[1] <= 1,
-     'two area fractions MIN MAX with 0 < MIN <= MAX <= 1'),
+    ('scale', lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(x) for x in v)
+     and 0 < v[0] <= v[1] <= 1, 'two area fractions MIN MAX with 0 < MIN <= MAX <= 1'),
     ('lr', lambda v: _number(v) and v > 0, 'a number > 0'),
     ('min_lr', lambda v: _number(v) and v >= 0, 'a number >= 0'),
     ('warmup_lr', lambda v: _number(v) and v >= 0, 'a number >= 0'),

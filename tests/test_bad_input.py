@@ -43,7 +43,8 @@ def test_bad_flags_are_one_line_before_anything_is_written(args, message, tmp_pa
 
 
 def test_a_config_that_is_not_yaml_or_not_a_mapping(tmp_path):
-    for text, message in (('epochs: [1,\n', 'is not valid YAML'), ('- 1\n- 2\n', 'must hold a mapping')):
+    for text, message in (('epochs: [1,\n', 'is not valid YAML'), ('- 1\n- 2\n', 'must hold a mapping'),
+                          ('scale: 0.5\n', '--scale 0.5: must be two area fractions')):
         cfg = tmp_path / 'cfg.yaml'
         cfg.write_text(text)
         proc = run_train('--config', cfg, *QUICK, '--output', tmp_path / 'run', check=False)
