@@ -476,6 +476,10 @@ class Olah:
                 if old.name != '.git':
                     shutil.rmtree(old) if old.is_dir() else old.unlink()
             shutil.copytree(folder, path, dirs_exist_ok=True)
+            # a fresh index, so that every file is hashed: a copied file of the same size, mtime (copy2 keeps the
+            # source's) and a reused inode would otherwise look unchanged to git's stat check, and the commit would
+            # keep the previous folder's content (seen once: 'main' serving the first commit's config.json)
+            (path / '.git' / 'index').unlink(missing_ok=True)
             _git(path, 'add', '-A')
             _git(path, 'commit', '-q', '--allow-empty', '-m', f'commit {i}')
             self.commits.setdefault(repo_id, []).append(_git(path, 'rev-parse', 'HEAD'))
