@@ -482,12 +482,13 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
     repo_id, revision = _hub_name(name)
     config = _fetch_config(repo_id, revision)
     check_config(config, name)
-    if pretrained:
+    if pretrained and not _is_package_model(config['architecture']):
+        # a plain timm model (a student, a head) loads through timm alone: check it here (this package's models are
+        # checked as they load, by _builder, which also serves timm.create_model('hf-hub:...'))
         _require_safetensors(repo_id, revision, name)
-        if not _is_package_model(config['architecture']) and WEIGHTS_SHA_KEY in config:
+        if WEIGHTS_SHA_KEY in config:
             from huggingface_hub import hf_hub_download
 
-            # a plain timm model (a student, a head): timm loads it without this package, so check it here
             try:
                 weights = hf_hub_download(repo_id, _WEIGHTS, revision=revision)
             except Exception:
