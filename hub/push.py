@@ -1,52 +1,11 @@
 #!/usr/bin/env python3
-"""Publish a train.py output folder to a Hugging Face Hub model repo, with a model card made from its metrics.
+"""``python hub/push.py <run> <org>/<name>``: the package's Hub publisher, ``timm_ensembles.push``, from a checkout.
 
-    python hub/push.py output/train/<run> <org>/<name>           # config.json, model.safetensors, card, run files
-    python hub/push.py output/train/<run>/exported <org>/<name>         # a collaborative run's plain head
-    python hub/push.py <run> <org>/<name> --revision v1 --private       # a branch; a new repo private
-    python hub/push.py <run> <org>/<name> --create-pr                   # open a pull request instead
-    python hub/push.py <run> <org>/<name> --card-only card.md           # write the model card, upload nothing
-
-The token comes from --token, HF_TOKEN or `hf auth login`; the endpoint from HF_ENDPOINT, as huggingface_hub does.
-What is uploaded: config.json, model.safetensors (never a pickle, never checkpoint.pt, so no discriminator, teacher or
-optimiser state), README.md (the model card), results.json, metrics.jsonl and args.yaml.
+The same command from an installed package: ``timm-ensembles-push ...`` or ``python -m timm_ensembles.push ...``.
 """
-import argparse
 import sys
-from pathlib import Path
 
-from huggingface_hub.errors import HfHubHTTPError
-
-from timm_ensembles.hub import generate_model_card, push_to_hub
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], epilog=__doc__.split('\n\n', 1)[1],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('folder', help='a train.py output folder (or its exported/ sub-folder)')
-    parser.add_argument('repo_id', help='<org or user>/<name> of the model repo (created if it does not exist)')
-    parser.add_argument('--token', default=None, help='token with write access (default: HF_TOKEN, hf auth login)')
-    parser.add_argument('--revision', default=None, help='branch to commit to (created from main when new)')
-    parser.add_argument('--private', action='store_true', help='create the repo private')
-    parser.add_argument('--create-pr', action='store_true', help='open a pull request with the commit')
-    parser.add_argument('--message', default='Add model', help='commit message')
-    parser.add_argument('--no-card', action='store_true', help="keep the repo's README.md; upload no model card")
-    parser.add_argument('--card-only', default=None, metavar='FILE', help='write the model card to FILE and stop')
-    args = parser.parse_args(argv)
-    try:
-        if args.card_only:
-            Path(args.card_only).write_text(generate_model_card(args.folder, args.repo_id), encoding='utf-8')
-            print(f'model card of {args.folder} written to {args.card_only}')
-            return 0
-        info = push_to_hub(args.folder, args.repo_id, token=args.token, revision=args.revision, private=args.private,
-                           create_pr=args.create_pr, commit_message=args.message, model_card=not args.no_card)
-    except (OSError, ValueError, HfHubHTTPError) as e:  # OSError: missing files, no token, network
-        raise SystemExit(f'error: {e}') from None
-    where = getattr(info, 'pr_url', None) or getattr(info, 'commit_url', info)
-    print(f'pushed {args.folder} to {args.repo_id}: {where}')
-    print(f"load it with: import timm, timm_ensembles; timm.create_model('hf-hub:{args.repo_id}', pretrained=True)")
-    return 0
-
+from timm_ensembles.push import main
 
 if __name__ == '__main__':
     sys.exit(main())

@@ -25,6 +25,7 @@ from timm_ensembles import data as te_data
     (['--scale', '2', '1'], '--scale 2.0 1.0: must be two area fractions MIN MAX with 0 < MIN <= MAX <= 1'),
     (['--epochs', '0'], '--epochs 0: must be a whole number >= 1'),
     (['--lr', '-1'], '--lr -1.0: must be a number > 0'),
+    (['--layer-decay', '0'], '--layer-decay 0.0: must be a factor in (0, 1] (omit it for none)'),
     (['--batch-size', '0'], '--batch-size 0: must be a whole number >= 1'),
     (['--grad-accum-steps', '0'], '--grad-accum-steps 0: must be a whole number >= 1'),
     (['--smoothing', '2'], '--smoothing 2.0: must be a number in [0, 1)'),

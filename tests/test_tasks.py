@@ -123,6 +123,43 @@ def test_head_has_its_own_group_annealed_by_the_schedule():
     assert [g['lr'] for g in optimizer.param_groups] == pytest.approx([0.01 if h else 0.05 for h in is_head])
 
 
+@pytest.mark.parametrize('name', ['ens_test_resnetx2', 'fdl_test_resnetx2', 'collab_test_resnetx2', 'ban_test_resnet',
+                                  'meal_test_resnet'])
+def test_layer_decay_scales_the_model_as_timm_does_and_keeps_the_tasks_own_groups(name):
+    from timm.optim import create_optimizer_v2
+    model = timm_ensembles.create_model(name, num_classes=4)
+    teachers = dict(teachers=[timm.create_model('test_resnet', num_classes=4)]) if name[:3] in ('ban', 'mea') else {}
+    task = timm_ensembles.create_task(model, **teachers)
+    # timm's own layer decay of the model alone: the scale and weight decay every model parameter must get
+    names = {id(p): n for n, p in model.named_parameters()}
+    expected = {}
+    for g in create_optimizer_v2(model, 'sgd', lr=0.1, weight_decay=1e-4, layer_decay=0.5).param_groups:
+        expected.update({f'model.{names[id(p)]}': (g['lr_scale'], g['weight_decay']) for p in g['params']})
+    assert len({scale for scale, _ in expected.values()}) >= 3  # several depths
+
+    optimizer = task.create_optimizer(opt='sgd', lr=0.1, momentum=0.9, weight_decay=1e-4, layer_decay=0.5)
+    head = {id(p) for p in model.head.parameters()} if name.startswith('fdl') else set()
+    task_names = {id(p): n for n, p in task.named_parameters()}
+    seen = []
+    for g in optimizer.param_groups:
+        for p in g['params']:
+            n = task_names[id(p)]
+            seen.append(n)
+            if n in expected:
+                assert (g['lr_scale'], g['weight_decay']) == expected[n], n
+                assert g['initial_lr'] == (task.head_lr if id(p) in head else 0.1), n
+            else:  # the task's own trained parts beside the model: MEAL's discriminators, at their own scale
+                assert name.startswith('meal') and n.startswith('discriminators.') and g['lr_scale'] == 0.01
+            # scaled from the first step, before any scheduler step
+            assert g['lr'] == pytest.approx(g['initial_lr'] * g['lr_scale'])
+    assert sorted(seen) == sorted(n for n, p in task.named_parameters() if p.requires_grad)
+    scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=4, min_lr=0.0, step_on_epochs=False,
+                                       updates_per_epoch=10)
+    scheduler.step_update(num_updates=20)  # half-way: every group at half its scaled rate
+    assert [g['lr'] for g in optimizer.param_groups] == pytest.approx(
+        [g['initial_lr'] * g['lr_scale'] / 2 for g in optimizer.param_groups])
+
+
 def test_loss_is_the_sum_of_its_terms_at_every_learning_rate():
     """The printed loss is what is minimised: member CEs + S - w L_FDL + head CE, with w fixed at the start."""
     task = _fdl()

@@ -186,6 +186,18 @@ def test_yaml_config_and_plain_timm_model(tmp_path):
     assert proc.returncode != 0 and "unknown keys" in proc.stderr and 'epochz' in proc.stderr
 
 
+def test_layer_decay_trains_and_resumes_with_the_scaled_groups(tmp_path):
+    out = tmp_path / 'ld'
+    run_train('--model', 'ens_test_resnetx2', '--epochs', '2', '--layer-decay', '0.5', '--output', out, *QUICK)
+    assert yaml.safe_load((out / 'args.yaml').read_text())['layer_decay'] == 0.5
+    groups = torch.load(out / 'checkpoint.pt', weights_only=True)['optimizer']['param_groups']
+    scales = sorted({g['lr_scale'] for g in groups})
+    assert scales[-1] == 1.0 and scales[0] < 0.1  # the classifiers at the full rate, the stem decayed
+    # another layer decay is another run
+    proc = run_train('--resume', out, '--layer-decay', '0.9', check=False)
+    assert proc.returncode != 0 and 'layer_decay: 0.5 there, 0.9 here' in proc.stderr
+
+
 def test_one_channel_run_exports_one_channel_statistics(tmp_path):
     """A model whose config carries ImageNet's three means, trained on gray input, exports one mean and std."""
     out = tmp_path / 'gray'

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.optim import create_optimizer_v2
+from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 __all__ = ['Task', 'ClassificationTask', 'TaskOutput', 'check_option']
@@ -78,25 +78,56 @@ class Task(nn.Module):
         """Called by the training loop before each epoch (0-based); tasks with phases switch here."""
         self.epoch = epoch
 
-    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
-        """Parameter groups of everything the task trains (no weight decay on biases and norms, as timm)."""
-        from timm.optim import param_groups_weight_decay
-        return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self._no_weight_decay())
+    def param_groups(self, weight_decay: float, layer_decay: float | None = None) -> list[dict[str, Any]]:
+        """Parameter groups of everything the task trains (no weight decay on biases and norms, as timm).
+
+        Args:
+            weight_decay: Weight decay of the weights that take it.
+            layer_decay: timm's layer-wise learning-rate decay of the model (``lr_scale`` per layer, from its
+                ``group_matcher``: for an ensemble, layer k of every member alike); the task's own trained parts
+                beside the model (e.g. MEAL's discriminators) keep the full rate. None: no layer decay.
+        """
+        if layer_decay is None:
+            return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self._no_weight_decay())
+        nwd = getattr(self.model, 'no_weight_decay', None)
+        groups = param_groups_layer_decay(self.model, weight_decay, layer_decay=layer_decay,
+                                          no_weight_decay_list=nwd() if callable(nwd) else ())
+        # the parameter names are timm's bookkeeping; the groups are split by parameter further down (FDL, MEAL)
+        groups = [{k: v for k, v in g.items() if k != 'param_names'} for g in groups]
+        in_model = {id(p) for p in self.model.parameters()}
+        rest = [g for g in param_groups_weight_decay(self, weight_decay)
+                if any(id(p) not in in_model for p in g['params'])]
+        for g in rest:
+            g['params'] = [p for p in g['params'] if id(p) not in in_model]
+        return groups + rest
 
     def _no_weight_decay(self) -> set:
         nwd = getattr(self.model, 'no_weight_decay', None)
         return {f'model.{n}' for n in nwd()} if callable(nwd) else set()
 
     def create_optimizer(
-            self, opt: str = 'sgd', lr: float = 0.1, weight_decay: float = 0.0, **kwargs,
+            self, opt: str = 'sgd', lr: float = 0.1, weight_decay: float = 0.0, layer_decay: float | None = None,
+            **kwargs,
     ) -> torch.optim.Optimizer:
         """Build the optimizer of everything the task trains, with timm's optimizer factory.
 
         The task keeps a reference, so that terms whose step size is defined relative to the learning rate
-        can read the current one. Keyword arguments go to ``timm.optim.create_optimizer_v2``.
+        can read the current one. A group's ``lr_scale`` (layer decay, a task's own scaled parts) applies from the
+        first step; timm's schedulers keep ``initial_lr`` as the group's base and apply ``lr_scale`` themselves.
+        Keyword arguments go to ``timm.optim.create_optimizer_v2``.
+
+        Args:
+            opt: timm optimizer name.
+            lr: Base learning rate.
+            weight_decay: Weight decay (not on biases and norms).
+            layer_decay: Layer-wise learning-rate decay (see ``param_groups``); None for none.
         """
-        optimizer = create_optimizer_v2(self.param_groups(weight_decay), opt=opt, lr=lr, weight_decay=weight_decay,
-                                        **kwargs)
+        optimizer = create_optimizer_v2(self.param_groups(weight_decay, layer_decay), opt=opt, lr=lr,
+                                        weight_decay=weight_decay, **kwargs)
+        for group in optimizer.param_groups:
+            if 'lr_scale' in group:
+                group['initial_lr'] = group['lr']
+                group['lr'] = group['lr'] * group['lr_scale']
         self.__dict__['_optimizer'] = optimizer
         return optimizer
 

@@ -38,6 +38,7 @@ from torch import nn
 from . import data as te_data
 from . import metrics
 from ._engine import check_input_size
+from ._extras import MissingExtraError, require
 from ._registry import create_model
 from ._snapshots import read_snapshots
 
@@ -494,7 +495,7 @@ def _trajectories(snaps: dict[str, Any], seed: int) -> dict[str, Any]:
 
 
 def _figure(width: float, height: float):
-    from matplotlib.figure import Figure
+    Figure = require('matplotlib.figure', "the report's plots (--no-plots skips them)").Figure
     # a bare Figure renders with Agg and touches no pyplot state (no GUI backend, nothing global)
     return Figure(figsize=(width, height), dpi=_DPI)
 
@@ -695,7 +696,7 @@ def _plot_trajectory_matrix(path: Path, traj: dict, key: str, points: str, title
 def _plot_tsne(path: Path, traj: dict) -> bool:
     if traj.get('tsne') is None:
         return False
-    from matplotlib.lines import Line2D
+    Line2D = require('matplotlib.lines', "the report's plots (--no-plots skips them)").Line2D
     xy = np.asarray(traj['tsne'])
     pts = traj['points']
     sources = list(dict.fromkeys(p['source'] for p in pts))
@@ -725,7 +726,7 @@ def _plot_tsne(path: Path, traj: dict) -> bool:
 
 def _write_plots(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     """Every plot that applies; returns {name: file name} of those written."""
-    from matplotlib import rc_context
+    rc_context = require('matplotlib', "the report's plots (--no-plots skips them)").rc_context
 
     per_source, between, traj = report['sources'], report.get('between'), report.get('trajectories')
     written = {}
@@ -935,9 +936,14 @@ def analyze_runs(
     Raises:
         AnalysisError: A source that cannot be read, sources of other datasets or class counts (the message names
             each source's dataset and class count), unreadable or missing snapshots, snapshots of different subsets.
+        MissingExtraError: The analysis extra is not installed (``pip install 'timm-ensembles[analysis]'``).
     """
     if not sources:
         raise AnalysisError('No source given: pass train.py output folders or hf-hub: names.')
+    # before minutes of evaluation: the packages of the analysis extra
+    require('torchmetrics', 'the calibration error of the report')
+    if plots:
+        require('matplotlib', "the report's plots (--no-plots skips them)")
     if labels is not None and len(labels) != len(sources):
         raise AnalysisError(f'{len(labels)} labels for {len(sources)} sources: give one label per source.')
     srcs = [_resolve_source(spec, labels[i] if labels else None) for i, spec in enumerate(sources)]
@@ -1100,7 +1106,7 @@ def main(argv: list[str] | None = None) -> int:
             feature_taps=None if args.feature_taps == 'none' else args.feature_taps,
             include_buffers=args.include_buffers, snapshot_epochs=args.snapshot_epochs,
             allow_missing_snapshots=args.allow_missing_snapshots, seed=args.seed, plots=not args.no_plots)
-    except AnalysisError as e:
+    except (AnalysisError, MissingExtraError) as e:
         raise SystemExit(f'error: {e}') from None
     return 0
 

@@ -30,6 +30,7 @@ from PIL import Image
 from timm.data import ImageDataset, create_dataset, create_transform
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ._extras import require
 from ._tensor_data import FAST_INTERPOLATIONS, BatchAugmentDataset, PreprocessedDataset, batch_collate
 
 __all__ = [
@@ -430,6 +431,8 @@ def _create_timm(
         is_folder: bool = False,
 ):
     prefix = name.partition('/')[0].lower()
+    if prefix in ('hfds', 'hfids'):
+        require('datasets', f'--dataset {name} (a dataset on the Hugging Face Hub, read by timm)')
     if prefix == 'torch':
         if not root:
             raise ValueError(

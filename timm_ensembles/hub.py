@@ -220,9 +220,9 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
             comparison += ('\nThe run\'s prediction (first row) is its designated head, which this export is, with'
                            ' identical outputs; the other rows are the heads of the run it was exported from.\n')
     if args:
-        comparison += ('\nTraining: `accelerate launch train.py --config args.yaml --output <new folder>` with this'
-                       " repo's `args.yaml`, from the timm-ensembles repository (the full flags are in that file;"
-                       ' `metrics.jsonl` holds every epoch).\n')
+        comparison += ("\nTraining, with this repo's `args.yaml` (every flag of the run; `metrics.jsonl` holds every"
+                       ' epoch): `pip install timm-ensembles`, then `accelerate launch -m timm_ensembles.train --config'
+                       ' args.yaml --output <new folder>` (or `timm-ensembles-train --config args.yaml ...`).\n')
 
     card = dict(
         tags=['image-classification', 'timm', 'timm-ensembles'] + ([trained_as.split('_')[0]] if package_model

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._extras import require
 from .losses import feature_difference
 
 __all__ = [
@@ -366,7 +367,8 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bin
     Returns:
         ECE as a fraction in [0, 1].
     """
-    from torchmetrics.functional.classification import multiclass_calibration_error
+    multiclass_calibration_error = require('torchmetrics.functional.classification',
+                                           'expected_calibration_error').multiclass_calibration_error
 
     probs, targets = _check_probs(probs, targets)
     _check_n_bins(n_bins)

@@ -184,15 +184,15 @@ class FDLTask(Task):
     def phase(self) -> str:
         return 'warmup' if self.epoch < self.member_warmup_epochs else 'joint'
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
+    def param_groups(self, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
         """The members' groups, and the ensemble head's own group at ``head_lr`` (its loss has weight 1)."""
         head = self.model.head.fc
         if head is None:
-            return super().param_groups(weight_decay)
+            return super().param_groups(weight_decay, layer_decay)
         head_ids = {id(p) for p in head.parameters()}
         extra = dict(lr=self.head_lr, **({} if self.head_momentum is None else dict(momentum=self.head_momentum)))
         groups = []
-        for g in super().param_groups(weight_decay):
+        for g in super().param_groups(weight_decay, layer_decay):
             members = [p for p in g['params'] if id(p) not in head_ids]
             ours = [p for p in g['params'] if id(p) in head_ids]
             if members:

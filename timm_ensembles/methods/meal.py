@@ -209,8 +209,8 @@ class MEALTask(DistillationTask):
             counts.append(len(getattr(unit, 'feature_info', [])) if hasattr(unit, 'forward_intermediates') else 0)
         return min(counts)
 
-    def param_groups(self, weight_decay: float) -> list[dict]:
-        groups = super().param_groups(weight_decay)
+    def param_groups(self, weight_decay: float, layer_decay: float | None = None) -> list[dict]:
+        groups = super().param_groups(weight_decay, layer_decay)
         if self.discriminators is None:
             return groups
         disc = {id(p) for p in self.discriminators.parameters()}
@@ -224,16 +224,6 @@ class MEALTask(DistillationTask):
                 # timm's schedulers multiply a group's lr by its lr_scale
                 out.append(dict(g, params=ours, lr_scale=self.disc_lr_scale))
         return out
-
-    def create_optimizer(self, opt: str = 'sgd', lr: float = 0.1, weight_decay: float = 0.0, **kwargs):
-        optimizer = super().create_optimizer(opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
-        for group in optimizer.param_groups:
-            if 'lr_scale' in group:
-                # scaled from the first step, with or without a scheduler; a timm scheduler keeps initial_lr as
-                # its base and applies lr_scale itself
-                group['initial_lr'] = group['lr']
-                group['lr'] = group['lr'] * group['lr_scale']
-        return optimizer
 
     def _outputs(self, model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
         """The compared blocks' outputs and the logits."""

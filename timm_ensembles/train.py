@@ -1,0 +1,692 @@
+"""Train a timm model or a timm_ensembles ensemble with its own objective, on CPU, one GPU or many.
+
+    accelerate launch -m timm_ensembles.train      # fdl_resnet18x2 on the embedded digits dataset (offline)
+    accelerate launch -m timm_ensembles.train --model ens_resnet18x2 --dataset fashion-mnist --epochs 10
+    accelerate launch --multi_gpu --num_processes 2 -m timm_ensembles.train ...   # DDP (gloo processes on a CPU)
+    timm-ensembles-train --import my_models --model fdl_my_netx2 ...      # a timm model registered in my_models.py
+
+(in a checkout, ``accelerate launch train.py ...`` runs this module). The model name picks everything
+method-specific: the model's task (its losses, phases and training-only parts) comes from
+``timm_ensembles.create_task(model)``; this module never names a method. Task options are given with
+``--task-kwargs key=value ...``, model options with ``--model-kwargs``; every flag can also come from a YAML file
+(``--config``), flags winning.
+
+The output folder holds the model in timm's Hugging Face format (``config.json`` + ``model.safetensors``, loadable
+with ``timm.create_model('local-dir:<folder>', pretrained=True)`` after ``import timm_ensembles``), ``metrics.jsonl``
+(one line per epoch), ``results.json`` (final-epoch metrics), ``args.yaml``, and ``checkpoint.pt`` (written
+atomically after every epoch) for ``--resume``. With ``--snapshot-subset N``, ``snapshots/`` holds every epoch's
+member logits on N fixed validation samples (and with ``--snapshot-weights`` the member weights), read back with
+``timm_ensembles.read_snapshots``.
+"""
+import argparse
+import ast
+import functools
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from timm.data import resolve_data_config
+from timm.models import get_model_args
+from timm.scheduler import create_scheduler_v2
+
+from . import data as te_data
+from ._checkpoint import (
+    CheckpointError,
+    atomic_write_text,
+    export_folder,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
+from ._engine import (
+    LabelError,
+    NonFiniteLossError,
+    check_input_size,
+    evaluate,
+    format_metrics,
+    sync_buffers,
+    train_one_epoch,
+)
+from ._extras import MissingExtraError
+from ._registry import create_model, create_task
+from ._snapshots import (
+    member_parameters,
+    predict_members,
+    remove_snapshots_from,
+    snapshot_indices,
+    write_snapshot,
+)
+from ._strategies import MEMBER_STRATEGIES
+
+_logger = logging.getLogger(__name__)
+# timm optimizer names that map to torch optimizers with a fused kernel
+_FUSED_OPTS = ('sgd', 'nesterov', 'momentum', 'adam', 'adamw')
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
+                                     formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument('--config', default='', metavar='FILE', help='YAML file of flag defaults (keys as the flags'
+                        ' with underscores, e.g. batch_size: 64); flags given on the command line win')
+    group = parser.add_argument_group('Model')
+    group.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
+                       help='import this Python module first (repeatable), e.g. one that registers your own timm'
+                            ' models with @register_model, so that --model can name them')
+    group.add_argument('--model', default='fdl_resnet18x2',
+                       help='timm or timm_ensembles model name: fdl_<base>x<N>, ens_<base>x<N> for any timm base,'
+                            ' or a plain timm model (default: fdl_resnet18x2)')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=_Kwargs,
+                       help='model arguments, e.g. img_size=32 drop_rate=0.1 combine=mean_probs')
+    group.add_argument('--pretrained', action='store_true', help="load the model's own published weights")
+    group.add_argument('--pretrained-base', action='store_true',
+                       help="initialise every ensemble member from timm's pretrained weights of the base")
+    group.add_argument('--task-kwargs', nargs='*', default={}, action=_Kwargs,
+                       help='options of the model\'s task, e.g. member_warmup_epochs=1 fdl_lr=1e-4 beta=0.5')
+    group.add_argument('--teacher', action=_ReplaceDefaultAppend, default=None, metavar='MODEL',
+                       help='a teacher, for models whose task learns from teachers; repeatable: a timm name (its'
+                            ' pretrained weights), hf-hub:<repo>, local-dir:<folder>, or a folder written by train.py')
+    group.add_argument('--generations', type=int, default=1,
+                       help='train K generations in <output>/gen1..genK, each the teacher of the next (generation 1'
+                            ' learns from --teacher), seed + 1000 k for generation k')
+    group.add_argument('--compile', action='store_true', help='torch.compile the task')
+    group.add_argument('--member-strategy', default=None, choices=MEMBER_STRATEGIES,
+                       help="how an ensemble's members run (loop, vmap, grouped, auto: the fastest of those that"
+                            ' accept the model, timed on the first batch); default: loop on a CPU, auto on a GPU.'
+                            ' Checkpoints and exports are the same whichever runs; other models ignore it')
+    group.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
+                       help='model in channels_last memory format (default: on a GPU only; on a CPU it is slower)')
+    group = parser.add_argument_group('Data')
+    group.add_argument('--dataset', default='digits',
+                       help="'digits' (embedded, offline; default), 'fashion-mnist', 'idx:<folder>', a folder of"
+                            " MNIST-format IDX files, or a timm dataset name (torch/cifar10, hfds/<repo>, a folder)")
+    group.add_argument('--data-dir', default=None, help='root folder for timm dataset names')
+    group.add_argument('--train-split', default='train')
+    group.add_argument('--val-split', default='validation')
+    group.add_argument('--dataset-download', action='store_true', help='let torchvision datasets download')
+    group.add_argument('--train-subset', type=int, default=None, help='train on a fixed subset of N samples')
+    group.add_argument('--val-subset', type=int, default=None, help='evaluate on a fixed subset of N samples')
+    group.add_argument('--holdout', type=int, default=None, metavar='N',
+                       help='validate on N training samples held out (from those --train-subset leaves out, else'
+                            ' removed from training), and evaluate --val-split once at the end as the test set;'
+                            " choices a method leaves to validation (FDL's head or averaged probabilities) are made"
+                            ' on the held-out samples')
+    group.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
+    group.add_argument('--img-size', type=int, default=None,
+                       help='default: the dataset\'s natural size or the model\'s')
+    group.add_argument('--crop-pct', type=float, default=None,
+                       help='evaluation centre-crop fraction (default: 1.0 for small images, else the model\'s)')
+    group.add_argument('--in-chans', type=int, default=None, help='input channels (default 3; 1 for grayscale input)')
+    group.add_argument('--hflip', type=float, default=None, help='horizontal flip probability (default: per dataset)')
+    group.add_argument('--scale', type=float, nargs=2, default=(0.5, 1.0), metavar=('MIN', 'MAX'),
+                       help='random-resized-crop scale range')
+    group.add_argument('--no-aug', action='store_true', help='no training augmentation')
+    group.add_argument('--workers', type=int, default=2, help='data loader processes per training process')
+    group = parser.add_argument_group('Optimisation')
+    group.add_argument('--epochs', type=int, default=8)
+    group.add_argument('--batch-size', type=int, default=64, help='per process')
+    group.add_argument('--grad-accum-steps', type=int, default=1)
+    group.add_argument('--opt', default='sgd', help='timm optimizer name')
+    group.add_argument('--lr', type=float, default=0.05)
+    group.add_argument('--momentum', type=float, default=0.9)
+    group.add_argument('--weight-decay', type=float, default=5e-4)
+    group.add_argument('--layer-decay', type=float, default=None,
+                       help="layer-wise lr decay (timm's): layer k of L trains at lr * layer_decay^(L - k), by the"
+                            " model's group_matcher (every member of an ensemble alike); default: none")
+    group.add_argument('--clip-grad', type=float, default=None)
+    group.add_argument('--sched', default='cosine', help='timm scheduler name (cosine, step, multistep, ...)')
+    group.add_argument('--min-lr', type=float, default=1e-5)
+    group.add_argument('--warmup-epochs', type=int, default=0, help='learning-rate warm-up epochs')
+    group.add_argument('--warmup-lr', type=float, default=1e-5)
+    group.add_argument('--decay-epochs', type=float, default=1, help='step scheduler: epochs between decays')
+    group.add_argument('--decay-rate', type=float, default=0.97, help='step scheduler: decay factor')
+    group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+    group.add_argument('--mixed-precision', default=None, choices=('no', 'fp16', 'bf16'),
+                       help="autocast dtype (default: bf16 on a GPU that supports it, else accelerate's config;"
+                            ' no is fp32)')
+    group.add_argument('--fused-opt', action=argparse.BooleanOptionalAction, default=None,
+                       help="torch's fused optimizer kernel (default: on a GPU, for the optimizers that have one:"
+                            f" {', '.join(_FUSED_OPTS)})")
+    group = parser.add_argument_group('Run')
+    group.add_argument('--cpu', action='store_true', help='run on the CPU even where an accelerator is available')
+    group.add_argument('--seed', type=int, default=0)
+    group.add_argument('--output', default='', help='output folder (default: output/train/<time>-<model>)')
+    group.add_argument('--resume', default='', help='continue the run in this output folder (or checkpoint file)')
+    group.add_argument('--no-progress', action='store_true', help='no progress bar')
+    group = parser.add_argument_group('Analysis')
+    group.add_argument('--snapshot-subset', type=int, default=0, metavar='N',
+                       help='after every epoch, save every member\'s logits on N validation samples to'
+                            ' <output>/snapshots/ (the same N samples whatever --seed, so that runs can be compared;'
+                            ' default 0: no snapshots)')
+    group.add_argument('--snapshot-weights', action='store_true',
+                       help='with --snapshot-subset, also save every member\'s parameters each epoch (models whose'
+                            ' members share layers have none of their own and are refused)')
+    return parser
+
+
+class _Kwargs(argparse.Action):
+    """``key=value`` pairs, values read as Python literals where they are ones (timm's ParseKwargs), else strings; a
+    token without ``=`` is an error that says so."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kwargs = {}
+        for token in values:
+            key, sep, value = token.partition('=')
+            if not sep or not key:
+                parser.error(f"{option_string} {token!r}: options are key=value pairs, e.g. {option_string}"
+                             f" fdl_lr=1e-4 feature_taps=convs")
+            try:
+                kwargs[key] = ast.literal_eval(value)
+            except (ValueError, SyntaxError):
+                kwargs[key] = value
+        setattr(namespace, self.dest, kwargs)
+
+
+class _ReplaceDefaultAppend(argparse.Action):
+    """``append`` whose first use on the command line replaces the default (from ``--config`` or a resumed run's
+    args.yaml) instead of adding to it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not getattr(namespace, f'_{self.dest}_from_cli', False):
+            setattr(namespace, self.dest, [])
+            setattr(namespace, f'_{self.dest}_from_cli', True)
+        getattr(namespace, self.dest).append(values)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags over ``--config`` over, with ``--resume``, the resumed run's own ``args.yaml``."""
+    parser = get_args_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument('--config', default='')
+    pre.add_argument('--resume', default='')
+    known, _ = pre.parse_known_args(argv)
+    sources = []
+    if known.resume:
+        run_dir = Path(known.resume)
+        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        if (run_dir / 'args.yaml').is_file():
+            sources.append((run_dir / 'args.yaml', ('config', 'resume', 'output')))
+    if known.config:
+        if not Path(known.config).is_file():
+            parser.error(f"--config '{known.config}' does not exist")
+        sources.append((Path(known.config), ()))
+    valid = {a.dest for a in parser._actions}
+    for path, skip in sources:
+        try:
+            cfg = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            parser.error(f'{path} is not valid YAML: {" ".join(str(e).split())}')
+        if not isinstance(cfg, dict):
+            parser.error(f'{path} must hold a mapping of flag names to values (e.g. epochs: 10), got'
+                         f' {type(cfg).__name__}')
+        unknown = sorted(set(cfg) - valid)
+        if unknown:
+            parser.error(f"unknown keys in {path}: {unknown}; valid keys are the flags' names: {sorted(valid)}")
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k not in skip})
+    args = parser.parse_args(argv)
+    vars(args).pop('_teacher_from_cli', None)
+    if isinstance(args.teacher, str):  # `teacher: folder` in a YAML file
+        args.teacher = [args.teacher]
+    return args
+
+
+# the flags that change a run's result, compared on --resume (the dataset by its name, recorded beside them; the data
+# folder and the initial weights are left out: data may move between sessions, and the checkpoint replaces the weights)
+IDENTITY_FLAGS = (
+    'model', 'model_kwargs', 'task_kwargs', 'teacher', 'train_split', 'val_split', 'train_subset', 'val_subset',
+    'holdout', 'num_classes', 'img_size', 'crop_pct', 'in_chans', 'hflip', 'scale', 'no_aug', 'epochs', 'batch_size',
+    'grad_accum_steps', 'opt', 'lr', 'momentum', 'weight_decay', 'layer_decay', 'clip_grad', 'sched', 'min_lr',
+    'warmup_epochs', 'warmup_lr', 'decay_epochs', 'decay_rate', 'smoothing', 'mixed_precision', 'seed',
+)
+
+
+def _normalised(value):
+    """A value as YAML reads it back (tuples become lists), so that what is saved and what is compared agree."""
+    return yaml.safe_load(yaml.safe_dump(value))
+
+
+# (flag, test, what is allowed): every flag's range, checked in one place before anything is built or written
+_CHECKS = (
+    ('epochs', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
+    ('batch_size', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
+    ('grad_accum_steps', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
+    ('workers', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
+    ('generations', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
+    ('snapshot_subset', lambda v: _whole(v) and v >= 0, 'a whole number >= 0 (0: no snapshots)'),
+    ('seed', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
+    ('train_subset', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number >= 1 (omit it for all)'),
+    ('val_subset', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number >= 1 (omit it for all)'),
+    ('holdout', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number >= 1'),
+    ('num_classes', lambda v: v is None or (_whole(v) and v >= 1), "a whole number >= 1 (omit it for the dataset's)"),
+    ('img_size', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number of pixels >= 1 (omit it for the'
+                                                              " dataset's or model's)"),
+    ('in_chans', lambda v: v in (None, 1, 3), '1 (gray) or 3 (colour)'),
+    ('crop_pct', lambda v: v is None or (_number(v) and 0 < v <= 1), 'a fraction in (0, 1]'),
+    ('hflip', lambda v: v is None or (_number(v) and 0 <= v <= 1), 'a probability in [0, 1]'),
+    ('scale', lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(x) for x in v)
+     and 0 < v[0] <= v[1] <= 1, 'two area fractions MIN MAX with 0 < MIN <= MAX <= 1'),
+    ('lr', lambda v: _number(v) and v > 0, 'a number > 0'),
+    ('min_lr', lambda v: _number(v) and v >= 0, 'a number >= 0'),
+    ('warmup_lr', lambda v: _number(v) and v >= 0, 'a number >= 0'),
+    ('warmup_epochs', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
+    ('momentum', lambda v: _number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    ('weight_decay', lambda v: _number(v) and v >= 0, 'a number >= 0'),
+    ('layer_decay', lambda v: v is None or (_number(v) and 0 < v <= 1), 'a factor in (0, 1] (omit it for none)'),
+    ('clip_grad', lambda v: v is None or (_number(v) and v > 0), 'a gradient norm > 0 (omit it for no clipping)'),
+    ('smoothing', lambda v: _number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    ('decay_epochs', lambda v: _number(v) and v > 0, 'a number > 0'),
+    ('decay_rate', lambda v: _number(v) and v > 0, 'a number > 0'),
+)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse a flag outside its range (also from a YAML config) with one line naming the flag, the value and what
+    is allowed, before anything is built or written."""
+    for name, ok, allowed in _CHECKS:
+        value = getattr(args, name)
+        if not ok(value):
+            shown = ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value
+            raise SystemExit(f"error: --{name.replace('_', '-')} {shown}: must be {allowed}.")
+    if args.warmup_epochs >= args.epochs:
+        raise SystemExit(f'error: --warmup-epochs {args.warmup_epochs}: must be fewer than --epochs {args.epochs}.')
+    if args.snapshot_weights and not args.snapshot_subset:
+        raise SystemExit('error: --snapshot-weights needs --snapshot-subset N: the weights are saved beside the'
+                         ' snapshot of the predictions')
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    if args.imports and os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
+    for module in args.imports:
+        import_user_module(module)
+    if args.generations > 1:
+        return train_generations(args)
+    return train(args)
+
+
+def import_user_module(module: str) -> None:
+    """Import ``--import MODULE`` (a user's module that registers timm models); a module that cannot be found, or
+    fails while it runs, stops the run with the module named, before anything is written."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name and module != e.name and not module.startswith(f'{e.name}.'):
+            # the user's module was found, and it imports something missing
+            raise SystemExit(f'error: --import {module}: the module imports {e.name!r}, which is not installed'
+                             f' ({e}).') from None
+        raise SystemExit(f"error: --import {module}: no module named {module!r} here. Give a module name importable"
+                         f" from the working directory or PYTHONPATH (a file my_models.py there is 'my_models').")\
+            from None
+    except Exception as e:  # noqa: BLE001  (anything the user's code raises, reported with its place)
+        if isinstance(e, SyntaxError):
+            where = f'{e.filename}, line {e.lineno}'
+        else:
+            frame = traceback.extract_tb(e.__traceback__)[-1]
+            where = f'{frame.filename}, line {frame.lineno}'
+        raise SystemExit(f'error: --import {module} failed while it ran: {type(e).__name__}: {e} ({where}).')\
+            from None
+
+
+def train_generations(args: argparse.Namespace) -> int:
+    """K runs in <output>/gen1..genK: generation k learns from generation k-1 (generation 1 from --teacher), with
+    seed + 1000 k. Finished generations are kept; running the same command again resumes where it stopped."""
+    if not args.teacher:
+        raise SystemExit('error: --generations needs --teacher: the model generation 1 learns from')
+    if not args.output:
+        # every process must find the same folders, and running the command again must find the finished ones
+        raise SystemExit('error: --generations needs --output: the folder of gen1..genK')
+    if args.resume:
+        raise SystemExit('error: to continue a run of generations, run the same command again (without --resume):'
+                         ' finished generations are skipped and an interrupted one resumes')
+    root = Path(args.output)
+    teacher = list(args.teacher)
+    for k in range(1, args.generations + 1):
+        folder = root / f'gen{k}'
+        gen_args = argparse.Namespace(**vars(args))
+        # seeds far apart, so that no generation's epoch reuses another's data order or augmentation
+        seed = args.seed + 1000 * k
+        gen_args.generations, gen_args.output, gen_args.seed, gen_args.teacher = 1, str(folder), seed, teacher
+        if (folder / 'results.json').exists():
+            _logger.info(f'generation {k}: done in {folder}')
+        else:
+            if (folder / 'checkpoint.pt').exists():
+                gen_args.resume = str(folder)
+            _logger.info(f'generation {k} of {args.generations}: teacher {teacher}, seed {gen_args.seed},'
+                         f' output {folder}')
+            # the process group (two processes under DDP) must outlive every generation but the last
+            train(gen_args, end_training=k == args.generations)
+        teacher = [str(folder)]
+    return 0
+
+
+def train(args: argparse.Namespace, end_training: bool = True) -> int:
+    """One training run; ``end_training`` ends Accelerate's state (the process group) after it."""
+    task_kwargs = dict(args.task_kwargs)
+    if args.smoothing:
+        task_kwargs.setdefault('label_smoothing', args.smoothing)
+    if args.teacher:
+        task_kwargs['teachers'] = list(args.teacher)
+
+    resume_state = None
+    if args.resume:
+        try:
+            resume_path = find_checkpoint(args.resume)
+            resume_state = load_checkpoint(resume_path)
+        except CheckpointError as e:
+            raise SystemExit(f'error: {e}') from None
+        args.output = args.output or str(resume_path.parent)
+
+    # data first: the class count and natural image size come from it
+    try:
+        train_ds, val_ds, info = te_data.create_datasets(
+            args.dataset, root=args.data_dir, train_split=args.train_split, val_split=args.val_split,
+            train_subset=args.train_subset, val_subset=args.val_subset, download=args.dataset_download,
+            img_mode='L' if args.in_chans == 1 else 'RGB')
+        snapshot_idx = snapshot_indices(val_ds, args.snapshot_subset) if args.snapshot_subset else None
+        # with --holdout the dataset's validation split becomes the test set, evaluated once at the end
+        test_ds = None
+        if args.holdout is not None:
+            test_ds = val_ds
+            train_ds, val_ds = te_data.split_holdout(train_ds, args.holdout)
+    except (OSError, ValueError, MissingExtraError) as e:
+        raise SystemExit(f'error: {e}') from None
+    num_classes = args.num_classes if args.num_classes is not None else info.num_classes
+    if not num_classes or num_classes < 1:
+        raise SystemExit(f"error: cannot tell the class count of dataset '{args.dataset}'; pass --num-classes")
+    try:
+        for split, ds in (('training', train_ds), ('validation', val_ds), ('test', test_ds)):
+            if ds is not None:
+                te_data.check_labels(ds, num_classes, split)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+
+    # same seed on every process before the model is built, so that every process builds the same model
+    set_seed(args.seed)
+    model_kwargs = dict(args.model_kwargs)
+    model_kwargs.setdefault('num_classes', num_classes)
+    if args.in_chans:
+        model_kwargs.setdefault('in_chans', args.in_chans)
+    if args.pretrained_base:
+        model_kwargs['pretrained_base'] = True
+    try:
+        model = create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+        task = create_task(model, **task_kwargs)
+        if args.snapshot_weights:
+            member_parameters(task.export_model())  # refuses models without weights per member, before training
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        raise SystemExit(f'error: {e}') from None
+
+    img_size = args.img_size if args.img_size is not None else info.default_img_size
+    data_args = dict(crop_pct=1.0) if info.default_img_size else {}
+    if args.crop_pct is not None:
+        data_args['crop_pct'] = args.crop_pct
+    if img_size:
+        data_args['input_size'] = (args.in_chans or 3, img_size, img_size)
+    # one mean / std value per input channel, also in the exported config.json
+    data_config = te_data.match_channels(resolve_data_config(data_args, model=model))
+    try:
+        check_input_size(model, data_config['input_size'], args.model)
+        task.set_data_config(data_config)
+        task.set_label_names(info.class_names)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+
+    # Accelerate only forms a CPU process group (gloo) when told it runs on the CPU; without this, processes
+    # started by `accelerate launch --multi_gpu` on a machine without an accelerator each train alone
+    cpu = args.cpu or not _has_accelerator()
+    if args.mixed_precision is None and not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        args.mixed_precision = 'bf16'
+    ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
+    accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
+                              gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs])
+    is_main = accelerator.is_main_process
+    log = _logger.info if is_main else (lambda *a, **k: None)
+    log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
+        f' mixed precision {accelerator.mixed_precision}')
+
+    hflip = args.hflip if args.hflip is not None else info.default_hflip
+    train_loader, val_loader = te_data.create_loaders(
+        train_ds, val_ds, data_config, batch_size=args.batch_size, workers=args.workers, hflip=hflip,
+        scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed, rank=accelerator.process_index)
+    test_loader = None if test_ds is None else te_data.create_eval_loader(test_ds, data_config, args.batch_size,
+                                                                           args.workers)
+    # reseeded every epoch, so that a resumed run sees the same data order as an uninterrupted one
+    shuffle_generator = train_loader.generator
+    snapshot_loader = None
+    if snapshot_idx is not None:
+        # the evaluation transform (set by the loaders above); its own generator keeps the global RNG untouched
+        snapshot_loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(val_ds if test_ds is None else test_ds, snapshot_idx.tolist()),
+            batch_size=args.batch_size, shuffle=False,
+            num_workers=args.workers, persistent_workers=args.workers > 0, generator=torch.Generator())
+    try:
+        _apply_speed_flags(args, task, accelerator.device, data_config['input_size'], log)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    try:
+        optimizer = task.create_optimizer(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                          layer_decay=args.layer_decay, momentum=args.momentum,
+                                          **(dict(fused=True) if args.fused_opt else {}))
+    except ValueError as e:  # e.g. a task whose terms need an optimizer of another kind
+        raise SystemExit(f'error: {e}') from None
+
+    output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
+    run_identity = _normalised(dict(
+        **{flag: getattr(args, flag) for flag in IDENTITY_FLAGS},
+        model_args=get_model_args(model), dataset=info.name, input_size=list(data_config['input_size'])))
+    if resume_state is not None:
+        # a run saved by an older version records fewer entries: those it has must match
+        saved = _normalised(resume_state.get('run', {}))
+        changed = {k: (saved[k], v) for k, v in run_identity.items() if k in saved and saved[k] != v}
+        if changed:
+            details = '; '.join(f'{k}: {old!r} there, {new!r} here' for k, (old, new) in changed.items())
+            raise SystemExit(
+                f'error: --resume {args.resume} is another run ({details}). A resumed run takes its settings from'
+                f" the run's args.yaml; resume without changing them, or start a new run in another --output folder."
+            )
+        task.load_state_dict(resume_state['task'])
+        optimizer.load_state_dict(resume_state['optimizer'])
+    elif (output / 'checkpoint.pt').exists():
+        raise SystemExit(f"error: '{output}' already holds a run; pass --resume {output} to continue it, or choose"
+                         f" another --output")
+    if is_main:
+        output.mkdir(parents=True, exist_ok=True)
+        # what reproduces the run: never where it was written, where it resumed from, or the config it came from
+        recorded = {k: v for k, v in vars(args).items() if k not in ('output', 'resume', 'config')}
+        atomic_write_text(output / 'args.yaml', yaml.safe_dump(_normalised(recorded), sort_keys=False))
+
+    if args.compile:
+        task = torch.compile(task)
+    task, optimizer, train_loader, val_loader = accelerator.prepare(task, optimizer, train_loader, val_loader)
+    if test_loader is not None:
+        test_loader = accelerator.prepare(test_loader)
+    unwrapped = accelerator.unwrap_model(task)
+    unwrapped = getattr(unwrapped, '_orig_mod', unwrapped)
+    export_model = unwrapped.export_model()
+    # the schedule counts the updates of this process's share of the batches (as prepared)
+    updates_per_epoch = max(math.ceil(len(train_loader) / args.grad_accum_steps), 1)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
+        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
+        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
+    if lr_scheduler is None:
+        raise SystemExit(f"error: unknown --sched '{args.sched}'; use one of timm's: cosine, tanh, step, multistep,"
+                         f' plateau, poly')
+
+    start_epoch, num_updates, val_metrics = 0, 0, {}
+    if resume_state is not None:
+        lr_scheduler.load_state_dict(resume_state['scheduler'])
+        if accelerator.scaler is not None and resume_state.get('scaler'):
+            accelerator.scaler.load_state_dict(resume_state['scaler'])
+        start_epoch, num_updates = resume_state['epoch'], resume_state['num_updates']
+        # building the scheduler reset the learning rate: set it where the interrupted run had it
+        lr_scheduler.step_update(num_updates=num_updates)
+        val_metrics = resume_state.get('val_metrics', {})
+        log(f'resumed from {args.resume} at epoch {start_epoch}')
+
+    metrics_path = output / 'metrics.jsonl'
+    if is_main:
+        _truncate_metrics(metrics_path, start_epoch)
+        remove_snapshots_from(output, start_epoch)
+    for epoch in range(start_epoch, num_epochs):
+        set_seed(args.seed + epoch, device_specific=True)
+        shuffle_generator.manual_seed(args.seed + epoch)
+        unwrapped.on_epoch_start(epoch)
+        start = time.perf_counter()
+        try:
+            train_metrics, num_updates = train_one_epoch(
+                task, train_loader, optimizer, accelerator, epoch, lr_scheduler=lr_scheduler,
+                clip_grad=args.clip_grad, num_updates=num_updates, show_progress=not args.no_progress,
+                num_classes=num_classes if epoch == start_epoch else None)
+        except LabelError as e:  # a dataset that does not expose its labels, checked on its first batch
+            raise SystemExit(f'error: {e}') from None
+        except NonFiniteLossError as e:
+            kept = output / 'checkpoint.pt'
+            where = f"the last good checkpoint is '{kept}'" if kept.exists() else 'no epoch had finished, no checkpoint'
+            raise SystemExit(f'error: {e} Training stopped; {where}.') from None
+        # DDP keeps each process's BatchNorm statistics of its own last batches: evaluate and save one set
+        sync_buffers(export_model, accelerator)
+        try:
+            val_metrics = evaluate(export_model, val_loader, accelerator, num_classes=num_classes)
+        except LabelError as e:
+            raise SystemExit(f'error: {e}') from None
+        if is_main and snapshot_loader is not None:
+            # before the checkpoint: a run killed in between redoes this epoch and rewrites its snapshot
+            logits, targets = predict_members(export_model, snapshot_loader, accelerator)
+            params = member_parameters(export_model) if args.snapshot_weights else None
+            write_snapshot(output, epoch, logits, targets, snapshot_idx, dict(model=args.model, dataset=info.name),
+                           member_params=params)
+        seconds = time.perf_counter() - start
+        lr = optimizer.param_groups[0]['lr']
+        log(format_metrics(epoch, train_metrics, val_metrics, lr, seconds))
+        record = dict(epoch=epoch, lr=lr, seconds=seconds, train=train_metrics, val=val_metrics)
+        state = dict(task=unwrapped, optimizer=optimizer, scheduler=lr_scheduler, scaler=accelerator.scaler,
+                     epoch=epoch + 1, num_updates=num_updates, val_metrics=val_metrics, run=run_identity)
+        _on_main(accelerator, functools.partial(_save_epoch, output, record, state),
+                 f'saving epoch {epoch} to {output}')
+
+    test_metrics, selection = None, None
+    if test_loader is not None:
+        # every process makes the same choice from the same (gathered) validation metrics
+        selection = unwrapped.select_on_validation(val_metrics)
+        if selection:
+            log(selection)
+        test_metrics = evaluate(export_model, test_loader, accelerator, num_classes=num_classes, split='test')
+    if is_main:
+        model_config = dict(label_names=info.class_names) if info.class_names else None
+        # the evaluation preprocessing goes into config.json, so that resolve_data_config(model=reloaded) gives it
+        export_folder(export_model, output, model_config=model_config, data_config=data_config)
+        for name, extra in unwrapped.exports().items():
+            export_folder(extra, output / name, model_config=model_config, data_config=data_config)
+            log(f"saved {type(extra).__name__} '{name}' to {output / name}")
+        results = dict(model=args.model, dataset=info.name, epochs=num_epochs, seed=args.seed,
+                       world_size=accelerator.num_processes, final_epoch=val_metrics)
+        if test_metrics is not None:
+            results.update(holdout=args.holdout, selection=selection, test=test_metrics)
+        atomic_write_text(output / 'results.json', json.dumps(results, indent=2))
+        test = '' if test_metrics is None else f', test acc {test_metrics["acc"]:.2f} (mean-probs' \
+            f' {test_metrics.get("mean_probs_acc", test_metrics["acc"]):.2f})'
+        log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}{test}; saved to {output}')
+    # the next generation of a --generations run reads this run's folder on every process
+    accelerator.wait_for_everyone()
+    if end_training:
+        accelerator.end_training()
+    return 0
+
+
+def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, device: torch.device,
+                       input_size: tuple[int, ...], log) -> None:
+    """Resolve the device-dependent defaults of the flags that change how fast, not what, the run trains (into
+    ``args``, so that args.yaml records them) and apply the member strategy and memory format to the model."""
+    gpu = device.type == 'cuda'
+    model = getattr(task, 'model', task)
+    given = args.member_strategy
+    if args.member_strategy is None:
+        args.member_strategy = 'auto' if gpu else 'loop'
+    if args.channels_last is None:
+        args.channels_last = gpu
+    if args.fused_opt is None:
+        args.fused_opt = gpu and args.opt.lower() in _FUSED_OPTS
+    if hasattr(model, 'set_member_strategy'):
+        # vmap and grouped are checked against the loop when set, here on a probe batch of the run's input size
+        # (from a generator of its own: the global random stream stays the same whatever the strategy); auto
+        # decides on the first batches, on the run's device
+        probe = None
+        if args.member_strategy in ('vmap', 'grouped'):
+            ref = next(model.parameters())
+            probe = torch.randn((2, *input_size), generator=torch.Generator().manual_seed(0), dtype=ref.dtype)
+        model.set_member_strategy(args.member_strategy, example_input=probe)
+    elif given not in (None, 'loop'):
+        log(f'--member-strategy {given}: {type(model).__name__} has no members to run another way; ignored')
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+
+def _save_epoch(output: Path, record: dict, state: dict) -> None:
+    """Append the epoch's metrics and write the checkpoint (the objects' state dicts) atomically."""
+    with open(output / 'metrics.jsonl', 'a') as f:
+        f.write(json.dumps(record) + '\n')
+    states = {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in state.items()}
+    save_checkpoint(states, output)
+
+
+def _on_main(accelerator, fn, what: str) -> None:
+    """Run ``fn`` (file output) on the main process; if it fails there, every process stops at once with the
+    message, instead of the others waiting in the next collective call until its timeout."""
+    error = None
+    if accelerator.is_main_process:
+        try:
+            fn()
+        except Exception as e:  # noqa: BLE001  (reported below, on every process)
+            error = e
+    if accelerator.num_processes > 1:
+        flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
+        if accelerator.reduce(flag, reduction='sum').item() > 0 and error is None:
+            raise SystemExit(f'error: the main process failed {what}; this process stops with it.')
+    if error is not None:
+        raise SystemExit(f'error: {what} failed: {type(error).__name__}: {error}. The last checkpoint written'
+                         f' before it is kept.') from error
+
+
+def _has_accelerator() -> bool:
+    accel = getattr(torch, 'accelerator', None)
+    return accel.is_available() if accel is not None else torch.cuda.is_available()
+
+
+def _truncate_metrics(path: Path, start_epoch: int) -> None:
+    """Drop metric lines of epochs that a resumed run will redo."""
+    if not path.exists():
+        return
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+    keep = []
+    for ln in lines:
+        try:
+            if json.loads(ln).get('epoch', 0) < start_epoch:
+                keep.append(ln)
+        except json.JSONDecodeError:  # a line cut short by the crash being resumed from
+            continue
+    atomic_write_text(path, ''.join(ln + '\n' for ln in keep))
+
+
+if __name__ == '__main__':
+    sys.exit(main())
