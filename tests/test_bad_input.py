@@ -26,6 +26,13 @@ from timm_ensembles import data as te_data
     (['--epochs', '0'], '--epochs 0: must be a whole number >= 1'),
     (['--lr', '-1'], '--lr -1.0: must be a number > 0'),
     (['--layer-decay', '0'], '--layer-decay 0.0: must be a factor in (0, 1] (omit it for none)'),
+    (['--log-interval', '0'], '--log-interval 0: must be a whole number of updates >= 1'),
+    (['--model-ema', '--model-ema-decay', '1'], '--model-ema-decay 1.0: must be a number in [0, 1)'),
+    (['--mixup', '0.2', '--batch-size', '33'], '--batch-size 33: mixup and cutmix pair every image with another'),
+    (['--cutmix-minmax', '0', '2'], '--cutmix-minmax 0.0 2.0: must be two box size ratios MIN MAX'),
+    (['--amp', '--mixed-precision', 'no'], '--amp --amp-dtype float16 and --mixed-precision no disagree'),
+    (['--model', 'test_resnet', '--eval-metric', 'mean_probs_acc'],
+     '--eval-metric mean_probs_acc: test_resnet has no members to average'),
     (['--batch-size', '0'], '--batch-size 0: must be a whole number >= 1'),
     (['--grad-accum-steps', '0'], '--grad-accum-steps 0: must be a whole number >= 1'),
     (['--smoothing', '2'], '--smoothing 2.0: must be a number in [0, 1)'),
@@ -40,6 +47,29 @@ def test_bad_flags_are_one_line_before_anything_is_written(args, message, tmp_pa
     assert proc.returncode != 0
     assert message in proc.stderr, proc.stderr[-1500:]
     assert 'Traceback' not in proc.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize('tracker, package', [('wandb', 'wandb'), ('comet_ml', 'comet-ml'), ('aim', 'aim')])
+def test_a_tracker_that_is_not_installed_is_named_with_its_package(tracker, package, tmp_path):
+    from timm_ensembles import train as trainer
+    if trainer._TRACKER_PACKAGES[tracker][0]():
+        pytest.skip(f'{tracker} is installed here')
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit, match=rf"--log-with {tracker}: the package '{package}' is not installed here;"
+                                         rf" pip install {package}"):
+        trainer.main(['--model', 'test_resnet', '--log-with', 'tensorboard', tracker, '--output', str(out)])
+    assert not out.exists()
+
+
+def test_mixup_is_refused_for_a_task_that_cannot_take_soft_targets(tmp_path, monkeypatch):
+    from timm_ensembles import ClassificationTask
+    from timm_ensembles import train as trainer
+    monkeypatch.setattr(ClassificationTask, 'accepts_soft_targets', False)
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit, match='--mixup/--cutmix give mixed .soft. targets, which ClassificationTask of'
+                                         ' test_resnet cannot learn from'):
+        trainer.main(['--model', 'test_resnet', '--mixup', '0.2', '--output', str(out), *map(str, QUICK)])
     assert not out.exists()
 
 

@@ -195,6 +195,17 @@ def test_disagreement_of_known_member_predictions():
     assert evaluate(_FixedMembers(), [(same, target)], accelerator)['disagreement'] == 0.0
 
 
+def test_top5_of_known_rankings():
+    # six classes; the label's rank among the logits: 1st, 6th, 2nd, 5th -> top-1 25 %, top-5 75 %
+    logits = torch.tensor([[9., 1, 2, 3, 4, 5], [6., 5, 4, 3, 2, 1], [1., 2, 8, 3, 9, 0], [6., 5, 4, 2, 3, 1]])
+    target = torch.tensor([0, 5, 2, 3])
+    metrics = evaluate(nn.Identity(), [(logits[:2], target[:2]), (logits[2:], target[2:])], Accelerator(cpu=True))
+    assert (metrics['acc'], metrics['top5']) == (25.0, 75.0)
+    # fewer than five classes: every label is among the top five
+    three = evaluate(nn.Identity(), [(logits[:, :3], torch.tensor([0, 1, 2, 2]))], Accelerator(cpu=True))
+    assert three['top5'] == 100.0 and three['acc'] == 50.0
+
+
 def test_plain_model_has_no_diversity():
     metrics = evaluate(nn.Linear(4, 3), [(torch.randn(5, 4), torch.tensor([0, 1, 2, 0, 1]))], Accelerator(cpu=True))
     assert 'disagreement' not in metrics and 'feature_distance' not in metrics

@@ -160,6 +160,38 @@ def test_layer_decay_scales_the_model_as_timm_does_and_keeps_the_tasks_own_group
         [g['initial_lr'] * g['lr_scale'] / 2 for g in optimizer.param_groups])
 
 
+@pytest.mark.parametrize('name, task_args', [
+    ('test_resnet', {}), ('ens_test_resnetx2', {}), ('fdl_test_resnetx2', dict(member_warmup_epochs=0)),
+    ('collab_test_resnetx2', {}), ('ban_test_resnet', dict(label_weight=0.5)),
+    ('ban_test_resnet', dict(variant='cwtm')), ('meal_test_resnet', dict(label_weight=0.5)),
+    ('meal_test_resnet', dict(version='v2')),
+])
+def test_one_hot_soft_targets_give_the_loss_of_the_labels(name, task_args):
+    """Mixup's targets are [B, C] probabilities; every task that accepts them computes, for one-hot rows, the loss
+    (and every term) of the class indices, with label smoothing as the task applies it."""
+    model = timm_ensembles.create_model(name, num_classes=4)
+    if name[:3] in ('ban', 'mea'):
+        task_args = dict(task_args, teachers=[timm.create_model('test_resnet', num_classes=4)])
+    task = timm_ensembles.create_task(model, label_smoothing=0.1, **task_args)
+    assert task.accepts_soft_targets
+    task.create_optimizer(opt='sgd', lr=0.1, momentum=0.9)
+    task.on_epoch_start(0)
+    x, y = _batch(6)
+    hard, soft = task(x, y), task(x, F.one_hot(y, 4).float())
+    torch.testing.assert_close(soft['loss'], hard['loss'], rtol=1e-5, atol=1e-6)
+    assert soft['components'].keys() == hard['components'].keys()
+    for k, v in hard['components'].items():
+        torch.testing.assert_close(soft['components'][k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_a_task_says_whether_it_takes_soft_targets():
+    class LabelsOnly(timm_ensembles.Task):
+        def forward(self, x, target):
+            return dict(loss=self.model(x)[torch.arange(len(target)), target].sum(), output=None, components={})
+
+    assert not LabelsOnly(timm.create_model('test_resnet')).accepts_soft_targets  # the base says no
+
+
 def test_loss_is_the_sum_of_its_terms_at_every_learning_rate():
     """The printed loss is what is minimised: member CEs + S - w L_FDL + head CE, with w fixed at the start."""
     task = _fdl()

@@ -1,5 +1,8 @@
 """train.py end to end, in subprocesses as a user runs it: outputs, reload, resume, bad input, two processes."""
+import csv
+import importlib.util
 import json
+import math
 import os
 import shutil
 import signal
@@ -40,13 +43,17 @@ def run_train(*args, launcher=None, check=True, timeout=600):
     return proc
 
 
-def _val_accuracy(folder: Path, val_subset=80) -> float:
+def _val_metrics(folder: Path, val_subset=80) -> dict:
     model = timm.create_model(f'local-dir:{folder}', pretrained=True)
     _, val_ds, _ = te_data.create_datasets('digits', val_subset=val_subset)
     cfg = resolve_data_config(dict(input_size=(3, 32, 32), crop_pct=1.0), model=model)
     train_ds, _, _ = te_data.create_datasets('digits', train_subset=16)
     _, loader = te_data.create_loaders(train_ds, val_ds, cfg, batch_size=32, workers=0)
-    return evaluate(model, loader, Accelerator(cpu=True))['acc']
+    return evaluate(model, loader, Accelerator(cpu=True))
+
+
+def _val_accuracy(folder: Path, val_subset=80) -> float:
+    return _val_metrics(folder, val_subset)['acc']
 
 
 @pytest.fixture(scope='module')
@@ -196,6 +203,147 @@ def test_layer_decay_trains_and_resumes_with_the_scaled_groups(tmp_path):
     # another layer decay is another run
     proc = run_train('--resume', out, '--layer-decay', '0.9', check=False)
     assert proc.returncode != 0 and 'layer_decay: 0.5 there, 0.9 here' in proc.stderr
+
+
+def test_tracking_log_lines_summary_csv_and_the_best_epoch(tmp_path):
+    out = tmp_path / 'tracked'
+    trackers = ['--log-with', 'tensorboard'] if importlib.util.find_spec('tensorboard') else []
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '3', '--log-interval', '2', '--eval-metric', 'loss',
+                     *trackers, '--output', out, *QUICK)
+    # 160 images in batches of 32: 5 updates an epoch, a line at updates 2 and 4 and at the epoch's end
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith('train ') and 'img/s' in ln]
+    assert [ln.split(' | ')[1] for ln in lines] == [f'update {u}' for u in (2, 4, 5, 6, 8, 10, 12, 14, 15)]
+    assert lines[0].startswith('train 0 [2/5]') and lines[2].startswith('train 0 [5/5]')
+
+    records = [json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+    with open(out / 'summary.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r['epoch']) for r in rows] == [0, 1, 2]
+    header = list(rows[0])
+    assert header[0] == 'epoch' and header[-1] == 'lr' and 'train_acc' in header and 'eval_member_acc_1' in header
+    for r, rec in zip(rows, records):
+        assert float(r['eval_loss']) == pytest.approx(rec['val']['loss'])
+        assert float(r['eval_member_acc_1']) == pytest.approx(rec['val']['member_acc'][1])
+        assert float(r['lr']) == pytest.approx(rec['lr'])
+    # FDL's joint-phase terms: blank in its warm-up epoch
+    assert rows[0]['train_fdl'] == '' and float(rows[1]['train_fdl']) == pytest.approx(records[1]['train']['fdl'])
+
+    # best/: the epoch of the lowest validation loss, as a model that reloads to that epoch's validation loss
+    best_epoch = min(records, key=lambda r: r['val']['loss'])['epoch']
+    best = json.loads((out / 'results.json').read_text())['best_epoch']
+    assert best == dict(metric='loss', value=pytest.approx(records[best_epoch]['val']['loss']), epoch=best_epoch)
+    assert _val_metrics(out / 'best')['loss'] == pytest.approx(records[best_epoch]['val']['loss'], abs=1e-5)
+
+    if trackers:  # the tracker got every epoch's validation metrics, at the update count
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(out / 'tracking' / 'timm-ensembles')).Reload()
+        assert [e.step for e in events.Scalars('val/acc')] == [5, 10, 15]
+        assert [e.value for e in events.Scalars('val/loss')] == pytest.approx([r['val']['loss'] for r in records])
+        assert [e.step for e in events.Scalars('train/loss_interval')] == [2, 4, 5, 6, 8, 10, 12, 14, 15]
+
+
+def test_the_best_epoch_is_the_validation_metrics_best_not_the_last(tmp_path, monkeypatch):
+    """Validation losses scripted to 2.0, 1.0, 1.5: best/ holds epoch 1's weights, and the final folder epoch 2's."""
+    from timm_ensembles import train as trainer
+    losses, weights = iter([2.0, 1.0, 1.5]), []
+
+    def scripted(model, *args, **kwargs):
+        metrics = evaluate(model, *args, **kwargs)
+        weights.append({k: v.clone() for k, v in model.state_dict().items()})
+        return dict(metrics, loss=next(losses))
+
+    monkeypatch.setattr(trainer, 'evaluate', scripted)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    out = tmp_path / 'run'
+    trainer.main(['--model', 'test_resnet', '--epochs', '3', '--eval-metric', 'loss', '--output', str(out), *QUICK])
+    assert json.loads((out / 'results.json').read_text())['best_epoch'] == dict(metric='loss', value=1.0, epoch=1)
+    best, final = load_file(out / 'best' / 'model.safetensors'), load_file(out / 'model.safetensors')
+    assert all(torch.equal(best[k], weights[1][k]) for k in best) and len(best) > 0
+    assert all(torch.equal(final[k], weights[2][k]) for k in final)
+    assert not all(torch.equal(best[k], final[k]) for k in best)
+
+
+def test_model_ema_is_evaluated_exported_and_resumed(tmp_path):
+    out = tmp_path / 'ema'
+    run_train('--model', 'ens_test_resnetx2', '--epochs', '2', '--model-ema', '--model-ema-decay', '0.5',
+              '--output', out, *QUICK)
+    results = json.loads((out / 'results.json').read_text())
+    ema_acc = results['ema']['final_epoch']['acc']
+    assert _val_accuracy(out / 'ema') == pytest.approx(ema_acc)  # every member's average, reloaded
+    ema_weights, final = load_file(out / 'ema' / 'model.safetensors'), load_file(out / 'model.safetensors')
+    assert ema_weights.keys() == final.keys() and not all(torch.equal(ema_weights[k], final[k]) for k in final)
+    with open(out / 'summary.csv', newline='') as f:
+        assert float(list(csv.DictReader(f))[-1]['eval_ema_acc']) == pytest.approx(ema_acc)
+    # the average is in the checkpoint: a finished run resumed before its export exports the same average
+    (out / 'results.json').unlink()
+    shutil.rmtree(out / 'ema')
+    run_train('--resume', out)
+    again = load_file(out / 'ema' / 'model.safetensors')
+    assert all(torch.equal(again[k], ema_weights[k]) for k in ema_weights)
+
+
+def test_model_ema_follows_every_update(tmp_path, monkeypatch):
+    """One EMA update per optimizer update (2 epochs of 5 batches, 2 batches an update: 3 an epoch); with decay 0
+    the average is the model itself, exactly."""
+    from timm_ensembles import train as trainer
+    steps = []
+
+    class Recording(trainer.ModelEmaV3):
+        def update(self, model, step=None):
+            steps.append(step)
+            super().update(model, step=step)
+
+    monkeypatch.setattr(trainer, 'ModelEmaV3', Recording)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    out = tmp_path / 'run'
+    trainer.main(['--model', 'test_resnet', '--epochs', '2', '--grad-accum-steps', '2', '--model-ema',
+                  '--model-ema-decay', '0', '--output', str(out), *QUICK])
+    assert steps == [1, 2, 3, 4, 5, 6]
+    ema_weights, final = load_file(out / 'ema' / 'model.safetensors'), load_file(out / 'model.safetensors')
+    assert all(torch.equal(ema_weights[k], final[k]) for k in final)
+
+
+@pytest.mark.parametrize('model', ['test_resnet', 'ens_test_resnetx2', 'fdl_test_resnetx2', 'collab_test_resnetx2',
+                                   'ban_test_resnet', 'meal_test_resnet'])
+def test_timms_recipe_mixup_cutmix_ema_and_layer_decay_for_every_method(model, fdl_run, tmp_path):
+    out = tmp_path / 'run'
+    teacher = ['--teacher', fdl_run[0]] if model[:3] in ('ban', 'mea') else []
+    proc = run_train('--model', model, *teacher, '--epochs', '2', '--mixup', '0.2', '--cutmix', '1.0',
+                     '--mixup-off-epoch', '1', '--smoothing', '0.1', '--model-ema', '--model-ema-decay', '0.9',
+                     '--layer-decay', '0.75', '--output', out, *QUICK)
+    records = [json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert len(records) == 2 and all(math.isfinite(r['train']['loss']) for r in records)
+    results = json.loads((out / 'results.json').read_text())
+    assert _val_accuracy(out / 'ema') == pytest.approx(results['ema']['final_epoch']['acc'])
+    assert 'Traceback' not in proc.stderr
+
+
+def test_mixup_mixes_every_training_batch_until_its_off_epoch(tmp_path, monkeypatch):
+    from timm_ensembles import train as trainer
+    mixed = []
+
+    class Recording(trainer.Mixup):
+        def __call__(self, x, target):
+            x, target = super().__call__(x, target)
+            mixed.append((target.shape, float(target.sum(-1).mean())))
+            return x, target
+
+    monkeypatch.setattr(trainer, 'Mixup', Recording)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    trainer.main(['--model', 'ens_test_resnetx2', '--epochs', '3', '--mixup', '0.2', '--mixup-off-epoch', '2',
+                  '--output', str(tmp_path / 'run'), *QUICK])
+    # 5 batches of 32 in each of epochs 0 and 1, none in epoch 2; soft targets over the 10 classes, rows summing to 1
+    assert len(mixed) == 10 and all(shape == (32, 10) and total == pytest.approx(1.0) for shape, total in mixed)
+
+
+def test_timms_short_flags_and_amp():
+    from timm_ensembles.train import check_args, parse_args
+    args = parse_args(['-b', '16', '-j', '0', '--amp', '--amp-dtype', 'bfloat16'])
+    check_args(args)
+    assert (args.batch_size, args.workers, args.mixed_precision) == (16, 0, 'bf16')
+    args = parse_args(['--amp'])
+    check_args(args)
+    assert args.mixed_precision == 'fp16'  # timm's default amp dtype
 
 
 def test_one_channel_run_exports_one_channel_statistics(tmp_path):
@@ -379,11 +527,7 @@ def test_meal_student_of_an_ensemble_under_two_processes(fdl_run, tmp_path):
 
 
 def test_teacher_flags_replace_the_configs_and_a_yaml_string_is_one_teacher(tmp_path):
-    sys.path.insert(0, str(ROOT))
-    try:
-        import train
-    finally:
-        sys.path.remove(str(ROOT))
+    from timm_ensembles import train
     cfg = tmp_path / 'cfg.yaml'
     cfg.write_text('teacher: /some/folder\n')
     assert train.parse_args(['--config', str(cfg)]).teacher == ['/some/folder']
@@ -505,10 +649,6 @@ def test_bad_snapshot_flags_are_clear_errors(args, message, tmp_path):
     (['--snapshot-subset', '-1'], r'--snapshot-subset -1: must be a whole number >= 0 \(0: no snapshots\)'),
 ])
 def test_snapshot_flags_are_checked_before_anything_is_built(args, message):
-    sys.path.insert(0, str(ROOT))
-    try:
-        import train
-    finally:
-        sys.path.remove(str(ROOT))
+    from timm_ensembles import train
     with pytest.raises(SystemExit, match=message):
         train.main(args)

@@ -4,7 +4,9 @@ They see a task (``task(x, target) -> dict(loss, output, components, stats)``) a
 ``forward_members`` and ``combine`` when it is an ensemble, and ``forward_members_with_features`` when its members
 have features to compare); they never name a method.
 """
+import time
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -73,6 +75,10 @@ def train_one_epoch(
         num_updates: int = 0,
         show_progress: bool = True,
         num_classes: int | None = None,
+        log_interval: int = 0,
+        log: Callable[[dict[str, float]], None] | None = None,
+        on_update: Callable[[int], None] | None = None,
+        mixup_fn: Callable | None = None,
 ) -> tuple[dict[str, float], int]:
     """One epoch of training.
 
@@ -87,6 +93,14 @@ def train_one_epoch(
         num_updates: Optimizer updates done before this epoch.
         show_progress: Show a tqdm bar on the main process.
         num_classes: When given, the first batch's labels are checked against it.
+        log_interval: Every this many updates (and at the epoch's last), ``log`` is called with the update count
+            (``update``), the batch index in the epoch (``batch``, of ``batches``), this process's mean loss over the
+            interval (``loss``), the first group's learning rate (``lr``) and the throughput of all processes
+            (``samples_per_sec``). 0: never.
+        log: The callback of ``log_interval``.
+        on_update: Called with the update count after every optimizer update (e.g. the model EMA's update).
+        mixup_fn: timm's ``Mixup``: mixes each batch and gives the task ``[B, C]`` soft targets (training accuracy
+            is then against the target's largest share).
 
     Returns:
         (mean of the loss, each component and each stat over the epoch; also train accuracy), updates done so far.
@@ -99,9 +113,16 @@ def train_one_epoch(
     overflows = 0  # consecutive fp16 overflow steps, which GradScaler skips and answers with a smaller scale
     bar = tqdm(loader, desc=f'train {epoch}', disable=not (show_progress and accelerator.is_local_main_process),
                leave=False, dynamic_ncols=True)
+    interval_loss, interval_samples, interval_start = 0.0, 0, time.perf_counter()
     for step, (x, target) in enumerate(bar):
         if step == 0:
             check_batch_labels(target, num_classes, 'training')
+        if mixup_fn is not None and mixup_fn.mixup_enabled:
+            if x.shape[0] % 2:
+                # mixing pairs images (timm's Mixup refuses odd batches): only a data set smaller than one batch,
+                # or an odd --batch-size refused before training, gives one
+                x, target = x[:-1], target[:-1]
+            x, target = mixup_fn(x, target)
         with accelerator.accumulate(task):
             out = task(x, target)
             bad = _non_finite_terms(out)
@@ -136,14 +157,27 @@ def train_one_epoch(
             num_updates += 1
             if lr_scheduler is not None:
                 lr_scheduler.step_update(num_updates=num_updates)
+            if on_update is not None:
+                on_update(num_updates)
         n = target.shape[0]
+        if log is not None and log_interval:
+            interval_loss = interval_loss + out['loss'].detach() * n  # a tensor: no device sync but at log steps
+            interval_samples += n
+            last = step + 1 == len(loader)
+            if accelerator.sync_gradients and (num_updates % log_interval == 0 or last):
+                seconds = max(time.perf_counter() - interval_start, 1e-9)
+                log(dict(update=num_updates, batch=step + 1, batches=len(loader),
+                         loss=float(interval_loss) / interval_samples, lr=optimizer.param_groups[0]['lr'],
+                         samples_per_sec=interval_samples * accelerator.num_processes / seconds))
+                interval_loss, interval_samples, interval_start = 0.0, 0, time.perf_counter()
         means.update('loss', out['loss'].detach(), n)
         for name, value in out.get('components', {}).items():
             means.update(name, value, n)
         for name, value in out.get('stats', {}).items():
             means.update(name, value, n)
         if out.get('output') is not None:
-            means.update('train_acc', (out['output'].detach().argmax(-1) == target).float().mean() * 100, n)
+            hard = target.argmax(-1) if target.ndim == 2 else target
+            means.update('train_acc', (out['output'].detach().argmax(-1) == hard).float().mean() * 100, n)
         bar.set_postfix(loss=f"{out['loss'].item():.4f}", refresh=False)
     bar.close()
     # a finite gradient can still overflow a parameter; such weights must never become a checkpoint
@@ -161,7 +195,8 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
     With ``num_classes``, the first batch's labels are checked against it (``split`` names the data in the message).
 
     Returns:
-        ``acc`` and ``loss`` (cross-entropy) of ``model(x)``; for an ensemble also ``member_acc`` (a list),
+        ``acc``, ``top5`` (the label among the five highest logits; among all of them with fewer classes) and
+        ``loss`` (cross-entropy) of ``model(x)``; for an ensemble also ``member_acc`` (a list),
         ``member_acc_mean``, ``mean_probs_acc`` (accuracy of the averaged member probabilities, the deep
         ensemble's rule, whatever the model's own combine rule is), ``disagreement`` (the fraction of samples on
         which two members' argmax differ, averaged over member pairs) and, for models with
@@ -173,6 +208,7 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
     # the stage features come out of the same forward pass as the member logits: no second pass
     with_features = is_ensemble and hasattr(model, 'forward_members_with_features')
     correct = 0
+    top5_correct = 0
     nll = 0.0
     total = 0
     member_correct = None
@@ -215,11 +251,14 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
         else:
             logits, target = accelerator.gather_for_metrics((logits.float(), target))
         correct += int((logits.argmax(-1) == target).sum())
+        top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+        top5_correct += int((top5 == target[:, None]).any(-1).sum())
         nll += float(F.cross_entropy(logits, target, reduction='sum'))
         total += target.shape[0]
     if total == 0:
         raise ValueError('The evaluation set is empty.')
-    metrics: dict[str, Any] = dict(acc=100.0 * correct / total, loss=nll / total, num_samples=total)
+    metrics: dict[str, Any] = dict(acc=100.0 * correct / total, top5=100.0 * top5_correct / total, loss=nll / total,
+                                   num_samples=total)
     if is_ensemble:
         member_acc = [100.0 * float(c) / total for c in member_correct]
         metrics.update(member_acc=member_acc, member_acc_mean=sum(member_acc) / len(member_acc),

@@ -46,8 +46,11 @@ class Task(nn.Module):
     Attributes:
         find_unused_parameters: Whether some trainable parameters can miss a gradient in a step (DDP must be
             told; it costs an extra graph traversal, so tasks that use every parameter every step say False).
+        accepts_soft_targets: Whether ``forward`` also takes ``[B, C]`` class probabilities as ``target`` (mixup and
+            cutmix give those); a task that says False is refused them before training.
     """
     find_unused_parameters: bool = False
+    accepts_soft_targets: bool = False
 
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
         super().__init__()
@@ -62,7 +65,8 @@ class Task(nn.Module):
         self.__dict__['_optimizer'] = None
 
     def cross_entropy(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy with the task's label smoothing, computed in fp32."""
+        """Cross-entropy with the task's label smoothing, computed in fp32; ``target`` is ``[B]`` class indices or
+        ``[B, C]`` probabilities."""
         return F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
 
     def set_data_config(self, data_config: dict[str, Any]) -> None:
@@ -164,6 +168,7 @@ class ClassificationTask(Task):
         model: Any classifier.
         label_smoothing: Label smoothing of the cross-entropy.
     """
+    accepts_soft_targets = True  # every cross-entropy of it takes probabilities (mixup, cutmix)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
         output = self.model(x)

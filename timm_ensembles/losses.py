@@ -105,10 +105,11 @@ def loss_similarity(loss_i: torch.Tensor, loss_j: torch.Tensor) -> torch.Tensor:
 def member_cross_entropy(
         member_logits: torch.Tensor, target: torch.Tensor, label_smoothing: float = 0.0,
 ) -> torch.Tensor:
-    """Per-member batch cross-entropy of ``[B, M, C]`` logits: a ``[M]`` fp32 tensor."""
+    """Per-member batch cross-entropy of ``[B, M, C]`` logits: a ``[M]`` fp32 tensor. ``target``: ``[B]`` class
+    indices or ``[B, C]`` probabilities."""
     b, m, c = member_logits.shape
     per_sample = torch.nn.functional.cross_entropy(
-        member_logits.float().reshape(b * m, c), target.repeat_interleave(m), reduction='none',
+        member_logits.float().reshape(b * m, c), target.repeat_interleave(m, dim=0), reduction='none',
         label_smoothing=label_smoothing,
     )
     return per_sample.view(b, m).mean(0)

@@ -20,8 +20,10 @@ member logits on N fixed validation samples (and with ``--snapshot-weights`` the
 """
 import argparse
 import ast
+import csv
 import functools
 import importlib
+import io
 import json
 import logging
 import math
@@ -34,10 +36,12 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
+from accelerate import utils as accelerate_utils
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from timm.data import resolve_data_config
+from timm.data import Mixup, resolve_data_config
 from timm.models import get_model_args
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 
 from . import data as te_data
 from ._checkpoint import (
@@ -69,6 +73,21 @@ from ._snapshots import (
 from ._strategies import MEMBER_STRATEGIES
 
 _logger = logging.getLogger(__name__)
+# Accelerate's trackers, the check that each is installed, and the package that installs it
+_TRACKER_PACKAGES = {
+    'tensorboard': (accelerate_utils.is_tensorboard_available, 'tensorboard'),
+    'wandb': (accelerate_utils.is_wandb_available, 'wandb'),
+    'trackio': (accelerate_utils.is_trackio_available, 'trackio'),
+    'mlflow': (accelerate_utils.is_mlflow_available, 'mlflow'),
+    'comet_ml': (accelerate_utils.is_comet_ml_available, 'comet-ml'),
+    'aim': (accelerate_utils.is_aim_available, 'aim'),
+    'clearml': (accelerate_utils.is_clearml_available, 'clearml'),
+    'dvclive': (accelerate_utils.is_dvclive_available, 'dvclive'),
+    'swanlab': (accelerate_utils.is_swanlab_available, 'swanlab'),
+}
+TRACKERS = ('all', *_TRACKER_PACKAGES)
+# validation metrics that pick the best epoch (the ensemble ones only for models with members); loss: lower is better
+EVAL_METRICS = ('acc', 'top5', 'loss', 'mean_probs_acc', 'member_acc_mean')
 # timm optimizer names that map to torch optimizers with a fused kernel
 _FUSED_OPTS = ('sgd', 'nesterov', 'momentum', 'adam', 'adamw')
 
@@ -130,10 +149,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--scale', type=float, nargs=2, default=(0.5, 1.0), metavar=('MIN', 'MAX'),
                        help='random-resized-crop scale range')
     group.add_argument('--no-aug', action='store_true', help='no training augmentation')
-    group.add_argument('--workers', type=int, default=2, help='data loader processes per training process')
+    group.add_argument('--mixup', type=float, default=0.0,
+                       help="timm's mixup alpha (on when > 0): the tasks learn from mixed images' soft targets")
+    group.add_argument('--cutmix', type=float, default=0.0, help="timm's cutmix alpha (on when > 0)")
+    group.add_argument('--cutmix-minmax', type=float, nargs=2, default=None, metavar=('MIN', 'MAX'),
+                       help='cutmix box size ratio range (overrides --cutmix alpha)')
+    group.add_argument('--mixup-prob', type=float, default=1.0, help='probability of mixing a batch')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                       help='probability of cutmix instead of mixup when both are on')
+    group.add_argument('--mixup-mode', default='batch', choices=('batch', 'pair', 'elem'),
+                       help='mix parameters per batch, per pair or per element')
+    group.add_argument('--mixup-off-epoch', type=int, default=0, help='stop mixing from this epoch (0: never)')
+    group.add_argument('-j', '--workers', type=int, default=2, help='data loader processes per training process')
     group = parser.add_argument_group('Optimisation')
     group.add_argument('--epochs', type=int, default=8)
-    group.add_argument('--batch-size', type=int, default=64, help='per process')
+    group.add_argument('-b', '--batch-size', type=int, default=64, help='per process')
     group.add_argument('--grad-accum-steps', type=int, default=1)
     group.add_argument('--opt', default='sgd', help='timm optimizer name')
     group.add_argument('--lr', type=float, default=0.05)
@@ -150,18 +180,38 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--decay-epochs', type=float, default=1, help='step scheduler: epochs between decays')
     group.add_argument('--decay-rate', type=float, default=0.97, help='step scheduler: decay factor')
     group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
+    group.add_argument('--amp', action='store_true', help="timm's flag: autocast in --amp-dtype (--mixed-precision"
+                       ' says the same in Accelerate\'s words)')
+    group.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='with --amp')
     group.add_argument('--mixed-precision', default=None, choices=('no', 'fp16', 'bf16'),
                        help="autocast dtype (default: bf16 on a GPU that supports it, else accelerate's config;"
                             ' no is fp32)')
     group.add_argument('--fused-opt', action=argparse.BooleanOptionalAction, default=None,
                        help="torch's fused optimizer kernel (default: on a GPU, for the optimizers that have one:"
                             f" {', '.join(_FUSED_OPTS)})")
+    group = parser.add_argument_group('Model EMA')
+    group.add_argument('--model-ema', action='store_true',
+                       help="keep timm's ModelEmaV3 of the model (of every member of an ensemble), evaluate it every"
+                            ' epoch and export it to <output>/ema')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998, help='its decay per update (timm: 0.9998)')
+    group.add_argument('--model-ema-warmup', action='store_true',
+                       help="timm's decay warm-up (short runs: the average follows the model at first)")
     group = parser.add_argument_group('Run')
     group.add_argument('--cpu', action='store_true', help='run on the CPU even where an accelerator is available')
     group.add_argument('--seed', type=int, default=0)
     group.add_argument('--output', default='', help='output folder (default: output/train/<time>-<model>)')
     group.add_argument('--resume', default='', help='continue the run in this output folder (or checkpoint file)')
     group.add_argument('--no-progress', action='store_true', help='no progress bar')
+    group.add_argument('--log-interval', type=int, default=50, metavar='N',
+                       help='a log line (loss, learning rate, throughput) every N updates, as timm (default 50)')
+    group.add_argument('--log-with', nargs='+', default=None, choices=TRACKERS, metavar='TRACKER',
+                       help=f"experiment trackers, through Accelerate ({', '.join(TRACKERS)}; all: every one"
+                            ' installed); each gets every log line and epoch, with the run\'s flags as its config.'
+                            ' Local ones write into <output>/tracking (tensorboard --logdir <output>/tracking)')
+    group.add_argument('--eval-metric', default='acc', choices=EVAL_METRICS,
+                       help='the validation metric that picks <output>/best, the best epoch\'s model beside the final'
+                            ' one (acc, top5, mean_probs_acc, member_acc_mean: higher is better; loss: lower).'
+                            ' Validation is the held-out data with --holdout, else the dataset\'s evaluation split')
     group = parser.add_argument_group('Analysis')
     group.add_argument('--snapshot-subset', type=int, default=0, metavar='N',
                        help='after every epoch, save every member\'s logits on N validation samples to'
@@ -243,9 +293,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 # folder and the initial weights are left out: data may move between sessions, and the checkpoint replaces the weights)
 IDENTITY_FLAGS = (
     'model', 'model_kwargs', 'task_kwargs', 'teacher', 'train_split', 'val_split', 'train_subset', 'val_subset',
-    'holdout', 'num_classes', 'img_size', 'crop_pct', 'in_chans', 'hflip', 'scale', 'no_aug', 'epochs', 'batch_size',
+    'holdout', 'num_classes', 'img_size', 'crop_pct', 'in_chans', 'hflip', 'scale', 'no_aug', 'mixup', 'cutmix',
+    'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'mixup_off_epoch', 'epochs', 'batch_size',
     'grad_accum_steps', 'opt', 'lr', 'momentum', 'weight_decay', 'layer_decay', 'clip_grad', 'sched', 'min_lr',
-    'warmup_epochs', 'warmup_lr', 'decay_epochs', 'decay_rate', 'smoothing', 'mixed_precision', 'seed',
+    'warmup_epochs', 'warmup_lr', 'decay_epochs', 'decay_rate', 'smoothing', 'mixed_precision', 'seed', 'model_ema',
+    'model_ema_decay', 'model_ema_warmup',
 )
 
 
@@ -261,6 +313,8 @@ _CHECKS = (
     ('grad_accum_steps', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
     ('workers', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
     ('generations', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
+    ('log_interval', lambda v: _whole(v) and v >= 1, 'a whole number of updates >= 1'),
+    ('model_ema_decay', lambda v: _number(v) and 0 <= v < 1, 'a number in [0, 1)'),
     ('snapshot_subset', lambda v: _whole(v) and v >= 0, 'a whole number >= 0 (0: no snapshots)'),
     ('seed', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
     ('train_subset', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number >= 1 (omit it for all)'),
@@ -283,9 +337,21 @@ _CHECKS = (
     ('layer_decay', lambda v: v is None or (_number(v) and 0 < v <= 1), 'a factor in (0, 1] (omit it for none)'),
     ('clip_grad', lambda v: v is None or (_number(v) and v > 0), 'a gradient norm > 0 (omit it for no clipping)'),
     ('smoothing', lambda v: _number(v) and 0 <= v < 1, 'a number in [0, 1)'),
+    ('mixup', lambda v: _number(v) and v >= 0, 'an alpha >= 0 (0: off)'),
+    ('cutmix', lambda v: _number(v) and v >= 0, 'an alpha >= 0 (0: off)'),
+    ('cutmix_minmax', lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2
+                                              and all(_number(x) for x in v) and 0 < v[0] <= v[1] <= 1),
+     'two box size ratios MIN MAX with 0 < MIN <= MAX <= 1'),
+    ('mixup_prob', lambda v: _number(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('mixup_switch_prob', lambda v: _number(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('mixup_off_epoch', lambda v: _whole(v) and v >= 0, 'a whole number >= 0 (0: never)'),
     ('decay_epochs', lambda v: _number(v) and v > 0, 'a number > 0'),
     ('decay_rate', lambda v: _number(v) and v > 0, 'a number > 0'),
 )
+
+
+def _mixing(args: argparse.Namespace) -> bool:
+    return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
 
 
 def _whole(v) -> bool:
@@ -298,7 +364,13 @@ def _number(v) -> bool:
 
 def check_args(args: argparse.Namespace) -> None:
     """Refuse a flag outside its range (also from a YAML config) with one line naming the flag, the value and what
-    is allowed, before anything is built or written."""
+    is allowed, before anything is built or written; timm's ``--amp`` becomes ``--mixed-precision``."""
+    if args.amp:
+        amp = dict(float16='fp16', bfloat16='bf16')[args.amp_dtype]
+        if args.mixed_precision not in (None, amp):
+            raise SystemExit(f'error: --amp --amp-dtype {args.amp_dtype} and --mixed-precision {args.mixed_precision}'
+                             f' disagree: give one of them.')
+        args.mixed_precision, args.amp = amp, False  # recorded once, as --mixed-precision
     for name, ok, allowed in _CHECKS:
         value = getattr(args, name)
         if not ok(value):
@@ -306,6 +378,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: --{name.replace('_', '-')} {shown}: must be {allowed}.")
     if args.warmup_epochs >= args.epochs:
         raise SystemExit(f'error: --warmup-epochs {args.warmup_epochs}: must be fewer than --epochs {args.epochs}.')
+    for name in args.log_with or ():
+        if name != 'all' and not _TRACKER_PACKAGES[name][0]():
+            raise SystemExit(f"error: --log-with {name}: the package '{_TRACKER_PACKAGES[name][1]}' is not installed"
+                             f' here; pip install {_TRACKER_PACKAGES[name][1]}, or leave {name} out.')
+    if _mixing(args) and args.batch_size % 2:
+        raise SystemExit(f'error: --batch-size {args.batch_size}: mixup and cutmix pair every image with another one;'
+                         f' use an even batch size.')
     if args.snapshot_weights and not args.snapshot_subset:
         raise SystemExit('error: --snapshot-weights needs --snapshot-subset N: the weights are saved beside the'
                          ' snapshot of the predictions')
@@ -382,7 +461,7 @@ def train_generations(args: argparse.Namespace) -> int:
 def train(args: argparse.Namespace, end_training: bool = True) -> int:
     """One training run; ``end_training`` ends Accelerate's state (the process group) after it."""
     task_kwargs = dict(args.task_kwargs)
-    if args.smoothing:
+    if args.smoothing and not _mixing(args):  # with mixup, timm's Mixup smooths the targets it mixes
         task_kwargs.setdefault('label_smoothing', args.smoothing)
     if args.teacher:
         task_kwargs['teachers'] = list(args.teacher)
@@ -435,6 +514,19 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             member_parameters(task.export_model())  # refuses models without weights per member, before training
     except (ValueError, TypeError, RuntimeError, OSError) as e:
         raise SystemExit(f'error: {e}') from None
+    mixup_fn = None
+    if _mixing(args):
+        if not getattr(task, 'accepts_soft_targets', False):
+            raise SystemExit(f'error: --mixup/--cutmix give mixed (soft) targets, which {type(task).__name__} of'
+                             f' {args.model} cannot learn from; train it without them.')
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+    exported = task.export_model()
+    if args.eval_metric in ('mean_probs_acc', 'member_acc_mean') and not (
+            hasattr(exported, 'forward_members') and hasattr(exported, 'combine')):
+        raise SystemExit(f'error: --eval-metric {args.eval_metric}: {args.model} has no members to average (it'
+                         f' exports {type(exported).__name__}); use acc, top5 or loss.')
 
     img_size = args.img_size if args.img_size is not None else info.default_img_size
     data_args = dict(crop_pct=1.0) if info.default_img_size else {}
@@ -457,8 +549,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     if args.mixed_precision is None and not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         args.mixed_precision = 'bf16'
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
+    output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
     accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
-                              gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs])
+                              gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs],
+                              log_with=args.log_with, project_dir=output / 'tracking' if args.log_with else None)
     is_main = accelerator.is_main_process
     log = _logger.info if is_main else (lambda *a, **k: None)
     log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
@@ -490,7 +584,6 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     except ValueError as e:  # e.g. a task whose terms need an optimizer of another kind
         raise SystemExit(f'error: {e}') from None
 
-    output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
     run_identity = _normalised(dict(
         **{flag: getattr(args, flag) for flag in IDENTITY_FLAGS},
         model_args=get_model_args(model), dataset=info.name, input_size=list(data_config['input_size'])))
@@ -509,11 +602,15 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     elif (output / 'checkpoint.pt').exists():
         raise SystemExit(f"error: '{output}' already holds a run; pass --resume {output} to continue it, or choose"
                          f" another --output")
+    # what reproduces the run: never where it was written, where it resumed from, or the config it came from
+    recorded = _normalised({k: v for k, v in vars(args).items() if k not in ('output', 'resume', 'config')})
     if is_main:
         output.mkdir(parents=True, exist_ok=True)
-        # what reproduces the run: never where it was written, where it resumed from, or the config it came from
-        recorded = {k: v for k, v in vars(args).items() if k not in ('output', 'resume', 'config')}
-        atomic_write_text(output / 'args.yaml', yaml.safe_dump(_normalised(recorded), sort_keys=False))
+        atomic_write_text(output / 'args.yaml', yaml.safe_dump(recorded, sort_keys=False))
+    if args.log_with:
+        # the run's flags as the trackers' config (scalars only: what every tracker takes)
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in recorded.items()}
+        accelerator.init_trackers('timm-ensembles', config=config, init_kwargs={'wandb': {'name': output.name}})
 
     if args.compile:
         task = torch.compile(task)
@@ -523,6 +620,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     unwrapped = accelerator.unwrap_model(task)
     unwrapped = getattr(unwrapped, '_orig_mod', unwrapped)
     export_model = unwrapped.export_model()
+    # the average of the exported model's weights (an ensemble's: every member's), on its device; each process keeps
+    # the same one (the weights are the same after every all-reduced update)
+    ema = ModelEmaV3(export_model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
+        if args.model_ema else None
     # the schedule counts the updates of this process's share of the batches (as prepared)
     updates_per_epoch = max(math.ceil(len(train_loader) / args.grad_accum_steps), 1)
     lr_scheduler, num_epochs = create_scheduler_v2(
@@ -533,7 +634,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         raise SystemExit(f"error: unknown --sched '{args.sched}'; use one of timm's: cosine, tanh, step, multistep,"
                          f' plateau, poly')
 
-    start_epoch, num_updates, val_metrics = 0, 0, {}
+    start_epoch, num_updates, val_metrics, best, ema_metrics = 0, 0, {}, None, None
     if resume_state is not None:
         lr_scheduler.load_state_dict(resume_state['scheduler'])
         if accelerator.scaler is not None and resume_state.get('scaler'):
@@ -542,9 +643,24 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         # building the scheduler reset the learning rate: set it where the interrupted run had it
         lr_scheduler.step_update(num_updates=num_updates)
         val_metrics = resume_state.get('val_metrics', {})
+        best = resume_state.get('best')
+        if ema is not None:
+            ema.load_state_dict(resume_state['ema'])
+            ema_metrics = resume_state.get('ema_val_metrics')
         log(f'resumed from {args.resume} at epoch {start_epoch}')
 
     metrics_path = output / 'metrics.jsonl'
+    model_config = dict(label_names=info.class_names) if info.class_names else None
+
+    def update_ema(num_updates: int) -> None:
+        ema.update(export_model, step=num_updates)
+
+    def log_progress(values: dict) -> None:
+        log(f"train {epoch} [{values['batch']}/{values['batches']}] | update {values['update']} | loss"
+            f" {values['loss']:.4g} | lr {values['lr']:.3g} | {values['samples_per_sec']:.0f} img/s")
+        accelerator.log({'train/loss_interval': values['loss'], 'train/lr': values['lr'],
+                         'train/samples_per_sec': values['samples_per_sec']}, step=values['update'])
+
     if is_main:
         _truncate_metrics(metrics_path, start_epoch)
         remove_snapshots_from(output, start_epoch)
@@ -552,12 +668,15 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         set_seed(args.seed + epoch, device_specific=True)
         shuffle_generator.manual_seed(args.seed + epoch)
         unwrapped.on_epoch_start(epoch)
+        if mixup_fn is not None:
+            mixup_fn.mixup_enabled = not (args.mixup_off_epoch and epoch >= args.mixup_off_epoch)
         start = time.perf_counter()
         try:
             train_metrics, num_updates = train_one_epoch(
                 task, train_loader, optimizer, accelerator, epoch, lr_scheduler=lr_scheduler,
                 clip_grad=args.clip_grad, num_updates=num_updates, show_progress=not args.no_progress,
-                num_classes=num_classes if epoch == start_epoch else None)
+                num_classes=num_classes if epoch == start_epoch else None, log_interval=args.log_interval,
+                log=log_progress, on_update=None if ema is None else update_ema, mixup_fn=mixup_fn)
         except LabelError as e:  # a dataset that does not expose its labels, checked on its first batch
             raise SystemExit(f'error: {e}') from None
         except NonFiniteLossError as e:
@@ -570,6 +689,9 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             val_metrics = evaluate(export_model, val_loader, accelerator, num_classes=num_classes)
         except LabelError as e:
             raise SystemExit(f'error: {e}') from None
+        if ema is not None:
+            sync_buffers(ema.module, accelerator)
+            ema_metrics = evaluate(ema.module, val_loader, accelerator)
         if is_main and snapshot_loader is not None:
             # before the checkpoint: a run killed in between redoes this epoch and rewrites its snapshot
             logits, targets = predict_members(export_model, snapshot_loader, accelerator)
@@ -578,11 +700,23 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                            member_params=params)
         seconds = time.perf_counter() - start
         lr = optimizer.param_groups[0]['lr']
-        log(format_metrics(epoch, train_metrics, val_metrics, lr, seconds))
+        log(format_metrics(epoch, train_metrics, val_metrics, lr, seconds)
+            + ('' if ema is None else f" | ema acc {ema_metrics['acc']:.2f}"))
         record = dict(epoch=epoch, lr=lr, seconds=seconds, train=train_metrics, val=val_metrics)
+        if ema is not None:
+            record['val_ema'] = ema_metrics
+        accelerator.log(_flat({k: v for k, v in record.items() if k != 'seconds'}), step=num_updates)
+        value = val_metrics[args.eval_metric]
+        improved = best is None or (value < best['value'] if args.eval_metric == 'loss' else value > best['value'])
+        if improved:
+            best = dict(metric=args.eval_metric, value=value, epoch=epoch)
         state = dict(task=unwrapped, optimizer=optimizer, scheduler=lr_scheduler, scaler=accelerator.scaler,
-                     epoch=epoch + 1, num_updates=num_updates, val_metrics=val_metrics, run=run_identity)
-        _on_main(accelerator, functools.partial(_save_epoch, output, record, state),
+                     epoch=epoch + 1, num_updates=num_updates, val_metrics=val_metrics, run=run_identity, best=best,
+                     **({} if ema is None else dict(ema=ema, ema_val_metrics=ema_metrics)))
+        # the best epoch's model before the checkpoint: a run killed in between redoes the epoch and its export
+        best_export = functools.partial(export_folder, export_model, output / 'best', model_config=model_config,
+                                        data_config=data_config) if improved else None
+        _on_main(accelerator, functools.partial(_save_epoch, output, record, state, best_export),
                  f'saving epoch {epoch} to {output}')
 
     test_metrics, selection = None, None
@@ -592,17 +726,26 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         if selection:
             log(selection)
         test_metrics = evaluate(export_model, test_loader, accelerator, num_classes=num_classes, split='test')
+        ema_test_metrics = None if ema is None else evaluate(ema.module, test_loader, accelerator, split='test')
     if is_main:
-        model_config = dict(label_names=info.class_names) if info.class_names else None
         # the evaluation preprocessing goes into config.json, so that resolve_data_config(model=reloaded) gives it
         export_folder(export_model, output, model_config=model_config, data_config=data_config)
         for name, extra in unwrapped.exports().items():
             export_folder(extra, output / name, model_config=model_config, data_config=data_config)
             log(f"saved {type(extra).__name__} '{name}' to {output / name}")
+        if ema is not None:
+            export_folder(ema.module, output / 'ema', model_config=model_config, data_config=data_config)
+            log(f"saved the model's EMA to {output / 'ema'}")
         results = dict(model=args.model, dataset=info.name, epochs=num_epochs, seed=args.seed,
                        world_size=accelerator.num_processes, final_epoch=val_metrics)
+        if best is not None:
+            results.update(best_epoch=best)
         if test_metrics is not None:
             results.update(holdout=args.holdout, selection=selection, test=test_metrics)
+        if ema is not None:
+            results['ema'] = dict(final_epoch=ema_metrics)
+            if test_loader is not None:
+                results['ema']['test'] = ema_test_metrics
         atomic_write_text(output / 'results.json', json.dumps(results, indent=2))
         test = '' if test_metrics is None else f', test acc {test_metrics["acc"]:.2f} (mean-probs' \
             f' {test_metrics.get("mean_probs_acc", test_metrics["acc"]):.2f})'
@@ -610,7 +753,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     # the next generation of a --generations run reads this run's folder on every process
     accelerator.wait_for_everyone()
     if end_training:
-        accelerator.end_training()
+        accelerator.end_training()  # also finishes the trackers
+    else:
+        for tracker in accelerator.trackers:  # the next generation starts its own
+            tracker.finish()
     return 0
 
 
@@ -642,10 +788,14 @@ def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, device: 
         model.to(memory_format=torch.channels_last)
 
 
-def _save_epoch(output: Path, record: dict, state: dict) -> None:
-    """Append the epoch's metrics and write the checkpoint (the objects' state dicts) atomically."""
+def _save_epoch(output: Path, record: dict, state: dict, best_export=None) -> None:
+    """Append the epoch's metrics (``metrics.jsonl``, and ``summary.csv`` from it), export the best epoch's model
+    when this one is (``best_export``), and write the checkpoint (the objects' state dicts) atomically."""
     with open(output / 'metrics.jsonl', 'a') as f:
         f.write(json.dumps(record) + '\n')
+    write_summary(output)
+    if best_export is not None:
+        best_export()
     states = {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in state.items()}
     save_checkpoint(states, output)
 
@@ -666,6 +816,40 @@ def _on_main(accelerator, fn, what: str) -> None:
     if error is not None:
         raise SystemExit(f'error: {what} failed: {type(error).__name__}: {error}. The last checkpoint written'
                          f' before it is kept.') from error
+
+
+def _flat(metrics: dict, prefix: str = '') -> dict[str, float]:
+    """Nested metrics as one level of scalars, ``train/ce``, ``val/member_acc_1`` (what trackers and CSV take)."""
+    flat = {}
+    for key, value in metrics.items():
+        name = f'{prefix}{key}'
+        if isinstance(value, dict):
+            flat.update(_flat(value, f'{name}/'))
+        elif isinstance(value, (list, tuple)):
+            flat.update({f'{name}_{i}': v for i, v in enumerate(value)})
+        elif value is not None:
+            flat[name] = value
+    return flat
+
+
+def write_summary(output: Path) -> None:
+    """``summary.csv`` as timm's ``update_summary`` names its columns (``epoch``, ``train_<m>``, ``eval_<m>``,
+    ``lr``), rewritten from ``metrics.jsonl``: columns that only some epochs have (FDL's joint-phase terms) are
+    blank in the others, where timm's appending writer would fail, and a resumed run's redone epochs appear once."""
+    rows = []
+    for line in (output / 'metrics.jsonl').read_text().splitlines():
+        if line.strip():
+            r = json.loads(line)
+            flat = _flat(dict(train=r['train'], eval=r['val'], eval_ema=r.get('val_ema')))
+            # train/train_acc is train_acc, not train_train_acc
+            names = {k: k.split('/', 1)[1] if k.startswith('train/train_') else k.replace('/', '_', 1) for k in flat}
+            rows.append({'epoch': r['epoch'], **{names[k]: v for k, v in flat.items()}, 'lr': r['lr']})
+    columns = [*dict.fromkeys(k for row in rows for k in row if k != 'lr'), 'lr']
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(output / 'summary.csv', buffer.getvalue())
 
 
 def _has_accelerator() -> bool:

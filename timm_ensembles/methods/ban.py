@@ -77,6 +77,7 @@ class BornAgainTask(DistillationTask):
             1: BAN+L). Ignored by 'cwtm', which is a weighted labels' cross-entropy.
         label_smoothing: Label smoothing of the labels' cross-entropy.
     """
+    accepts_soft_targets = True  # every cross-entropy of it takes probabilities (mixup, cutmix)
 
     def __init__(self, model: BornAgainStudent, teachers: Sequence[str | nn.Module] | str | None = None,
                  variant: str = 'ban', temperature: float = 1.0, label_weight: float = 0.0,

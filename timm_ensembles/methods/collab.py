@@ -399,6 +399,7 @@ class CollaborativeTask(Task):
             paper's backpropagation rescaling); False for the ablation.
         label_smoothing: Label smoothing of the cross-entropy.
     """
+    accepts_soft_targets = True  # every cross-entropy of it takes probabilities (mixup, cutmix)
 
     def __init__(self, model: CollaborativeNet, beta: float = 0.5, temperature: float = 2.0,
                  backward_rescale: bool = True, label_smoothing: float = 0.0):

@@ -36,6 +36,7 @@ class DeepEnsembleTask(Task):
         model: A ``DeepEnsemble`` (or any ``EnsembleModel``).
         label_smoothing: Label smoothing of every cross-entropy.
     """
+    accepts_soft_targets = True  # every cross-entropy of it takes probabilities (mixup, cutmix)
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
         logits = self.model.forward_members(x)

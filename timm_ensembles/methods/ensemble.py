@@ -185,6 +185,7 @@ class ModelEnsembleTask(Task):
         train_members: Fine-tune the members too.
         label_smoothing: Label smoothing of the cross-entropies.
     """
+    accepts_soft_targets = True  # every cross-entropy of it takes probabilities (mixup, cutmix)
 
     def __init__(self, model: ModelEnsemble, train_members: bool = False, label_smoothing: float = 0.0):
         super().__init__(model, label_smoothing=label_smoothing)

@@ -109,6 +109,7 @@ class FDLTask(Task):
             mode, as the reference; one more forward pass per step).
         label_smoothing: Label smoothing of the cross-entropies.
     """
+    accepts_soft_targets = True  # every cross-entropy of it takes probabilities (mixup, cutmix)
 
     def __init__(
             self,

@@ -131,6 +131,7 @@ class MEALTask(DistillationTask):
         label_weight: Weight of the labels' cross-entropy (0, as both references).
         label_smoothing: Label smoothing of that cross-entropy.
     """
+    accepts_soft_targets = True  # every cross-entropy of it takes probabilities (mixup, cutmix)
 
     def __init__(self, model: MEALStudent, teachers: Sequence[str | nn.Module] | str | None = None,
                  version: str = 'v1', num_blocks: int | None = None, distance: str = 'ce',
