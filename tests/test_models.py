@@ -278,6 +278,28 @@ def test_layer_decay_decays_every_member_by_its_own_depth(name, prefixes):
     assert len({s for (b, _), s in scale_of.items() if not b}) == len({s for (b, _), s in scale_of.items() if b})
 
 
+@pytest.mark.parametrize('name, prefixes', [
+    ('ens_te_plain_netx2', ('members.0.', 'members.1.')), ('fdl_te_plain_netx2', ('members.0.', 'members.1.')),
+    ('ban_te_plain_net', ('student.',)),
+])
+def test_layer_decay_of_a_users_model_without_group_matcher_is_timms_own(name, prefixes):
+    """A user's net without group_matcher: timm groups it itself (auto_group_layers); in an ensemble or a student
+    every member gets that grouping, and an ensemble's head goes with the classifiers."""
+    from timm.optim import create_optimizer_v2
+    base = timm.create_model('te_plain_net', num_classes=4)
+    model = timm_ensembles.create_model(name, num_classes=4, in_chans=1)
+    scale_of = {}
+    for m in (base, model):
+        names = {id(p): n for n, p in m.named_parameters()}
+        for group in create_optimizer_v2(m, 'sgd', lr=0.1, layer_decay=0.5).param_groups:
+            scale_of.update({(m is base, names[id(p)]): group['lr_scale'] for p in group['params']})
+    assert scale_of[(True, 'conv.weight')] == 0.5 and scale_of[(True, 'fc.weight')] == 1.0  # timm's own
+    for (is_base, n), scale in scale_of.items():
+        if not is_base:
+            own = next((n[len(p):] for p in prefixes if n.startswith(p)), 'fc.weight')  # the head: a classifier
+            assert scale == scale_of[(True, own)], n
+
+
 def test_features_only_gives_the_members_maps_side_by_side():
     model = timm.create_model('ens', base_model='test_resnet', num_members=2, features_only=True, out_indices=(1, 3))
     base = timm.create_model('test_resnet', features_only=True, out_indices=(1, 3))

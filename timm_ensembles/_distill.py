@@ -12,7 +12,7 @@ import timm
 import torch
 from torch import nn
 
-from ._ensemble import ModelArgsMixin, prefix_group_matcher
+from ._ensemble import ModelArgsMixin, sub_group_matcher
 from ._registry import check_base_model
 from ._task import Task
 from ._teachers import TeacherAdapter, TeacherError, load_teachers
@@ -88,7 +88,7 @@ class StudentModel(ModelArgsMixin, nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """The student's parameter groups under ``student.`` (layer decay, see ``EnsembleModel.group_matcher``)."""
-        return prefix_group_matcher(self.student.group_matcher(coarse=coarse), r'^student\.')
+        return sub_group_matcher(self.student, r'^student\.', coarse)
 
     def prune_intermediate_layers(self, indices: int | list[int] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> list[int]:

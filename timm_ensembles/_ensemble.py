@@ -4,12 +4,14 @@ The container holds only what inference needs. What a method adds for training (
 teachers, discriminators) lives in its task (see ``_task.py``).
 """
 import math
+import re
 from collections.abc import Sequence
 from typing import Any
 
 import timm
 import torch
 import torch.nn.functional as F
+from timm.optim import auto_group_layers
 from torch import nn
 
 from ._registry import check_base_model
@@ -24,8 +26,8 @@ from ._strategies import (
 )
 from ._timm_compat import get_global_pool
 
-__all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'prefix_group_matcher', 'COMBINE_MODES', 'FEATURE_TAPS',
-           'MEMBER_STRATEGIES', 'capture_conv_outputs', 'conv_modules', 'tapped_convs']
+__all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'prefix_group_matcher', 'sub_group_matcher',
+           'COMBINE_MODES', 'FEATURE_TAPS', 'MEMBER_STRATEGIES', 'capture_conv_outputs', 'conv_modules', 'tapped_convs']
 
 COMBINE_MODES = ('linear', 'mean_logits', 'mean_probs')
 FEATURE_TAPS = ('stages', 'convs')
@@ -130,6 +132,20 @@ def prefix_group_matcher(matcher: dict[str, Any], prefix: str) -> dict[str, Any]
             return type(pattern)(shift(p) for p in pattern)
         return pattern
     return {k: shift(v) for k, v in matcher.items()}
+
+
+def sub_group_matcher(model: nn.Module, prefix: str, coarse: bool = False) -> dict[str, Any]:
+    r"""The timm ``group_matcher`` of a sub-model (a member, a head, a student) for its parameters under ``prefix``
+    (see ``prefix_group_matcher``). A model without one (a user's own) is grouped as timm's layer decay groups such a
+    model: ``auto_group_layers``, its parameters in order and the classifier last."""
+    matcher = getattr(model, 'group_matcher', None)
+    if matcher is not None:
+        return prefix_group_matcher(matcher(coarse=coarse), prefix)
+    layers = auto_group_layers(model)
+    last = max(layers.values(), default=0)
+    # the classifier (auto_group_layers' last group) is left unmatched, as timm's own matchers leave classifiers: in
+    # the last group, with an ensemble's head
+    return {'layers': [(f'{prefix}{re.escape(name)}$', (layer,)) for name, layer in layers.items() if layer < last]}
 
 
 class EnsembleModel(ModelArgsMixin, nn.Module):
@@ -394,7 +410,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         """The members' parameter groups (timm's ``group_matcher``) for every member at once: layer k of every member
         falls in group k, so that ``layer_decay`` decays each member by its own depth; the ensemble head goes with
         the classifiers, in the last group."""
-        return prefix_group_matcher(self.members[0].group_matcher(coarse=coarse), r'^members\.\d+\.')
+        return sub_group_matcher(self.members[0], r'^members\.\d+\.', coarse)
 
     # ---- forward ----
     def forward_members(self, x: torch.Tensor) -> torch.Tensor:

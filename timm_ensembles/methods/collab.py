@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._builder import create_ensemble, register_ensemble_variants
-from .._ensemble import EnsembleHead, ModelArgsMixin, prefix_group_matcher
+from .._ensemble import EnsembleHead, ModelArgsMixin, sub_group_matcher
 from .._registry import check_base_model, register_task
 from .._split import SplitLayout, get_split_layout, grad_rescale
 from .._task import Task, TaskOutput, check_option
@@ -256,7 +256,7 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
         """The base's parameter groups in every head (layer k of every head in group k: ``layer_decay`` by depth,
         the shared stages counted once where they are stored)."""
-        return prefix_group_matcher(self.heads[0].group_matcher(coarse=coarse), r'^heads\.\d+\.')
+        return sub_group_matcher(self.heads[0], r'^heads\.\d+\.', coarse)
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         for head in self.heads:
