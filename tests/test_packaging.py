@@ -117,7 +117,9 @@ def test_a_failing_import_names_the_module_before_anything_is_written(source, me
 @pytest.mark.parametrize('module, extra', [('matplotlib.figure', 'analysis'), ('torchmetrics', 'analysis'),
                                            ('datasets', 'hub')])
 def test_a_missing_extra_names_the_package_and_the_extra(module, extra, monkeypatch):
-    monkeypatch.setitem(sys.modules, module.split('.')[0], None)  # as if it were not installed
+    parts = module.split('.')
+    for i in range(len(parts)):  # as if it were not installed, also where another test imported it already
+        monkeypatch.setitem(sys.modules, '.'.join(parts[:i + 1]), None)
     with pytest.raises(MissingExtraError, match=rf"needs the package '{module.split('.')[0]}', which is not"
                                                rf" installed: pip install 'timm-ensembles\[{extra}\]'"):
         require(module, 'this')
