@@ -184,6 +184,15 @@ def test_one_hot_soft_targets_give_the_loss_of_the_labels(name, task_args):
         torch.testing.assert_close(soft['components'][k], v, rtol=1e-5, atol=1e-6)
 
 
+def test_a_task_with_the_older_param_groups_signature_still_builds_its_optimizer():
+    class OwnGroups(timm_ensembles.ClassificationTask):
+        def param_groups(self, weight_decay):
+            return [dict(params=list(self.parameters()), weight_decay=weight_decay)]
+
+    optimizer = OwnGroups(timm.create_model('test_resnet')).create_optimizer(opt='sgd', lr=0.1, weight_decay=1e-4)
+    assert len(optimizer.param_groups) == 1 and optimizer.param_groups[0]['weight_decay'] == 1e-4
+
+
 def test_a_task_says_whether_it_takes_soft_targets():
     class LabelsOnly(timm_ensembles.Task):
         def forward(self, x, target):

@@ -126,8 +126,10 @@ class Task(nn.Module):
             weight_decay: Weight decay (not on biases and norms).
             layer_decay: Layer-wise learning-rate decay (see ``param_groups``); None for none.
         """
-        optimizer = create_optimizer_v2(self.param_groups(weight_decay, layer_decay), opt=opt, lr=lr,
-                                        weight_decay=weight_decay, **kwargs)
+        # a task written before layer decay overrides param_groups(weight_decay) alone: it still trains without it
+        groups = self.param_groups(weight_decay, layer_decay) if layer_decay is not None else \
+            self.param_groups(weight_decay)
+        optimizer = create_optimizer_v2(groups, opt=opt, lr=lr, weight_decay=weight_decay, **kwargs)
         for group in optimizer.param_groups:
             if 'lr_scale' in group:
                 group['initial_lr'] = group['lr']
