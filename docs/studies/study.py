@@ -131,7 +131,7 @@ MNIST_FILTERS = (4, 8, 16, 32)
 # first), and its seeds
 STUDIES = {
     'ensembles': ('fmnist', ['resnet10t', 'ens_x2', 'fdl_x2', 'ens_x4', 'fdl_x4'], (0, 1, 2)),
-    'convergence': ('fmnist', ['resnet10t', 'resnet10t-e40'], (0, 1)),
+    'convergence': ('fmnist', ['resnet10t', 'resnet10t-e40'], (0, 1, 2)),
     'collab': ('fmnist', ['resnet10t', 'collab_x2', 'collab_x4'], (0, 1, 2)),
     'distill': ('fmnist', ['resnet10t', 'ens_x2', 'ban', 'meal_v1', 'meal_v2'], (0, 1, 2)),
     'ablations': ('fmnist', ['resnet10t', 'fdl_x2', 'fdl_x2-relative', 'fdl_x2-step10', 'fdl_x2-step100',
