@@ -92,10 +92,10 @@ class Task(nn.Module):
                 beside the model (e.g. MEAL's discriminators) keep the full rate. None: no layer decay.
         """
         if layer_decay is None:
-            return param_groups_weight_decay(self, weight_decay, no_weight_decay_list=self._no_weight_decay())
-        nwd = getattr(self.model, 'no_weight_decay', None)
+            return param_groups_weight_decay(self, weight_decay,
+                                             no_weight_decay_list={f'model.{n}' for n in self._no_weight_decay()})
         groups = param_groups_layer_decay(self.model, weight_decay, layer_decay=layer_decay,
-                                          no_weight_decay_list=nwd() if callable(nwd) else ())
+                                          no_weight_decay_list=self._no_weight_decay())
         # the parameter names are timm's bookkeeping; the groups are split by parameter further down (FDL, MEAL)
         groups = [{k: v for k, v in g.items() if k != 'param_names'} for g in groups]
         in_model = {id(p) for p in self.model.parameters()}
@@ -106,8 +106,9 @@ class Task(nn.Module):
         return groups + rest
 
     def _no_weight_decay(self) -> set:
+        """The model's own ``no_weight_decay`` names (relative to the model)."""
         nwd = getattr(self.model, 'no_weight_decay', None)
-        return {f'model.{n}' for n in nwd()} if callable(nwd) else set()
+        return set(nwd()) if callable(nwd) else set()
 
     def create_optimizer(
             self, opt: str = 'sgd', lr: float = 0.1, weight_decay: float = 0.0, layer_decay: float | None = None,
