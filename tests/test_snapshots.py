@@ -11,6 +11,7 @@ from torch import nn
 
 import timm_ensembles
 from timm_ensembles import data as te_data
+from timm_ensembles import metrics
 from timm_ensembles._engine import evaluate, format_metrics
 from timm_ensembles._snapshots import (
     member_parameters,
@@ -20,7 +21,7 @@ from timm_ensembles._snapshots import (
     snapshot_indices,
     write_snapshot,
 )
-from timm_ensembles.losses import feature_difference_loss, per_sample_feature_difference
+from timm_ensembles.losses import feature_difference_loss, pairwise_feature_difference
 
 META = dict(model='ens_x', dataset='digits')
 
@@ -226,14 +227,26 @@ def test_feature_distance_is_the_fdl_papers_loss():
     assert metrics['member_acc'] == pytest.approx(hits.tolist())
 
 
+def test_pairwise_feature_difference_by_hand():
+    # one layer of two features: sample 0 differs by (1, 1) -> 1, sample 1 by (0, 2) -> 2; a second, equal layer
+    # halves both
+    f0, f1 = torch.tensor([[0.0, 0.0], [1.0, 1.0]]), torch.tensor([[1.0, 1.0], [1.0, 3.0]])
+    pairs = pairwise_feature_difference([[f0, f0], [f1, f0]])
+    assert torch.equal(pairs, torch.tensor([[[0.0, 0.5], [0.5, 0.0]], [[0.0, 1.0], [1.0, 0.0]]]))
+
+
 @pytest.mark.parametrize('num_members', [2, 3, 4, 5, 6])
-def test_per_sample_feature_difference_averages_to_the_batch_loss(num_members):
+def test_pairwise_feature_difference_averages_to_the_batch_loss(num_members):
     features = [[torch.randn(7, 3, 4, 4), torch.randn(7, 5)] for _ in range(num_members)]
-    per_sample = per_sample_feature_difference(features)
-    assert per_sample.shape == (7,)
-    assert float(per_sample.mean()) == pytest.approx(float(feature_difference_loss(features)), rel=1e-5)
-    one = [[f[2:3] for f in member] for member in features]
-    assert float(per_sample[2]) == pytest.approx(float(feature_difference_loss(one)), rel=1e-5)
+    pairs = pairwise_feature_difference(features)
+    assert pairs.shape == (7, num_members, num_members)
+    assert torch.equal(pairs, pairs.transpose(1, 2)) and not pairs.diagonal(dim1=1, dim2=2).any()
+    i, j = torch.triu_indices(num_members, num_members, offset=1)
+    assert float(pairs[:, i, j].mean()) == pytest.approx(float(feature_difference_loss(features)), rel=1e-5)
+    one = [[f[2:3] for f in member] for member in features[:2]]
+    assert float(pairs[2, 0, 1]) == pytest.approx(float(feature_difference_loss(one)), rel=1e-6)
+    # the pair matrix of the analysis is its mean over samples
+    assert torch.allclose(metrics.feature_distance_matrix(features), pairs.double().mean(0))
 
 
 class _TrimmingAccelerator:

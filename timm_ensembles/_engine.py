@@ -4,20 +4,22 @@ They see a task (``task(x, target) -> dict(loss, output, components, stats)``) a
 ``forward_members`` and ``combine`` when it is an ensemble, and ``forward_members_with_features`` when its members
 have features to compare); they never name a method.
 """
+import contextlib
 import time
 from collections import defaultdict
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from .losses import per_sample_feature_difference
+from . import metrics
+from .losses import pairwise_feature_difference
 
-__all__ = ['LabelError', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'check_input_size', 'check_batch_labels',
-           'format_metrics', 'sync_buffers']
+__all__ = ['LabelError', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'MemberOutputs', 'MemberPredictor',
+           'check_input_size', 'check_batch_labels', 'format_metrics', 'sync_buffers']
 
 
 # consecutive fp16 overflow steps tolerated: GradScaler halves its scale at each, so 2^-30 of the starting scale
@@ -187,7 +189,90 @@ def train_one_epoch(
     return means.result(), num_updates
 
 
-@torch.no_grad()
+class MemberOutputs(NamedTuple):
+    """One evaluated batch (see ``MemberPredictor``)."""
+    members: torch.Tensor  # float32 [B, M, C]: every member's logits (M = 1 for a plain model)
+    logits: torch.Tensor  # float32 [B, C]: the model's own prediction (its combine rule, or model(x))
+    target: torch.Tensor  # [B]
+    feature_pairs: torch.Tensor | None  # float32 [B, M, M]: each sample's L_FDL(i, j) (losses.pairwise_...)
+
+
+class MemberPredictor:
+    """The one evaluation pass of member logits, batch by batch, in eval mode (the training mode is restored after):
+    for the epoch's evaluation (``evaluate``), the snapshots and the analysis.
+
+    A model with ``forward_members`` is an ensemble (its ``combine`` gives its own prediction, or ``model(x)`` where
+    it has none); any other model is one member. With ``features``, a model with
+    ``forward_members_with_features`` also gives the per-sample feature difference of every member pair, from the
+    same forward pass; a base without intermediates for the taps gives logits only, with the reason in
+    ``feature_note``.
+
+    Args:
+        model: The unwrapped model.
+        loader: Yields ``(x, target)`` batches.
+        accelerator: For the device, autocast and (with ``gather``) gathering across processes; None: the model's
+            device, no autocast, this process.
+        gather: Gather every batch across processes (each sample once, the duplicated tail dropped).
+        features: Ask for the feature difference.
+        taps: The feature taps (``'stages'`` or ``'convs'``); None: the model's default.
+    """
+
+    def __init__(self, model: nn.Module, loader: Iterable, accelerator=None, gather: bool = False,
+                 features: bool = False, taps: str | None = None):
+        self.model, self.loader, self.accelerator, self.gather, self.taps = model, loader, accelerator, gather, taps
+        self.is_ensemble = hasattr(model, 'forward_members')
+        self.with_features = features and self.is_ensemble and hasattr(model, 'forward_members_with_features')
+        self.feature_note = None
+        if features and self.is_ensemble and not self.with_features:
+            self.feature_note = f'no feature distance: {type(model).__name__} has no forward_members_with_features'
+
+    def _forward(self, x: torch.Tensor, first: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        model, pairs = self.model, None
+        if not self.is_ensemble:
+            logits = model(x)
+            return logits[:, None], logits, None
+        if self.with_features:
+            try:
+                kwargs = {} if self.taps is None else dict(taps=self.taps)
+                members, features = model.forward_members_with_features(x, **kwargs)
+            except ValueError as e:
+                if not first:
+                    raise
+                # a base without intermediates for these taps: the same on every process, so all fall back together
+                self.with_features, self.feature_note = False, f'no feature distance: {e}'
+                members = model.forward_members(x)
+            else:
+                pairs = pairwise_feature_difference(features)
+                del features
+        else:
+            members = model.forward_members(x)
+        # without a combine rule, the model's own forward says what it predicts (a second pass, for such models only)
+        logits = model.combine(members) if hasattr(model, 'combine') else model(x)
+        return members, logits, pairs
+
+    @torch.no_grad()
+    def __iter__(self) -> Iterator[MemberOutputs]:
+        acc, model = self.accelerator, self.model
+        # batches go where the model is (a prepared loader has put them there already); a model without parameters
+        # takes them where they are
+        device = getattr(acc, 'device', None) or next((p.device for p in model.parameters()), None)
+        was_training = model.training
+        model.eval()
+        try:
+            for batch_index, (x, target) in enumerate(self.loader):
+                target = torch.as_tensor(target)
+                if device is not None:
+                    x, target = x.to(device), target.to(device)
+                with acc.autocast() if acc is not None else contextlib.nullcontext():
+                    members, logits, pairs = self._forward(x, batch_index == 0)
+                out = (members.float(), logits.float(), target) + (() if pairs is None else (pairs,))
+                if self.gather:
+                    out = acc.gather_for_metrics(out)
+                yield MemberOutputs(*out[:3], out[3] if len(out) > 3 else None)
+        finally:
+            model.train(was_training)
+
+
 def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = None,
              split: str = 'validation') -> dict[str, Any]:
     """Accuracy and loss of the model, and of every member and their diversity when the model is an ensemble.
@@ -203,53 +288,23 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
         ``forward_members_with_features``, ``feature_distance`` (the FDL paper's L_FDL between the members' stage
         features, averaged over samples and pairs). Every sample counts once, also under DDP.
     """
-    model.eval()
-    is_ensemble = hasattr(model, 'forward_members') and hasattr(model, 'combine')
     # the stage features come out of the same forward pass as the member logits: no second pass
-    with_features = is_ensemble and hasattr(model, 'forward_members_with_features')
-    correct = 0
-    top5_correct = 0
+    predictor = MemberPredictor(model, loader, accelerator, gather=True, features=True)
+    correct = top5_correct = avg_correct = total = 0
     nll = 0.0
-    total = 0
-    member_correct = None
-    avg_correct = 0
-    pair_differ = None
-    feature_sum = 0.0
-    for batch_index, (x, target) in enumerate(loader):
+    member_correct = pair_differ = feature_sum = None
+    for batch_index, (members, logits, target, pairs) in enumerate(predictor):
         if batch_index == 0:
             check_batch_labels(target, num_classes, split)
-        with accelerator.autocast():
-            if with_features:
-                try:
-                    members, features = model.forward_members_with_features(x)
-                except ValueError:
-                    if batch_index:
-                        raise
-                    # a base without forward_intermediates: the same on every process, so all fall back together
-                    with_features = False
-                    members = model.forward_members(x)
-                else:
-                    distance = per_sample_feature_difference(features)
-                    del features
-            elif is_ensemble:
-                members = model.forward_members(x)
-            if is_ensemble:
-                logits = model.combine(members)
-            else:
-                logits = model(x)
-        if is_ensemble:
-            gathered = (members.float(), logits.float(), target) + ((distance,) if with_features else ())
-            members, logits, target, *rest = accelerator.gather_for_metrics(gathered)
-            hits = (members.argmax(-1) == target[:, None]).sum(0)
-            member_correct = hits if member_correct is None else member_correct + hits
-            avg_correct += int((members.softmax(-1).mean(1).argmax(-1) == target).sum())
-            preds = members.argmax(-1)  # [B, M]
-            differ = (preds[:, :, None] != preds[:, None, :]).sum(0)  # [M, M] counts, exact when summed
-            pair_differ = differ if pair_differ is None else pair_differ + differ
-            if rest:
-                feature_sum += float(rest[0].sum())
-        else:
-            logits, target = accelerator.gather_for_metrics((logits.float(), target))
+        # counts, summed exactly over batches, from the same functions as the analysis' matrices
+        hits = metrics.member_correct(members, target)
+        member_correct = hits if member_correct is None else member_correct + hits
+        avg_correct += metrics.ensemble_correct(members, target)
+        differ = metrics.pairwise_differ_counts(members)
+        pair_differ = differ if pair_differ is None else pair_differ + differ
+        if pairs is not None:
+            pair_sum = pairs.double().sum(0)
+            feature_sum = pair_sum if feature_sum is None else feature_sum + pair_sum
         correct += int((logits.argmax(-1) == target).sum())
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         top5_correct += int((top5 == target[:, None]).any(-1).sum())
@@ -257,19 +312,17 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
         total += target.shape[0]
     if total == 0:
         raise ValueError('The evaluation set is empty.')
-    metrics: dict[str, Any] = dict(acc=100.0 * correct / total, top5=100.0 * top5_correct / total, loss=nll / total,
-                                   num_samples=total)
-    if is_ensemble:
+    out: dict[str, Any] = dict(acc=100.0 * correct / total, top5=100.0 * top5_correct / total, loss=nll / total,
+                               num_samples=total)
+    if predictor.is_ensemble:
         member_acc = [100.0 * float(c) / total for c in member_correct]
-        metrics.update(member_acc=member_acc, member_acc_mean=sum(member_acc) / len(member_acc),
-                       mean_probs_acc=100.0 * avg_correct / total)
-        num_members = pair_differ.shape[0]
-        if num_members > 1:
-            i, j = torch.triu_indices(num_members, num_members, offset=1)
-            metrics['disagreement'] = float(pair_differ[i, j].double().mean()) / total
-        if with_features:
-            metrics['feature_distance'] = feature_sum / total
-    return metrics
+        out.update(member_acc=member_acc, member_acc_mean=sum(member_acc) / len(member_acc),
+                   mean_probs_acc=100.0 * avg_correct / total)
+        if pair_differ.shape[0] > 1:
+            out['disagreement'] = metrics.mean_offdiag(pair_differ.double().cpu() / total)
+            if feature_sum is not None:
+                out['feature_distance'] = metrics.mean_offdiag(feature_sum.cpu() / total)
+    return out
 
 
 def sync_buffers(model: nn.Module, accelerator) -> None:

@@ -15,8 +15,6 @@ Both carry the safetensors metadata ``epoch``, ``model``, ``dataset``, ``num_cla
 ``format`` (``'1'``). The subset is drawn with a seed of its own (``SNAPSHOT_SEED``), not the run's ``--seed``, so
 that independent runs snapshot the same inputs.
 """
-import contextlib
-import json
 import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
@@ -31,6 +29,8 @@ from safetensors.torch import save as safetensors_save
 from torch import nn
 
 from ._checkpoint import _atomic_replace
+from ._engine import MemberPredictor
+from ._run import RunFolder
 
 __all__ = ['Snapshots', 'read_snapshots', 'write_snapshot', 'snapshot_indices', 'member_parameters',
            'predict_members', 'remove_snapshots_from', 'SNAPSHOT_DIR', 'SNAPSHOT_FORMAT', 'SNAPSHOT_SEED']
@@ -112,7 +112,6 @@ def member_parameters(model: nn.Module) -> list[dict[str, torch.Tensor]]:
     return [dict(model.named_parameters())]
 
 
-@torch.no_grad()
 def predict_members(model: nn.Module, loader: Iterable, accelerator=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Every member's logits (``forward_members``, or ``model(x)`` as one member) in eval mode, on this process.
 
@@ -125,19 +124,10 @@ def predict_members(model: nn.Module, loader: Iterable, accelerator=None) -> tup
     Returns:
         float32 ``[S, M, C]`` logits and int64 ``[S]`` targets, on the CPU.
     """
-    was_training = model.training
-    model.eval()
-    device = accelerator.device if accelerator is not None else next(model.parameters()).device
     logits, targets = [], []
-    try:
-        for x, target in loader:
-            x = x.to(device)
-            with accelerator.autocast() if accelerator is not None else contextlib.nullcontext():
-                out = model.forward_members(x) if hasattr(model, 'forward_members') else model(x)[:, None]
-            logits.append(out.float().cpu())
-            targets.append(torch.as_tensor(target).long().cpu())
-    finally:
-        model.train(was_training)
+    for out in MemberPredictor(model, loader, accelerator):
+        logits.append(out.members.cpu())
+        targets.append(out.target.long().cpu())
     return torch.cat(logits), torch.cat(targets)
 
 
@@ -219,21 +209,6 @@ def _epoch_files(folder: Path) -> dict[int, list[Path]]:
     return files
 
 
-def _last_logged_epoch(run_folder: Path) -> int | None:
-    path = run_folder / 'metrics.jsonl'
-    if not path.is_file():
-        return None
-    last = None
-    for line in path.read_text().splitlines():
-        try:
-            epoch = json.loads(line).get('epoch')
-        except (json.JSONDecodeError, AttributeError):  # a line cut short by a crash
-            continue
-        if isinstance(epoch, int):
-            last = epoch if last is None else max(last, epoch)
-    return last
-
-
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework='pt') as f:
@@ -291,7 +266,7 @@ def read_snapshots(
     if not files:
         raise FileNotFoundError(f"No snapshot files in '{folder}': {_HINT}.")
     if epochs is None:
-        last = max(max(files), _last_logged_epoch(run_folder) or 0)
+        last = max(max(files), RunFolder(run_folder).last_logged_epoch() or 0)
         wanted = list(range(last + 1))
     else:
         wanted = sorted({int(e) for e in epochs})

@@ -25,18 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import timm
-import yaml
 from torch import nn
 
 from ._checkpoint import VERSION_KEY, WEIGHTS_SHA_KEY, check_weights
+from ._run import RUN_FILES, RunFolder
 from ._timm_compat import generate_readme
 
 __all__ = ['push_to_hub', 'load_from_hub', 'generate_model_card', 'model_card_fields', 'read_run', 'check_config',
            'RUN_FILES']
 
-# the files of a train.py folder that a repo gets beside the weights: small, plain text, what the card is made of
-RUN_FILES = ('results.json', 'metrics.jsonl', 'args.yaml')
-_WEIGHTS = 'model.safetensors'
+_WEIGHTS = RunFolder.WEIGHTS
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -60,34 +58,7 @@ def read_run(folder: str | Path) -> dict[str, Any]:
         FileNotFoundError: no ``config.json`` or no ``model.safetensors`` in the folder.
         ValueError: a ``config.json`` that is not timm's format.
     """
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"'{folder}' is not a folder: give the output folder of a train.py run.")
-    for name in ('config.json', _WEIGHTS):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(
-                f"'{folder}' has no {name}: it is not a finished train.py output folder (train.py writes config.json"
-                f" and {_WEIGHTS} after the last epoch; a folder with only checkpoint.pt is still training).")
-    try:
-        config = json.loads((folder / 'config.json').read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"'{folder / 'config.json'}' is not valid JSON ({e}).") from e
-    if not isinstance(config, dict) or 'architecture' not in config:
-        raise ValueError(f"'{folder / 'config.json'}' has no 'architecture': it is not a timm model config.")
-    run: dict[str, Any] = dict(config=config)
-    source = folder
-    if not (folder / 'results.json').is_file() and (folder.parent / 'results.json').is_file():
-        # <run>/exported: a plain timm model exported from the run one level up
-        source = folder.parent
-        run['exported_from'] = str(source)
-    if (source / 'results.json').is_file():
-        run['results'] = json.loads((source / 'results.json').read_text())
-    if (source / 'args.yaml').is_file():
-        run['args'] = yaml.safe_load((source / 'args.yaml').read_text()) or {}
-    if (source / 'metrics.jsonl').is_file():
-        lines = [ln for ln in (source / 'metrics.jsonl').read_text().splitlines() if ln.strip()]
-        run['metrics'] = [json.loads(ln) for ln in lines]
-    return run
+    return RunFolder(folder).read()
 
 
 def _paper(*names: str) -> tuple[str | None, str | None]:
@@ -325,22 +296,23 @@ def push_to_hub(
             staging = staging / 'repo'
         else:
             folder = Path(source)
-        run = read_run(folder)
+        source_run = RunFolder(folder)
+        run = source_run.read()
         if check:
             _check_loads(folder)
         staging.mkdir(exist_ok=True)
+        staged = RunFolder(staging)
         # only these files, whatever else the folder holds (checkpoint.pt, exported/, logs)
-        for name in ('config.json', _WEIGHTS):
-            _link_or_copy(folder / name, staging / name)
-        run_dir = Path(run.get('exported_from', folder))
+        for src, dst in ((source_run.config_path, staged.config_path), (source_run.weights_path, staged.weights_path)):
+            _link_or_copy(src, dst)
         # the run's files without the paths of this machine (output, data, teachers): never published
         run = _without_local_paths(run)
         if 'args' in run:
-            (staging / 'args.yaml').write_text(yaml.safe_dump(run['args'], sort_keys=False), encoding='utf-8')
+            staged.write_args(run['args'])
         if 'results' in run:
-            (staging / 'results.json').write_text(json.dumps(run['results'], indent=2), encoding='utf-8')
-        if (run_dir / 'metrics.jsonl').is_file():
-            _link_or_copy(run_dir / 'metrics.jsonl', staging / 'metrics.jsonl')
+            staged.write_results(run['results'])
+        if source_run.file(RunFolder.METRICS).is_file():
+            _link_or_copy(source_run.file(RunFolder.METRICS), staged.file(RunFolder.METRICS))
         if model_card:
             card = generate_readme(model_card_fields(run, repo_id), repo_id.split('/')[-1])
             (staging / 'README.md').write_text(card, encoding='utf-8')

@@ -4,14 +4,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ['FEATURE_DISTANCES', 'feature_difference', 'feature_difference_loss', 'per_sample_feature_difference',
+__all__ = ['FEATURE_DISTANCES', 'feature_difference', 'feature_difference_loss', 'pairwise_feature_difference',
            'loss_similarity', 'member_cross_entropy']
-
-
-def feature_difference(f_i: torch.Tensor, f_j: torch.Tensor) -> torch.Tensor:
-    """Mean squared difference of two feature tensors over every element (B, C, H, W), in fp32."""
-    return (f_i.float() - f_j.float()).pow(2).mean()
-
 
 FEATURE_DISTANCES = ('mse', 'relative')
 # from this many members on, the pair sums go through the centred O(N) identity (measured faster with gradients on a
@@ -21,7 +15,8 @@ _CENTRED_FROM = 4
 
 def _layer_pair_difference(layer: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per sample, the mean squared difference of two members' features at one layer, averaged over member pairs:
-    ``[B]`` fp32. The one primitive of every form of the feature difference below.
+    ``[B]`` fp32. The one primitive of every form of the feature difference below (the pair, the batch loss, the
+    per-sample pair matrix).
 
     Up to 3 members the pairs are summed directly; from 4 on, through ``sum_{i<j} (f_i - f_j)^2 =
     N sum_i (f_i - mean_k f_k)^2`` (centred, so without cancellation), in O(N) passes and no stacked copy.
@@ -36,6 +31,13 @@ def _layer_pair_difference(layer: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((f - mean).pow(2).flatten(1).mean(1) for f in layer) * (2.0 / (num_members - 1))
 
 
+def feature_difference(f_i: torch.Tensor, f_j: torch.Tensor) -> torch.Tensor:
+    """Mean squared difference of two same-shape feature tensors over every element (B, C, H, W), in fp32."""
+    _check_features([[f_i], [f_j]])
+    # every sample has the same number of elements: the mean of the samples' means is the mean over every element
+    return _layer_pair_difference((f_i, f_j)).mean()
+
+
 def _check_features(features: Sequence[Sequence[torch.Tensor]]) -> None:
     num_members = len(features)
     if num_members < 2:
@@ -44,6 +46,10 @@ def _check_features(features: Sequence[Sequence[torch.Tensor]]) -> None:
     if num_layers == 0 or any(len(f) != num_layers for f in features):
         counts = [len(f) for f in features]
         raise ValueError(f'Every member needs the same, non-zero number of feature layers, got {counts}.')
+    for d, layer in enumerate(zip(*features)):
+        shapes = [tuple(f.shape) for f in layer]
+        if len(set(shapes)) > 1:  # a difference would broadcast them silently
+            raise ValueError(f'Layer {d} has different shapes across members: {shapes}.')
 
 
 def feature_difference_loss(features: Sequence[Sequence[torch.Tensor]], distance: str = 'mse') -> torch.Tensor:
@@ -82,19 +88,25 @@ def feature_difference_loss(features: Sequence[Sequence[torch.Tensor]], distance
     return torch.stack(layer_losses).mean()
 
 
-def per_sample_feature_difference(features: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """The FDL paper's L_FDL (``distance='mse'``) of every sample: ``[B]`` fp32, whose mean is
-    ``feature_difference_loss(features)``.
+def pairwise_feature_difference(features: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """The FDL paper's L_FDL(i, j) (``distance='mse'``) of every sample and member pair: ``[B, M, M]`` fp32,
+    symmetric, zero on the diagonal. Its mean over samples is the pair matrix of ``metrics.feature_distance_matrix``;
+    its mean over samples and pairs ``i < j`` is ``feature_difference_loss(features)`` (to fp32 rounding).
 
-    Every sample has the same number of elements per layer, so the batch mean over ``(b, c, h, w)`` of each layer is
-    the mean over samples of their own means; per-sample values can then be gathered across processes with the
-    duplicated tail of the last batch dropped, which a batch mean cannot (evaluation logs this).
+    Per-sample values can be gathered across processes with the duplicated tail of the last batch dropped, which a
+    batch mean cannot (evaluation relies on this).
 
     Args:
         features: ``features[m][d]`` is member m's ``[B, ...]`` feature tensor at layer d.
     """
     _check_features(features)
-    return torch.stack([_layer_pair_difference(layer) for layer in zip(*features)]).mean(0)
+    num_members = len(features)
+    batch = features[0][0].shape[0]
+    out = torch.zeros(batch, num_members, num_members, dtype=torch.float32, device=features[0][0].device)
+    for i, j in itertools.combinations(range(num_members), 2):
+        pair = torch.stack([_layer_pair_difference((a, b)) for a, b in zip(features[i], features[j])]).mean(0)
+        out[:, i, j] = out[:, j, i] = pair
+    return out
 
 
 def loss_similarity(loss_i: torch.Tensor, loss_j: torch.Tensor) -> torch.Tensor:

@@ -27,10 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._extras import require
-from .losses import feature_difference
+from .losses import _check_features, pairwise_feature_difference
 
 __all__ = [
-    'member_accuracy', 'ensemble_probs', 'ensemble_accuracy', 'pairwise_disagreement', 'mean_offdiag',
+    'member_correct', 'member_accuracy', 'ensemble_probs', 'ensemble_correct', 'ensemble_accuracy',
+    'pairwise_differ_counts', 'pairwise_disagreement', 'mean_offdiag',
     'flatten_weights', 'member_weights', 'cosine_similarity_matrix', 'feature_distance_matrix', 'brier_score',
     'nll', 'expected_calibration_error', 'reliability_diagram', 'calibration', 'ensemble_size_curve',
     'tsne_embedding', 'summarize',
@@ -97,6 +98,18 @@ def _accuracy(probs_or_logits: torch.Tensor, targets: torch.Tensor) -> float:
     return probs_or_logits.argmax(-1).eq(targets).double().mean().item() * 100.0
 
 
+def member_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """How many samples every member classifies correctly: ``[M]`` int64 counts, which add up exactly over batches.
+
+    Args:
+        logits: ``[N, M, C]`` logits (or probabilities) of M members.
+        targets: ``[N]`` class indices.
+    """
+    logits = _check_logits(logits)
+    targets = _check_targets(targets, logits.shape[0], logits.shape[2], logits.device)
+    return logits.argmax(-1).eq(targets[:, None]).sum(0)
+
+
 def member_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Top-1 accuracy of every member.
 
@@ -107,9 +120,7 @@ def member_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor
     Returns:
         ``[M]`` float64 tensor, in percent.
     """
-    logits = _check_logits(logits)
-    targets = _check_targets(targets, logits.shape[0], logits.shape[2], logits.device)
-    return logits.argmax(-1).eq(targets[:, None]).double().mean(0) * 100.0
+    return member_correct(logits, targets).double() * 100.0 / logits.shape[0]
 
 
 def ensemble_probs(logits: torch.Tensor) -> torch.Tensor:
@@ -124,6 +135,19 @@ def ensemble_probs(logits: torch.Tensor) -> torch.Tensor:
     return F.softmax(_check_logits(logits), dim=-1).mean(1)
 
 
+def ensemble_correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
+    """How many samples the averaged probabilities (``ensemble_probs``) classify correctly.
+
+    Args:
+        logits: ``[N, M, C]`` logits of M members.
+        targets: ``[N]`` class indices.
+    """
+    probs = ensemble_probs(logits)
+    targets = _check_targets(targets, probs.shape[0], probs.shape[1], probs.device)
+    # argmax over the last dimension; torch breaks ties towards the lower class index
+    return int(probs.argmax(-1).eq(targets).sum())
+
+
 def ensemble_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
     """Top-1 accuracy, in percent, of the averaged probabilities (``ensemble_probs``).
 
@@ -131,8 +155,23 @@ def ensemble_accuracy(logits: torch.Tensor, targets: torch.Tensor) -> float:
         logits: ``[N, M, C]`` logits of M members.
         targets: ``[N]`` class indices.
     """
-    probs = ensemble_probs(logits)
-    return _accuracy(probs, _check_targets(targets, probs.shape[0], probs.shape[1], probs.device))
+    return ensemble_correct(logits, targets) * 100.0 / logits.shape[0]
+
+
+def pairwise_differ_counts(logits: torch.Tensor) -> torch.Tensor:
+    """On how many samples the argmax predictions of every two models differ: ``[M, M]`` int64 counts, symmetric,
+    zero on the diagonal, which add up exactly over batches (``pairwise_disagreement`` divided by N).
+
+    Args:
+        logits: ``[N, M, C]`` logits (or probabilities) of M models on the same N samples.
+    """
+    preds = _check_logits(logits).argmax(-1)  # [N, M]
+    num_models = preds.shape[1]
+    out = torch.zeros(num_models, num_models, dtype=torch.int64, device=preds.device)
+    # one row at a time: an [N, M, M] comparison would not fit in memory for many checkpoints
+    for i in range(num_models):
+        out[i] = preds.ne(preds[:, i:i + 1]).sum(0)
+    return out
 
 
 def pairwise_disagreement(logits: torch.Tensor) -> torch.Tensor:
@@ -147,13 +186,7 @@ def pairwise_disagreement(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[M, M]`` float64 tensor in [0, 1], symmetric, zero on the diagonal (``[[0.]]`` for one model).
     """
-    preds = _check_logits(logits).argmax(-1)  # [N, M]
-    num_models = preds.shape[1]
-    out = torch.zeros(num_models, num_models, dtype=torch.float64, device=preds.device)
-    # one row at a time: an [N, M, M] comparison would not fit in memory for many checkpoints
-    for i in range(num_models):
-        out[i] = preds.ne(preds[:, i:i + 1]).double().mean(0)
-    return out
+    return pairwise_differ_counts(logits).double() / logits.shape[0]
 
 
 def mean_offdiag(matrix: torch.Tensor) -> float:
@@ -275,8 +308,8 @@ def feature_distance_matrix(features: Sequence[Sequence[torch.Tensor]]) -> torch
     """Pairwise feature distance of M members: the FDL paper's L_FDL(i, j) for every pair.
 
     Entry (i, j) is the mean over layers d of ``losses.feature_difference(features[i][d], features[j][d])``, the
-    mean squared difference over every element, in fp32. ``mean_offdiag`` of the matrix equals
-    ``losses.feature_difference_loss(features)``.
+    mean squared difference over every element, in fp32: the batch mean of ``losses.pairwise_feature_difference``.
+    ``mean_offdiag`` of the matrix equals ``losses.feature_difference_loss(features)`` to fp32 rounding.
 
     Args:
         features: ``features[m][d]`` is member m's feature tensor at layer d (e.g. ``[B, C, H, W]``); every member has
@@ -285,24 +318,13 @@ def feature_distance_matrix(features: Sequence[Sequence[torch.Tensor]]) -> torch
     Returns:
         ``[M, M]`` float64 tensor, symmetric, zero on the diagonal.
     """
-    num_members = len(features)
-    if num_members == 0:
+    if len(features) == 0:
         raise ValueError('feature_distance_matrix needs the features of at least one member.')
-    num_layers = len(features[0])
-    if num_layers == 0 or any(len(f) != num_layers for f in features):
-        raise ValueError(f'Every member needs the same, non-zero number of feature layers, got'
-                         f' {[len(f) for f in features]}.')
-    for d in range(num_layers):
-        shapes = [tuple(f[d].shape) for f in features]
-        if len(set(shapes)) > 1:
-            # feature_difference would broadcast different shapes silently
-            raise ValueError(f'Layer {d} has different shapes across members: {shapes}.')
-    out = torch.zeros(num_members, num_members, dtype=torch.float64)
-    for i, j in itertools.combinations(range(num_members), 2):
-        # the same fp32 reduction as feature_difference_loss, so that the two agree to fp32 rounding
-        pair = torch.stack([feature_difference(a.detach(), b.detach()) for a, b in zip(features[i], features[j])])
-        out[i, j] = out[j, i] = pair.mean().item()
-    return out
+    if len(features) == 1:
+        _check_features(features * 2)  # one member: its layers are checked as a pair would be
+        return torch.zeros(1, 1, dtype=torch.float64)
+    with torch.no_grad():
+        return pairwise_feature_difference(features).mean(0).double().cpu()
 
 
 def brier_score(probs: torch.Tensor, targets: torch.Tensor) -> float:
