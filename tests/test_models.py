@@ -1,18 +1,34 @@
-"""The ensemble wrappers as timm models, over methods x tiny timm bases."""
+"""Every registered method as a timm model (conftest.METHODS x tiny timm bases): names, forward paths, data config,
+classifiers, export; the ensemble container, the builder's arguments and errors. Each method's own tests are in
+tests/methods/test_<module>.py."""
+import json
 import os
 import tempfile
 
 import pytest
 import timm
 import torch
-from conftest import IMG, METHODS, TINY_BASES, model_kwargs
+from conftest import (
+    ENSEMBLE_METHODS,
+    IMG,
+    MEMBER_METHODS,
+    METHOD_MODULES,
+    METHODS,
+    STUDENT_METHODS,
+    TINY_BASES,
+    create_method_model,
+    create_method_task,
+    method_reference_model,
+    model_kwargs,
+)
 from timm.data import resolve_data_config
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, get_model_args, register_model
 
 import timm_ensembles
-from timm_ensembles import DeepEnsemble, FDLEnsemble
+from timm_ensembles import DeepEnsemble, EnsembleModel
 from timm_ensembles._builder import DEFAULT_BASES, DEFAULT_SIZES
 from timm_ensembles._checkpoint import export_folder
+from timm_ensembles._registry import _size_args, parse_dynamic_name
 
 PARAMS = [(m, b) for m in METHODS for b in TINY_BASES]
 
@@ -22,60 +38,59 @@ def _build(method, base, num_members=2, **kwargs):
                              **model_kwargs(base, num_classes=5, **kwargs))
 
 
-@pytest.mark.parametrize('method,base', PARAMS)
-def test_shapes_train_and_eval(method, base):
-    model = _build(method, base, num_members=3)
-    x = torch.randn(2, 3, IMG, IMG)
-    for train in (True, False):
-        model.train(train)
-        assert model(x).shape == (2, 5)
-        assert model.forward_members(x).shape == (2, 3, 5)
-    assert model.num_classes == 5 and len(model.members) == 3
-    assert model.num_features == 3 * model.members[0].num_features
-    classifiers = model.get_classifier()  # every member's, then the ensemble head where it has weights
-    assert classifiers[:3] == tuple(m.get_classifier() for m in model.members)
-    assert classifiers[3:] == ((model.head,) if model.head.fc is not None else ())
+def _x(batch=2):
+    return torch.randn(batch, 3, IMG, IMG)
 
 
-@pytest.mark.parametrize('method,base', PARAMS)
-def test_forward_is_head_of_members_and_features_path_matches(method, base):
-    model = _build(method, base).eval()
-    x = torch.randn(2, 3, IMG, IMG)
-    with torch.no_grad():
-        members = model.forward_members(x)
-        torch.testing.assert_close(model(x), model.combine(members), rtol=0, atol=0)
-        torch.testing.assert_close(model.forward_head(model.forward_features(x)), model(x))
-        logits, feats = model.forward_members_with_features(x, 'stages')
-        torch.testing.assert_close(logits, members)
-        assert len(feats) == 2 and len(feats[0]) > 1 and all(f.shape[0] == 2 for f in feats[0])
+def _classifier_layers(model):
+    """The linear layers of ``get_classifier()`` (one module or a tuple; an ensemble head holds its map as ``fc``)."""
+    found = model.get_classifier()
+    return [getattr(c, 'fc', c) for c in (found if isinstance(found, tuple) else (found,))]
 
 
-@pytest.mark.parametrize('method,base', PARAMS)
-def test_members_are_independently_initialised(method, base):
-    model = _build(method, base)
-    a, b = (torch.cat([p.flatten() for p in m.parameters()]) for m in model.members)
-    assert not torch.equal(a, b)
+def _data_config(model):
+    # a config read back from config.json holds lists where a registry's holds tuples
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in resolve_data_config(model=model).items()}
 
 
-@pytest.mark.parametrize('method,base', PARAMS)
-def test_data_config_is_the_base_models(method, base):
-    model = _build(method, base)
-    base_model = timm.create_model(base, **model_kwargs(base, num_classes=5))
-    assert resolve_data_config(model=model) == resolve_data_config(model=base_model)
+def _normalised(args):
+    return json.loads(json.dumps(args))
 
 
+# ---- every method ----
 @pytest.mark.parametrize('method', METHODS)
 def test_registered_names(method):
-    names = set(timm.list_models(f'{method}_*'))
-    assert {f'{method}_{b}x{n}' for b in DEFAULT_BASES for n in DEFAULT_SIZES} <= names
-    assert method in timm.list_models(method)
+    """The generic name builds; the named variants are every default base (in each size the method names), and the
+    smallest builds the model the generic name builds with those arguments, under its own name."""
+    assert timm.is_model(method)
+    parsed = {n: parse_dynamic_name(n) for n in timm.list_models(module=METHOD_MODULES[method])}
+    variants = {n: p for n, p in parsed.items() if p is not None and p['method'] == method}
+    if not variants:  # no pre-registered variant (bane: generations of any base; ensemble: of trained models)
+        return
+    assert {p['base_model'] for p in variants.values()} == set(DEFAULT_BASES)
+    size_arg = _size_args.get(method)
+    if size_arg is not None:
+        sizes = {p[size_arg] for p in variants.values()}
+        assert sizes <= set(DEFAULT_SIZES)
+        assert set(variants) == {f'{method}_{b}x{n}' for b in DEFAULT_BASES for n in sizes}
+    name = min(variants, key=lambda n: (variants[n]['base_model'] != 'resnet18', variants[n].get(size_arg, 0)))
+    model = timm.create_model(name, num_classes=5)
+    assert type(model) is type(create_method_model(method, 'test_resnet'))
+    assert model.pretrained_cfg['architecture'] == name
+    for key, value in variants[name].items():
+        if key != 'method':
+            assert getattr(model, key) == value, key
 
 
-def test_mission_name_builds():
-    model = timm.create_model('fdl_resnet50x2')
-    assert isinstance(model, FDLEnsemble) and model.base_model == 'resnet50' and model.num_members == 2
-    assert model.num_classes == 1000 and model.pretrained_cfg['architecture'] == 'fdl_resnet50x2'
-    assert resolve_data_config(model=model) == resolve_data_config(model=timm.create_model('resnet50'))
+@pytest.mark.parametrize('method', ENSEMBLE_METHODS + STUDENT_METHODS)  # the others have no base model to name
+def test_dynamic_names_build_the_generic_model(method):
+    base = 'test_efficientnet'
+    name = f'{method}_{base}x3' if method in ENSEMBLE_METHODS else f'{method}_{base}'
+    model = timm_ensembles.create_model(name, num_classes=4)
+    generic = create_method_model(method, base, size=3, num_classes=4)
+    assert type(model) is type(generic) and model.model_args == generic.model_args
+    # the generic architecture is what a reload needs
+    assert model.pretrained_cfg['architecture'] == method
 
 
 def test_dynamic_names_for_any_base():
@@ -86,6 +101,114 @@ def test_dynamic_names_for_any_base():
     # a base with an 'x' in its name parses (greedy base)
     assert timm_ensembles._registry.parse_dynamic_name('fdl_resnext50_32x4dx2') == dict(
         method='fdl', base_model='resnext50_32x4d', num_members=2)
+
+
+@pytest.mark.parametrize('method,base', PARAMS)
+def test_shapes_train_and_eval(tmp_path, method, base):
+    model = create_method_model(method, base, folder=tmp_path, size=3)
+    x = _x()
+    for train in (True, False):
+        model.train(train)
+        assert model(x).shape == (2, 5)
+        if method not in STUDENT_METHODS:  # a student is one network
+            assert model.forward_members(x).shape == (2, 3, 5)
+    assert model.num_classes == 5
+    assert all(layer.out_features == 5 for layer in _classifier_layers(model))
+
+
+@pytest.mark.parametrize('method,base', PARAMS)
+def test_forward_is_the_combined_members_and_the_features_path(tmp_path, method, base):
+    model = create_method_model(method, base, folder=tmp_path).eval()
+    x = _x()
+    with torch.no_grad():
+        out = model(x)
+        if method not in STUDENT_METHODS:
+            assert torch.equal(out, model.combine(model.forward_members(x)))
+        if method in MEMBER_METHODS:  # trained models of any architectures have no feature map in common
+            return
+        features = model.forward_features(x)
+        torch.testing.assert_close(model.forward_head(features), out)
+        assert model.forward_head(features, pre_logits=True).shape == (2, model.head_hidden_size)
+
+
+@pytest.mark.parametrize('method,base', [(m, b) for m in ENSEMBLE_METHODS for b in TINY_BASES])
+def test_members_are_independently_initialised(method, base):
+    """Members (or heads) differ in every weight they hold alike (a collaborative head's own stages); students are one
+    network, and an ensemble of trained models is given its members."""
+    model = create_method_model(method, base)
+    first, second = (dict(unit.named_parameters()) for unit in getattr(model, 'members', None) or model.heads)
+    alike = [n for n in first.keys() & second.keys() if first[n].dim() > 1]  # weights, not the norms' ones and zeros
+    assert alike
+    assert all(not torch.equal(first[n], second[n]) for n in alike)
+
+
+@pytest.mark.parametrize('method,base', PARAMS)
+def test_data_config_is_the_base_models(tmp_path, method, base):
+    model = create_method_model(method, base, folder=tmp_path)
+    assert _data_config(model) == _data_config(method_reference_model(model))
+
+
+@pytest.mark.parametrize('method,base', PARAMS)
+def test_export_reload_is_exact(tmp_path, method, base):
+    """The model, and what its task exports (a student's bare network, a collaborative head), reload from their
+    folders with timm alone and give the same outputs bit for bit."""
+    model = create_method_model(method, base, folder=tmp_path, size=3).eval()
+    task = create_method_task(model)
+    x = _x(4)
+    for name, exported in dict(model=model, export_model=task.export_model(), **task.exports()).items():
+        exported.eval()
+        export_folder(exported, tmp_path / name)
+        reloaded = timm.create_model(f'local-dir:{tmp_path / name}', pretrained=True).eval()
+        assert type(reloaded) is type(exported)
+        assert _normalised(get_model_args(reloaded)) == _normalised(get_model_args(exported))
+        with torch.no_grad():
+            assert torch.equal(reloaded(x), exported(x))
+            if hasattr(exported, 'forward_members'):
+                assert torch.equal(reloaded.forward_members(x), exported.forward_members(x))
+
+
+@pytest.mark.parametrize('method,base', PARAMS)
+def test_reset_classifier(tmp_path, method, base):
+    """As timm's: new classifiers of the new class count, every other weight kept; 0 classes: pooled features."""
+    model = create_method_model(method, base, folder=tmp_path).eval()
+    if method in MEMBER_METHODS:
+        with pytest.raises(NotImplementedError, match="keeps its members' classes"):
+            model.reset_classifier(3)  # an ensemble of trained models predicts its members' classes
+        return
+    x = _x()
+    with torch.no_grad():
+        features = model.forward_features(x)
+        model.reset_classifier(3)
+        assert model.num_classes == 3 and model(x).shape == (2, 3)
+        assert all(layer.out_features == 3 for layer in _classifier_layers(model))
+        assert torch.equal(model.forward_features(x), features)
+    # the new classifiers are part of the saved model
+    export_folder(model, tmp_path / 'reset')
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'reset'}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(x), model(x))
+        model.reset_classifier(0)
+        assert model(x).shape == (2, model.num_features)
+        without = create_method_model(method, base, num_classes=0).eval()
+        assert without(x).shape == (2, without.num_features) and without.num_features == model.num_features
+
+
+# ---- the ensemble container (_ensemble.py) of the ensemble methods ----
+@pytest.mark.parametrize('method,base', [(m, b) for m in ENSEMBLE_METHODS for b in TINY_BASES])
+def test_ensemble_container_members_features_and_classifiers(method, base):
+    model = create_method_model(method, base, size=3).eval()
+    if not isinstance(model, EnsembleModel):
+        pytest.skip(f'{type(model).__name__} is not the ensemble container (heads on a shared trunk)')
+    assert len(model.members) == 3
+    assert model.num_features == 3 * model.members[0].num_features
+    classifiers = model.get_classifier()  # every member's, then the ensemble head where it has weights
+    assert classifiers[:3] == tuple(m.get_classifier() for m in model.members)
+    assert classifiers[3:] == ((model.head,) if model.head.fc is not None else ())
+    x = _x()
+    with torch.no_grad():
+        logits, feats = model.forward_members_with_features(x, 'stages')
+        assert torch.equal(logits, model.forward_members(x))
+        assert len(feats) == 3 and len(feats[0]) > 1 and all(f.shape[0] == 2 for f in feats[0])
 
 
 def test_kwargs_are_passed_to_members():
@@ -101,42 +224,6 @@ def test_kwargs_are_passed_to_members():
     assert model(torch.randn(2, 1, IMG, IMG, dtype=torch.float64)).shape == (2, 7)
     vit = timm.create_model('ens', base_model='test_vit', img_size=48, num_classes=3)
     assert all(m.patch_embed.img_size == (48, 48) for m in vit.members)
-
-
-def test_reset_classifier():
-    model = _build('fdl', 'test_resnet')
-    model.reset_classifier(3)
-    assert model(torch.randn(2, 3, IMG, IMG)).shape == (2, 3) and model.num_classes == 3
-    assert model.head.fc.out_features == 3
-    model.reset_classifier(0)
-    pooled = model(torch.randn(2, 3, IMG, IMG))
-    assert pooled.shape == (2, model.num_features)
-
-
-def test_conv_taps_are_the_references_convolutions():
-    model = _build('fdl', 'test_resnet').eval()
-    # every convolution but the shortcut projections ('downsample'), as the reference's name rule picks them
-    n_convs = sum(isinstance(m, torch.nn.Conv2d) and 'downsample' not in n for n, m in model.members[0].named_modules())
-    assert 0 < n_convs < sum(isinstance(m, torch.nn.Conv2d) for m in model.members[0].modules())
-    x = torch.randn(2, 3, IMG, IMG)
-    with torch.no_grad():
-        logits, feats = model.forward_members_with_features(x, 'convs')
-        assert len(feats[0]) == n_convs and len(feats[1]) == n_convs
-        assert torch.equal(logits, model.forward_members(x))
-    # hooks are removed after the pass
-    assert all(not m._forward_hooks for m in model.modules())
-
-
-@pytest.mark.parametrize('method', METHODS)
-def test_export_reload_is_exact(tmp_path, method):
-    model = _build(method, 'test_resnet', num_members=3).eval()
-    export_folder(model, tmp_path)
-    reloaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
-    assert type(reloaded) is type(model) and reloaded.num_members == 3 and reloaded.combine_mode == model.combine_mode
-    x = torch.randn(4, 3, IMG, IMG)
-    with torch.no_grad():
-        assert torch.equal(reloaded(x), model(x))
-        assert torch.equal(reloaded.forward_members(x), model.forward_members(x))
 
 
 def test_export_reload_dynamic_name_and_no_base_download(tmp_path):
@@ -249,7 +336,6 @@ def test_pretrained_without_published_weights():
 def test_bad_combine_mode():
     with pytest.raises(ValueError, match='Unknown combine mode'):
         _build('ens', 'test_resnet', combine='vote')
-
 
 
 @pytest.mark.parametrize('name, prefixes', [
