@@ -40,6 +40,15 @@ from timm_ensembles import data as te_data
     (['--task-kwargs', 'fdl_lr'], "--task-kwargs 'fdl_lr': options are key=value pairs"),
     (['--task-kwargs', 'fdl_lr=abc'], "fdl_lr must be a number, got 'abc'"),
     (['--num-classes', '5'], 'training split has labels outside 0..4'),
+    (['--no-aug', '--aa', 'rand-m9-mstd0.5-inc1'], '--no-aug trains without augmentation, and --aa asks for some'),
+    (['--no-aug', '--reprob', '0.25', '--color-jitter', '0.4'],
+     '--no-aug trains without augmentation, and --color-jitter and --reprob ask for some'),
+    (['--aa', 'rand-x9'], '--aa rand-x9: not a policy timm knows (Unknown RandAugment config section)'),
+    (['--aa', 'v7'], '--aa v7: not a policy timm knows'),
+    (['--reprob', '1.5'], '--reprob 1.5: must be a probability in [0, 1]'),
+    (['--recount', '0'], '--recount 0: must be a whole number of boxes >= 1'),
+    (['--color-jitter', '-0.4'], '--color-jitter -0.4: must be a factor >= 0'),
+    (['--checkpoint-hist', '-1'], '--checkpoint-hist -1: must be a whole number of epochs >= 0'),
 ])
 def test_bad_flags_are_one_line_before_anything_is_written(args, message, tmp_path):
     out = tmp_path / 'run'

@@ -383,6 +383,48 @@ def test_train_transform_no_extra_aug(tmp_path):
     assert repr(train_ds.transform) == repr(val_ds.transform)  # the eval transform
 
 
+def test_augmentation_options_reach_timms_train_transform(tmp_path, caplog):
+    """auto_augment, colour jitter and random erasing are timm's create_transform's, on an image folder's images."""
+    rng = np.random.default_rng(0)
+    for split in ('train', 'validation'):
+        for cls in ('cat', 'dog'):
+            (tmp_path / 'pets' / split / cls).mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(
+                    tmp_path / 'pets' / split / cls / f'{i}.png')
+
+    def transforms(chans=3, **kwargs):
+        train_ds, val_ds, _ = create_datasets(str(tmp_path / 'pets'))
+        cfg = _config((chans, 16, 16), (0.5,) * chans, (0.5,) * chans)
+        train_loader, _ = create_loaders(train_ds, val_ds, cfg, batch_size=4, workers=0, **kwargs)
+        torch.manual_seed(0)
+        x, _ = next(iter(train_loader))
+        assert x.shape == (4, chans, 16, 16) and torch.isfinite(x).all()
+        return {type(t).__name__: t for t in train_ds.transform.transforms}
+
+    tfs = transforms(auto_augment='rand-m9-mstd0.5-inc1', re_prob=0.25, re_mode='const', re_count=2)
+    assert list(tfs)[-1] == 'RandomErasing' and 'ColorJitter' not in tfs
+    assert [op.name for op in tfs['RandAugment'].ops][:3] == ['AutoContrast', 'Equalize', 'Invert']  # timm's list
+    assert tfs['RandAugment'].ops[0].magnitude == 9 and tfs['RandAugment'].ops[0].magnitude_std == 0.5
+    erasing = tfs['RandomErasing']
+    assert (erasing.probability, erasing.mode, erasing.max_count) == (0.25, 'const', 2)
+    for chans in (3, 1):  # timm's colour jitter works on gray 'L' images too
+        jitter = transforms(chans, color_jitter=0.3)['ColorJitter']
+        assert jitter.brightness == jitter.contrast == jitter.saturation == pytest.approx((0.7, 1.3)) and not jitter.hue
+    # as in timm, an auto-augment policy turns colour jitter off (but for 3a): said once
+    with caplog.at_level('WARNING', logger='timm_ensembles.data'):
+        tfs = transforms(auto_augment='rand-m9-mstd0.5-inc1', color_jitter=0.3)
+    assert 'ColorJitter' not in tfs and 'colour jitter 0.3 is not applied' in caplog.text
+    assert 'AutoAugment' in transforms(auto_augment='original') and 'AugMixAugment' in transforms(
+        auto_augment='augmix-m5-w4-d2')
+    # RandAugment's increasing posterize keeps 0 bits at magnitude 10, which Pillow 13 refuses: a black image
+    posterize = next(op for op in transforms(auto_augment='rand-m10-inc1')['RandAugment'].ops
+                     if op.name == 'PosterizeIncreasing')
+    posterize.prob = 1.0
+    for mode, color in (('RGB', (200, 100, 50)), ('L', 200)):
+        assert not posterize(Image.new(mode, (8, 8), color)).getbbox()  # all zero
+
+
 # --- the real Fashion-MNIST, when installed
 
 

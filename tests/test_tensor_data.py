@@ -172,3 +172,77 @@ def test_other_sources_and_transforms_keep_the_per_image_path(tmp_path):
     assert train_loader.dataset is train_ds
     train_loader, _ = te_data.create_loaders(train_ds, val_ds, cfg, batch_size=32, workers=0, train_transform=False)
     assert isinstance(train_loader.dataset, PreprocessedDataset)
+
+
+def _erasing_batches(re_prob, re_mode='pixel', n=64, seed=0):
+    """One batch of the same images, crops and flips, with and without timm's random erasing."""
+    images = np.random.default_rng(0).integers(1, 256, (n, 12, 12), dtype=np.uint8)
+    batches = []
+    for prob in (0., re_prob):
+        ds = BatchAugmentDataset(images, np.zeros(n), (3, 16, 16), (0.1, 0.2, 0.3), (0.5, 0.5, 0.5), scale=(0.5, 1.0),
+                                 re_prob=prob, re_mode=re_mode)
+        torch.manual_seed(seed)
+        random.seed(seed)
+        batches.append(ds.__getitems__(list(range(n)))[0])
+    return batches
+
+
+@pytest.mark.parametrize('re_mode', ['pixel', 'const'])
+def test_batch_random_erasing_erases_one_box_of_every_image_at_reprob_1(re_mode):
+    plain, erased = _erasing_batches(1.0, re_mode)
+    boxes = []
+    for k in range(len(plain)):
+        changed = (plain[k] != erased[k]).any(0)  # [H, W]
+        rows, cols = changed.any(1).nonzero().flatten(), changed.any(0).nonzero().flatten()
+        assert len(rows) and len(cols), f'image {k} was not erased'
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        # one box, nothing outside it; about 2% to a third of the image (timm's areas, in whole pixels)
+        assert changed[top:bottom, left:right].all() and changed.sum() == (bottom - top) * (right - left)
+        assert 3 <= changed.sum() <= 100
+        boxes.append(erased[k][:, top:bottom, left:right].flatten())
+    boxes = torch.cat(boxes)
+    if re_mode == 'const':
+        assert (boxes == 0).all()
+    else:  # timm's per-pixel standard normal noise, in every channel
+        assert abs(boxes.mean()) < 0.1 and 0.9 < boxes.std() < 1.1
+
+
+def test_batch_random_erasing_follows_reprob_and_the_seed():
+    plain, erased = _erasing_batches(0., n=32)
+    assert torch.equal(plain, erased)  # reprob 0: the batch is the batch without erasing
+    plain, erased = _erasing_batches(0.3, n=4000)
+    rate = (plain != erased).flatten(1).any(1).float().mean().item()
+    assert rate == pytest.approx(0.3, abs=0.03)
+    _, again = _erasing_batches(0.3, n=4000)
+    assert torch.equal(erased, again)  # the same seeds give the same boxes and noise
+    _, other = _erasing_batches(0.3, n=4000, seed=1)
+    assert not torch.equal(erased, other)
+
+
+@pytest.mark.parametrize('chans', [1, 3])
+def test_auto_augment_and_colour_jitter_take_timms_per_image_transform(tmp_path, chans, caplog):
+    """RandAugment and colour jitter are PIL operations drawn per image: in-memory sets leave the batched path for
+    timm's transform (which works on gray 'L' images too); random erasing alone stays batched."""
+    train_ds, val_ds, _ = _idx_sets(tmp_path)
+    cfg = dict(input_size=(chans, 16, 16), interpolation='bicubic', mean=(0.2, 0.3, 0.4), std=(0.5, 0.6, 0.7),
+               crop_pct=1.0)
+    for kwargs, name in ((dict(auto_augment='rand-m9-mstd0.5-inc1'), 'RandAugment'),
+                         (dict(color_jitter=0.4), 'ColorJitter')):
+        caplog.clear()
+        with caplog.at_level('INFO', logger='timm_ensembles.data'):
+            train_loader, val_loader = te_data.create_loaders(train_ds, val_ds, cfg, batch_size=32, workers=0,
+                                                              re_prob=0.5, **kwargs)
+        assert train_loader.dataset is train_ds
+        names = [type(t).__name__ for t in train_ds.transform.transforms]
+        assert name in names and names[-1] == 'RandomErasing'
+        assert "per-image transform" in caplog.text and len(caplog.records) == 1
+        torch.manual_seed(0)
+        x, y = next(iter(train_loader))
+        assert x.shape == (32, chans, 16, 16) and torch.isfinite(x).all()
+        assert isinstance(val_loader.dataset, PreprocessedDataset)  # evaluation as before
+    train_loader, _ = te_data.create_loaders(train_ds, val_ds, cfg, batch_size=32, workers=0, re_prob=0.5,
+                                             re_mode='rand', re_count=2)
+    fast = train_loader.dataset
+    assert isinstance(fast, BatchAugmentDataset)
+    erasing = fast.random_erasing
+    assert (erasing.probability, erasing.mode, erasing.max_count) == (0.5, 'rand', 2)

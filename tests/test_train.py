@@ -263,6 +263,108 @@ def test_the_best_epoch_is_the_validation_metrics_best_not_the_last(tmp_path, mo
     assert not all(torch.equal(best[k], final[k]) for k in best)
 
 
+def test_checkpoint_hist_keeps_the_n_best_epochs_through_a_crash_and_resume(tmp_path, monkeypatch):
+    """Validation losses scripted to 3.0, 1.0, 2.0, 0.5, 1.5 with --checkpoint-hist 2: checkpoints/ ends with epochs
+    3 and 1, each holding its epoch's weights; epochs that fall out are removed. The run fails while saving epoch 3
+    (after exporting it, before its checkpoint) and is resumed: the ranking comes back from the checkpoint, the
+    unlisted export of epoch 3 is swept and redone, and epoch 2 goes once epoch 3's checkpoint is written."""
+    from timm_ensembles import train as trainer
+    losses = {0: 3.0, 1: 1.0, 2: 2.0, 3: 0.5, 4: 1.5}
+    epochs, weights, seen = iter([0, 1, 2, 3, 3, 4]), {}, []
+
+    def scripted(model, *args, **kwargs):
+        epoch = next(epochs)
+        weights[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
+        return dict(evaluate(model, *args, **kwargs), loss=losses[epoch])
+
+    save_checkpoint = trainer.save_checkpoint
+
+    def failing_at_epoch_3(states, folder):
+        seen.append(sorted(p.name for p in (folder / 'checkpoints').iterdir()))
+        if states['epoch'] == 4 and len(seen) == 4:
+            raise OSError('disk full')
+        return save_checkpoint(states, folder)
+
+    monkeypatch.setattr(trainer, 'evaluate', scripted)
+    monkeypatch.setattr(trainer, 'save_checkpoint', failing_at_epoch_3)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit, match='disk full'):
+        trainer.main(['--model', 'test_resnet', '--epochs', '5', '--eval-metric', 'loss', '--checkpoint-hist', '2',
+                      '--output', str(out), *QUICK])
+    # what each save found before writing its checkpoint: the new epoch exported, the dropped one still there
+    assert seen == [['epoch-0'], ['epoch-0', 'epoch-1'], ['epoch-0', 'epoch-1', 'epoch-2'],
+                    ['epoch-1', 'epoch-2', 'epoch-3']]
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    assert state['checkpoint_hist'] == [dict(epoch=1, loss=1.0), dict(epoch=2, loss=2.0)]
+    trainer.main(['--resume', str(out)])
+    assert seen[4] == ['epoch-1', 'epoch-2', 'epoch-3']  # epoch 3 swept at the start, exported again
+    assert seen[5] == ['epoch-1', 'epoch-3']  # epoch 2 removed after epoch 3's checkpoint; epoch 4 did not enter
+    results = json.loads((out / 'results.json').read_text())
+    assert results['checkpoint_hist'] == [dict(epoch=3, loss=0.5), dict(epoch=1, loss=1.0)]
+    assert results['best_epoch'] == dict(metric='loss', value=0.5, epoch=3)
+    assert sorted(p.name for p in (out / 'checkpoints').iterdir()) == ['epoch-1', 'epoch-3']  # no temporaries
+    for epoch in (1, 3):
+        kept = load_file(out / 'checkpoints' / f'epoch-{epoch}' / 'model.safetensors')
+        assert all(torch.equal(kept[k], weights[epoch][k]) for k in kept) and len(kept) > 0
+    # the same export as best/: timm loads it the same way
+    model = timm.create_model(f"local-dir:{out / 'checkpoints' / 'epoch-3'}", pretrained=True)
+    assert model.num_classes == 10
+    best = load_file(out / 'best' / 'model.safetensors')
+    assert all(torch.equal(best[k], weights[3][k]) for k in best)
+
+
+def test_checkpoint_hist_is_off_by_default(fdl_run):
+    out, _ = fdl_run
+    assert not (out / 'checkpoints').exists()
+    assert 'checkpoint_hist' not in json.loads((out / 'results.json').read_text())
+
+
+def test_augmentation_flags_reach_timms_transforms(tmp_path, monkeypatch, caplog):
+    """--aa / --reprob / --remode / --recount / --color-jitter build timm's transforms: on an image folder, and on the
+    in-memory digits in gray, which then leave the batched path for timm's per-image transform."""
+    from PIL import Image
+
+    from timm_ensembles import train as trainer
+    loaders = []
+    create_loaders = te_data.create_loaders
+
+    def recording(*args, **kwargs):
+        result = create_loaders(*args, **kwargs)
+        loaders.append(result[0])
+        return result
+
+    monkeypatch.setattr(te_data, 'create_loaders', recording)
+    monkeypatch.setenv('OMP_NUM_THREADS', '1')
+    folder = tmp_path / 'pets'
+    rng = torch.Generator().manual_seed(0)
+    for split in ('train', 'validation'):
+        for cls in ('cat', 'dog'):
+            (folder / split / cls).mkdir(parents=True)
+            for i in range(8):
+                pixels = torch.randint(0, 256, (20, 24, 3), generator=rng, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / split / cls / f'{i}.png')
+    quick = ['--model', 'test_resnet', '--epochs', '1', '--batch-size', '8', '--workers', '0', '--no-progress',
+             '--img-size', '32']
+    trainer.main([*quick, '--dataset', str(folder), '--aa', 'rand-m9-mstd0.5-inc1', '--reprob', '0.5', '--remode',
+                  'const', '--recount', '2', '--output', str(tmp_path / 'folder')])
+    tfs = {type(t).__name__: t for t in loaders[-1].dataset.transform.transforms}
+    assert 'RandAugment' in tfs and tfs['RandAugment'].ops[0].magnitude == 9
+    assert (tfs['RandomErasing'].probability, tfs['RandomErasing'].mode, tfs['RandomErasing'].max_count) == (
+        0.5, 'const', 2)
+    with caplog.at_level('INFO'):
+        trainer.main([*quick, '--in-chans', '1', '--train-subset', '64', '--val-subset', '32', '--aa',
+                      'rand-m9-mstd0.5-inc1', '--color-jitter', '0.2', '--output', str(tmp_path / 'digits')])
+    dataset = loaders[-1].dataset
+    assert isinstance(dataset, te_data.SubsetDataset)  # not the batched BatchAugmentDataset
+    assert 'RandAugment' in [type(t).__name__ for t in dataset.transform.transforms]
+    assert "auto-augment 'rand-m9-mstd0.5-inc1': the in-memory training images take timm's per-image" in caplog.text
+    assert yaml.safe_load((tmp_path / 'digits' / 'args.yaml').read_text())['aa'] == 'rand-m9-mstd0.5-inc1'
+    # another augmentation is another run
+    with pytest.raises(SystemExit, match="aa: 'rand-m9-mstd0.5-inc1' there, 'rand-m5-mstd0.5' here"):
+        trainer.main(['--resume', str(tmp_path / 'digits'), '--aa', 'rand-m5-mstd0.5'])
+
+
 def test_model_ema_is_evaluated_exported_and_resumed(tmp_path):
     out = tmp_path / 'ema'
     run_train('--model', 'ens_test_resnetx2', '--epochs', '2', '--model-ema', '--model-ema-decay', '0.5',

@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
-           'atomic_write_text', 'sweep_temporaries', 'check_weights', 'CHECKPOINT_NAME']
+           'export_new_folder', 'rank_history', 'history_folder', 'sweep_history', 'atomic_write_text',
+           'sweep_temporaries', 'check_weights', 'CHECKPOINT_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 # the config.json entry naming the timm-ensembles version that wrote an export
@@ -168,6 +169,76 @@ def export_folder(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+def export_new_folder(model: nn.Module, folder: str | Path, **kwargs) -> Path:
+    """:func:`export_folder` into a temporary folder beside ``folder``, then renamed to it: ``folder`` appears whole
+    or not at all (one that exists is replaced). What a killed export leaves is removed by :func:`sweep_history`.
+
+    Args:
+        model: The model to export.
+        folder: The folder to create.
+        **kwargs: :func:`export_folder`'s ``model_config``, ``model_args``, ``data_config``.
+    """
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = folder.with_name(f'.{folder.name}.tmp'), folder.with_name(f'.{folder.name}.old')
+    for stale in (tmp, old):
+        shutil.rmtree(stale, ignore_errors=True)
+    export_folder(model, tmp, **kwargs)
+    if folder.exists():
+        # a folder is not renamed over a non-empty one: move the old one aside first
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    _fsync_dir(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return folder
+
+
+def history_folder(root: str | Path, epoch: int) -> Path:
+    """The folder of one epoch's exported model kept by ``--checkpoint-hist``: ``<root>/epoch-<epoch>``."""
+    return Path(root) / f'epoch-{epoch}'
+
+
+def rank_history(
+        history: list[dict[str, Any]], epoch: int, metric: str, value: float, size: int, lower_is_better: bool,
+) -> list[dict[str, Any]]:
+    """The ``size`` best epochs after ``epoch`` scored ``value``, best first, as timm's ``CheckpointSaver`` keeps
+    them: an epoch enters when fewer are kept or it beats the worst kept one; among equal values the earlier epoch
+    ranks first (so a tie never displaces a kept epoch).
+
+    Args:
+        history: The epochs kept so far, best first: ``[{'epoch': E, metric: value}, ...]``.
+        epoch: The epoch just evaluated (an entry of the same epoch, from a redone epoch, is replaced).
+        metric: The metric's name, the entries' key.
+        value: Its value at ``epoch``.
+        size: How many epochs to keep (0: none).
+        lower_is_better: True for a loss.
+
+    Returns:
+        The new ranking; the epochs it leaves out are to be removed.
+    """
+    if size <= 0:
+        return []
+    kept = [h for h in history if h['epoch'] != epoch]
+    # a stable sort of the ranking with the newcomer last: it stays behind kept epochs of the same value
+    ranked = sorted([*kept, {'epoch': epoch, metric: float(value)}], key=lambda h: h[metric],
+                    reverse=not lower_is_better)
+    return ranked[:size]
+
+
+def sweep_history(root: str | Path, keep: list[int]) -> list[Path]:
+    """Remove from ``root`` the epochs' folders not in ``keep`` (epochs that fell out of the ranking, or that a
+    resumed run redoes) and what killed exports left. Returns the removed folders."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    wanted = {history_folder(root, e).name for e in keep}
+    stale = [p for p in root.iterdir() if p.is_dir() and p.name.lstrip('.').startswith('epoch-')
+             and p.name not in wanted]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    return stale
 
 
 def _sha256(path: Path) -> str:

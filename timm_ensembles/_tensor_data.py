@@ -6,8 +6,9 @@ Here the images live as one uint8 tensor and a training batch is augmented in a 
 resized-crop boxes drawn as timm's ``RandomResizedCropAndInterpolation.get_params`` draws them (area fraction,
 log-uniform aspect ratio, 10 attempts, centre-crop fallback), horizontal flips, the resampling of every crop to the
 output size as PIL's ``resize`` does it (its bilinear and bicubic kernels, its antialiasing when down-sampling, its
-rounding to whole levels after each pass; two batched matrix products, the resampling being separable), and
-normalisation. Evaluation images are passed through timm's own eval transform once and kept as a float tensor, so
+rounding to whole levels after each pass; two batched matrix products, the resampling being separable),
+normalisation and, when asked, timm's own ``RandomErasing`` on the normalised batch (as timm erases after
+normalising). Evaluation images are passed through timm's own eval transform once and kept as a float tensor, so
 evaluation sees exactly what the per-image path gives.
 
 The crop boxes and flips follow the per-image path's distributions and a given crop up-samples to PIL's pixels
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from timm.data.random_erasing import RandomErasing
 from torch.utils.data import Dataset
 
 __all__ = ['BatchAugmentDataset', 'PreprocessedDataset', 'random_resized_crop_boxes', 'resized_crops',
@@ -188,7 +190,7 @@ def _span_weights(start, length, in_size, out_size, interpolation, tables: dict 
 
 class BatchAugmentDataset(Dataset):
     """uint8 images ``[N, H, W]`` with timm's training augmentation (random resized crop, horizontal flip,
-    normalisation) applied a batch at a time by ``__getitems__``.
+    normalisation, random erasing) applied a batch at a time by ``__getitems__``.
 
     Args:
         images: uint8 ``[N, H, W]`` (grayscale) tensor or array.
@@ -199,7 +201,10 @@ class BatchAugmentDataset(Dataset):
         scale: Area range of the random resized crop.
         ratio: Aspect-ratio range of the random resized crop.
         hflip: Horizontal flip probability.
-        interpolation: 'bilinear', 'bicubic' or 'nearest'.
+        interpolation: 'bilinear' or 'bicubic'.
+        re_prob: Probability that timm's ``RandomErasing`` erases boxes of an image (0: off).
+        re_mode: Its fill: 'pixel' (per-pixel normal noise), 'rand' (one normal colour per box) or 'const' (zeros).
+        re_count: Its maximum number of boxes per image.
     """
 
     def __init__(
@@ -213,6 +218,9 @@ class BatchAugmentDataset(Dataset):
             ratio: Sequence[float] = (3. / 4., 4. / 3.),
             hflip: float = 0.5,
             interpolation: str = 'bilinear',
+            re_prob: float = 0.,
+            re_mode: str = 'pixel',
+            re_count: int = 1,
     ):
         # a copy: IDX arrays are read-only views of the file's bytes
         self.images = images.clone() if isinstance(images, torch.Tensor) else torch.from_numpy(np.array(images))
@@ -226,6 +234,10 @@ class BatchAugmentDataset(Dataset):
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
         self.scale, self.ratio, self.hflip, self.interpolation = tuple(scale), tuple(ratio), hflip, interpolation
         self._weight_tables: dict = {}
+        # timm's own, on the normalised batch as timm applies it; it draws from Python's and torch's global
+        # generators, which the training script seeds per epoch, as it does the crops
+        self.random_erasing = RandomErasing(re_prob, mode=re_mode, max_count=re_count, device='cpu') \
+            if re_prob > 0 else None
 
     def __len__(self) -> int:
         return len(self.images)
@@ -238,7 +250,10 @@ class BatchAugmentDataset(Dataset):
         x = resized_crops(images, boxes, self.size, flip, self.interpolation, self._weight_tables).unsqueeze(1)
         if self.channels != 1:
             x = x.expand(-1, self.channels, -1, -1)
-        return (x - self.mean) / self.std, self.targets[index]
+        x = (x - self.mean) / self.std
+        if self.random_erasing is not None:
+            x = self.random_erasing(x)  # in place, image by image; x is this batch's own tensor
+        return x, self.targets[index]
 
     def __getitem__(self, index: int):
         x, y = self.__getitems__([index])

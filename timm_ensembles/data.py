@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 from timm.data import ImageDataset, create_dataset, create_transform
+from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from ._extras import require
@@ -777,9 +778,11 @@ def _array_source(dataset: Dataset) -> tuple[np.ndarray, np.ndarray] | None:
     return inner.images[indices], inner.targets[indices]
 
 
-def _batch_augment_dataset(dataset: Dataset, common: dict, scale, hflip: float) -> BatchAugmentDataset | None:
+def _batch_augment_dataset(
+        dataset: Dataset, common: dict, scale, hflip: float, **erasing,
+) -> BatchAugmentDataset | None:
     """The training set as a :class:`BatchAugmentDataset` when the batched path gives timm's augmentation: in-memory
-    grayscale images, bilinear or bicubic interpolation, 1 or 3 channels."""
+    grayscale images, bilinear or bicubic interpolation, 1 or 3 channels; ``erasing``: its random erasing options."""
     source = _array_source(dataset)
     in_chans = common['input_size'][0]
     if source is None or common['interpolation'] not in FAST_INTERPOLATIONS or in_chans not in (1, 3):
@@ -787,7 +790,7 @@ def _batch_augment_dataset(dataset: Dataset, common: dict, scale, hflip: float) 
     images, targets = source
     return BatchAugmentDataset(
         images, targets, common['input_size'], common['mean'], common['std'],
-        scale=scale, ratio=(3. / 4., 4. / 3.), hflip=hflip, interpolation=common['interpolation'])
+        scale=scale, ratio=(3. / 4., 4. / 3.), hflip=hflip, interpolation=common['interpolation'], **erasing)
 
 
 def _preprocessable(dataset: Dataset, input_size) -> bool:
@@ -809,16 +812,23 @@ def create_loaders(
         train_transform: bool | Callable = True,
         seed: int = 0,
         rank: int = 0,
+        auto_augment: str | None = None,
+        color_jitter: float | None = None,
+        re_prob: float = 0.,
+        re_mode: str = 'pixel',
+        re_count: int = 1,
 ) -> tuple[DataLoader, DataLoader]:
     """Set timm's transforms on the datasets and build the training and validation loaders.
 
     The datasets yield 'L' images when ``data_config['input_size'][0]`` is 1 and 'RGB' when it is 3 (for datasets
     that support it, see :func:`set_img_mode`). A 3-valued mean / std with 1-channel input is averaged to one value.
-    Training augmentation is timm's random-resized-crop plus horizontal flip only (no color jitter, auto-augment or
-    random erasing); evaluation resizes and center-crops with the config's crop_pct. In-memory sources (digits, IDX
-    folders) take a faster path with the same semantics: their training batches are augmented a whole batch at a
-    time, their evaluation images transformed once, in the training process (``workers`` applies to the other
-    sources); the crop boxes and flips follow timm's distributions (see ``_tensor_data.py``).
+    Training augmentation is timm's ``create_transform(is_training=True)``: random-resized-crop and horizontal flip,
+    and, when asked, its auto-augment policy, colour jitter and random erasing (none by default); evaluation resizes
+    and center-crops with the config's crop_pct. In-memory sources (digits, IDX folders) take a faster path with the
+    same semantics: their training batches are augmented a whole batch at a time (random erasing included), their
+    evaluation images transformed once, in the training process (``workers`` applies to the other sources); the crop
+    boxes and flips follow timm's distributions (see ``_tensor_data.py``). Auto-augment and colour jitter work on PIL
+    images one at a time: with either, in-memory training images take timm's per-image transform like the others.
 
     Args:
         train_ds: Training dataset (settable ``transform``).
@@ -834,6 +844,12 @@ def create_loaders(
         seed: Seed of the training shuffle (a ``torch.Generator``, which also seeds the workers).
         rank: The process's rank under DDP: its loader workers draw their augmentation from seeds of their own (the
             shuffle's seed is shared by every process, so that they split one permutation).
+        auto_augment: timm's auto-augment policy (``--aa``), e.g. 'rand-m9-mstd0.5-inc1' for RandAugment; None: off.
+            As in timm, it turns colour jitter off (but for its '3a' policy).
+        color_jitter: timm's colour jitter factor for brightness, contrast and saturation; None or 0: off.
+        re_prob: timm's random erasing probability, after normalisation; 0: off.
+        re_mode: Random erasing fill: 'pixel', 'rand' or 'const'.
+        re_count: Random erasing: at most this many boxes per image.
 
     Returns:
         Training loader (shuffled, last partial batch dropped when the dataset holds more than one batch) and
@@ -843,6 +859,10 @@ def create_loaders(
         raise ValueError('train_ds and val_ds must be distinct objects: each gets its own transform.')
     _set_channels(train_ds, data_config)
     common, eval_tf = _common_and_eval_transform(data_config)
+    color_jitter = color_jitter or None  # a factor of 0 jitters nothing: no transform, and the batched path stays
+    if auto_augment and color_jitter and '3a' not in auto_augment:
+        _logger.warning(f'colour jitter {color_jitter} is not applied with auto-augment {auto_augment!r}: timm turns'
+                        f' colour jitter off under its auto-augment policies (but for 3a).')
     if callable(train_transform):
         train_tf = train_transform
     elif train_transform:
@@ -853,12 +873,15 @@ def create_loaders(
             ratio=(3. / 4., 4. / 3.),
             hflip=hflip,
             vflip=0.,
-            color_jitter=None,
-            auto_augment=None,
-            re_prob=0.,
+            color_jitter=color_jitter,
+            auto_augment=auto_augment,
+            re_prob=re_prob,
+            re_mode=re_mode,
+            re_count=re_count,
         )
     else:
         train_tf = eval_tf
+    _keep_zero_bit_posterize(train_tf)
     train_ds.transform = train_tf
 
     pin_memory = torch.cuda.is_available()
@@ -866,8 +889,14 @@ def create_loaders(
     generator.manual_seed(seed)
     # in-memory images: augmented a batch at a time, evaluation images transformed once (see _tensor_data.py)
     fast_train = None
-    if train_transform is True:
-        fast_train = _batch_augment_dataset(train_ds, common, scale=tuple(scale), hflip=hflip)
+    if train_transform is True and (auto_augment or color_jitter):
+        if _array_source(train_ds) is not None:
+            # both are PIL operations of timm's, drawn per image: no batched equivalent would be timm's
+            _logger.info(f"{'auto-augment ' + repr(auto_augment) if auto_augment else 'colour jitter'}: the in-memory"
+                         f" training images take timm's per-image transform (slower than the batched path)")
+    elif train_transform is True:
+        fast_train = _batch_augment_dataset(train_ds, common, scale=tuple(scale), hflip=hflip, re_prob=re_prob,
+                                            re_mode=re_mode, re_count=re_count)
     elif train_transform is False and _preprocessable(train_ds, common['input_size']):
         fast_train = PreprocessedDataset(train_ds)
     # iterable datasets shuffle in their reader, a DataLoader refuses shuffle=True for them
@@ -889,6 +918,25 @@ def create_loaders(
     )
     val_loader = create_eval_loader(val_ds, data_config, val_batch_size or batch_size, workers)
     return train_loader, val_loader
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize, keeping 0 bits as Pillow before 13 did: a black image. timm's RandAugment asks for 0 bits
+    at magnitude 10 of its increasing posterize ('inc1' policies, reached with 'mstd'), which Pillow 13 refuses
+    with a ValueError that would stop training."""
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return timm_posterize(img, bits_to_keep, **kwargs)
+
+
+def _keep_zero_bit_posterize(transform) -> None:
+    """Give the posterize operations of timm's auto-augment transforms within ``transform`` :func:`_posterize`."""
+    for t in getattr(transform, 'transforms', [transform]):
+        # RandAugment and AugMix hold their operations in ops, AutoAugment in sub-policies
+        ops = [*getattr(t, 'ops', ()), *(op for sub_policy in getattr(t, 'policy', ()) for op in sub_policy)]
+        for op in ops:
+            if getattr(op, 'aug_fn', None) is timm_posterize:
+                op.aug_fn = _posterize
 
 
 def _seed_worker(rank: int, worker_id: int) -> None:

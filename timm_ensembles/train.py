@@ -38,7 +38,7 @@ import yaml
 from accelerate import Accelerator
 from accelerate import utils as accelerate_utils
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from timm.data import Mixup, resolve_data_config
+from timm.data import Mixup, create_transform, resolve_data_config
 from timm.models import get_model_args
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -48,9 +48,13 @@ from ._checkpoint import (
     CheckpointError,
     atomic_write_text,
     export_folder,
+    export_new_folder,
     find_checkpoint,
+    history_folder,
     load_checkpoint,
+    rank_history,
     save_checkpoint,
+    sweep_history,
 )
 from ._engine import (
     LabelError,
@@ -149,6 +153,21 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--scale', type=float, nargs=2, default=(0.5, 1.0), metavar=('MIN', 'MAX'),
                        help='random-resized-crop scale range')
     group.add_argument('--no-aug', action='store_true', help='no training augmentation')
+    group.add_argument('--aa', default=None, metavar='NAME',
+                       help="timm's auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2,"
+                            ' original, 3a (default: none). The in-memory datasets then take timm\'s per-image'
+                            ' transforms instead of their batched path (slower)')
+    group.add_argument('--color-jitter', type=float, default=None, metavar='PCT',
+                       help="timm's colour jitter factor (brightness, contrast, saturation), e.g. 0.4. Default: none"
+                            " (timm's train.py jitters by 0.4 unless --aa is given; here only when asked). As in"
+                            ' timm, --aa turns it off (but for 3a). In-memory datasets then take the per-image path')
+    group.add_argument('--reprob', type=float, default=0., metavar='PCT',
+                       help="timm's random erasing probability per image, after normalisation (default 0: off);"
+                            ' the in-memory datasets erase a batch at a time')
+    group.add_argument('--remode', default='pixel', choices=('pixel', 'rand', 'const'),
+                       help='random erasing fill: per-pixel normal noise (pixel, default), one random colour (rand),'
+                            ' zeros (const)')
+    group.add_argument('--recount', type=int, default=1, help='random erasing: up to this many boxes an image')
     group.add_argument('--mixup', type=float, default=0.0,
                        help="timm's mixup alpha (on when > 0): the tasks learn from mixed images' soft targets")
     group.add_argument('--cutmix', type=float, default=0.0, help="timm's cutmix alpha (on when > 0)")
@@ -212,6 +231,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='the validation metric that picks <output>/best, the best epoch\'s model beside the final'
                             ' one (acc, top5, mean_probs_acc, member_acc_mean: higher is better; loss: lower).'
                             ' Validation is the held-out data with --holdout, else the dataset\'s evaluation split')
+    group.add_argument('--checkpoint-hist', type=int, default=0, metavar='N',
+                       help='keep the N best epochs by --eval-metric as exported models in'
+                            ' <output>/checkpoints/epoch-<E> (the format of best/; ranked in results.json), as timm'
+                            ' keeps its N best checkpoints. Default 0 (none), where timm keeps 10: each is a whole'
+                            ' model (an ensemble: all its members), so 10 would multiply the folder\'s size by up to'
+                            ' 11, and best/ already holds the best one')
     group = parser.add_argument_group('Analysis')
     group.add_argument('--snapshot-subset', type=int, default=0, metavar='N',
                        help='after every epoch, save every member\'s logits on N validation samples to'
@@ -293,7 +318,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 # folder and the initial weights are left out: data may move between sessions, and the checkpoint replaces the weights)
 IDENTITY_FLAGS = (
     'model', 'model_kwargs', 'task_kwargs', 'teacher', 'train_split', 'val_split', 'train_subset', 'val_subset',
-    'holdout', 'num_classes', 'img_size', 'crop_pct', 'in_chans', 'hflip', 'scale', 'no_aug', 'mixup', 'cutmix',
+    'holdout', 'num_classes', 'img_size', 'crop_pct', 'in_chans', 'hflip', 'scale', 'no_aug', 'aa', 'color_jitter',
+    'reprob', 'remode', 'recount', 'mixup', 'cutmix',
     'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'mixup_off_epoch', 'epochs', 'batch_size',
     'grad_accum_steps', 'opt', 'lr', 'momentum', 'weight_decay', 'layer_decay', 'clip_grad', 'sched', 'min_lr',
     'warmup_epochs', 'warmup_lr', 'decay_epochs', 'decay_rate', 'smoothing', 'mixed_precision', 'seed', 'model_ema',
@@ -347,6 +373,11 @@ _CHECKS = (
     ('mixup_off_epoch', lambda v: _whole(v) and v >= 0, 'a whole number >= 0 (0: never)'),
     ('decay_epochs', lambda v: _number(v) and v > 0, 'a number > 0'),
     ('decay_rate', lambda v: _number(v) and v > 0, 'a number > 0'),
+    ('reprob', lambda v: _number(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('remode', lambda v: v in ('pixel', 'rand', 'const'), 'pixel, rand or const'),
+    ('recount', lambda v: _whole(v) and v >= 1, 'a whole number of boxes >= 1'),
+    ('color_jitter', lambda v: v is None or (_number(v) and v >= 0), 'a factor >= 0 (omit it for none)'),
+    ('checkpoint_hist', lambda v: _whole(v) and v >= 0, 'a whole number of epochs >= 0 (0: none)'),
 )
 
 
@@ -388,6 +419,18 @@ def check_args(args: argparse.Namespace) -> None:
     if args.snapshot_weights and not args.snapshot_subset:
         raise SystemExit('error: --snapshot-weights needs --snapshot-subset N: the weights are saved beside the'
                          ' snapshot of the predictions')
+    augmentation = [flag for flag, on in (('--aa', args.aa), ('--color-jitter', args.color_jitter),
+                                          ('--reprob', args.reprob)) if on]
+    if args.no_aug and augmentation:
+        raise SystemExit(f"error: --no-aug trains without augmentation, and {' and '.join(augmentation)}"
+                         f" {'ask' if len(augmentation) > 1 else 'asks'} for some: give one or the other.")
+    if args.aa:
+        try:  # timm parses the policy when it builds the transform
+            create_transform((3, 32, 32), is_training=True, auto_augment=args.aa)
+        except (AssertionError, ValueError, KeyError, IndexError) as e:
+            raise SystemExit(f"error: --aa {args.aa}: not a policy timm knows ({e or type(e).__name__}); e.g."
+                             f' rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 (AugMix), original or 3a'
+                             f' (AutoAugment).') from None
 
 
 def main(argv=None) -> int:
@@ -561,7 +604,9 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     hflip = args.hflip if args.hflip is not None else info.default_hflip
     train_loader, val_loader = te_data.create_loaders(
         train_ds, val_ds, data_config, batch_size=args.batch_size, workers=args.workers, hflip=hflip,
-        scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed, rank=accelerator.process_index)
+        scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed, rank=accelerator.process_index,
+        auto_augment=args.aa, color_jitter=args.color_jitter, re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount)
     test_loader = None if test_ds is None else te_data.create_eval_loader(test_ds, data_config, args.batch_size,
                                                                            args.workers)
     # reseeded every epoch, so that a resumed run sees the same data order as an uninterrupted one
@@ -635,6 +680,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                          f' plateau, poly')
 
     start_epoch, num_updates, val_metrics, best, ema_metrics = 0, 0, {}, None, None
+    # --checkpoint-hist: the epochs kept in <output>/checkpoints, best first ([{'epoch': E, <metric>: value}])
+    history, history_root = [], output / 'checkpoints'
     if resume_state is not None:
         lr_scheduler.load_state_dict(resume_state['scheduler'])
         if accelerator.scaler is not None and resume_state.get('scaler'):
@@ -644,6 +691,9 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         lr_scheduler.step_update(num_updates=num_updates)
         val_metrics = resume_state.get('val_metrics', {})
         best = resume_state.get('best')
+        # as the checkpoint has it (a --checkpoint-hist given now that is smaller keeps the first N; epochs dropped
+        # before cannot come back under a larger one)
+        history = resume_state.get('checkpoint_hist', [])[:args.checkpoint_hist]
         if ema is not None:
             ema.load_state_dict(resume_state['ema'])
             ema_metrics = resume_state.get('ema_val_metrics')
@@ -664,6 +714,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     if is_main:
         _truncate_metrics(metrics_path, start_epoch)
         remove_snapshots_from(output, start_epoch)
+        # the epochs this run redoes (exported before a kill could stop their checkpoint), half-written exports
+        sweep_history(history_root, [h['epoch'] for h in history])
     for epoch in range(start_epoch, num_epochs):
         set_seed(args.seed + epoch, device_specific=True)
         shuffle_generator.manual_seed(args.seed + epoch)
@@ -710,14 +762,24 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         improved = best is None or (value < best['value'] if args.eval_metric == 'loss' else value > best['value'])
         if improved:
             best = dict(metric=args.eval_metric, value=value, epoch=epoch)
+        ranked = rank_history(history, epoch, args.eval_metric, value, args.checkpoint_hist,
+                              lower_is_better=args.eval_metric == 'loss')
         state = dict(task=unwrapped, optimizer=optimizer, scheduler=lr_scheduler, scaler=accelerator.scaler,
                      epoch=epoch + 1, num_updates=num_updates, val_metrics=val_metrics, run=run_identity, best=best,
-                     **({} if ema is None else dict(ema=ema, ema_val_metrics=ema_metrics)))
-        # the best epoch's model before the checkpoint: a run killed in between redoes the epoch and its export
-        best_export = functools.partial(export_folder, export_model, output / 'best', model_config=model_config,
-                                        data_config=data_config) if improved else None
-        _on_main(accelerator, functools.partial(_save_epoch, output, record, state, best_export),
+                     checkpoint_hist=ranked, **({} if ema is None else dict(ema=ema, ema_val_metrics=ema_metrics)))
+        # the best epoch's model (and this epoch's, when it ranks among the --checkpoint-hist best) before the
+        # checkpoint: a run killed in between redoes the epoch and its exports
+        exports, configs = [], dict(model_config=model_config, data_config=data_config)
+        if improved:
+            exports.append(functools.partial(export_folder, export_model, output / 'best', **configs))
+        if any(h['epoch'] == epoch for h in ranked):
+            exports.append(functools.partial(export_new_folder, export_model, history_folder(history_root, epoch),
+                                             **configs))
+        # the epochs that fell out of the ranking go once the checkpoint no longer lists them
+        dropped = functools.partial(sweep_history, history_root, [h['epoch'] for h in ranked])
+        _on_main(accelerator, functools.partial(_save_epoch, output, record, state, exports, dropped),
                  f'saving epoch {epoch} to {output}')
+        history = ranked
 
     test_metrics, selection = None, None
     if test_loader is not None:
@@ -740,6 +802,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                        world_size=accelerator.num_processes, final_epoch=val_metrics)
         if best is not None:
             results.update(best_epoch=best)
+        if args.checkpoint_hist:
+            results['checkpoint_hist'] = history
         if test_metrics is not None:
             results.update(holdout=args.holdout, selection=selection, test=test_metrics)
         if ema is not None:
@@ -788,16 +852,19 @@ def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, device: 
         model.to(memory_format=torch.channels_last)
 
 
-def _save_epoch(output: Path, record: dict, state: dict, best_export=None) -> None:
-    """Append the epoch's metrics (``metrics.jsonl``, and ``summary.csv`` from it), export the best epoch's model
-    when this one is (``best_export``), and write the checkpoint (the objects' state dicts) atomically."""
+def _save_epoch(output: Path, record: dict, state: dict, exports=(), after=None) -> None:
+    """Append the epoch's metrics (``metrics.jsonl``, and ``summary.csv`` from it), run the epoch's model exports
+    (``exports``: best/, checkpoints/), write the checkpoint (the objects' state dicts) atomically, then ``after``
+    (what the checkpoint no longer needs to exist)."""
     with open(output / 'metrics.jsonl', 'a') as f:
         f.write(json.dumps(record) + '\n')
     write_summary(output)
-    if best_export is not None:
-        best_export()
+    for export in exports:
+        export()
     states = {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in state.items()}
     save_checkpoint(states, output)
+    if after is not None:
+        after()
 
 
 def _on_main(accelerator, fn, what: str) -> None:
