@@ -24,7 +24,6 @@ import csv
 import functools
 import importlib
 import io
-import json
 import logging
 import math
 import os
@@ -67,6 +66,7 @@ from ._engine import (
 )
 from ._extras import MissingExtraError
 from ._registry import create_model, create_task
+from ._run import RunFolder
 from ._snapshots import (
     member_parameters,
     predict_members,
@@ -288,8 +288,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if known.resume:
         run_dir = Path(known.resume)
         run_dir = run_dir if run_dir.is_dir() else run_dir.parent
-        if (run_dir / 'args.yaml').is_file():
-            sources.append((run_dir / 'args.yaml', ('config', 'resume', 'output')))
+        if RunFolder(run_dir).file(RunFolder.ARGS).is_file():
+            sources.append((RunFolder(run_dir).file(RunFolder.ARGS), ('config', 'resume', 'output')))
     if known.config:
         if not Path(known.config).is_file():
             parser.error(f"--config '{known.config}' does not exist")
@@ -488,10 +488,10 @@ def train_generations(args: argparse.Namespace) -> int:
         # seeds far apart, so that no generation's epoch reuses another's data order or augmentation
         seed = args.seed + 1000 * k
         gen_args.generations, gen_args.output, gen_args.seed, gen_args.teacher = 1, str(folder), seed, teacher
-        if (folder / 'results.json').exists():
+        if RunFolder(folder).file(RunFolder.RESULTS).exists():
             _logger.info(f'generation {k}: done in {folder}')
         else:
-            if (folder / 'checkpoint.pt').exists():
+            if RunFolder(folder).checkpoint_path.exists():
                 gen_args.resume = str(folder)
             _logger.info(f'generation {k} of {args.generations}: teacher {teacher}, seed {gen_args.seed},'
                          f' output {folder}')
@@ -593,9 +593,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         args.mixed_precision = 'bf16'
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
     output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
+    run = RunFolder(output)
     accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs],
-                              log_with=args.log_with, project_dir=output / 'tracking' if args.log_with else None)
+                              log_with=args.log_with, project_dir=run.sub('tracking') if args.log_with else None)
     is_main = accelerator.is_main_process
     log = _logger.info if is_main else (lambda *a, **k: None)
     log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
@@ -644,14 +645,14 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             )
         task.load_state_dict(resume_state['task'])
         optimizer.load_state_dict(resume_state['optimizer'])
-    elif (output / 'checkpoint.pt').exists():
+    elif run.checkpoint_path.exists():
         raise SystemExit(f"error: '{output}' already holds a run; pass --resume {output} to continue it, or choose"
                          f" another --output")
     # what reproduces the run: never where it was written, where it resumed from, or the config it came from
     recorded = _normalised({k: v for k, v in vars(args).items() if k not in ('output', 'resume', 'config')})
     if is_main:
         output.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(output / 'args.yaml', yaml.safe_dump(recorded, sort_keys=False))
+        run.write_args(recorded)
     if args.log_with:
         # the run's flags as the trackers' config (scalars only: what every tracker takes)
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in recorded.items()}
@@ -681,7 +682,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
 
     start_epoch, num_updates, val_metrics, best, ema_metrics = 0, 0, {}, None, None
     # --checkpoint-hist: the epochs kept in <output>/checkpoints, best first ([{'epoch': E, <metric>: value}])
-    history, history_root = [], output / 'checkpoints'
+    history, history_root = [], run.sub('checkpoints')
     if resume_state is not None:
         lr_scheduler.load_state_dict(resume_state['scheduler'])
         if accelerator.scaler is not None and resume_state.get('scaler'):
@@ -699,7 +700,6 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             ema_metrics = resume_state.get('ema_val_metrics')
         log(f'resumed from {args.resume} at epoch {start_epoch}')
 
-    metrics_path = output / 'metrics.jsonl'
     model_config = dict(label_names=info.class_names) if info.class_names else None
 
     def update_ema(num_updates: int) -> None:
@@ -712,7 +712,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                          'train/samples_per_sec': values['samples_per_sec']}, step=values['update'])
 
     if is_main:
-        _truncate_metrics(metrics_path, start_epoch)
+        run.truncate_metrics(start_epoch)
         remove_snapshots_from(output, start_epoch)
         # the epochs this run redoes (exported before a kill could stop their checkpoint), half-written exports
         sweep_history(history_root, [h['epoch'] for h in history])
@@ -732,7 +732,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         except LabelError as e:  # a dataset that does not expose its labels, checked on its first batch
             raise SystemExit(f'error: {e}') from None
         except NonFiniteLossError as e:
-            kept = output / 'checkpoint.pt'
+            kept = run.checkpoint_path
             where = f"the last good checkpoint is '{kept}'" if kept.exists() else 'no epoch had finished, no checkpoint'
             raise SystemExit(f'error: {e} Training stopped; {where}.') from None
         # DDP keeps each process's BatchNorm statistics of its own last batches: evaluate and save one set
@@ -771,13 +771,13 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         # checkpoint: a run killed in between redoes the epoch and its exports
         exports, configs = [], dict(model_config=model_config, data_config=data_config)
         if improved:
-            exports.append(functools.partial(export_folder, export_model, output / 'best', **configs))
+            exports.append(functools.partial(export_folder, export_model, run.sub('best'), **configs))
         if any(h['epoch'] == epoch for h in ranked):
             exports.append(functools.partial(export_new_folder, export_model, history_folder(history_root, epoch),
                                              **configs))
         # the epochs that fell out of the ranking go once the checkpoint no longer lists them
         dropped = functools.partial(sweep_history, history_root, [h['epoch'] for h in ranked])
-        _on_main(accelerator, functools.partial(_save_epoch, output, record, state, exports, dropped),
+        _on_main(accelerator, functools.partial(_save_epoch, run, record, state, exports, dropped),
                  f'saving epoch {epoch} to {output}')
         history = ranked
 
@@ -793,11 +793,11 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         # the evaluation preprocessing goes into config.json, so that resolve_data_config(model=reloaded) gives it
         export_folder(export_model, output, model_config=model_config, data_config=data_config)
         for name, extra in unwrapped.exports().items():
-            export_folder(extra, output / name, model_config=model_config, data_config=data_config)
-            log(f"saved {type(extra).__name__} '{name}' to {output / name}")
+            export_folder(extra, run.sub(name), model_config=model_config, data_config=data_config)
+            log(f"saved {type(extra).__name__} '{name}' to {run.sub(name)}")
         if ema is not None:
-            export_folder(ema.module, output / 'ema', model_config=model_config, data_config=data_config)
-            log(f"saved the model's EMA to {output / 'ema'}")
+            export_folder(ema.module, run.sub('ema'), model_config=model_config, data_config=data_config)
+            log(f"saved the model's EMA to {run.sub('ema')}")
         results = dict(model=args.model, dataset=info.name, epochs=num_epochs, seed=args.seed,
                        world_size=accelerator.num_processes, final_epoch=val_metrics)
         if best is not None:
@@ -810,7 +810,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             results['ema'] = dict(final_epoch=ema_metrics)
             if test_loader is not None:
                 results['ema']['test'] = ema_test_metrics
-        atomic_write_text(output / 'results.json', json.dumps(results, indent=2))
+        run.write_results(results)
         test = '' if test_metrics is None else f', test acc {test_metrics["acc"]:.2f} (mean-probs' \
             f' {test_metrics.get("mean_probs_acc", test_metrics["acc"]):.2f})'
         log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}{test}; saved to {output}')
@@ -852,17 +852,16 @@ def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, device: 
         model.to(memory_format=torch.channels_last)
 
 
-def _save_epoch(output: Path, record: dict, state: dict, exports=(), after=None) -> None:
+def _save_epoch(run: RunFolder, record: dict, state: dict, exports=(), after=None) -> None:
     """Append the epoch's metrics (``metrics.jsonl``, and ``summary.csv`` from it), run the epoch's model exports
     (``exports``: best/, checkpoints/), write the checkpoint (the objects' state dicts) atomically, then ``after``
     (what the checkpoint no longer needs to exist)."""
-    with open(output / 'metrics.jsonl', 'a') as f:
-        f.write(json.dumps(record) + '\n')
-    write_summary(output)
+    run.append_metrics(record)
+    write_summary(run)
     for export in exports:
         export()
     states = {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in state.items()}
-    save_checkpoint(states, output)
+    save_checkpoint(states, run.path)
     if after is not None:
         after()
 
@@ -899,44 +898,27 @@ def _flat(metrics: dict, prefix: str = '') -> dict[str, float]:
     return flat
 
 
-def write_summary(output: Path) -> None:
+def write_summary(run: RunFolder) -> None:
     """``summary.csv`` as timm's ``update_summary`` names its columns (``epoch``, ``train_<m>``, ``eval_<m>``,
     ``lr``), rewritten from ``metrics.jsonl``: columns that only some epochs have (FDL's joint-phase terms) are
     blank in the others, where timm's appending writer would fail, and a resumed run's redone epochs appear once."""
     rows = []
-    for line in (output / 'metrics.jsonl').read_text().splitlines():
-        if line.strip():
-            r = json.loads(line)
-            flat = _flat(dict(train=r['train'], eval=r['val'], eval_ema=r.get('val_ema')))
-            # train/train_acc is train_acc, not train_train_acc
-            names = {k: k.split('/', 1)[1] if k.startswith('train/train_') else k.replace('/', '_', 1) for k in flat}
-            rows.append({'epoch': r['epoch'], **{names[k]: v for k, v in flat.items()}, 'lr': r['lr']})
+    for r in run.metrics():
+        flat = _flat(dict(train=r['train'], eval=r['val'], eval_ema=r.get('val_ema')))
+        # train/train_acc is train_acc, not train_train_acc
+        names = {k: k.split('/', 1)[1] if k.startswith('train/train_') else k.replace('/', '_', 1) for k in flat}
+        rows.append({'epoch': r['epoch'], **{names[k]: v for k, v in flat.items()}, 'lr': r['lr']})
     columns = [*dict.fromkeys(k for row in rows for k in row if k != 'lr'), 'lr']
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(output / 'summary.csv', buffer.getvalue())
+    atomic_write_text(run.file(RunFolder.SUMMARY), buffer.getvalue())
 
 
 def _has_accelerator() -> bool:
     accel = getattr(torch, 'accelerator', None)
     return accel.is_available() if accel is not None else torch.cuda.is_available()
-
-
-def _truncate_metrics(path: Path, start_epoch: int) -> None:
-    """Drop metric lines of epochs that a resumed run will redo."""
-    if not path.exists():
-        return
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-    keep = []
-    for ln in lines:
-        try:
-            if json.loads(ln).get('epoch', 0) < start_epoch:
-                keep.append(ln)
-        except json.JSONDecodeError:  # a line cut short by the crash being resumed from
-            continue
-    atomic_write_text(path, ''.join(ln + '\n' for ln in keep))
 
 
 if __name__ == '__main__':
