@@ -519,72 +519,14 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         args.output = args.output or str(resume_path.parent)
 
     # data first: the class count and natural image size come from it
+    train_ds, val_ds, test_ds, info, num_classes = _create_datasets(args)
     try:
-        train_ds, val_ds, info = te_data.create_datasets(
-            args.dataset, root=args.data_dir, train_split=args.train_split, val_split=args.val_split,
-            train_subset=args.train_subset, val_subset=args.val_subset, download=args.dataset_download,
-            img_mode='L' if args.in_chans == 1 else 'RGB')
-        snapshot_idx = snapshot_indices(val_ds, args.snapshot_subset) if args.snapshot_subset else None
-        # with --holdout the dataset's validation split becomes the test set, evaluated once at the end
-        test_ds = None
-        if args.holdout is not None:
-            test_ds = val_ds
-            train_ds, val_ds = te_data.split_holdout(train_ds, args.holdout)
-    except (OSError, ValueError, MissingExtraError) as e:
-        raise SystemExit(f'error: {e}') from None
-    num_classes = args.num_classes if args.num_classes is not None else info.num_classes
-    if not num_classes or num_classes < 1:
-        raise SystemExit(f"error: cannot tell the class count of dataset '{args.dataset}'; pass --num-classes")
-    try:
-        for split, ds in (('training', train_ds), ('validation', val_ds), ('test', test_ds)):
-            if ds is not None:
-                te_data.check_labels(ds, num_classes, split)
+        # from the dataset's evaluation split (the test set with --holdout), which the snapshot loader reads
+        snapshot_idx = snapshot_indices(val_ds if test_ds is None else test_ds, args.snapshot_subset) \
+            if args.snapshot_subset else None
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
-
-    # same seed on every process before the model is built, so that every process builds the same model
-    set_seed(args.seed)
-    model_kwargs = dict(args.model_kwargs)
-    model_kwargs.setdefault('num_classes', num_classes)
-    if args.in_chans:
-        model_kwargs.setdefault('in_chans', args.in_chans)
-    if args.pretrained_base:
-        model_kwargs['pretrained_base'] = True
-    try:
-        model = create_model(args.model, pretrained=args.pretrained, **model_kwargs)
-        task = create_task(model, **task_kwargs)
-        if args.snapshot_weights:
-            member_parameters(task.export_model())  # refuses models without weights per member, before training
-    except (ValueError, TypeError, RuntimeError, OSError) as e:
-        raise SystemExit(f'error: {e}') from None
-    mixup_fn = None
-    if _mixing(args):
-        if not getattr(task, 'accepts_soft_targets', False):
-            raise SystemExit(f'error: --mixup/--cutmix give mixed (soft) targets, which {type(task).__name__} of'
-                             f' {args.model} cannot learn from; train it without them.')
-        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-                         label_smoothing=args.smoothing, num_classes=num_classes)
-    exported = task.export_model()
-    if args.eval_metric in ('mean_probs_acc', 'member_acc_mean') and not (
-            hasattr(exported, 'forward_members') and hasattr(exported, 'combine')):
-        raise SystemExit(f'error: --eval-metric {args.eval_metric}: {args.model} has no members to average (it'
-                         f' exports {type(exported).__name__}); use acc, top5 or loss.')
-
-    img_size = args.img_size if args.img_size is not None else info.default_img_size
-    data_args = dict(crop_pct=1.0) if info.default_img_size else {}
-    if args.crop_pct is not None:
-        data_args['crop_pct'] = args.crop_pct
-    if img_size:
-        data_args['input_size'] = (args.in_chans or 3, img_size, img_size)
-    # one mean / std value per input channel, also in the exported config.json
-    data_config = te_data.match_channels(resolve_data_config(data_args, model=model))
-    try:
-        check_input_size(model, data_config['input_size'], args.model)
-        task.set_data_config(data_config)
-        task.set_label_names(info.class_names)
-    except ValueError as e:
-        raise SystemExit(f'error: {e}') from None
+    model, task, mixup_fn, data_config = _create_task(args, task_kwargs, num_classes, info)
 
     # Accelerate only forms a CPU process group (gloo) when told it runs on the CPU; without this, processes
     # started by `accelerate launch --multi_gpu` on a machine without an accelerator each train alone
@@ -602,23 +544,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
         f' mixed precision {accelerator.mixed_precision}')
 
-    hflip = args.hflip if args.hflip is not None else info.default_hflip
-    train_loader, val_loader = te_data.create_loaders(
-        train_ds, val_ds, data_config, batch_size=args.batch_size, workers=args.workers, hflip=hflip,
-        scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed, rank=accelerator.process_index,
-        auto_augment=args.aa, color_jitter=args.color_jitter, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount)
-    test_loader = None if test_ds is None else te_data.create_eval_loader(test_ds, data_config, args.batch_size,
-                                                                           args.workers)
+    train_loader, val_loader, test_loader, snapshot_loader = _create_loaders(
+        args, accelerator, train_ds, val_ds, test_ds, data_config, info, snapshot_idx)
     # reseeded every epoch, so that a resumed run sees the same data order as an uninterrupted one
     shuffle_generator = train_loader.generator
-    snapshot_loader = None
-    if snapshot_idx is not None:
-        # the evaluation transform (set by the loaders above); its own generator keeps the global RNG untouched
-        snapshot_loader = torch.utils.data.DataLoader(
-            torch.utils.data.Subset(val_ds if test_ds is None else test_ds, snapshot_idx.tolist()),
-            batch_size=args.batch_size, shuffle=False,
-            num_workers=args.workers, persistent_workers=args.workers > 0, generator=torch.Generator())
     try:
         _apply_speed_flags(args, task, accelerator.device, data_config['input_size'], log)
     except ValueError as e:
@@ -633,21 +562,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     run_identity = _normalised(dict(
         **{flag: getattr(args, flag) for flag in IDENTITY_FLAGS},
         model_args=get_model_args(model), dataset=info.name, input_size=list(data_config['input_size'])))
+    _check_resume(args, resume_state, run_identity, run)
     if resume_state is not None:
-        # a run saved by an older version records fewer entries: those it has must match
-        saved = _normalised(resume_state.get('run', {}))
-        changed = {k: (saved[k], v) for k, v in run_identity.items() if k in saved and saved[k] != v}
-        if changed:
-            details = '; '.join(f'{k}: {old!r} there, {new!r} here' for k, (old, new) in changed.items())
-            raise SystemExit(
-                f'error: --resume {args.resume} is another run ({details}). A resumed run takes its settings from'
-                f" the run's args.yaml; resume without changing them, or start a new run in another --output folder."
-            )
         task.load_state_dict(resume_state['task'])
         optimizer.load_state_dict(resume_state['optimizer'])
-    elif run.checkpoint_path.exists():
-        raise SystemExit(f"error: '{output}' already holds a run; pass --resume {output} to continue it, or choose"
-                         f" another --output")
     # what reproduces the run: never where it was written, where it resumed from, or the config it came from
     recorded = _normalised({k: v for k, v in vars(args).items() if k not in ('output', 'resume', 'config')})
     if is_main:
@@ -781,7 +699,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                  f'saving epoch {epoch} to {output}')
         history = ranked
 
-    test_metrics, selection = None, None
+    test_metrics, ema_test_metrics, selection = None, None, None
     if test_loader is not None:
         # every process makes the same choice from the same (gathered) validation metrics
         selection = unwrapped.select_on_validation(val_metrics)
@@ -798,19 +716,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         if ema is not None:
             export_folder(ema.module, run.sub('ema'), model_config=model_config, data_config=data_config)
             log(f"saved the model's EMA to {run.sub('ema')}")
-        results = dict(model=args.model, dataset=info.name, epochs=num_epochs, seed=args.seed,
-                       world_size=accelerator.num_processes, final_epoch=val_metrics)
-        if best is not None:
-            results.update(best_epoch=best)
-        if args.checkpoint_hist:
-            results['checkpoint_hist'] = history
-        if test_metrics is not None:
-            results.update(holdout=args.holdout, selection=selection, test=test_metrics)
-        if ema is not None:
-            results['ema'] = dict(final_epoch=ema_metrics)
-            if test_loader is not None:
-                results['ema']['test'] = ema_test_metrics
-        run.write_results(results)
+        run.write_results(_results(
+            args, info.name, num_epochs, accelerator.num_processes, val_metrics, best, history,
+            test=None if test_metrics is None else dict(selection=selection, metrics=test_metrics),
+            ema=None if ema is None else dict(final_epoch=ema_metrics, test=ema_test_metrics)))
         test = '' if test_metrics is None else f', test acc {test_metrics["acc"]:.2f} (mean-probs' \
             f' {test_metrics.get("mean_probs_acc", test_metrics["acc"]):.2f})'
         log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}{test}; saved to {output}')
@@ -822,6 +731,140 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         for tracker in accelerator.trackers:  # the next generation starts its own
             tracker.finish()
     return 0
+
+
+def _results(args: argparse.Namespace, dataset: str, num_epochs: int, world_size: int, final: dict,
+             best: dict | None, history: list, test: dict | None, ema: dict | None) -> dict:
+    """``results.json``: the final epoch's validation metrics, the best epoch, the --checkpoint-hist ranking, the
+    test set's with --holdout (and the choice made on validation), and the EMA model's."""
+    results = dict(model=args.model, dataset=dataset, epochs=num_epochs, seed=args.seed, world_size=world_size,
+                   final_epoch=final)
+    if best is not None:
+        results.update(best_epoch=best)
+    if args.checkpoint_hist:
+        results['checkpoint_hist'] = history
+    if test is not None:
+        results.update(holdout=args.holdout, selection=test['selection'], test=test['metrics'])
+    if ema is not None:
+        results['ema'] = dict(final_epoch=ema['final_epoch'])
+        if test is not None:
+            results['ema']['test'] = ema['test']
+    return results
+
+
+def _create_loaders(args: argparse.Namespace, accelerator, train_ds, val_ds, test_ds, data_config: dict, info,
+                    snapshot_idx):
+    """The training and validation loaders (timm's transforms, or the in-memory batched path), the test loader with
+    --holdout, and the loader of the snapshot subset with --snapshot-subset (else None)."""
+    hflip = args.hflip if args.hflip is not None else info.default_hflip
+    train_loader, val_loader = te_data.create_loaders(
+        train_ds, val_ds, data_config, batch_size=args.batch_size, workers=args.workers, hflip=hflip,
+        scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed, rank=accelerator.process_index,
+        auto_augment=args.aa, color_jitter=args.color_jitter, re_prob=args.reprob, re_mode=args.remode,
+        re_count=args.recount)
+    test_loader = None if test_ds is None else te_data.create_eval_loader(test_ds, data_config, args.batch_size,
+                                                                           args.workers)
+    snapshot_loader = None
+    if snapshot_idx is not None:
+        # the evaluation transform (set by the loaders above); its own generator keeps the global RNG untouched
+        snapshot_loader = torch.utils.data.DataLoader(
+            torch.utils.data.Subset(val_ds if test_ds is None else test_ds, snapshot_idx.tolist()),
+            batch_size=args.batch_size, shuffle=False,
+            num_workers=args.workers, persistent_workers=args.workers > 0, generator=torch.Generator())
+    return train_loader, val_loader, test_loader, snapshot_loader
+
+
+def _check_resume(args: argparse.Namespace, resume_state: dict | None, run_identity: dict, run: RunFolder) -> None:
+    """Refuse to resume another run (its identity flags, model or data differ), and to start over a run."""
+    if resume_state is not None:
+        # a run saved by an older version records fewer entries: those it has must match
+        saved = _normalised(resume_state.get('run', {}))
+        changed = {k: (saved[k], v) for k, v in run_identity.items() if k in saved and saved[k] != v}
+        if changed:
+            details = '; '.join(f'{k}: {old!r} there, {new!r} here' for k, (old, new) in changed.items())
+            raise SystemExit(
+                f'error: --resume {args.resume} is another run ({details}). A resumed run takes its settings from'
+                f" the run's args.yaml; resume without changing them, or start a new run in another --output folder."
+            )
+    elif run.checkpoint_path.exists():
+        raise SystemExit(f"error: '{run.path}' already holds a run; pass --resume {run.path} to continue it, or"
+                         f' choose another --output')
+
+
+def _create_datasets(args: argparse.Namespace):
+    """The training, validation and (with --holdout) test sets, the dataset's info and the class count; every label
+    checked against it."""
+    try:
+        train_ds, val_ds, info = te_data.create_datasets(
+            args.dataset, root=args.data_dir, train_split=args.train_split, val_split=args.val_split,
+            train_subset=args.train_subset, val_subset=args.val_subset, download=args.dataset_download,
+            img_mode='L' if args.in_chans == 1 else 'RGB')
+        # with --holdout the dataset's validation split becomes the test set, evaluated once at the end
+        test_ds = None
+        if args.holdout is not None:
+            test_ds = val_ds
+            train_ds, val_ds = te_data.split_holdout(train_ds, args.holdout)
+    except (OSError, ValueError, MissingExtraError) as e:
+        raise SystemExit(f'error: {e}') from None
+    num_classes = args.num_classes if args.num_classes is not None else info.num_classes
+    if not num_classes or num_classes < 1:
+        raise SystemExit(f"error: cannot tell the class count of dataset '{args.dataset}'; pass --num-classes")
+    try:
+        for split, ds in (('training', train_ds), ('validation', val_ds), ('test', test_ds)):
+            if ds is not None:
+                te_data.check_labels(ds, num_classes, split)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    return train_ds, val_ds, test_ds, info, num_classes
+
+
+def _create_task(args: argparse.Namespace, task_kwargs: dict, num_classes: int, info):
+    """The model, its task, timm's Mixup (or None) and the data config (the evaluation preprocessing, exported with
+    the model), each refused with the reason before anything is written."""
+    # same seed on every process before the model is built, so that every process builds the same model
+    set_seed(args.seed)
+    model_kwargs = dict(args.model_kwargs)
+    model_kwargs.setdefault('num_classes', num_classes)
+    if args.in_chans:
+        model_kwargs.setdefault('in_chans', args.in_chans)
+    if args.pretrained_base:
+        model_kwargs['pretrained_base'] = True
+    try:
+        model = create_model(args.model, pretrained=args.pretrained, **model_kwargs)
+        task = create_task(model, **task_kwargs)
+        if args.snapshot_weights:
+            member_parameters(task.export_model())  # refuses models without weights per member, before training
+    except (ValueError, TypeError, RuntimeError, OSError) as e:
+        raise SystemExit(f'error: {e}') from None
+    mixup_fn = None
+    if _mixing(args):
+        if not getattr(task, 'accepts_soft_targets', False):
+            raise SystemExit(f'error: --mixup/--cutmix give mixed (soft) targets, which {type(task).__name__} of'
+                             f' {args.model} cannot learn from; train it without them.')
+        mixup_fn = Mixup(mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+                         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+                         label_smoothing=args.smoothing, num_classes=num_classes)
+    exported = task.export_model()
+    if args.eval_metric in ('mean_probs_acc', 'member_acc_mean') and not (
+            hasattr(exported, 'forward_members') and hasattr(exported, 'combine')):
+        raise SystemExit(f'error: --eval-metric {args.eval_metric}: {args.model} has no members to average (it'
+                         f' exports {type(exported).__name__}); use acc, top5 or loss.')
+
+    img_size = args.img_size if args.img_size is not None else info.default_img_size
+    data_args = dict(crop_pct=1.0) if info.default_img_size else {}
+    if args.crop_pct is not None:
+        data_args['crop_pct'] = args.crop_pct
+    if img_size:
+        data_args['input_size'] = (args.in_chans or 3, img_size, img_size)
+    # one mean / std value per input channel, also in the exported config.json
+    data_config = te_data.match_channels(resolve_data_config(data_args, model=model))
+    try:
+        check_input_size(model, data_config['input_size'], args.model)
+        task.set_data_config(data_config)
+        task.set_label_names(info.class_names)
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    return model, task, mixup_fn, data_config
 
 
 def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, device: torch.device,
