@@ -206,7 +206,9 @@ def run_study(study: str, args: argparse.Namespace) -> None:
             try:
                 cmd = _command(run, recipe, out, seed, args)
                 print('+', ' '.join(cmd), flush=True)
-                log = run.folder(out, seed).with_suffix('.log')
+                folder = run.folder(out, seed)
+                # not with_suffix: a run name with a dot (collab_x2-beta0.9) would lose what follows it
+                log = folder.with_name(folder.name + '.log')
                 with open(log, 'a') as f:
                     proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
                 if proc.returncode != 0:
