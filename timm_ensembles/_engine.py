@@ -296,12 +296,13 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
     for batch_index, (members, logits, target, pairs) in enumerate(predictor):
         if batch_index == 0:
             check_batch_labels(target, num_classes, split)
-        # counts, summed exactly over batches, from the same functions as the analysis' matrices
-        hits = metrics.member_correct(members, target)
-        member_correct = hits if member_correct is None else member_correct + hits
-        avg_correct += metrics.ensemble_correct(members, target)
-        differ = metrics.pairwise_differ_counts(members)
-        pair_differ = differ if pair_differ is None else pair_differ + differ
+        if predictor.is_ensemble:  # a plain model's one member is the model: nothing more to count
+            # counts, summed exactly over batches, from the same functions as the analysis' matrices
+            hits = metrics.member_correct(members, target)
+            member_correct = hits if member_correct is None else member_correct + hits
+            avg_correct += metrics.ensemble_correct(members, target)
+            differ = metrics.pairwise_differ_counts(members)
+            pair_differ = differ if pair_differ is None else pair_differ + differ
         if pairs is not None:
             pair_sum = pairs.double().sum(0)
             feature_sum = pair_sum if feature_sum is None else feature_sum + pair_sum

@@ -31,8 +31,8 @@ class RunFolder:
     lines); ``config`` and ``check_finished`` are strict, for callers that need a finished model.
 
     Args:
-        path: The run's output folder, or its ``exported/`` sub-folder (a plain timm model of the run: the run's own
-            files are then read one level up, ``exported_from``).
+        path: The run's output folder.
+        run_path: Where the run's own files are, when ``path`` is a model exported inside it (see ``of_model``).
     """
     CONFIG = 'config.json'
     WEIGHTS = 'model.safetensors'
@@ -42,13 +42,21 @@ class RunFolder:
     SUMMARY = 'summary.csv'
     CHECKPOINT = CHECKPOINT_NAME
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, run_path: str | Path | None = None):
         self.path = Path(path)
-        # <run>/exported: a plain timm model exported from the run one level up, whose files describe it
-        parent = self.path.parent
-        self.exported_from = (parent if not (self.path / self.RESULTS).is_file()
-                              and (parent / self.RESULTS).is_file() and (self.path / self.CONFIG).is_file() else None)
+        self.exported_from = Path(run_path) if run_path is not None else None
         self.run_path = self.exported_from or self.path
+
+    @classmethod
+    def of_model(cls, path: str | Path) -> 'RunFolder':
+        """The run that a model folder comes from, for describing it (the Hub card): the folder itself, or for a model
+        exported inside a run (``<run>/exported``: a folder with config.json and no results.json, beside the run's
+        results.json) the run one level up. Only readers guess this way; the trainer writes to the folder it is
+        given."""
+        path = Path(path)
+        exported = (path / cls.CONFIG).is_file() and not (path / cls.RESULTS).is_file() \
+            and (path.parent / cls.RESULTS).is_file()
+        return cls(path, path.parent if exported else None)
 
     def __repr__(self) -> str:
         return f'RunFolder({str(self.path)!r})'

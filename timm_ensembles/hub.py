@@ -58,7 +58,7 @@ def read_run(folder: str | Path) -> dict[str, Any]:
         FileNotFoundError: no ``config.json`` or no ``model.safetensors`` in the folder.
         ValueError: a ``config.json`` that is not timm's format.
     """
-    return RunFolder(folder).read()
+    return RunFolder.of_model(folder).read()
 
 
 def _paper(*names: str) -> tuple[str | None, str | None]:
@@ -296,7 +296,7 @@ def push_to_hub(
             staging = staging / 'repo'
         else:
             folder = Path(source)
-        source_run = RunFolder(folder)
+        source_run = RunFolder.of_model(folder)
         run = source_run.read()
         if check:
             _check_loads(folder)
