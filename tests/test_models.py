@@ -400,3 +400,36 @@ def test_features_only_gives_the_members_maps_side_by_side():
         per_member = [m.forward_intermediates(x, indices=(1, 3), intermediates_only=True) for m in full.members]
     for level, k in zip(levels, range(2)):
         torch.testing.assert_close(level, torch.cat([p[k] for p in per_member], dim=1))
+
+
+@pytest.mark.parametrize('method', METHODS)
+def test_temperature_divides_forward_and_survives_export(tmp_path, method):
+    """Temperature scaling as a property of the model: forward's logits divided by T, recorded in model_args, back
+    after a reload, gone with the classes it was fitted to."""
+    model = create_method_model(method, 'test_resnet', folder=tmp_path).eval()
+    x = _x()
+    with torch.no_grad():
+        plain = model(x)
+        model.set_temperature(2.5)
+        assert torch.equal(model(x), plain / 2.5)
+    assert model.model_args['temperature'] == 2.5
+    export_folder(model, tmp_path / 'calibrated')
+    reloaded = timm.create_model(f'local-dir:{tmp_path / "calibrated"}', pretrained=True).eval()
+    with torch.no_grad():
+        assert reloaded.temperature == 2.5 and torch.equal(reloaded(x), model(x))
+    model.set_temperature(1)
+    assert 'temperature' not in model.model_args
+    for bad in (0, -1.0, float('nan'), float('inf'), True, '2'):
+        with pytest.raises(ValueError, match='finite number > 0'):
+            model.set_temperature(bad)
+    if method not in MEMBER_METHODS:  # an ensemble of trained models keeps its members' classes
+        reloaded.reset_classifier(3)
+        assert reloaded.temperature == 1.0 and 'temperature' not in reloaded.model_args
+
+
+def test_temperature_needs_a_classifier():
+    with pytest.raises(ValueError, match="built without one \\(features_only\\)"):
+        timm.create_model('ens', base_model='test_resnet', num_members=2, features_only=True, temperature=2.0)
+    model = timm.create_model('ens', base_model='test_resnet', num_members=2, num_classes=0)
+    with pytest.raises(ValueError, match='no classifier'):
+        model.set_temperature(2.0)

@@ -105,6 +105,21 @@ def test_epochs_that_disagree_are_refused(tmp_path, change, message):
         read_snapshots(tmp_path)
 
 
+def test_initialisation_snapshot_is_epoch_minus_one_and_read_first(tmp_path):
+    _write(tmp_path, [-1, 0, 1], weights=True)
+    assert sorted(p.name for p in (tmp_path / 'snapshots').iterdir())[-2:] == [
+        'epoch_init.safetensors', 'epoch_init.weights.safetensors']
+    snaps = read_snapshots(tmp_path, weights=True)
+    assert snaps.epochs == [-1, 0, 1] and snaps.logits[:, 0, 0, 0].tolist() == [-1, 0, 1]
+    assert snaps.weights[0, 1].tolist() == [9.0] * 3 + [-9.0] * 2  # 10 * -1 + 1, sorted names a, b
+    assert read_snapshots(tmp_path, epochs=[1, -1]).epochs == [-1, 1]
+    # a resumed run redoes epochs from start_epoch: the initialisation is kept
+    remove_snapshots_from(tmp_path, 0)
+    assert read_snapshots(tmp_path).epochs == [-1]
+    with pytest.raises(ValueError, match='>= 0 or -1'):
+        _write(tmp_path, [-2])
+
+
 def test_remove_snapshots_from(tmp_path):
     _write(tmp_path, [0, 1, 2], weights=True)
     remove_snapshots_from(tmp_path, 1)

@@ -171,6 +171,8 @@ def test_non_finite_loss_stops_and_keeps_last_checkpoint(tmp_path):
     (['--model', 'fdl_test_resnetx2', '--dataset', '/no/such/folder'], '/no/such/folder'),
     (['--model', 'ens_vit_small_patch16_224x2', '--img-size', '32'], 'cannot take input size (3, 32, 32)'),
     (['--model', 'fdl_test_resnetx2', '--task-kwargs', 'fdl_rate=1'], "Unknown option(s) ['fdl_rate']"),
+    (['--model', 'ens_test_resnetx2', '--calibrate'], '--calibrate fits the temperature on validation data the test'
+                                                      ' set is not part of: add --holdout N'),
 ])
 def test_bad_input_is_a_clear_error(args, message, tmp_path):
     proc = run_train(*args, '--epochs', '1', '--output', tmp_path / 'bad', *QUICK, check=False)
@@ -462,7 +464,8 @@ def test_one_channel_run_exports_one_channel_statistics(tmp_path):
 
 def test_holdout_validates_on_training_images_and_tests_once(tmp_path):
     out = tmp_path / 'holdout'
-    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--holdout', '100', '--output', out, *QUICK)
+    proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--holdout', '100', '--calibrate', '--output',
+                     out, *QUICK)
     results = json.loads((out / 'results.json').read_text())
     assert results['final_epoch']['num_samples'] == 100 and results['test']['num_samples'] == 80
     assert results['holdout'] == 100 and results['selection'].startswith('forward: the ')
@@ -472,6 +475,15 @@ def test_holdout_validates_on_training_images_and_tests_once(tmp_path):
     assert json.loads((out / 'config.json').read_text())['model_args']['combine'] == (
         'mean_probs' if val['mean_probs_acc'] > val['acc'] else 'linear')
     assert _val_accuracy(out) == test['acc']
+    # --calibrate: the temperature fitted on the held-out images is the exported model's, applied by its forward
+    cal = results['calibration']
+    assert 'error' not in cal and cal['temperature'] > 0 and cal['nll_after'] <= cal['nll_before']
+    assert f"temperature {cal['temperature']:.4g}" in proc.stderr + proc.stdout
+    model = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+    assert model.temperature == cal['temperature']
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), model.combine(model.forward_members(x)) / cal['temperature'])
     # the held-out count is part of the run: another is refused on resume
     proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '2', '--holdout', '50', '--resume', out, *QUICK,
                      check=False)
@@ -667,18 +679,21 @@ def test_snapshots_hold_the_exported_models_predictions_and_weights(snapshot_run
     out = root / 'seed0'
     assert sorted(p.name for p in (out / 'snapshots').iterdir()) == [
         'epoch_000.safetensors', 'epoch_000.weights.safetensors', 'epoch_001.safetensors',
-        'epoch_001.weights.safetensors']
+        'epoch_001.weights.safetensors', 'epoch_init.safetensors', 'epoch_init.weights.safetensors']
     snaps = read_snapshots(out, weights=True)
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
     num_params = sum(p.numel() for p in model.members[0].parameters())
-    assert snaps.epochs == [0, 1] and snaps.logits.shape == (2, 20, 2, 10) and snaps.weights.shape == (2, 2, num_params)
+    assert snaps.epochs == [-1, 0, 1] and snaps.logits.shape == (3, 20, 2, 10)
+    assert snaps.weights.shape == (3, 2, num_params)
+    # the initialisation (epoch -1) is the model before its first update: other weights, other predictions
+    assert not torch.equal(snaps.weights[0], snaps.weights[1]) and not torch.equal(snaps.logits[0], snaps.logits[1])
     assert snaps.meta == dict(model='ens_test_resnetx2', dataset='digits', num_classes='10', num_members='2',
                               format='1')
     # the last snapshot is the exported model's forward_members on those inputs, with the evaluation transform
     logits, targets = predict_members(model, _snapshot_inputs(model, snaps.indices))
     assert torch.equal(targets, snaps.targets)
     torch.testing.assert_close(snaps.logits[-1], logits, rtol=0, atol=1e-6)
-    assert not torch.equal(snaps.logits[0], snaps.logits[1])  # an epoch of training apart
+    assert not torch.equal(snaps.logits[1], snaps.logits[2])  # an epoch of training apart
     # and its weights are the exported members' parameters, flattened in sorted-name order
     for m, member in enumerate(model.members):
         params = dict(member.named_parameters())
@@ -705,8 +720,8 @@ def test_snapshots_of_a_plain_model_are_one_member(snapshot_runs):
     snaps = read_snapshots(root / 'plain', weights=True)
     model = timm.create_model(f'local-dir:{root / "plain"}', pretrained=True)
     params = dict(model.named_parameters())
-    assert snaps.logits.shape == (1, 20, 1, 10) and snaps.meta['num_members'] == '1'
-    assert torch.equal(snaps.weights[0, 0], torch.cat([params[k].detach().reshape(-1) for k in sorted(params)]))
+    assert snaps.logits.shape == (2, 20, 1, 10) and snaps.meta['num_members'] == '1'
+    assert torch.equal(snaps.weights[-1, 0], torch.cat([params[k].detach().reshape(-1) for k in sorted(params)]))
     assert 'disagree' not in logs['plain']
 
 
@@ -728,7 +743,7 @@ def test_resumed_run_rewrites_the_snapshots_of_the_epochs_it_redoes(snapshot_run
     (copy / 'snapshots' / 'epoch_001.weights.safetensors').unlink()
     run_train('--resume', copy)
     a, b = read_snapshots(full, weights=True), read_snapshots(copy, weights=True)
-    assert a.epochs == b.epochs == [0, 1] and a.meta == b.meta
+    assert a.epochs == b.epochs == [-1, 0, 1] and a.meta == b.meta
     for key in ('logits', 'targets', 'indices', 'weights'):
         assert torch.equal(getattr(a, key), getattr(b, key)), key
 

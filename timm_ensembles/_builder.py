@@ -323,7 +323,15 @@ def _make_entrypoint(
             if (list(given) if isinstance(given, tuple) else given) != value:
                 raise ValueError(f"'{name}' is built with {key}={value!r}; got {key}={kwargs[key]!r}. Use the"
                                  f" generic '{name.split('_')[0]}' model to choose it.")
-        return create_fn(name, pretrained=pretrained, **kwargs)
+        # a calibration of the built model (ModelArgsMixin.set_temperature), not an argument of its constructor
+        temperature = kwargs.pop('temperature', None)
+        model = create_fn(name, pretrained=pretrained, **kwargs)
+        if temperature is not None:
+            if not hasattr(model, 'set_temperature'):
+                raise ValueError(f"temperature={temperature!r} applies to the classifier's logits; '{name}' was built"
+                                 f' without one (features_only), so it cannot take it.')
+            model.set_temperature(temperature)
+        return model
 
     entrypoint.__name__ = entrypoint.__qualname__ = name
     if fixed and size_arg is None:

@@ -98,6 +98,7 @@ class StudentModel(ModelArgsMixin, nn.Module):
         return self.student.get_classifier()
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.temperature = 1.0  # fitted to the old classes
         if global_pool is None:
             self.student.reset_classifier(num_classes)
         else:
@@ -116,13 +117,14 @@ class StudentModel(ModelArgsMixin, nn.Module):
         return self.student.forward_features(x)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.student.forward_head(x, pre_logits=pre_logits)
+        x = self.student.forward_head(x, pre_logits=pre_logits)
+        return x if pre_logits else self._tempered(x)
 
     def forward_intermediates(self, x: torch.Tensor, *args: Any, **kwargs: Any):
         return self.student.forward_intermediates(x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.student(x)
+        return self._tempered(self.student(x))
 
 
 class DistillationTask(Task):

@@ -192,7 +192,7 @@ def train_one_epoch(
 class MemberOutputs(NamedTuple):
     """One evaluated batch (see ``MemberPredictor``)."""
     members: torch.Tensor  # float32 [B, M, C]: every member's logits (M = 1 for a plain model)
-    logits: torch.Tensor  # float32 [B, C]: the model's own prediction (its combine rule, or model(x))
+    logits: torch.Tensor  # float32 [B, C]: the model's own prediction (its combine rule, or model(x)), calibrated
     target: torch.Tensor  # [B]
     feature_pairs: torch.Tensor | None  # float32 [B, M, M]: each sample's L_FDL(i, j) (losses.pairwise_...)
 
@@ -248,6 +248,8 @@ class MemberPredictor:
             members = model.forward_members(x)
         # without a combine rule, the model's own forward says what it predicts (a second pass, for such models only)
         logits = model.combine(members) if hasattr(model, 'combine') else model(x)
+        if hasattr(model, 'combine') and hasattr(model, '_tempered'):
+            logits = model._tempered(logits)  # as forward: the calibration's temperature (ModelArgsMixin)
         return members, logits, pairs
 
     @torch.no_grad()

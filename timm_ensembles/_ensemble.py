@@ -94,8 +94,29 @@ class ModelArgsMixin:
     """``model_args`` for wrappers built by timm's factory: what the factory recorded, less ``pretrained_base``
     (a reload must not download the base's weights, which the wrapper's own weights replace) and ``member_strategy``
     (how the members run is a choice of the machine that runs them, not part of the model), plus the arguments that
-    define the wrapper (``_defining_args``)."""
-    _unrecorded_args = ('pretrained_base', 'member_strategy')
+    define the wrapper (``_defining_args``) and a calibration ``temperature`` when one is set.
+
+    Temperature scaling (Guo et al. 2017): ``forward`` divides its logits by ``temperature`` (1: off). It is fitted
+    after training on validation data (``uncertainty.calibrate``), recorded in ``model_args`` so that a saved or pushed
+    model reloads calibrated (``timm.create_model(..., temperature=T)``), never seen by the training losses (they
+    use ``forward_members``/``combine`` or the bare student), and set back to 1 by ``reset_classifier`` (new classes
+    need a new fit).
+    """
+    _unrecorded_args = ('pretrained_base', 'member_strategy', 'temperature')
+    temperature: float = 1.0
+
+    def set_temperature(self, temperature: float) -> None:
+        """Divide ``forward``'s logits by ``temperature`` from now on (1 turns calibration off)."""
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f'temperature must be a finite number > 0 (1: no calibration), got {temperature!r}.')
+        if temperature != 1.0 and getattr(self, 'num_classes', 1) <= 0:
+            raise ValueError('This model has no classifier (num_classes=0): its outputs are features, which a'
+                             ' temperature does not apply to. Give it classes first (reset_classifier).')
+        self.temperature = float(temperature)
+
+    def _tempered(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits if self.temperature == 1.0 else logits / self.temperature
 
     def _defining_args(self) -> dict[str, Any]:
         raise NotImplementedError
@@ -105,6 +126,8 @@ class ModelArgsMixin:
         args = {k: v for k, v in self.__dict__.get('_recorded_model_args', {}).items()
                 if k not in self._unrecorded_args}
         args.update(self._defining_args())
+        if self.temperature != 1.0:
+            args['temperature'] = self.temperature
         return args
 
     @_model_args.setter
@@ -307,6 +330,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
             else:
                 member.reset_classifier(num_classes, global_pool)
         self.num_classes = num_classes
+        self.temperature = 1.0  # fitted to the old classes
         self.member_num_features = self.members[0].num_features
         self._new_head(num_classes, self.combine_mode)
         self._rebuild_member_strategy()
@@ -374,7 +398,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         outputs = [m.forward_head(part, pre_logits=pre_logits) for m, part in zip(self.members, parts)]
         if pre_logits or self.num_classes <= 0:
             return self._side_by_side(outputs, 'NCHW' if outputs[0].ndim == 2 else None)
-        return self.head(torch.stack(outputs, dim=1))
+        return self._tempered(self.head(torch.stack(outputs, dim=1)))
 
     def forward_intermediates(
             self,
@@ -402,6 +426,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
                 for m in self.members]
         if prune_head:
             self.num_classes = 0
+            self.temperature = 1.0
             self._new_head(0, self.combine_mode)
         return kept[0]
 
@@ -426,7 +451,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         return self.head(member_logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.combine(self.forward_members(x))
+        return self._tempered(self.combine(self.forward_members(x)))
 
     def forward_members_with_features(
             self,

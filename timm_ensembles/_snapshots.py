@@ -2,7 +2,8 @@
 the members' weights, for the within-run vs between-run comparisons of Fort, Hu & Lakshminarayanan (2019).
 
 A run trained with ``--snapshot-subset N`` holds, in ``<output>/snapshots/``, for every finished epoch ``e``
-(0-based, as ``metrics.jsonl``):
+(0-based, as ``metrics.jsonl``) and for the model at initialisation, before its first update (epoch ``-1``,
+``INIT_EPOCH``; files ``epoch_init.*``, written by a run that starts at epoch 0):
 
 * ``epoch_{e:03d}.safetensors``: ``logits`` float32 ``[S, M, C]`` (every member's logits, eval mode; M = 1 for a
   plain model), ``targets`` int64 ``[S]`` and ``indices`` int64 ``[S]`` (the subset's indices into the validation
@@ -33,13 +34,16 @@ from ._engine import MemberPredictor
 from ._run import RunFolder
 
 __all__ = ['Snapshots', 'read_snapshots', 'write_snapshot', 'snapshot_indices', 'member_parameters',
-           'predict_members', 'remove_snapshots_from', 'SNAPSHOT_DIR', 'SNAPSHOT_FORMAT', 'SNAPSHOT_SEED']
+           'predict_members', 'remove_snapshots_from', 'SNAPSHOT_DIR', 'SNAPSHOT_FORMAT', 'SNAPSHOT_SEED',
+           'INIT_EPOCH']
 
 SNAPSHOT_DIR = 'snapshots'
 SNAPSHOT_FORMAT = '1'
 # fixed, whatever --seed is: runs that differ only in their seed must snapshot the same inputs
 SNAPSHOT_SEED = 0
-_LOGITS_RE = re.compile(r'^epoch_(\d+)\.safetensors$')
+# the snapshot of the model before its first update: Fort et al.'s trajectories start at the initialisation
+INIT_EPOCH = -1
+_LOGITS_RE = re.compile(r'^epoch_(\d+|init)\.safetensors$')
 _HINT = 'run train.py with --snapshot-subset N (N held-out samples) to record them'
 
 
@@ -48,7 +52,7 @@ class Snapshots:
     """The snapshots of one run, stacked over epochs.
 
     Attributes:
-        epochs: The epochs read (0-based), ascending.
+        epochs: The epochs read (0-based; ``INIT_EPOCH`` = -1 for the initialisation), ascending.
         logits: float32 ``[E, S, M, C]``: every member's logits at every epoch.
         targets: int64 ``[S]`` labels of the subset.
         indices: int64 ``[S]`` indices of the subset into the run's validation set.
@@ -65,12 +69,21 @@ class Snapshots:
     meta: dict[str, str] = field(default_factory=dict)
 
 
+def _epoch_tag(epoch: int) -> str:
+    if epoch == INIT_EPOCH:
+        return 'init'
+    if epoch < 0:
+        raise ValueError(f'A snapshot epoch is a finished epoch >= 0 or {INIT_EPOCH} (the initialisation), got'
+                         f' {epoch}.')
+    return f'{epoch:03d}'
+
+
 def _logits_name(epoch: int) -> str:
-    return f'epoch_{epoch:03d}.safetensors'
+    return f'epoch_{_epoch_tag(epoch)}.safetensors'
 
 
 def _weights_name(epoch: int) -> str:
-    return f'epoch_{epoch:03d}.weights.safetensors'
+    return f'epoch_{_epoch_tag(epoch)}.weights.safetensors'
 
 
 def snapshot_indices(dataset, num_samples: int) -> np.ndarray:
@@ -150,7 +163,7 @@ def write_snapshot(
 
     Args:
         folder: The run's output folder.
-        epoch: The finished epoch (0-based).
+        epoch: The finished epoch (0-based), or ``INIT_EPOCH`` for the model before its first update.
         logits: ``[S, M, C]`` member logits (stored as float32).
         targets: ``[S]`` labels.
         indices: ``[S]`` indices of the subset into the validation set.
@@ -189,7 +202,8 @@ def write_snapshot(
 
 def remove_snapshots_from(folder: str | Path, start_epoch: int) -> None:
     """Delete the snapshot files of epochs >= ``start_epoch`` (those a resumed run redoes), so that the folder never
-    mixes a killed run's last epoch with the resumed one's."""
+    mixes a killed run's last epoch with the resumed one's. The initialisation's snapshot stays unless
+    ``start_epoch`` is ``INIT_EPOCH``."""
     folder = Path(folder) / SNAPSHOT_DIR
     if not folder.is_dir():
         return
@@ -205,7 +219,8 @@ def _epoch_files(folder: Path) -> dict[int, list[Path]]:
         name = path.name.replace('.weights.', '.')
         match = _LOGITS_RE.match(name)
         if match:
-            files.setdefault(int(match.group(1)), []).append(path)
+            epoch = INIT_EPOCH if match.group(1) == 'init' else int(match.group(1))
+            files.setdefault(epoch, []).append(path)
     return files
 
 
@@ -243,7 +258,8 @@ def read_snapshots(
     Args:
         run_folder: The run's output folder (or its ``snapshots`` folder).
         epochs: The epochs to read; None for every epoch from 0 to the last one the run recorded (in
-            ``metrics.jsonl`` or as a snapshot file).
+            ``metrics.jsonl`` or as a snapshot file), preceded by the initialisation (``INIT_EPOCH``) when the run
+            snapshotted it.
         weights: Also read the members' weights (the run must have used ``--snapshot-weights``).
         allow_missing: Read the epochs that exist and warn about the others, instead of raising.
 
@@ -266,8 +282,10 @@ def read_snapshots(
     if not files:
         raise FileNotFoundError(f"No snapshot files in '{folder}': {_HINT}.")
     if epochs is None:
-        last = max(max(files), RunFolder(run_folder).last_logged_epoch() or 0)
-        wanted = list(range(last + 1))
+        logged = RunFolder(run_folder).last_logged_epoch()
+        last = max(max(files), INIT_EPOCH if logged is None else logged)
+        # runs from before the initialisation's snapshot have none: not a missing epoch
+        wanted = [INIT_EPOCH] * (INIT_EPOCH in files) + list(range(last + 1))
     else:
         wanted = sorted({int(e) for e in epochs})
     missing = [e for e in wanted if e not in files]

@@ -15,8 +15,8 @@ The output folder holds the model in timm's Hugging Face format (``config.json``
 with ``timm.create_model('local-dir:<folder>', pretrained=True)`` after ``import timm_ensembles``), ``metrics.jsonl``
 (one line per epoch), ``results.json`` (final-epoch metrics), ``args.yaml``, and ``checkpoint.pt`` (written
 atomically after every epoch) for ``--resume``. With ``--snapshot-subset N``, ``snapshots/`` holds every epoch's
-member logits on N fixed validation samples (and with ``--snapshot-weights`` the member weights), read back with
-``timm_ensembles.read_snapshots``.
+member logits on N fixed validation samples, and those of the initialisation (epoch -1), with
+``--snapshot-weights`` the member weights too, read back with ``timm_ensembles.read_snapshots``.
 """
 import argparse
 import ast
@@ -68,6 +68,7 @@ from ._extras import MissingExtraError
 from ._registry import create_model, create_task
 from ._run import RunFolder
 from ._snapshots import (
+    INIT_EPOCH,
     member_parameters,
     predict_members,
     remove_snapshots_from,
@@ -75,6 +76,7 @@ from ._snapshots import (
     write_snapshot,
 )
 from ._strategies import MEMBER_STRATEGIES
+from .uncertainty import calibrate
 
 _logger = logging.getLogger(__name__)
 # Accelerate's trackers, the check that each is installed, and the package that installs it
@@ -143,6 +145,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                             ' removed from training), and evaluate --val-split once at the end as the test set;'
                             " choices a method leaves to validation (FDL's head or averaged probabilities) are made"
                             ' on the held-out samples')
+    group.add_argument('--calibrate', action='store_true',
+                       help='with --holdout, fit a temperature on the held-out samples after training (temperature'
+                            ' scaling, Guo et al. 2017): the exported model divides its logits by it, its config'
+                            ' records it, and the test set is evaluated calibrated')
     group.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
     group.add_argument('--img-size', type=int, default=None,
                        help='default: the dataset\'s natural size or the model\'s')
@@ -239,9 +245,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                             ' 11, and best/ already holds the best one')
     group = parser.add_argument_group('Analysis')
     group.add_argument('--snapshot-subset', type=int, default=0, metavar='N',
-                       help='after every epoch, save every member\'s logits on N validation samples to'
-                            ' <output>/snapshots/ (the same N samples whatever --seed, so that runs can be compared;'
-                            ' default 0: no snapshots)')
+                       help='after every epoch, and at the initialisation (epoch -1), save every member\'s logits on N'
+                            ' validation samples to <output>/snapshots/ (the same N samples whatever --seed, so that'
+                            ' runs can be compared; default 0: no snapshots)')
     group.add_argument('--snapshot-weights', action='store_true',
                        help='with --snapshot-subset, also save every member\'s parameters each epoch (models whose'
                             ' members share layers have none of their own and are refused)')
@@ -416,6 +422,9 @@ def check_args(args: argparse.Namespace) -> None:
     if _mixing(args) and args.batch_size % 2:
         raise SystemExit(f'error: --batch-size {args.batch_size}: mixup and cutmix pair every image with another one;'
                          f' use an even batch size.')
+    if args.calibrate and args.holdout is None:
+        raise SystemExit('error: --calibrate fits the temperature on validation data the test set is not part of:'
+                         ' add --holdout N (N training samples held out to validate on).')
     if args.snapshot_weights and not args.snapshot_subset:
         raise SystemExit('error: --snapshot-weights needs --snapshot-subset N: the weights are saved beside the'
                          ' snapshot of the predictions')
@@ -634,6 +643,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         remove_snapshots_from(output, start_epoch)
         # the epochs this run redoes (exported before a kill could stop their checkpoint), half-written exports
         sweep_history(history_root, [h['epoch'] for h in history])
+    if is_main and snapshot_loader is not None and start_epoch == 0:
+        # the trajectory's first point (Fort et al.'s start at the initialisation); rewritten by a run resumed before
+        # its first epoch finished, from the same seeded initialisation
+        _write_snapshot(output, INIT_EPOCH, export_model, snapshot_loader, snapshot_idx, args, info, accelerator)
     for epoch in range(start_epoch, num_epochs):
         set_seed(args.seed + epoch, device_specific=True)
         shuffle_generator.manual_seed(args.seed + epoch)
@@ -664,10 +677,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             ema_metrics = evaluate(ema.module, val_loader, accelerator)
         if is_main and snapshot_loader is not None:
             # before the checkpoint: a run killed in between redoes this epoch and rewrites its snapshot
-            logits, targets = predict_members(export_model, snapshot_loader, accelerator)
-            params = member_parameters(export_model) if args.snapshot_weights else None
-            write_snapshot(output, epoch, logits, targets, snapshot_idx, dict(model=args.model, dataset=info.name),
-                           member_params=params)
+            _write_snapshot(output, epoch, export_model, snapshot_loader, snapshot_idx, args, info, accelerator)
         seconds = time.perf_counter() - start
         lr = optimizer.param_groups[0]['lr']
         log(format_metrics(epoch, train_metrics, val_metrics, lr, seconds)
@@ -699,12 +709,14 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                  f'saving epoch {epoch} to {output}')
         history = ranked
 
-    test_metrics, ema_test_metrics, selection = None, None, None
+    test_metrics, ema_test_metrics, selection, calibration = None, None, None, None
     if test_loader is not None:
         # every process makes the same choice from the same (gathered) validation metrics
         selection = unwrapped.select_on_validation(val_metrics)
         if selection:
             log(selection)
+        if args.calibrate:
+            calibration = _calibrate(export_model, val_loader, accelerator, log)
         test_metrics = evaluate(export_model, test_loader, accelerator, num_classes=num_classes, split='test')
         ema_test_metrics = None if ema is None else evaluate(ema.module, test_loader, accelerator, split='test')
     if is_main:
@@ -719,7 +731,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         run.write_results(_results(
             args, info.name, num_epochs, accelerator.num_processes, val_metrics, best, history,
             test=None if test_metrics is None else dict(selection=selection, metrics=test_metrics),
-            ema=None if ema is None else dict(final_epoch=ema_metrics, test=ema_test_metrics)))
+            calibration=calibration, ema=None if ema is None else dict(final_epoch=ema_metrics, test=ema_test_metrics)))
         test = '' if test_metrics is None else f', test acc {test_metrics["acc"]:.2f} (mean-probs' \
             f' {test_metrics.get("mean_probs_acc", test_metrics["acc"]):.2f})'
         log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}{test}; saved to {output}')
@@ -734,9 +746,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
 
 
 def _results(args: argparse.Namespace, dataset: str, num_epochs: int, world_size: int, final: dict,
-             best: dict | None, history: list, test: dict | None, ema: dict | None) -> dict:
+             best: dict | None, history: list, test: dict | None, ema: dict | None,
+             calibration: dict | None = None) -> dict:
     """``results.json``: the final epoch's validation metrics, the best epoch, the --checkpoint-hist ranking, the
-    test set's with --holdout (and the choice made on validation), and the EMA model's."""
+    test set's with --holdout (and the choice made on validation, the --calibrate temperature), and the EMA model's."""
     results = dict(model=args.model, dataset=dataset, epochs=num_epochs, seed=args.seed, world_size=world_size,
                    final_epoch=final)
     if best is not None:
@@ -745,11 +758,34 @@ def _results(args: argparse.Namespace, dataset: str, num_epochs: int, world_size
         results['checkpoint_hist'] = history
     if test is not None:
         results.update(holdout=args.holdout, selection=test['selection'], test=test['metrics'])
+    if calibration is not None:
+        results['calibration'] = calibration
     if ema is not None:
         results['ema'] = dict(final_epoch=ema['final_epoch'])
         if test is not None:
             results['ema']['test'] = ema['test']
     return results
+
+
+def _calibrate(model, loader, accelerator, log) -> dict:
+    """--calibrate: the temperature fitted on the held-out samples (uncertainty.calibrate). Where none can be fitted
+    (held-out samples all right, say) the run still exports its model, uncalibrated, and says why."""
+    try:
+        calibration = calibrate(model, loader, accelerator)
+    except ValueError as e:
+        log(f'warning: --calibrate: {e} The model is exported uncalibrated (temperature 1).')
+        return dict(temperature=1.0, error=str(e))
+    log(f"calibrated on the held-out samples: temperature {calibration['temperature']:.4g}, NLL"
+        f" {calibration['nll_before']:.4f} -> {calibration['nll_after']:.4f}")
+    return calibration
+
+
+def _write_snapshot(output, epoch: int, model, loader, indices, args, info, accelerator) -> None:
+    """The snapshot of one epoch (or of the initialisation): member logits on the subset, weights when asked."""
+    logits, targets = predict_members(model, loader, accelerator)
+    params = member_parameters(model) if args.snapshot_weights else None
+    write_snapshot(output, epoch, logits, targets, indices, dict(model=args.model, dataset=info.name),
+                   member_params=params)
 
 
 def _create_loaders(args: argparse.Namespace, accelerator, train_ds, val_ds, test_ds, data_config: dict, info,

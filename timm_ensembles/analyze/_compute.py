@@ -1,15 +1,22 @@
 """The report's numbers: evaluation of every source, its members' diversity and calibration, the between-source
 matrices and the snapshot trajectories (Fort et al.)."""
+import contextlib
+import math
+import re
 import warnings
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from torch import nn
 
 from .. import metrics
 from .._engine import MemberPredictor
-from .._snapshots import read_snapshots
+from .._snapshots import INIT_EPOCH, SNAPSHOT_DIR, Snapshots, read_snapshots
 from ._sources import AnalysisError, _Source
 
 _SINGLE_MEMBER_NOTE = ('a single-member model has no pair of members: its mean disagreement, feature distance and'
@@ -69,13 +76,12 @@ def _mean_offdiag(matrix: torch.Tensor | None) -> float | None:
 
 
 def _source_numbers(src: _Source, ev: dict[str, Any], weights: torch.Tensor | None, n_bins: int,
-                    max_subsets: int | None, seed: int) -> dict[str, Any]:
+                    max_subsets: int | None, seed: int, members: bool = True) -> dict[str, Any]:
+    """A source's numbers: accuracy and calibration always (cheap, from the logits); with ``members`` (the
+    section of that name) also the members' diversity, calibration, ensemble-size curve and reliability diagram."""
     logits, targets = ev['logits'], ev['targets']
     num_members = logits.shape[1]
     probs = metrics.ensemble_probs(logits)
-    disagreement = metrics.pairwise_disagreement(logits)
-    cosine = _cosine(weights) if weights is not None and num_members >= 2 else None
-    fdist = ev['feature_distance']
     member_acc = [float(a) for a in metrics.member_accuracy(logits, targets)]
     if ev['own'] is not None:  # the model's own rule (its combine: a learned head, one designated head, ...)
         own_acc = 100.0 * float((ev['own'].argmax(-1) == targets).double().mean())
@@ -93,18 +99,28 @@ def _source_numbers(src: _Source, ev: dict[str, Any], weights: torch.Tensor | No
         model_acc=own_acc,
         member_acc=member_acc,
         member_acc_mean=sum(member_acc) / num_members,
+        calibration=metrics.calibration(probs, targets, n_bins=n_bins),
+        # the members section's numbers, None when it is not asked for
+        disagreement=None, disagreement_mean=None, feature_distance=None, feature_distance_mean=None,
+        weight_cosine=None, weight_cosine_mean=None, member_calibration=None, reliability=None, ensemble_size=None,
+        notes=[],
+    )
+    if not members:
+        return numbers
+    disagreement = metrics.pairwise_disagreement(logits)
+    cosine = _cosine(weights) if weights is not None and num_members >= 2 else None
+    fdist = ev['feature_distance']
+    numbers.update(
         disagreement=disagreement,
         disagreement_mean=_mean_offdiag(disagreement),
         feature_distance=fdist,
         feature_distance_mean=_mean_offdiag(fdist),
         weight_cosine=cosine,
         weight_cosine_mean=_mean_offdiag(cosine),
-        calibration=metrics.calibration(probs, targets, n_bins=n_bins),
         member_calibration=[metrics.calibration(logits[:, m].softmax(-1), targets, n_bins=n_bins)
                             for m in range(num_members)],
         reliability=metrics.reliability_diagram(probs, targets, n_bins=n_bins),
         ensemble_size=metrics.ensemble_size_curve(logits, targets, max_subsets=max_subsets, seed=seed),
-        notes=[],
     )
     if num_members < 2:
         numbers['notes'].append(_SINGLE_MEMBER_NOTE)
@@ -145,46 +161,174 @@ def _between_weights(labels: list[str], weights: list[torch.Tensor | None]) -> d
 # trajectories
 
 
-def _read_snapshots(src: _Source, epochs: list[int] | None, allow_missing: bool, notes: list[str]):
-    folder = src.folder / 'snapshots'
+_WEIGHTS_RE = re.compile(r'^epoch_(\d+|init)\.weights\.safetensors$')
+# float64 elements of one block of the streamed Gram matrix (128 MiB): a parameter is read in blocks of its rows
+_GRAM_BLOCK = 1 << 24
+# a member's parameters in a weights snapshot: (name without the 'member{m}.' prefix, shape), sorted by name
+Layout = list[tuple[str, tuple[int, ...]]]
+
+
+@dataclass
+class _Trajectory:
+    """The snapshots of one source: their logits, and where their weights are (read one tensor at a time)."""
+    snap: Snapshots
+    weight_paths: list[Path] | None = None  # one weights file per epoch of snap.epochs
+    layout: Layout | None = None
+
+
+def _weight_files(folder: Path | None) -> dict[int, Path]:
+    """A run's snapshot weights files by epoch (``INIT_EPOCH`` for the initialisation), ascending."""
+    snap_dir = None if folder is None else folder / SNAPSHOT_DIR
+    if snap_dir is None or not snap_dir.is_dir():
+        return {}
+    found = {}
+    for path in snap_dir.iterdir():
+        match = _WEIGHTS_RE.match(path.name)
+        if match:
+            found[INIT_EPOCH if match.group(1) == 'init' else int(match.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def _weight_layout(paths: list[Path], num_members: int) -> Layout:
+    """The parameters every member has in every weights file, from the files' headers (no tensor is read).
+
+    Raises:
+        ValueError: A file lacks a member, or a member's parameters (names, shapes) differ from member 0's in the
+            first file.
+    """
+    layout = None
+    for path in paths:
+        try:
+            with safe_open(str(path), framework='pt') as f:
+                shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+        except Exception as e:  # noqa: BLE001  (any unreadable file, with its name)
+            raise ValueError(f"'{path}' cannot be read ({type(e).__name__}: {e})") from e
+        for m in range(num_members):
+            prefix = f'member{m}.'
+            mine = sorted((k[len(prefix):], shape) for k, shape in shapes.items() if k.startswith(prefix))
+            if not mine:
+                raise ValueError(f"'{path}' holds no parameters of member {m}")
+            if layout is None:
+                layout = mine
+            elif mine != layout:
+                raise ValueError(f"member {m} in '{path}' has other parameters (names or shapes) than member 0 in"
+                                 f" '{paths[0]}'")
+    return layout
+
+
+def _read_rows(handle, key: str, shape: tuple[int, ...], start: int, stop: int) -> torch.Tensor:
+    if not shape:
+        return handle.get_tensor(key).reshape(1)
+    if start == 0 and stop >= shape[0]:
+        return handle.get_tensor(key)
+    return handle.get_slice(key)[start:stop]
+
+
+def _streaming_gram(entries: list[tuple[Path, int]], layout: Layout) -> torch.Tensor:
+    """The float64 Gram matrix ``G[i, j] = <w_i, w_j>`` of K snapshot weight vectors, read parameter by parameter.
+
+    Entry i is (weights file, member): the vector of ``member{m}.*`` in ``layout``'s order. For every parameter,
+    that tensor is read from each of the K files (``safe_open`` reads one tensor, or a block of its rows, at a
+    time), stacked ``[K, size]`` and ``G += X X^T`` accumulated: the memory is one block, never the K vectors (15 GB
+    for 4 ResNet-18 members over 20 epochs).
+    """
+    num = len(entries)
+    gram = torch.zeros(num, num, dtype=torch.float64)
+    with contextlib.ExitStack() as stack:
+        handles = {}
+        for path, _ in entries:
+            if path not in handles:
+                handles[path] = stack.enter_context(safe_open(str(path), framework='pt'))
+        for name, shape in layout:
+            rows = shape[0] if shape else 1
+            row_size = math.prod(shape[1:]) if shape else 1
+            step = max(1, _GRAM_BLOCK // max(1, num * row_size))
+            for start in range(0, rows, step):
+                block = torch.stack([_read_rows(handles[path], f'member{m}.{name}', shape, start, start + step)
+                                     .reshape(-1) for path, m in entries])
+                # float32 values are exact in float64: the products and sums are float64's
+                block = block.double()
+                gram += block @ block.T
+    return gram
+
+
+def _gram_cosine(gram: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity ``G_ij / sqrt(G_ii G_jj)`` from a Gram matrix, as ``metrics.cosine_similarity_matrix``:
+    in [-1, 1], 1 on the diagonal."""
+    norm = gram.diagonal().sqrt()
+    if bool((norm == 0).any()):
+        raise AnalysisError(f'Snapshot weight vector(s) {(norm == 0).nonzero().flatten().tolist()} are all zeros:'
+                            f' their cosine similarity is undefined.')
+    cosine = (gram / (norm[:, None] * norm[None, :])).clamp(-1, 1)
+    cosine.fill_diagonal_(1.0)
+    return cosine
+
+
+def _member_vector(path: Path, member: int, layout: Layout) -> torch.Tensor:
+    """One member's float32 weight vector from a weights snapshot, in ``layout``'s (sorted-name) order: the layout
+    of ``landscape.parameter_vector``."""
+    with safe_open(str(path), framework='pt') as f:
+        return torch.cat([f.get_tensor(f'member{member}.{name}').float().reshape(-1) for name, _ in layout])
+
+
+def _read_snapshots(src: _Source, epochs: list[int] | None, allow_missing: bool, notes: list[str]) -> _Trajectory:
+    """The predictions of a run's snapshots and, where every epoch read has them, its weights files (not read)."""
+    folder = src.folder / SNAPSHOT_DIR
     hint = '' if allow_missing else ' (--allow-missing-snapshots skips missing epochs)'
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try:
-            snap = None
-            if any(folder.glob('epoch_*.weights.safetensors')):
-                try:
-                    snap = read_snapshots(src.folder, epochs=epochs, weights=True, allow_missing=allow_missing)
-                except (OSError, ValueError):
+            snap = read_snapshots(src.folder, epochs=epochs, weights=False, allow_missing=allow_missing)
+            files = _weight_files(src.folder)
+            paths = None
+            if files:
+                have = [e for e in snap.epochs if e in files]
+                if len(have) == len(snap.epochs):
+                    paths = [files[e] for e in snap.epochs]
+                elif have and allow_missing:
+                    # as read_snapshots(weights=True, allow_missing=True) did: the epochs without weights are left
+                    # out, so that the predictions and the weights are of the same epochs
+                    missing = [e for e in snap.epochs if e not in files]
+                    warnings.warn(f"'{folder}' has no weights files for epoch(s) {missing}; reading the other"
+                                  f' epochs.', stacklevel=2)
+                    snap = read_snapshots(src.folder, epochs=have, weights=False)
+                    paths = [files[e] for e in have]
+                else:
                     # weights of some epochs only: compare the predictions of every epoch, without weights
                     notes.append(f'{src.label}: some snapshot epochs have no weights, snapshot weights left out')
-            if snap is None:
-                snap = read_snapshots(src.folder, epochs=epochs, weights=False, allow_missing=allow_missing)
         except (OSError, ValueError, KeyError) as e:
             raise AnalysisError(f'Snapshots of source {src.label} ({src.spec}) cannot be read: {e}{hint}') from e
     notes += [f'{src.label}: {w.message}' for w in caught]
-    return snap
+    traj = _Trajectory(snap)
+    if paths is not None:
+        try:
+            traj.layout = _weight_layout(paths, snap.logits.shape[2])
+            traj.weight_paths = paths
+        except ValueError as e:
+            notes.append(f'{src.label}: snapshot weights left out: {e}')
+    return traj
 
 
 def _snapshot_sources(sources: list[_Source], epochs: list[int] | None, allow_missing: bool, dataset: str,
-                      require: bool) -> tuple[dict[str, Any], list[str]]:
+                      require: bool) -> tuple[dict[str, _Trajectory], list[str]]:
     snaps, notes = {}, []
     for s in sources:
-        if s.folder is None or not (s.folder / 'snapshots').is_dir():
+        if s.folder is None or not (s.folder / SNAPSHOT_DIR).is_dir():
             if require:
                 raise AnalysisError(f"--snapshot-epochs was given but source {s.label} ({s.spec}) has no snapshots"
                                     f' folder: train it with --snapshot-subset N, or leave it out.')
             notes.append(f'{s.label}: no snapshots (train.py --snapshot-subset N writes them)')
             continue
-        snap = _read_snapshots(s, epochs, allow_missing, notes)
-        recorded = snap.meta.get('dataset')
+        traj = _read_snapshots(s, epochs, allow_missing, notes)
+        recorded = traj.snap.meta.get('dataset')
         if recorded is not None and recorded != dataset:
             raise AnalysisError(f'Snapshots of source {s.label} ({s.spec}) are of dataset {recorded}, not {dataset}.')
-        snaps[s.label] = snap
+        snaps[s.label] = traj
     return snaps, notes
 
 
-def _check_snapshots(snaps: dict[str, Any], sources: dict[str, _Source], num_classes: int) -> None:
+def _check_snapshots(trajs: dict[str, _Trajectory], sources: dict[str, _Source], num_classes: int) -> None:
+    snaps = {label: t.snap for label, t in trajs.items()}
     labels = list(snaps)
     for label in labels:
         if snaps[label].logits.shape[-1] != num_classes:
@@ -247,7 +391,8 @@ def _pair_stats(matrix: torch.Tensor, points: list[tuple[str, int, int]]) -> dic
     )
 
 
-def _trajectories(snaps: dict[str, Any], seed: int) -> dict[str, Any]:
+def _trajectories(trajs: dict[str, _Trajectory], seed: int) -> dict[str, Any]:
+    snaps = {label: t.snap for label, t in trajs.items()}
     points, logits = [], []
     for label, snap in snaps.items():
         for m in range(snap.logits.shape[2]):
@@ -261,20 +406,20 @@ def _trajectories(snaps: dict[str, Any], seed: int) -> dict[str, Any]:
                disagreement=disagreement, disagreement_stats=_pair_stats(disagreement, points),
                weight_points=None, weight_cosine=None, weight_cosine_stats=None, tsne=None, notes=[])
 
-    # weights: the runs that saved them, of the weight length most of them share (one architecture)
-    lengths = [snap.weights.shape[-1] for snap in snaps.values() if snap.weights is not None]
-    if lengths:
-        length = max(set(lengths), key=lengths.count)
-        kept = [label for label, snap in snaps.items() if snap.weights is not None and snap.weights.shape[-1] == length]
+    # weights: the runs that saved them, of the parameters most of them share (one architecture)
+    layouts = {label: tuple(t.layout) for label, t in trajs.items() if t.layout is not None}
+    if layouts:
+        common = Counter(layouts.values()).most_common(1)[0][0]
+        kept = [label for label, layout in layouts.items() if layout == common]
         wpoints = [p for p in points if p[0] in kept]
-        vectors = torch.stack([snaps[s].weights[snaps[s].epochs.index(e), m] for s, m, e in wpoints])
-        cosine = _cosine(vectors)
+        entries = [(trajs[s].weight_paths[snaps[s].epochs.index(e)], m) for s, m, e in wpoints]
+        cosine = _gram_cosine(_streaming_gram(entries, list(common)))
         out.update(weight_points=[dict(source=s, member=m, epoch=e) for s, m, e in wpoints], weight_cosine=cosine,
                    weight_cosine_stats=_pair_stats(cosine, wpoints))
         left = [label for label in snaps if label not in kept]
         if left:
             out['notes'].append(f"weight cosine of snapshots without {', '.join(left)}: no snapshot weights"
-                                ' (train.py --snapshot-weights) or weights of another length')
+                                ' (train.py --snapshot-weights) or weights of another architecture')
     else:
         out['notes'].append('no weight cosine of snapshots: no run saved snapshot weights (train.py'
                             ' --snapshot-weights)')
@@ -285,5 +430,3 @@ def _trajectories(snaps: dict[str, Any], seed: int) -> dict[str, Any]:
     else:
         out['notes'].append('no t-SNE: it needs at least 3 snapshots')
     return out
-
-

@@ -265,6 +265,7 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
             else:
                 head.reset_classifier(num_classes, global_pool)
         self.num_classes = num_classes
+        self.temperature = 1.0  # fitted to the old classes
         self._mean = EnsembleHead(self.num_heads, num_classes, self._mean.mode)
         self._mean.train(self.training)
 
@@ -297,7 +298,8 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
         return x
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        return self.heads[self.head_index].forward_head(x, pre_logits=pre_logits)
+        x = self.heads[self.head_index].forward_head(x, pre_logits=pre_logits)
+        return x if pre_logits or self.num_classes <= 0 else self._tempered(x)
 
     def forward_members_features(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Unpooled features of every head, each shared segment run once."""
@@ -335,7 +337,7 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.combine_mode == 'head':
             return self.forward_head(self.forward_features(x))
-        return self.combine(self.forward_members(x))
+        return self._tempered(self.combine(self.forward_members(x)))
 
     # ---- export ----
     @torch.no_grad()

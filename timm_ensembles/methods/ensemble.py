@@ -172,7 +172,7 @@ class ModelEnsemble(ModelArgsMixin, nn.Module):
         return torch.log(share / share.sum(-1, keepdim=True)).to(member_logits.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.combine(self.forward_members(x))
+        return self._tempered(self.combine(self.forward_members(x)))
 
 
 @register_task(ModelEnsemble)
