@@ -91,6 +91,9 @@ def _fmnist_runs(base: str) -> dict[str, Run]:
     runs = [
         Run(base, base),
         Run(f'{base}-e40', base, extra=['--epochs', '40']),  # twice the epochs: has the single network converged?
+        # the ensembles at that longer schedule: does their gain survive where one network has converged further?
+        Run('ens_x2-e40', f'ens_{base}x2', extra=['--epochs', '40']),
+        Run('fdl_x2-e40', f'fdl_{base}x2', extra=['--epochs', '40']),
         Run('ens_x2', f'ens_{base}x2'),
         Run('fdl_x2', f'fdl_{base}x2'),
         # with per-epoch snapshots of 1,000 test images and the members' weights, for Fort et al.'s views
@@ -132,6 +135,8 @@ MNIST_FILTERS = (4, 8, 16, 32)
 STUDIES = {
     'ensembles': ('fmnist', ['resnet10t', 'ens_x2', 'fdl_x2', 'ens_x4', 'fdl_x4'], (0, 1, 2)),
     'convergence': ('fmnist', ['resnet10t', 'resnet10t-e40'], (0, 1, 2)),
+    # every run at 40 epochs, against the single network at 40
+    'converged': ('fmnist', ['resnet10t-e40', 'ens_x2-e40', 'fdl_x2-e40'], (0, 1, 2)),
     # beta 0.9: the ablation that turned the method's result (seed 0), at every seed
     'collab': ('fmnist', ['resnet10t', 'collab_x2', 'collab_x2-beta0.9', 'collab_x4'], (0, 1, 2)),
     'distill': ('fmnist', ['resnet10t', 'ens_x2', 'ban', 'meal_v1', 'meal_v2'], (0, 1, 2)),
