@@ -109,6 +109,17 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope='module')
+def one_torch_thread():
+    """One torch thread for a module of many tiny passes (``pytestmark = pytest.mark.usefixtures(...)``): their
+    tensors are too small for intra-op threads to gain anything, and on a CPU whose cores are busy with other jobs
+    two threads wait on each other (a test_resnet pass ~20-30x slower than on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # A user's own model, registered with timm as a user would: one convolution layer and a linear classifier, no
 # normalisation layer (the FDL paper's MNIST network), with no forward_intermediates.
 class _PlainConvNet(torch.nn.Module):

@@ -12,14 +12,17 @@ import timm_ensembles  # noqa: F401  (registers the ensembles with timm)
 from timm_ensembles import data as te_data
 from timm_ensembles import metrics
 from timm_ensembles._checkpoint import export_folder
+from timm_ensembles._snapshots import read_snapshots
 from timm_ensembles.analyze import AnalysisError, analyze_runs, main
 
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 NUM_CLASSES = 10
 VAL_SUBSET = 60
 DATA_CONFIG = dict(input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
 EPOCHS = (0, 1, 2, 3)
+# the default sections' plots
 PNGS = ('disagreement', 'weight_cosine', 'feature_distance', 'ensemble_size', 'reliability',
-        'trajectory_disagreement', 'trajectory_cosine', 'tsne')
+        'trajectory_disagreement', 'trajectory_cosine', 'tsne', 'risk_coverage')
 
 
 def _assert_close(saved, expected):
@@ -90,6 +93,7 @@ def test_two_sources_write_every_file(report):
     for name in PNGS:
         assert f'({name}.png)' in md
     assert '| ens |' in md and '| fdl |' in md and '## Between sources' in md and '## Trajectories' in md
+    assert '## Uncertainty' in md and summary['sections'] == ['members', 'between', 'trajectories', 'uncertainty']
 
 
 def test_summary_numbers_equal_the_metrics(report, runs):
@@ -149,6 +153,13 @@ def test_trajectory_numbers(report, runs):
     stats = traj['disagreement_stats']
     assert stats['within_consecutive'] < stats['between_same_epoch']
     assert traj['weight_cosine_stats']['within_consecutive'] > traj['weight_cosine_stats']['between_same_epoch']
+    # the weight cosine, streamed parameter by parameter from the files, is the cosine of the stacked vectors
+    stacked = []
+    for label in ('ens', 'fdl'):
+        snap = read_snapshots(runs[label], weights=True)
+        stacked += [snap.weights[e, m] for m in range(snap.weights.shape[1]) for e in range(len(EPOCHS))]
+    torch.testing.assert_close(torch.tensor(traj['weight_cosine'], dtype=torch.float64),
+                               metrics.cosine_similarity_matrix(torch.stack(stacked)), rtol=0, atol=1e-12)
     assert len(traj['tsne']) == len(traj['points'])
 
 

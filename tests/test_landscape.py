@@ -25,18 +25,9 @@ from timm_ensembles.landscape import (
     trajectory_path,
 )
 
+pytestmark = pytest.mark.usefixtures('one_torch_thread')
 IMG = 8
 NUM_CLASSES = 3
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # these tensors are too small for intra-op threads to gain anything, and on a busy machine two threads wait on
-    # each other: ~20x slower passes of test_resnet than one thread
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _loader(x, y, batch_size=4):

@@ -15,11 +15,21 @@ validation split of ``--dataset``, with the preprocessing it was trained with, g
   one member's trajectory (epochs of one run) and between different members or runs at the same epoch, and a
   t-SNE of the prediction trajectories.
 
+These are the sections ``members``, ``between`` and ``trajectories``; with ``uncertainty`` (from the same logits:
+entropy, expected entropy and mutual information, AURC and risk-coverage curves, temperature scaling) they are the
+default. ``--sections`` also asks for ``ood`` (detection of ``--ood-dataset`` images by every uncertainty score),
+``shift`` (accuracy and ECE against the severity of corruptions of the evaluation images), ``landscape`` (loss
+along the line between two solutions, its barrier, and the plane through two solutions and a trajectory point)
+and ``samplers`` (ensembles of networks sampled around one solution against the independent ensemble).
+
 It writes PNG plots, ``summary.md`` (one page), ``summary.json`` (every number) and ``logits.safetensors`` (each
-source's member logits, for re-analysis) into ``--out`` and prints the key numbers.
+source's member logits ``<label>.logits``, and on the OOD images ``<label>.ood_logits``, for re-analysis) into
+``--out`` and prints the key numbers.
 """
 import argparse
 import json
+import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +37,7 @@ import torch
 from safetensors.torch import save_file
 
 from .. import data as te_data
+from .. import shift as te_shift
 from .._engine import check_input_size
 from .._extras import MissingExtraError, require
 from .._registry import create_model
@@ -43,6 +54,25 @@ from ._compute import (
 )
 from ._plots import PLOTS, _write_plots
 from ._report import _jsonable, _key_lines, _markdown
+from ._sections import (
+    DEFAULT_SECTIONS,
+    SAMPLERS,
+    SECTIONS,
+    _check_count,
+    _check_shift,
+    _Context,
+    _landscape,
+    _ood,
+    _parse_choices,
+    _parse_sections,
+    _parse_severities,
+    _plan_landscape,
+    _plan_samplers,
+    _prepare_ood,
+    _samplers,
+    _shift,
+    _uncertainty,
+)
 from ._sources import (
     AnalysisError,
     _canonical_dataset,
@@ -54,7 +84,8 @@ from ._sources import (
     _unique_labels,
 )
 
-__all__ = ['AnalysisError', 'analyze_runs', 'get_args_parser', 'main', 'PLOTS']
+__all__ = ['AnalysisError', 'analyze_runs', 'get_args_parser', 'main', 'PLOTS', 'SECTIONS', 'DEFAULT_SECTIONS',
+           'SAMPLERS']
 
 
 def analyze_runs(
@@ -80,6 +111,20 @@ def analyze_runs(
         seed: int = 0,
         plots: bool = True,
         verbose: bool = True,
+        sections: str | Sequence[str] | None = None,
+        ood_dataset: str | None = None,
+        ood_data_dir: str | None = None,
+        ood_subset: int | None = None,
+        shift: str | Sequence[str] | None = None,
+        severities: Sequence[int] = (1, 2, 3, 4, 5),
+        landscape_batches: int = 10,
+        landscape_points: int = 11,
+        landscape_plane: bool = False,
+        plane_epoch: int | None = None,
+        plane_grid: int = 11,
+        samplers: str | Sequence[str] | None = None,
+        num_samples: int | None = None,
+        random_scale: float = 0.1,
 ) -> dict[str, Any]:
     """Evaluate the sources, compare them and their trajectories, write the report.
 
@@ -103,24 +148,74 @@ def analyze_runs(
         feature_taps: Features of the feature-distance matrix, as ``forward_members_with_features`` takes them
             ('stages' or 'convs'); None to skip it.
         include_buffers: Include BatchNorm buffers in the weight vectors.
-        snapshot_epochs: Epochs of the snapshots to compare; None: every snapshot each run wrote. When given, every
-            source must have snapshots.
+        snapshot_epochs: Epochs of the snapshots to compare (and to fit the samplers' Gaussians to); None: every
+            snapshot each run wrote. When given with the trajectories section, every source must have snapshots.
         allow_missing_snapshots: Skip requested snapshot epochs a run did not write instead of failing.
-        seed: Seed of the subset sampling and the t-SNE.
+        seed: Seed of the subset sampling, the t-SNE, the temperature-scaling split, the corruptions and the
+            samplers.
         plots: Write the PNG plots.
-        verbose: Print the key numbers.
+        verbose: Print the key numbers (and the progress of the slow sections).
+        sections: The parts of the report (a list, or one comma-separated string) of ``SECTIONS``; 'default'
+            stands for ``DEFAULT_SECTIONS`` (the default), 'all' for every one. The sources are always evaluated
+            once, and their accuracy and calibration always reported.
+        ood_dataset: The out-of-distribution dataset of the ood section, a ``train.py --dataset`` name (its
+            validation split); each source reads it through its own eval transform.
+        ood_data_dir: Root folder of ``ood_dataset`` (as ``data_dir``).
+        ood_subset: At most this many OOD images (a fixed stratified subset).
+        shift: Corruptions of the shift section (names of ``shift.CORRUPTIONS``; None: all of them).
+        severities: Their severities, in 1..5 (severity 0, the clean set, is always shown).
+        landscape_batches: Training batches (of ``batch_size``) the BatchNorm statistics are recomputed on at every
+            point of the landscape and for every sampled network.
+        landscape_points: Points of every line of the landscape (and per axis of its plane).
+        landscape_plane: Also draw the plane through the first two networks and a snapshot of the first one's
+            trajectory (it needs that source's snapshot weights).
+        plane_epoch: The snapshot epoch of that plane (-1: the initialisation); None: the middle of the trajectory.
+        plane_grid: Evenly spaced values per axis of the plane (the three solutions' coordinates are added).
+        samplers: The samplers of the samplers section (``SAMPLERS``); None: every one that can run, with a note
+            for the others. One named here that can run on no source is an error.
+        num_samples: Networks per sampled ensemble; None: the source's member count (4 for a single network).
+        random_scale: Radius of the random sampler, relative to every filter's norm.
 
     Returns:
-        The report (what ``summary.json`` holds): ``sources`` (numbers per label), ``between`` (2+ sources),
-        ``between_weights``, ``trajectories`` (sources with snapshots), ``files`` and ``notes``.
+        The report (what ``summary.json`` holds): ``sections``, ``sources`` (numbers per label), ``between`` (2+
+        sources), ``between_weights``, ``trajectories`` (sources with snapshots), one entry per new section asked
+        for (``uncertainty``, ``ood``, ``shift``, ``landscape``, ``samplers``), ``files`` and ``notes``.
 
     Raises:
         AnalysisError: A source that cannot be read, sources of other datasets or class counts (the message names
-            each source's dataset and class count), unreadable or missing snapshots, snapshots of different subsets.
+            each source's dataset and class count), unreadable or missing snapshots, snapshots of different subsets,
+            an unknown section, corruption or sampler, the ood section without ``ood_dataset`` or with a dataset the
+            sources' transforms cannot read, a landscape between networks of different architectures, a sampler
+            asked for by name that can run on no source (diag and lowrank need snapshot weights, dropout a model
+            with dropout).
         MissingExtraError: The analysis extra is not installed (``pip install 'timm-ensembles[analysis]'``).
     """
     if not sources:
         raise AnalysisError('No source given: pass train.py output folders or hf-hub: names.')
+    # every option before minutes of evaluation
+    sections = _parse_sections(sections)
+    if 'ood' in sections and not ood_dataset:
+        raise AnalysisError('The ood section needs --ood-dataset NAME: a dataset of images of none of the classes'
+                            " (as train.py --dataset names it, e.g. 'idx:<folder>' of MNIST against a Fashion-MNIST"
+                            ' model).')
+    corruptions, _ = _parse_choices(shift, te_shift.CORRUPTIONS, '--shift')
+    severities = _parse_severities(severities)
+    sampler_names, explicit_samplers = _parse_choices(samplers, SAMPLERS, '--samplers')
+    for value, flag, minimum in ((ood_subset, '--ood-subset', 1), (landscape_batches, '--landscape-batches', 1),
+                                 (landscape_points, '--landscape-points', 2), (num_samples, '--num-samples', 1),
+                                 (plane_grid, '--plane-grid', 2)):
+        _check_count(value, flag, minimum)
+    if isinstance(random_scale, bool) or not isinstance(random_scale, (int, float)) \
+            or not math.isfinite(random_scale) or random_scale <= 0:
+        raise AnalysisError(f'--random-scale must be a finite number > 0 (a fraction of every filter\'s norm), got'
+                            f' {random_scale!r}.')
+    if snapshot_epochs is not None and not {'trajectories', 'samplers'} & set(sections):
+        raise AnalysisError('--snapshot-epochs selects the snapshots of the trajectories and samplers sections:'
+                            f" add one of them to --sections (asked for: {', '.join(sections)}).")
+    if plane_epoch is not None and not landscape_plane:
+        raise AnalysisError('--plane-epoch needs --landscape-plane.')
+    if landscape_plane and 'landscape' not in sections:
+        raise AnalysisError('--landscape-plane needs the landscape section (--sections ...,landscape).')
     # before minutes of evaluation: the packages of the analysis extra
     require('torchmetrics', 'the calibration error of the report')
     if plots:
@@ -160,56 +255,82 @@ def analyze_runs(
         except Exception as e:  # noqa: BLE001  (any failure to load is reported with the source's name)
             raise AnalysisError(f'Cannot load source {s.label} ({s.spec}): {type(e).__name__}: {e}') from e
         s.num_classes = _num_classes(s.model)
+        s.data_config = _data_config(s, img_size, in_chans, crop_pct)
     _check_classes(srcs, info.name, info.num_classes)
-    # snapshots before the evaluation, which can take long: a run whose snapshots cannot be used fails first
-    snaps, notes = _snapshot_sources(srcs, snapshot_epochs, allow_missing_snapshots, info.name,
-                                     require=snapshot_epochs is not None)
-    if snaps:
-        _check_snapshots(snaps, {s.label: s for s in srcs}, srcs[0].num_classes)
+    # snapshots, OOD data, networks and sampler inputs before the evaluation, which can take long: what cannot be
+    # used fails first
+    snaps, notes = {}, []
+    if 'trajectories' in sections:
+        snaps, notes = _snapshot_sources(srcs, snapshot_epochs, allow_missing_snapshots, info.name,
+                                         require=snapshot_epochs is not None)
+        if snaps:
+            _check_snapshots(snaps, {s.label: s for s in srcs}, srcs[0].num_classes)
+    if 'shift' in sections:
+        _check_shift(srcs, corruptions)
+    ood_data = _prepare_ood(ood_dataset, ood_data_dir, ood_subset, info.name, srcs) if 'ood' in sections else None
+    landscape_plan = _plan_landscape(srcs, landscape_plane, plane_epoch) if 'landscape' in sections else None
+    sampler_plan = (_plan_samplers(srcs, sampler_names, explicit_samplers, snapshot_epochs)
+                    if 'samplers' in sections else None)
 
-    report: dict[str, Any] = dict(dataset=info.name, val_split=val_split, n_bins=n_bins,
+    members = 'members' in sections
+    report: dict[str, Any] = dict(dataset=info.name, val_split=val_split, n_bins=n_bins, sections=list(sections),
                                   include_buffers=include_buffers, sources={}, notes=[])
     evals, weights = [], []
     for s in srcs:
-        s.data_config = _data_config(s, img_size, in_chans, crop_pct)
-        # create_loaders sets the val transform on val_ds: one source at a time, in order, nothing shuffled
-        _, loader = te_data.create_loaders(train_ds, val_ds, s.data_config, batch_size=batch_size, workers=workers,
-                                           train_transform=False)
+        loader = te_data.create_eval_loader(val_ds, s.data_config, batch_size, workers)
         s.model.to(dev)
         try:
             check_input_size(s.model, s.data_config['input_size'], s.spec)
         except ValueError as e:
             raise AnalysisError(f'Cannot evaluate source {s.label}: {e} (--img-size / --in-chans apply to sources'
                                 f' without a train.py args.yaml).') from e
-        ev = _evaluate(s.model, loader, dev, feature_taps)
+        if verbose:
+            print(f'[analyze] evaluating {s.label}', flush=True)
+        ev = _evaluate(s.model, loader, dev, feature_taps if members else None)
         if ev['logits'].shape[-1] != srcs[0].num_classes:
             raise AnalysisError(f'{s.label} predicts {ev["logits"].shape[-1]} classes: {_describe(srcs)}.')
-        w, why = _weights(s.model.cpu(), include_buffers)
-        numbers = _source_numbers(s, ev, w, n_bins, max_subsets, seed)
+        s.model.cpu()
+        needs_weights = members or ('between' in sections and len(srcs) > 1)
+        w, why = _weights(s.model, include_buffers) if needs_weights else (None, None)
+        numbers = _source_numbers(s, ev, w, n_bins, max_subsets, seed, members=members)
         for note in (ev['feature_note'], why):
-            if note:
+            if note and members:
                 numbers['notes'].append(note)
         if s.folder is None:
             numbers['notes'].append('a Hub source records no training dataset: only its class count was checked')
         report['sources'][s.label] = numbers
         evals.append(ev)
         weights.append(w)
-        s.model = None  # free it: only the numbers are needed from here on
     labels_ = [s.label for s in srcs]
     report['num_samples'] = int(evals[0]['targets'].shape[0])
     report['num_classes'] = int(evals[0]['logits'].shape[-1])
-    if len(srcs) > 1:
+    if len(srcs) > 1 and 'between' in sections:
         report['between'] = _between_sources(labels_, evals)
         report['between_weights'] = _between_weights(labels_, weights)
         if report['between_weights'] is None:
             report['notes'].append('no weight cosine between sources: some have no member weights or their'
                                    ' weights differ in length (other architectures)')
+    del weights
 
     if snaps:
         report['trajectories'] = _trajectories(snaps, seed)
         report['trajectories']['notes'] = notes + report['trajectories']['notes']
     elif notes:
         report['notes'].append('no trajectories: ' + '; '.join(notes))
+
+    ctx = _Context(train_ds, val_ds, batch_size, workers, dev, n_bins, seed, landscape_batches, verbose)
+    if 'uncertainty' in sections:
+        report['uncertainty'] = _uncertainty(srcs, evals, n_bins, seed)
+    if ood_data is not None:
+        report['ood'] = _ood(srcs, evals, *ood_data, ctx)
+    if 'shift' in sections:
+        report['shift'] = _shift(srcs, evals, corruptions, severities, ctx)
+    if landscape_plan is not None:
+        report['landscape'] = _landscape(srcs, landscape_plan, landscape_points, plane_grid, ctx)
+    if sampler_plan is not None:
+        report['samplers'] = _samplers(srcs, evals, sampler_plan, sampler_names, num_samples, random_scale, ctx)
+    for s in srcs:
+        s.model = None  # free them: only the numbers are needed from here on
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,6 +340,8 @@ def analyze_runs(
     report['files'] = files
     tensors = {f'{label}.logits': ev['logits'].contiguous() for label, ev in zip(labels_, evals)}
     tensors['targets'] = evals[0]['targets'].contiguous()
+    for label, o in (report.get('ood') or {}).get('sources', {}).items():
+        tensors[f'{label}.ood_logits'] = o.pop('logits').contiguous()
     save_file(tensors, str(out / 'logits.safetensors'))
     report = _jsonable(report)
     (out / 'summary.md').write_text(_markdown(report, files))
@@ -267,12 +390,49 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='features of the feature-distance matrix (default: stages; none to skip)')
     group.add_argument('--include-buffers', action='store_true', help='BatchNorm buffers in the weight vectors')
     group.add_argument('--snapshot-epochs', type=int, nargs='+', default=None, metavar='E',
-                       help='snapshot epochs to compare (default: every epoch of each run); every source must'
-                            ' have snapshots then')
+                       help='snapshot epochs to compare, and to fit the diag/lowrank samplers to (default: every'
+                            ' epoch of each run, the later half for the samplers); with the trajectories section every'
+                            ' source must have snapshots then')
     group.add_argument('--allow-missing-snapshots', action='store_true',
                        help='skip requested snapshot epochs that a run did not write')
-    group.add_argument('--seed', type=int, default=0, metavar='N', help='seed of the subset sampling and the t-SNE')
+    group.add_argument('--seed', type=int, default=0, metavar='N',
+                       help='seed of the subset sampling, the t-SNE, the temperature-scaling split, the corruptions'
+                            ' and the samplers')
     group.add_argument('--no-plots', action='store_true', help='numbers only')
+    group.add_argument('--sections', default=None, metavar='LIST',
+                       help=f"comma-separated parts of the report: {', '.join(SECTIONS)}; 'default'"
+                            f" ({','.join(DEFAULT_SECTIONS)}, the default) and 'all' stand for those, e.g."
+                            ' default,ood,shift')
+    group = parser.add_argument_group('Out-of-distribution detection (section ood)')
+    group.add_argument('--ood-dataset', default=None, metavar='NAME',
+                       help="OOD images (their validation split), as train.py --dataset names them, e.g. idx:<folder>"
+                            ' of MNIST against a Fashion-MNIST model')
+    group.add_argument('--ood-data-dir', default=None, metavar='DIR', help='root folder of the OOD dataset')
+    group.add_argument('--ood-subset', type=int, default=None, metavar='N', help='at most N OOD images')
+    group = parser.add_argument_group('Dataset shift (section shift)')
+    group.add_argument('--shift', default=None, metavar='LIST',
+                       help=f"comma-separated corruptions (default: all of {','.join(te_shift.CORRUPTIONS)})")
+    group.add_argument('--severities', type=int, nargs='+', default=[1, 2, 3, 4, 5], metavar='S',
+                       help='corruption severities in 1..5 (default: 1 2 3 4 5; 0, the clean set, always shown)')
+    group = parser.add_argument_group('Loss landscape and samplers (sections landscape, samplers)')
+    group.add_argument('--landscape-batches', type=int, default=10, metavar='N',
+                       help='training batches (of --batch-size) the BatchNorm statistics of every interpolated or'
+                            ' sampled network are recomputed on (default: 10)')
+    group.add_argument('--landscape-points', type=int, default=11, metavar='N',
+                       help='points per line, t from 0 to 1 (default: 11)')
+    group.add_argument('--landscape-plane', action='store_true',
+                       help="also the plane through two solutions and a snapshot of the first one's trajectory"
+                            ' (Fort et al. Fig. 3; needs its snapshot weights)')
+    group.add_argument('--plane-epoch', type=int, default=None, metavar='E',
+                       help='snapshot epoch of that plane (-1: the initialisation; default: mid-trajectory)')
+    group.add_argument('--plane-grid', type=int, default=11, metavar='N',
+                       help="points per axis of the plane, besides the solutions' own (default: 11)")
+    group.add_argument('--samplers', default=None, metavar='LIST',
+                       help=f"comma-separated samplers: {','.join(SAMPLERS)} (default: those that can run)")
+    group.add_argument('--num-samples', type=int, default=None, metavar='K',
+                       help="networks per sampled ensemble (default: the source's member count, or 4)")
+    group.add_argument('--random-scale', type=float, default=0.1, metavar='F',
+                       help="radius of the random sampler, relative to every filter's norm (default: 0.1)")
     return parser
 
 
@@ -286,7 +446,13 @@ def main(argv: list[str] | None = None) -> int:
             n_bins=args.bins, max_subsets=args.max_subsets,
             feature_taps=None if args.feature_taps == 'none' else args.feature_taps,
             include_buffers=args.include_buffers, snapshot_epochs=args.snapshot_epochs,
-            allow_missing_snapshots=args.allow_missing_snapshots, seed=args.seed, plots=not args.no_plots)
+            allow_missing_snapshots=args.allow_missing_snapshots, seed=args.seed, plots=not args.no_plots,
+            sections=args.sections, ood_dataset=args.ood_dataset, ood_data_dir=args.ood_data_dir,
+            ood_subset=args.ood_subset, shift=args.shift, severities=args.severities,
+            landscape_batches=args.landscape_batches, landscape_points=args.landscape_points,
+            landscape_plane=args.landscape_plane, plane_epoch=args.plane_epoch, plane_grid=args.plane_grid,
+            samplers=args.samplers,
+            num_samples=args.num_samples, random_scale=args.random_scale)
     except (AnalysisError, MissingExtraError) as e:
         raise SystemExit(f'error: {e}') from None
     return 0

@@ -9,7 +9,7 @@ from .._extras import require
 
 # every plot the report can write, in the order of summary.md
 PLOTS = ('disagreement', 'weight_cosine', 'feature_distance', 'ensemble_size', 'reliability', 'trajectory_disagreement',
-         'trajectory_cosine', 'tsne')
+         'trajectory_cosine', 'tsne', 'risk_coverage', 'shift', 'landscape', 'landscape_plane', 'samplers')
 _DPI = 120
 # about 7 inches at 120 dpi: the plots stay readable when shown ~700 px wide
 _WIDTH = 7.0
@@ -247,20 +247,169 @@ def _plot_tsne(path: Path, traj: dict) -> bool:
     return True
 
 
+def _plot_risk_coverage(path: Path, unc: dict) -> bool:
+    items = list(unc['sources'].items())
+    if not items:
+        return False
+    fig = _figure(_WIDTH, 3.8)
+    ax = fig.subplots()
+    for i, (label, u) in enumerate(items):
+        colour = f'C{i % 10}'
+        rc = u['risk_coverage']
+        what = 'ensemble' if u['num_members'] > 1 else 'model'
+        ax.plot(rc['coverage'], 100 * np.asarray(rc['risk'], dtype=float), color=colour,
+                label=f"{label} {what} (AURC {u['aurc']:.4f})")
+        if u['num_members'] > 1:
+            rc0 = u['risk_coverage_member0']
+            ax.plot(rc0['coverage'], 100 * np.asarray(rc0['risk'], dtype=float), '--', color=colour,
+                    label=f"{label}:m0 (AURC {u['aurc_member0']:.4f})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel('coverage (fraction of images kept, most confident first)')
+    ax.set_ylabel('risk: error on the kept images (%)')
+    ax.set_title('Risk-coverage curves (selective classification; lower is better)')
+    ax.grid(alpha=0.3)
+    ax.legend(loc='best')
+    _save(fig, path)
+    return True
+
+
+def _plot_shift(path: Path, sh: dict) -> bool:
+    Patch = require('matplotlib.patches', "the report's plots (--no-plots skips them)").Patch
+    series = []  # (name, numbers, colour, filled)
+    for i, (label, e) in enumerate(sh['sources'].items()):
+        colour = f'C{i % 10}'
+        series.append((f'{label} ensemble' if e['member0'] is not None else label, e['ensemble'], colour, True))
+        if e['member0'] is not None:
+            series.append((f'{label}:m0', e['member0'], colour, False))
+    if not series:
+        return False
+    levels, corruptions = sh['severities'], sh['corruptions']
+    fig = _figure(_WIDTH, 3.8)
+    axes = fig.subplots(1, 2)
+    width = 0.8 / len(series)
+    for ax, key, ylabel in ((axes[0], 'accuracy', 'accuracy (%)'), (axes[1], 'ece', 'ECE')):
+        for k, (_, numbers, colour, filled) in enumerate(series):
+            # one box per severity over the corruptions (the clean set, severity 0, is one value)
+            data = [[numbers[key][c][i] for c in corruptions] for i in range(len(levels))]
+            pos = np.arange(len(levels)) + (k - (len(series) - 1) / 2) * width
+            boxes = ax.boxplot(data, positions=pos, widths=width * 0.85, patch_artist=True, manage_ticks=False,
+                               showfliers=False)
+            for box in boxes['boxes']:
+                box.set(facecolor=colour if filled else 'white', edgecolor=colour, alpha=0.8 if filled else 1.0)
+            for part in ('whiskers', 'caps', 'medians'):
+                for line in boxes[part]:
+                    line.set(color='black' if filled and part == 'medians' else colour)
+        ax.set_xticks(range(len(levels)), [str(v) for v in levels])
+        ax.set_xlabel('shift intensity (0: clean)')
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, axis='y')
+    axes[0].set_title('Accuracy under dataset shift')
+    axes[1].set_title('ECE under dataset shift')
+    handles = [Patch(facecolor=colour if filled else 'white', edgecolor=colour, label=name)
+               for name, _, colour, filled in series]
+    axes[0].legend(handles=handles, loc='lower left')
+    _save(fig, path)
+    return True
+
+
+def _plot_landscape(path: Path, ls: dict) -> bool:
+    if not ls['pairs']:
+        return False
+    fig = _figure(_WIDTH, 3.6)
+    ax1, ax2 = fig.subplots(1, 2)
+    for i, pair in enumerate(ls['pairs']):
+        label = f"{pair['a']} -> {pair['b']}"
+        ax1.plot(pair['t'], pair['loss'], 'o-', ms=3, color=f'C{i % 10}', label=label)
+        ax2.plot(pair['t'], pair['accuracy'], 'o-', ms=3, color=f'C{i % 10}', label=label)
+    for ax, ylabel, title in ((ax1, 'validation loss', 'Loss along the line'),
+                              (ax2, 'validation accuracy (%)', 'Accuracy along the line')):
+        ax.set_xlabel('t (weights (1 - t) a + t b)')
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    ax1.legend(loc='best')
+    _save(fig, path)
+    return True
+
+
+def _plot_landscape_plane(path: Path, ls: dict) -> bool:
+    pl = ls.get('plane')
+    if pl is None:
+        return False
+    x, y = np.asarray(pl['x'], dtype=float), np.asarray(pl['y'], dtype=float)
+    fig = _figure(_WIDTH, 3.6)
+    axes = fig.subplots(1, 2)
+    for ax, key, title, cmap in ((axes[0], 'loss', 'validation loss', 'viridis'),
+                                 (axes[1], 'accuracy', 'validation accuracy (%)', 'magma')):
+        grid = np.asarray(pl[key], dtype=float)
+        filled = ax.contourf(x, y, grid, levels=20, cmap=cmap)
+        fig.colorbar(filled, ax=ax, fraction=0.046, pad=0.04)
+        for name, marker in (('a', 'o'), ('b', 's'), ('c', '^')):
+            px, py = pl['points'][name]
+            ax.plot(px, py, marker, color='white', mec='black', ms=8)
+            # labels towards the middle of the plot, where they stay inside it
+            right = px > (x[0] + x[-1]) / 2
+            ax.annotate(pl[name], (px, py), textcoords='offset points', xytext=(-6 if right else 6, 6), fontsize=8,
+                        color='white', ha='right' if right else 'left')
+        ax.set_title(f'Plane: {title}')
+        ax.set_xlabel('weight distance along a -> b')
+        ax.set_ylabel('weight distance, orthogonal')
+    _save(fig, path)
+    return True
+
+
+def _plot_samplers(path: Path, sm: dict) -> bool:
+    items = [(label, e) for label, e in sm['sources'].items() if e['samplers'] or e['independent']]
+    if not items:
+        return False
+    fig, axes = _grid(len(items), 3.6)
+    markers = {'random': 'o', 'dropout': 's', 'diag': '^', 'lowrank': 'D'}
+    for ax, (label, e) in zip(axes, items):
+        for i, (name, numbers) in enumerate(e['samplers'].items()):
+            xs, ys = _finite_points(numbers['plane'])
+            ax.plot(xs, ys, markers.get(name, 'o'), color=f'C{i % 10}', ms=5, alpha=0.8,
+                    label=f"{name} (ens. {numbers['ensemble_acc']:.1f}%)")
+        if e['independent'] is not None:
+            xs, ys = _finite_points(e['independent']['plane'])
+            ax.plot(xs, ys, '*', color='black', ms=11,
+                    label=f"independent (ens. {e['independent']['ensemble_acc']:.1f}%)")
+        ax.set_xlabel('normalised disagreement with m0')
+        ax.set_ylabel('accuracy (%)')
+        ax.set_title(f"{label}: networks around {e['reference']}")
+        ax.grid(alpha=0.3)
+        ax.legend(loc='best')
+    _save(fig, path)
+    return True
+
+
+def _finite_points(plane: dict) -> tuple[list[float], list[float]]:
+    pts = [(x, y) for x, y in zip(plane['normalized_disagreement'], plane['accuracy'])
+           if x is not None and y is not None and math.isfinite(x)]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
 def _write_plots(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
     """Every plot that applies; returns {name: file name} of those written."""
     rc_context = require('matplotlib', "the report's plots (--no-plots skips them)").rc_context
 
     per_source, between, traj = report['sources'], report.get('between'), report.get('trajectories')
     written = {}
-    jobs = [
-        ('disagreement', lambda p: _plot_disagreement(p, per_source, between)),
-        ('weight_cosine', lambda p: _plot_weight_cosine(p, per_source, report.get('between_weights'))),
-        ('feature_distance', lambda p: _plot_per_source_matrix(
-            p, per_source, 'feature_distance', 'feature distance', 'mean feature distance', 'viridis')),
-        ('ensemble_size', lambda p: _plot_ensemble_size(p, per_source)),
-        ('reliability', lambda p: _plot_reliability(p, per_source)),
-    ]
+    jobs = []
+    if 'members' in report['sections']:
+        jobs += [
+            ('disagreement', lambda p: _plot_disagreement(p, per_source, between)),
+            ('weight_cosine', lambda p: _plot_weight_cosine(p, per_source, report.get('between_weights'))),
+            ('feature_distance', lambda p: _plot_per_source_matrix(
+                p, per_source, 'feature_distance', 'feature distance', 'mean feature distance', 'viridis')),
+            ('ensemble_size', lambda p: _plot_ensemble_size(p, per_source)),
+            ('reliability', lambda p: _plot_reliability(p, per_source)),
+        ]
+    elif between is not None:  # the between-source matrices alone (no per-source matrix to fall back on)
+        jobs += [
+            ('disagreement', lambda p: _plot_disagreement(p, per_source, between)),
+            ('weight_cosine', lambda p: _plot_weight_cosine(p, per_source, report.get('between_weights'))),
+        ]
     if traj is not None:
         jobs += [
             ('trajectory_disagreement', lambda p: _plot_trajectory_matrix(
@@ -271,11 +420,15 @@ def _write_plots(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
                 'cosine similarity', 'magma')),
             ('tsne', lambda p: _plot_tsne(p, traj)),
         ]
+    for name, key, plot in (('risk_coverage', 'uncertainty', _plot_risk_coverage), ('shift', 'shift', _plot_shift),
+                            ('landscape', 'landscape', _plot_landscape),
+                            ('landscape_plane', 'landscape', _plot_landscape_plane),
+                            ('samplers', 'samplers', _plot_samplers)):
+        if report.get(key) is not None:
+            jobs.append((name, lambda p, plot=plot, key=key: plot(p, report[key])))
     with rc_context(_FONT):
         for name, job in jobs:
             path = out_dir / f'{name}.png'
             if job(path):
                 written[name] = path.name
     return written
-
-
