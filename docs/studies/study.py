@@ -78,6 +78,7 @@ class Run:
     task_kwargs: list[str] = field(default_factory=list)
     teachers: list[str] = field(default_factory=list)  # names of other runs (same seed)
     generations: int = 1
+    baseline: str | None = None  # the run its paired difference is taken against (default: the study's first row)
 
     def folder(self, out: Path, seed: int) -> Path:
         return out / f'{self.name}-s{seed}'
@@ -93,6 +94,9 @@ def _fmnist_runs(base: str) -> dict[str, Run]:
         Run(f'{base}-e40', base, extra=['--epochs', '40']),  # twice the epochs: has the single network converged?
         # the ensembles at that longer schedule: does their gain survive where one network has converged further?
         Run('ens_x2-e40', f'ens_{base}x2', extra=['--epochs', '40']),
+        # the single network again, with snapshots of its trajectory (from the initialisation) and weights, for the
+        # report's plane and trajectory samplers; at seed s it trains as resnet10t at seed s, weight for weight
+        Run(f'{base}-snap', base, extra=['--snapshot-subset', '1000', '--snapshot-weights']),
         Run('fdl_x2-e40', f'fdl_{base}x2', extra=['--epochs', '40']),
         Run('ens_x2', f'ens_{base}x2'),
         Run('fdl_x2', f'fdl_{base}x2'),
@@ -124,8 +128,11 @@ def _mnist_runs(filters: tuple[int, ...]) -> dict[str, Run]:
     runs = {}
     for m in filters:
         runs[f'convnet1_m{m}'] = Run(f'convnet1_m{m}', 'convnet1', model_kwargs=[f'num_filters={m}'])
-        runs[f'fdl_x2_m{m // 2}'] = Run(f'fdl_x2_m{m // 2}', 'fdl_convnet1x2', model_kwargs=[f'num_filters={m // 2}'])
-        runs[f'ens_x2_m{m // 2}'] = Run(f'ens_x2_m{m // 2}', 'ens_convnet1x2', model_kwargs=[f'num_filters={m // 2}'])
+        # two networks of M/2 filters against one of M: the same parameter count
+        runs[f'fdl_x2_m{m // 2}'] = Run(f'fdl_x2_m{m // 2}', 'fdl_convnet1x2', model_kwargs=[f'num_filters={m // 2}'],
+                                        baseline=f'convnet1_m{m}')
+        runs[f'ens_x2_m{m // 2}'] = Run(f'ens_x2_m{m // 2}', 'ens_convnet1x2', model_kwargs=[f'num_filters={m // 2}'],
+                                        baseline=f'convnet1_m{m}')
     return runs
 
 
@@ -146,6 +153,8 @@ STUDIES = {
                              'ban', 'ban_labels', 'ban_T4', 'ens_x2', 'meal_v1', 'meal_v1-labels'], (0,)),
     'overfit': ('fmnist-noaug', ['resnet10t', 'collab_x2', 'ens_x2', 'ban', 'meal_v1'], (0,)),
     'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
+    # the runs of docs/analysis' landscape and samplers figures
+    'landscape': ('fmnist', ['resnet10t-snap'], (0,)),
     'smoke': ('smoke', ['test_resnet', 'ens_x2', 'fdl_x2', 'ban'], (0,)),
 }
 
@@ -313,6 +322,16 @@ def _bane(folders: list[Path], cache: Path, archived: Path) -> float:
     return metrics['acc']
 
 
+def _import_run_modules(run_args: dict) -> None:
+    """The modules a run imported (``train.py --import``, e.g. convnet.py here, which registers the MNIST network)
+    before its model can be rebuilt."""
+    import importlib
+
+    sys.path.insert(0, str(HERE))
+    for module in run_args.get('imports') or []:
+        importlib.import_module(module)
+
+
 def _chosen_on_holdout(folder: Path, cache: Path, archived: Path, holdout_size: int) -> float:
     """Test accuracy of an FDL run's ``forward`` as ``train.py --holdout`` would have chosen it: the head or the
     averaged probabilities, whichever is more accurate on ``holdout_size`` training images the run did not train on
@@ -331,6 +350,7 @@ def _chosen_on_holdout(folder: Path, cache: Path, archived: Path, holdout_size: 
     from timm_ensembles._engine import evaluate
 
     run_args = yaml.safe_load((folder / 'args.yaml').read_text())
+    _import_run_modules(run_args)
     train_ds, _, _ = te_data.create_datasets(
         run_args['dataset'], root=run_args['data_dir'], train_split=run_args['train_split'],
         val_split=run_args['val_split'], train_subset=run_args['train_subset'], val_subset=run_args['val_subset'])
@@ -403,16 +423,30 @@ def table(study: str, args: argparse.Namespace) -> str:
     if not rows:
         where = root.relative_to(ROOT) if root.is_relative_to(ROOT) else root
         return f'(no finished rows of {study} yet in {where}; not finished for every seed yet: {partial})'
-    baseline = rows[0][1]['forward']
+    first = rows[0][0]
+    by_name = {label: cols['forward'] for label, cols, _ in rows}
+    runs = _runs(recipe)
+    # a run may name its own baseline (the single network of its parameter count); the others pair with the first row
+    # ('<run>, `forward` chosen on ...' rows are of their run)
+    named = {label: runs.get(label.split(',')[0]) for label, _, _ in rows}
+    own = {label: run.baseline for label, run in named.items() if run and run.baseline not in (None, first)}
     head = ('| run | prediction (`forward`) | mean of the members | averaged probabilities | per seed ('
-            + ', '.join(map(str, seeds)) + ') | paired Δ vs ' + rows[0][0] + ' (seeds better) | min / run |')
+            + ', '.join(map(str, seeds)) + ') | paired Δ vs ' + (f'{first} or the named run' if own else first)
+            + ' (seeds better) | min / run |')
     lines = [head, '|---|---|---|---|---|---|---|']
     for label, cols, minutes in rows:
+        base = own.get(label, first)
+        if base not in by_name:
+            paired = f'({base} not finished)'
+        elif base == label or cols['forward'] is by_name[base]:
+            paired = ''
+        else:
+            paired = _paired(cols['forward'], by_name[base]) + (f' vs {base}' if base != first else '')
         cells = [_mean_sd(cols['forward']),
                  _mean_sd(cols['members']) if 'members' in cols else '',
                  _mean_sd(cols['mean_probs']) if 'mean_probs' in cols else '',
                  ' / '.join(f'{v:.2f}' for v in cols['forward']),
-                 '' if cols['forward'] is baseline else _paired(cols['forward'], baseline),
+                 paired,
                  f'{minutes:.0f}' if minutes is not None else '']
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
     if missing:
