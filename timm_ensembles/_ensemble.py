@@ -213,6 +213,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
             **kwargs: Any,
     ):
         super().__init__()
+        self.temperature = 1.0  # an instance attribute, which TorchScript sees (ModelArgsMixin)
         check_base_model(base_model, what='base model')
         if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 2:
             raise ValueError(
