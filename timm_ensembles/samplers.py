@@ -35,7 +35,8 @@ import torch
 from timm.layers import DropBlock2d, DropPath
 from torch import nn
 
-from .landscape import load_parameter_vector, parameter_vector, recompute_batchnorm
+from ._engine import MemberPredictor
+from .landscape import _named_parameters, load_parameter_vector, parameter_vector, recompute_batchnorm
 from .metrics import _as_float64, _check_logits, member_correct, pairwise_differ_counts
 
 __all__ = [
@@ -86,10 +87,6 @@ def _check_trajectory(trajectory, min_epochs: int) -> torch.Tensor:
     return trajectory
 
 
-def _sorted_parameter_shapes(model: nn.Module) -> list[tuple[str, torch.Size]]:
-    return [(name, p.shape) for name, p in sorted(model.named_parameters(), key=lambda item: item[0])]
-
-
 def random_samples(model: nn.Module, num_samples: int, scale: float, seed: int) -> torch.Tensor:
     """The random subspace: ``num_samples`` parameter vectors ``theta0 + noise`` around the model's weights.
 
@@ -115,7 +112,7 @@ def random_samples(model: nn.Module, num_samples: int, scale: float, seed: int) 
     """
     num_samples, scale, seed = _check_count(num_samples, 'num_samples'), _check_scale(scale), _check_seed(seed)
     theta0 = parameter_vector(model).detach()
-    shapes = _sorted_parameter_shapes(model)
+    shapes = [(name, p.shape) for name, p in _named_parameters(model)]  # parameter_vector's layout
     total = sum(shape.numel() for _, shape in shapes)
     if theta0.ndim != 1 or theta0.numel() != total:
         raise ValueError(f'parameter_vector(model) has shape {tuple(theta0.shape)}, but the parameters of'
@@ -259,18 +256,12 @@ def _batches(loader: Iterable, device: torch.device | None) -> Iterator[tuple[to
         raise ValueError('The loader yielded no batches.')
 
 
-@torch.no_grad()
 def _predict(model: nn.Module, loader: Iterable) -> tuple[torch.Tensor, torch.Tensor]:
-    logits, targets = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for x, target in _batches(loader, _device(model)):
-            logits.append(_logits(model, x).cpu())
-            targets.append(target)
-    finally:
-        model.train(was_training)
-    return torch.cat(logits), torch.cat(targets)
+    """The network's own prediction in eval mode, by the package's one evaluation pass."""
+    outputs = [(out.logits.float().cpu(), out.target.long().cpu()) for out in MemberPredictor(model, loader)]
+    if not outputs:
+        raise ValueError('The loader yielded no batches.')
+    return torch.cat([o for o, _ in outputs]), torch.cat([t for _, t in outputs])
 
 
 def dropout_predictions(
