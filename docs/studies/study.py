@@ -92,6 +92,7 @@ def _fmnist_runs(base: str) -> dict[str, Run]:
     runs = [
         Run(base, base),
         Run(f'{base}-e40', base, extra=['--epochs', '40']),  # twice the epochs: has the single network converged?
+        Run(f'{base}-e80', base, extra=['--epochs', '80']),  # and at 40: does it still gain from twice that?
         # the ensembles at that longer schedule: does their gain survive where one network has converged further?
         Run('ens_x2-e40', f'ens_{base}x2', extra=['--epochs', '40']),
         # the single network again, with snapshots of its trajectory (from the initialisation) and weights, for the
@@ -141,7 +142,7 @@ MNIST_FILTERS = (4, 8, 16, 32)
 # first), and its seeds
 STUDIES = {
     'ensembles': ('fmnist', ['resnet10t', 'ens_x2', 'fdl_x2', 'ens_x4', 'fdl_x4'], (0, 1, 2)),
-    'convergence': ('fmnist', ['resnet10t', 'resnet10t-e40'], (0, 1, 2)),
+    'convergence': ('fmnist', ['resnet10t', 'resnet10t-e40', 'resnet10t-e80'], (0, 1, 2)),
     # every run at 40 epochs, against the single network at 40
     'converged': ('fmnist', ['resnet10t-e40', 'ens_x2-e40', 'fdl_x2-e40'], (0, 1, 2)),
     # beta 0.9: the ablation that turned the method's result (seed 0), at every seed
