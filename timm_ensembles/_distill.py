@@ -49,7 +49,6 @@ class StudentModel(ModelArgsMixin, nn.Module):
             **kwargs: Any,
     ):
         super().__init__()
-        self.temperature = 1.0  # an instance attribute, which TorchScript sees (ModelArgsMixin)
         check_base_model(base_model, what='student model')
         self.base_model = base_model
         self.in_chans = in_chans

@@ -103,7 +103,9 @@ class ModelArgsMixin:
     need a new fit).
     """
     _unrecorded_args = ('pretrained_base', 'member_strategy', 'temperature')
-    temperature: float = 1.0
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.temperature = 1.0  # an instance attribute, which TorchScript sees (a class attribute it does not)
 
     def set_temperature(self, temperature: float) -> None:
         """Divide ``forward``'s logits by ``temperature`` from now on (1 turns calibration off)."""
@@ -213,7 +215,6 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
             **kwargs: Any,
     ):
         super().__init__()
-        self.temperature = 1.0  # an instance attribute, which TorchScript sees (ModelArgsMixin)
         check_base_model(base_model, what='base model')
         if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 2:
             raise ValueError(

@@ -104,7 +104,6 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
             **kwargs: Any,
     ):
         super().__init__()
-        self.temperature = 1.0  # an instance attribute, which TorchScript sees (ModelArgsMixin)
         check_base_model(base_model, what='base model')
         if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 2:
             raise ValueError(f'A collaborative network needs num_heads >= 2 (an integer), got {num_heads!r}.')

@@ -72,7 +72,6 @@ class ModelEnsemble(ModelArgsMixin, nn.Module):
             **kwargs: Any,
     ):
         super().__init__()
-        self.temperature = 1.0  # an instance attribute, which TorchScript sees (ModelArgsMixin)
         if isinstance(members, (str, dict, nn.Module)) or len(members) < 2:
             raise ValueError(f'An ensemble needs two or more members, got {members!r}.')
         if combine not in ENSEMBLE_COMBINES:
