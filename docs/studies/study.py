@@ -117,6 +117,12 @@ def _fmnist_runs(base: str) -> dict[str, Run]:
         Run('meal_v1-e40', f'meal_{base}', extra=['--epochs', '40'], teachers=['ens_x2-e40']),
         Run('meal_v2-e40', f'meal_{base}', extra=['--epochs', '40'], teachers=['ens_x2-e40'],
             task_kwargs=['version=v2']),
+        # and the knob that turned each of them at 20 epochs (less pull away from the labels), at 40
+        Run('collab_x2-beta0.9-e40', f'collab_{base}x2', extra=['--epochs', '40'], task_kwargs=['beta=0.9']),
+        Run('ban_labels-e40', f'ban_{base}', extra=['--epochs', '40'], teachers=[f'{base}-e40'],
+            task_kwargs=['label_weight=1.0']),
+        Run('meal_v1-labels-e40', f'meal_{base}', extra=['--epochs', '40'], teachers=['ens_x2-e40'],
+            task_kwargs=['label_weight=1.0']),
         # ablations of the methods' own knobs (where a method loses, what moves it)
         Run('fdl_x2-relative', f'fdl_{base}x2', task_kwargs=['fdl_distance=relative']),
         Run('fdl_x2-step10', f'fdl_{base}x2', task_kwargs=['fdl_lr=1e-3']),
@@ -155,7 +161,8 @@ STUDIES = {
     'convergence': ('fmnist', ['resnet10t', 'resnet10t-e40', 'resnet10t-e80'], (0, 1, 2)),
     # every run at 40 epochs, against the single network at 40
     'converged': ('fmnist', ['resnet10t-e40', 'ens_x2-e40', 'fdl_x2-e40', 'collab_x2-e40', 'meal_v1-e40', 'ban-e40',
-                             'collab_x4-e40', 'meal_v2-e40'], (0, 1, 2)),
+                             'collab_x4-e40', 'meal_v2-e40', 'collab_x2-beta0.9-e40', 'ban_labels-e40',
+                             'meal_v1-labels-e40'], (0, 1, 2)),
     # beta 0.9: the ablation that turned the method's result (seed 0), at every seed
     'collab': ('fmnist', ['resnet10t', 'collab_x2', 'collab_x2-beta0.9', 'collab_x4'], (0, 1, 2)),
     'distill': ('fmnist', ['resnet10t', 'ens_x2', 'ban', 'meal_v1', 'meal_v2'], (0, 1, 2)),
