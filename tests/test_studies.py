@@ -56,6 +56,21 @@ def test_study_resumes_skips_and_tabulates(tmp_path):
     gens = [json.loads((out / 'ban-s0' / f'gen{k}' / 'results.json').read_text())['final_epoch']['acc']
             for k in (1, 2, 3)]
     assert 'ban (seed 0: ' + ' / '.join(f'{a:.2f}' for a in gens) + ')' in table
+    # a joint evaluation cached for other runs (these trained again since) is not read: it is made anew from the weights
+    # (55.55 % is no accuracy on 64 images)
+    bane = archived / 'ban-s0' / 'bane-t-1-2-3.json'
+    record = json.loads(bane.read_text())
+    bane.write_text(json.dumps(dict(record, acc=55.55, made_from='other runs')))
+    (out / 'ban-s0' / 'bane-t-1-2-3.json').unlink()
+    table = _study('table', 'smoke', *common).stdout
+    assert f"| ban: BANE of the teacher and generations 1-3 | {record['acc']:.2f} ± 0.00 |" in table
+    assert '55.55' not in table and json.loads(bane.read_text())['made_from'] == record['made_from']
+    # and where the weights are gone too, the table says so instead of printing a number of other runs
+    bane.write_text(json.dumps(dict(record, made_from='other runs')))
+    (out / 'ban-s0' / 'bane-t-1-2-3.json').unlink()
+    (out / 'ban-s0' / 'gen1' / 'model.safetensors').unlink()
+    proc = _study('table', 'smoke', *common, check=False)
+    assert proc.returncode != 0 and 'made from runs trained again since' in proc.stderr
 
 
 def test_unknown_study_is_refused():

@@ -16,6 +16,7 @@ baseline on the same seeds; evaluations of several runs together (BAN ensembles)
 docs/studies/README.md.
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -309,12 +310,36 @@ def _paired(values: list[float], baseline: list[float]) -> str:
     return f'{statistics.mean(diffs):+.2f} ± {sd:.2f} ({wins}/{len(diffs)})'
 
 
-def _bane(folders: list[Path], cache: Path, archived: Path) -> float:
-    """Accuracy of the BAN ensemble (averaged probabilities) of the run ``folders`` (with their weights) on their runs'
-    evaluation split, cached in ``cache`` beside them and read from ``archived`` when it is there."""
-    for path in (archived, cache):
+def _made_from(folders: list[Path]) -> str:
+    """What a joint evaluation was made from: a digest of its runs' results.json (the same bytes in a run folder and in
+    the archive), so that a cache is not read for runs trained again since."""
+    digest = hashlib.sha256()
+    for folder in folders:
+        digest.update((folder / 'results.json').read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def _cached(paths: tuple[Path, ...], made_from: str, folders: list[Path]) -> dict | None:
+    """The cached record made from these runs, or None when it must be computed from the runs' weights."""
+    for path in paths:
         if path.exists():
-            return json.loads(path.read_text())['acc']
+            record = json.loads(path.read_text())
+            if record.get('made_from') == made_from:
+                return record
+    missing = [str(f) for f in folders if not (f / 'model.safetensors').exists()]
+    if missing:
+        raise SystemExit(f'error: {paths[0].name} of these runs is not cached (or was made from runs trained again '
+                         f'since), and their weights are not here to compute it: {missing}; train them with `run`')
+    return None
+
+
+def _bane(folders: list[Path], cache: Path, archived: Path, made_from: str) -> float:
+    """Accuracy of the BAN ensemble (averaged probabilities) of the run ``folders`` (with their weights) on their runs'
+    evaluation split, cached in ``cache`` beside them and read from ``archived`` when it is there and ``made_from``
+    the same runs."""
+    record = _cached((archived, cache), made_from, folders)
+    if record:
+        return record['acc']
     sys.path.insert(0, str(ROOT))
     import timm
     import yaml
@@ -335,7 +360,8 @@ def _bane(folders: list[Path], cache: Path, archived: Path) -> float:
     _, loader = te_data.create_loaders(train_ds, val_ds, data_config, batch_size=256, workers=0)
     model = timm_ensembles.create_bane([str(f) for f in folders])
     metrics = evaluate(model, loader, Accelerator(cpu=True))
-    record = json.dumps(dict(acc=metrics['acc'], member_acc=metrics['member_acc'], folders=[f.name for f in folders]))
+    record = json.dumps(dict(acc=metrics['acc'], member_acc=metrics['member_acc'], folders=[f.name for f in folders],
+                             made_from=made_from))
     for path in (cache, archived):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(record)
@@ -352,13 +378,13 @@ def _import_run_modules(run_args: dict) -> None:
         importlib.import_module(module)
 
 
-def _chosen_on_holdout(folder: Path, cache: Path, archived: Path, holdout_size: int) -> float:
+def _chosen_on_holdout(folder: Path, cache: Path, archived: Path, holdout_size: int, made_from: str) -> float:
     """Test accuracy of an FDL run's ``forward`` as ``train.py --holdout`` would have chosen it: the head or the
     averaged probabilities, whichever is more accurate on ``holdout_size`` training images the run did not train on
     (taken from those its ``--train-subset`` leaves out). For runs made without ``--holdout``; cached like ``_bane``."""
-    for path in (archived, cache):
-        if path.exists():
-            return json.loads(path.read_text())['test_acc']
+    record = _cached((archived, cache), made_from, [folder])
+    if record:
+        return record['test_acc']
     sys.path.insert(0, str(ROOT))
     import timm
     import yaml
@@ -381,7 +407,7 @@ def _chosen_on_holdout(folder: Path, cache: Path, archived: Path, holdout_size: 
     test = _final(folder)
     choice = 'mean_probs' if val['mean_probs_acc'] > val['acc'] else 'head'
     record = dict(holdout=holdout_size, head_val=val['acc'], mean_probs_val=val['mean_probs_acc'], choice=choice,
-                  test_acc=test['mean_probs_acc'] if choice == 'mean_probs' else test['acc'])
+                  test_acc=test['mean_probs_acc'] if choice == 'mean_probs' else test['acc'], made_from=made_from)
     for path in (cache, archived):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record))
@@ -411,7 +437,9 @@ def _rows(study: str, root: Path, live: Path, seeds) -> list[tuple[str, dict[str
                     folders = ([teacher.folder(live, s)] if with_teacher else []) + [
                         run.folder(live, s) / f'gen{k}' for k in gens]
                     cache = f'bane-{"t-" if with_teacher else ""}{"-".join(map(str, gens))}.json'
-                    values.append(_bane(folders, run.folder(live, s) / cache, run.folder(root, s) / cache))
+                    made_from = _made_from(([teacher.folder(root, s)] if with_teacher else []) + [
+                        run.folder(root, s) / f'gen{k}' for k in gens])
+                    values.append(_bane(folders, run.folder(live, s) / cache, run.folder(root, s) / cache, made_from))
                 label = f'{name}: BANE of {"the teacher and " if with_teacher else ""}generations 1-{run.generations}'
                 rows.append((label, dict(forward=values), None))
             continue
@@ -425,7 +453,8 @@ def _rows(study: str, root: Path, live: Path, seeds) -> list[tuple[str, dict[str
         if run.model.startswith('fdl_') and not any('test' in r for r in head_runs):
             size = RECIPES[recipe].get('holdout', 5000)
             values = [_chosen_on_holdout(run.folder(live, s), run.folder(live, s) / 'holdout-choice.json',
-                                         run.folder(root, s) / 'holdout-choice.json', size) for s in seeds]
+                                         run.folder(root, s) / 'holdout-choice.json', size,
+                                         _made_from([run.folder(root, s)])) for s in seeds]
             rows.append((f'{name}, `forward` chosen on {size:,} held-out training images', dict(forward=values),
                          None))
     return rows
