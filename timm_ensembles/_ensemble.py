@@ -103,6 +103,7 @@ class ModelArgsMixin:
     need a new fit).
     """
     _unrecorded_args = ('pretrained_base', 'member_strategy', 'temperature')
+
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.temperature = 1.0  # an instance attribute, which TorchScript sees (a class attribute it does not)
