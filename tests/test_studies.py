@@ -2,6 +2,7 @@
 the run folders."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -71,6 +72,27 @@ def test_study_resumes_skips_and_tabulates(tmp_path):
     (out / 'ban-s0' / 'gen1' / 'model.safetensors').unlink()
     proc = _study('table', 'smoke', *common, check=False)
     assert proc.returncode != 0 and 'made from runs trained again since' in proc.stderr
+    # a new session: the run folders are gone, the archive is kept; nothing is trained again, the table is the archive's
+    bane.write_text(json.dumps(record))
+    shutil.rmtree(out)
+    again = _study('run', 'smoke', *common)
+    assert not [ln for ln in again.stdout.splitlines() if ln.startswith('+ ')]
+    assert f'| test_resnet | {single:.2f} ± 0.00 |' in again.stdout
+    assert f"| ban: BANE of the teacher and generations 1-3 | {record['acc']:.2f} ± 0.00 |" in again.stdout
+    # a student to train whose teacher only the archive has (no weights) stops before training anything, saying how
+    shutil.rmtree(archived / 'ban-s0')
+    proc = _study('run', 'smoke', *common, check=False)
+    assert proc.returncode != 0 and 'run smoke --seeds 0 --fresh' in proc.stderr and not list(out.iterdir())
+    assert 'ban seed 0 learns from test_resnet, which an earlier session finished' in proc.stderr
+    # as does one whose teacher is neither trained here nor among the runs to train
+    proc = _study('run', 'smoke', '--runs', 'ban', '--fresh', *common, check=False)
+    assert proc.returncode != 0 and 'not among the runs to train: add test_resnet to --runs' in proc.stderr
+    # --fresh trains the archived teacher again here, then the student, and the archive takes their results
+    fresh = _study('run', 'smoke', '--runs', 'test_resnet', 'ban', '--fresh', *common)
+    commands = [ln for ln in fresh.stdout.splitlines() if ln.startswith('+ ')]
+    assert len(commands) == 2 and 'test_resnet-s0' in commands[0] and '--teacher' in commands[1]
+    assert (archived / 'ban-s0' / 'gen3' / 'results.json').exists()
+    assert sorted(p.name for p in out.iterdir()) == ['ban-s0', 'ban-s0.log', 'test_resnet-s0', 'test_resnet-s0.log']
 
 
 def test_unknown_study_is_refused():

@@ -7,9 +7,11 @@
     python docs/studies/study.py readme                                 # rewrite the README's generated tables
 
 Every run is a ``train.py`` run in ``<out>/<run>-s<seed>`` with the study's recipe. ``run`` skips finished runs (a
-``results.json``), resumes interrupted ones from their checkpoint (``--resume``), waits for runs another ``run``
-process is training (a lock file beside the folder), so a study can span sessions and two processes (one torch
-thread each) can share its runs: start the same command twice. ``table`` reads only the folders: final-epoch
+``results.json`` in the folder, or in the archive for a run an earlier session finished), resumes interrupted ones
+from their checkpoint (``--resume``), waits for runs another ``run`` process is training (a lock file beside the
+folder), so a study can span sessions and two processes (one torch thread each) can share its runs: start the same
+command twice. The archive keeps no weights: a student whose teacher only the archive has stops before training and
+says how to go on (``--fresh`` trains the archived runs again here). ``table`` reads only the folders: final-epoch
 accuracy on the test set (never a best epoch), mean ± sd over seeds, per seed, and the paired difference to the
 baseline on the same seeds; evaluations of several runs together (BAN ensembles) are cached beside the runs.
 ``readme`` replaces the text between ``<!-- study:<name> -->`` and ``<!-- /study:<name> -->`` in README.md and
@@ -212,19 +214,55 @@ def _alive(lock: Path) -> bool:
         return False
 
 
+def _finished(run: Run, out: Path, archived: Path, seed: int, fresh: bool) -> bool:
+    """Finished here (results in its run folder), or by an earlier session (results in the archive, no run folder here:
+    a folder here without results is a training of it in progress, to resume); ``fresh`` counts only runs finished
+    here."""
+    if run.done_marker(out, seed).exists():
+        return True
+    return not fresh and not run.folder(out, seed).exists() and run.done_marker(archived, seed).exists()
+
+
+def _check_teachers(study: str, runs: dict[str, Run], pending: list[tuple[Run, int]], out: Path, archived: Path,
+                    fresh: bool) -> None:
+    """Stop before training anything when a student to train has a teacher that this process cannot give it: one
+    finished only in the archive (no weights here), or one not finished and neither selected nor in training."""
+    problems = []
+    for run, seed in pending:
+        if _finished(run, out, archived, seed, fresh):
+            continue
+        for name in run.teachers:
+            teacher = runs[name]
+            if teacher.done_marker(out, seed).exists():
+                continue
+            if _finished(teacher, out, archived, seed, fresh):
+                problems.append(
+                    f'{run.name} seed {seed} learns from {name}, which an earlier session finished (its results are in '
+                    f'{teacher.folder(archived, seed)}) but whose weights are not in {teacher.folder(out, seed)}. Put '
+                    f'that run folder back, or train the teacher again here with the runs compared with it: a seed '
+                    f'gives the same network only on the machine that trained it, so `study.py run {study} --seeds '
+                    f'{seed} --fresh` trains every run of that seed again here (and replaces their archived results).')
+            elif (teacher, seed) not in pending and not _alive(out / f'{name}-s{seed}.lock'):
+                problems.append(f'{run.name} seed {seed} learns from {name}, which is not trained here and not among '
+                                f'the runs to train: add {name} to --runs.')
+    if problems:
+        raise SystemExit('error: ' + '\nerror: '.join(problems))
+
+
 def run_study(study: str, args: argparse.Namespace) -> None:
     recipe, names, seeds = STUDIES[study]
     runs = _runs(recipe)
-    out = Path(args.out) / recipe
+    out, archived = Path(args.out) / recipe, Path(args.archive) / recipe
     out.mkdir(parents=True, exist_ok=True)
     pending = [(runs[n], s) for s in args.seeds or seeds for n in names if not args.runs or n in args.runs]
+    _check_teachers(study, runs, pending, out, archived, args.fresh)
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', '1')
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(HERE), env.get('PYTHONPATH')]))
     while pending:
         progressed = False
         for run, seed in list(pending):
-            if run.done_marker(out, seed).exists():
+            if _finished(run, out, archived, seed, args.fresh):
                 pending.remove((run, seed))
                 continue
             if any(not runs[t].done_marker(out, seed).exists() for t in run.teachers):
@@ -538,6 +576,8 @@ def main(argv=None) -> int:
     parser.add_argument('studies', nargs='*', help=f'of {", ".join(STUDIES)} (default: all)')
     parser.add_argument('--seeds', nargs='+', type=int, default=None, help="default: the study's own")
     parser.add_argument('--runs', nargs='+', default=None, help='run only these of the studies\' runs')
+    parser.add_argument('--fresh', action='store_true',
+                        help='run: train again here the runs that only the archive has finished (an earlier session)')
     parser.add_argument('--no-wait', action='store_true',
                         help='run: go on to the next study instead of waiting for runs another process holds')
     parser.add_argument('--out', default=str(ROOT / 'output' / 'study'), help='root of the run folders')
