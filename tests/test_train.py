@@ -692,7 +692,8 @@ def test_snapshots_hold_the_exported_models_predictions_and_weights(snapshot_run
     # the last snapshot is the exported model's forward_members on those inputs, with the evaluation transform
     logits, targets = predict_members(model, _snapshot_inputs(model, snaps.indices))
     assert torch.equal(targets, snaps.targets)
-    torch.testing.assert_close(snaps.logits[-1], logits, rtol=0, atol=1e-6)
+    # train.py forwarded with one thread, this process may use two: other kernels, the same values to float32 rounding
+    torch.testing.assert_close(snaps.logits[-1], logits, rtol=1e-5, atol=1e-5)
     assert not torch.equal(snaps.logits[1], snaps.logits[2])  # an epoch of training apart
     # and its weights are the exported members' parameters, flattened in sorted-name order
     for m, member in enumerate(model.members):
