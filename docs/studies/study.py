@@ -102,6 +102,9 @@ def _fmnist_runs(base: str) -> dict[str, Run]:
         # report's plane and trajectory samplers; at seed s it trains as resnet10t at seed s, weight for weight
         Run(f'{base}-snap', base, extra=['--snapshot-subset', '1000', '--snapshot-weights']),
         Run('fdl_x2-e40', f'fdl_{base}x2', extra=['--epochs', '40']),
+        # four members at the converged budget: does the gain keep growing with N, and does FDL's with it?
+        Run('ens_x4-e40', f'ens_{base}x4', extra=['--epochs', '40']),
+        Run('fdl_x4-e40', f'fdl_{base}x4', extra=['--epochs', '40']),
         Run('ens_x2', f'ens_{base}x2'),
         Run('fdl_x2', f'fdl_{base}x2'),
         # with per-epoch snapshots of 1,000 test images and the members' weights, for Fort et al.'s views
@@ -165,7 +168,7 @@ STUDIES = {
     # every run at 40 epochs, against the single network at 40
     'converged': ('fmnist', ['resnet10t-e40', 'ens_x2-e40', 'fdl_x2-e40', 'collab_x2-e40', 'meal_v1-e40', 'ban-e40',
                              'collab_x4-e40', 'meal_v2-e40', 'collab_x2-beta0.9-e40', 'ban_labels-e40',
-                             'meal_v1-labels-e40'], (0, 1, 2)),
+                             'meal_v1-labels-e40', 'ens_x4-e40', 'fdl_x4-e40'], (0, 1, 2)),
     # beta 0.9: the ablation that turned the method's result (seed 0), at every seed
     'collab': ('fmnist', ['resnet10t', 'collab_x2', 'collab_x2-beta0.9', 'collab_x4'], (0, 1, 2)),
     'distill': ('fmnist', ['resnet10t', 'ens_x2', 'ban', 'meal_v1', 'meal_v2'], (0, 1, 2)),
