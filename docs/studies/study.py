@@ -177,7 +177,7 @@ STUDIES = {
                              'fdl_x2-head_eval', 'fdl_x2-warmup5', 'collab_x2', 'collab_x2-beta0.9', 'collab_x2-T1',
                              'collab_x4', 'collab_x4-no_rescale',
                              'ban', 'ban_labels', 'ban_T4', 'ens_x2', 'meal_v1', 'meal_v1-labels'], (0,)),
-    'overfit': ('fmnist-noaug', ['resnet10t', 'collab_x2', 'ens_x2', 'ban', 'meal_v1'], (0,)),
+    'overfit': ('fmnist-noaug', ['resnet10t', 'collab_x2', 'ens_x2', 'ban', 'meal_v1'], (0, 1, 2)),
     'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
     # the runs of docs/analysis' landscape and samplers figures
     'landscape': ('fmnist', ['resnet10t-snap'], (0,)),
