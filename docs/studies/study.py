@@ -597,7 +597,11 @@ def main(argv=None) -> int:
     if args.action == 'list':
         for study in studies:
             recipe, names, seeds = STUDIES[study]
-            print(f'{study} ({recipe}, {RECIPES[recipe]["epochs"]} epochs, seeds {list(seeds)}): {", ".join(names)}')
+            runs = _runs(recipe)
+            # a run's own --epochs (the -e40 runs) comes after the recipe's and wins
+            epochs = sorted({int(r.extra[r.extra.index('--epochs') + 1]) if '--epochs' in r.extra
+                             else RECIPES[recipe]['epochs'] for r in map(runs.get, names)})
+            print(f'{study} ({recipe}, {"/".join(map(str, epochs))} epochs, seeds {list(seeds)}): {", ".join(names)}')
     elif args.action == 'run':
         for study in studies:
             run_study(study, args)
