@@ -206,9 +206,11 @@ def test_a_catalog_tag_and_hf_hub_names_load_from_an_offline_cache(tmp_path):
     x = probe()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the client, so that the same kernels run and outputs can be compared exactly
-    with torch.no_grad():
-        torch.save(model.eval()(x), tmp_path / 'want.pt')
-    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            torch.save(model.eval()(x), tmp_path / 'want.pt')
+    finally:
+        torch.set_num_threads(threads)
     torch.save(x, tmp_path / 'x.pt')
     code = textwrap.dedent(f"""
         import torch, timm, timm_ensembles
