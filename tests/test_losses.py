@@ -46,6 +46,14 @@ def test_fdl_bad_input():
 def test_similarity():
     assert loss_similarity(torch.tensor(2.5), torch.tensor(1.0)).item() == pytest.approx(2.25)
     assert loss_similarity(torch.tensor(1.0), torch.tensor(2.5)).item() == pytest.approx(2.25)
+    # bounded: the paper's value inside the bound, linear beyond it: 2 * 0.5 * 1.5 - 0.5^2 = 1.25
+    assert loss_similarity(torch.tensor(1.2), torch.tensor(1.0), delta=0.5).item() == pytest.approx(0.04)
+    a, b = torch.tensor(2.5, requires_grad=True), torch.tensor(1.0, requires_grad=True)
+    s = loss_similarity(a, b, delta=0.5)
+    assert s.item() == pytest.approx(1.25)
+    s.backward()
+    # the gradient on each loss is bounded by 2 delta (the paper's would be 2 * 1.5 = 3)
+    assert (a.grad.item(), b.grad.item()) == pytest.approx((1.0, -1.0))
 
 
 def test_member_cross_entropy_hand_values():

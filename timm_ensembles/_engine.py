@@ -19,7 +19,8 @@ from . import metrics
 from .losses import pairwise_feature_difference
 
 __all__ = ['LabelError', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'MemberOutputs', 'MemberPredictor',
-           'check_input_size', 'check_batch_labels', 'format_metrics', 'sync_buffers']
+           'check_input_size', 'check_batch_labels', 'format_metrics', 'format_mechanism', 'mechanism_shares',
+           'sync_buffers']
 
 
 # consecutive fp16 overflow steps tolerated: GradScaler halves its scale at each, so 2^-30 of the starting scale
@@ -81,6 +82,7 @@ def train_one_epoch(
         log: Callable[[dict[str, float]], None] | None = None,
         on_update: Callable[[int], None] | None = None,
         mixup_fn: Callable | None = None,
+        mechanism_interval: int = 50,
 ) -> tuple[dict[str, float], int]:
     """One epoch of training.
 
@@ -103,6 +105,9 @@ def train_one_epoch(
         on_update: Called with the update count after every optimizer update (e.g. the model EMA's update).
         mixup_fn: timm's ``Mixup``: mixes each batch and gives the task ``[B, C]`` soft targets (training accuracy
             is then against the target's largest share).
+        mechanism_interval: On the epoch's first step and every this many updates, the share of the model's gradient
+            from each of the task's ``mechanism`` terms is measured (``share_<name>``, see ``mechanism_shares``);
+            0: never.
 
     Returns:
         (mean of the loss, each component and each stat over the epoch; also train accuracy), updates done so far.
@@ -112,6 +117,9 @@ def train_one_epoch(
     """
     task.train()
     means = _Means()
+    unwrapped = accelerator.unwrap_model(task)
+    model = getattr(getattr(unwrapped, '_orig_mod', unwrapped), 'model', None)
+    model_params = [] if model is None else [p for p in model.parameters() if p.requires_grad]
     overflows = 0  # consecutive fp16 overflow steps, which GradScaler skips and answers with a smaller scale
     bar = tqdm(loader, desc=f'train {epoch}', disable=not (show_progress and accelerator.is_local_main_process),
                leave=False, dynamic_ncols=True)
@@ -139,6 +147,10 @@ def train_one_epoch(
                     f"Non-finite loss at epoch {epoch}, update {num_updates}: {', '.join(bad)} blew up"
                     f" (terms: {terms}). The step was not applied."
                 )
+            if out.get('mechanism') and model_params and mechanism_interval and (
+                    step == 0 or (accelerator.sync_gradients and (num_updates + 1) % mechanism_interval == 0)):
+                for name, share in mechanism_shares(out['loss'], out['mechanism'], model_params).items():
+                    means.update(f'share_{name}', share)
             accelerator.backward(out['loss'])
             if accelerator.sync_gradients:
                 # the gradients are all-reduced by now, so every process sees the same norm and stops together
@@ -187,6 +199,24 @@ def train_one_epoch(
     if bad_params:
         raise NonFiniteLossError(f'Parameters became non-finite in the last update of epoch {epoch}: {bad_params[:5]}.')
     return means.result(), num_updates
+
+
+def mechanism_shares(loss: torch.Tensor, terms: dict[str, torch.Tensor],
+                     params: list[torch.Tensor]) -> dict[str, float]:
+    """The share of the gradient of ``loss`` on ``params`` that each term gives: ``|grad term| / |grad loss|`` (norms
+    over every parameter together; 0 for a term of weight 0, and above 1 where other terms pull the other way).
+    Gradients are taken without touching ``.grad`` (the step's own backward follows), on this process's batch."""
+    def norm(value: torch.Tensor) -> float:
+        if not value.requires_grad:
+            return 0.0
+        grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+        squares = [g.float().pow(2).sum() for g in grads if g is not None]
+        return float(torch.stack(squares).sum().sqrt()) if squares else 0.0
+
+    total = norm(loss)
+    if total == 0:
+        return {}
+    return {name: norm(term) / total for name, term in terms.items()}
 
 
 class MemberOutputs(NamedTuple):
@@ -353,6 +383,16 @@ def check_input_size(model: nn.Module, input_size: tuple[int, int, int], model_n
         ) from e
     finally:
         model.train(was_training)
+
+
+def format_mechanism(diagnostics: dict[str, dict[str, Any]]) -> str:
+    """The method's diagnostics (``Task.mechanism``) as ``name value (null n)`` (without the null where a diagnostic
+    has none), comma-separated; '' for none."""
+    parts = []
+    for name, d in diagnostics.items():
+        value = 'n/a' if d['value'] is None else f"{d['value']:.3g}"
+        parts.append(f"{name} {value}" + ('' if d['null'] is None else f" (null {d['null']:g})"))
+    return ', '.join(parts)
 
 
 def format_metrics(epoch: int, train: dict[str, float], val: dict[str, Any], lr: float, seconds: float) -> str:

@@ -1,8 +1,13 @@
 """The task contract: a training objective as an ``nn.Module`` holding its model.
 
 In the spirit of ``timm.task``: ``task(x, target)`` returns a dict with ``loss`` (what to backpropagate),
-``output`` (``[B, C]`` logits for training accuracy) and ``components`` (named loss terms, detached, for
-logging). A task owns every training-only part (teachers, discriminators, extra heads) and their optimisation
+``output`` (``[B, C]`` logits for training accuracy), ``components`` (named loss terms, detached, for
+logging), ``stats`` (other named scalars, averaged over the epoch like the components) and ``mechanism`` (the
+method's own terms, weighted as they enter ``loss`` and not detached: the training loop measures the share of the
+model's gradient each one gives, ``share_<name>``, on some steps). ``mechanism(train, val)`` turns an epoch's
+numbers into the method's diagnostics, each with the value it takes when the mechanism does nothing.
+
+A task owns every training-only part (teachers, discriminators, extra heads) and their optimisation
 (``create_optimizer``); the model it holds is what gets exported. A training script asks
 ``timm_ensembles.create_task(model)`` for the task and never branches on the method.
 """
@@ -155,6 +160,21 @@ class Task(nn.Module):
             What was chosen and why, for the log; None when there was nothing to choose.
         """
         return None
+
+    def mechanism(self, train: dict[str, float], val: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The method's own diagnostics after an epoch: whether its mechanism acts, read from one line.
+
+        Args:
+            train: The epoch's training means (components, stats, and ``share_<name>``: the share of the model's
+                gradient from each ``mechanism`` term of ``forward``, where the loop measured it).
+            val: The epoch's validation metrics (``evaluate``).
+
+        Returns:
+            ``{name: dict(value=float or None, null=float or None, note=str)}``: ``null`` is the value when the
+            mechanism does nothing (its weight 0), None for a quantity without one (shown for what it is);
+            ``value`` None, with the reason in ``note``, where it cannot be computed.
+        """
+        return {}
 
     def exports(self) -> dict[str, nn.Module]:
         """Further models to save beside ``export_model``, by sub-folder name (e.g. one head as a plain timm model)."""

@@ -3,6 +3,7 @@ import itertools
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 
 __all__ = ['FEATURE_DISTANCES', 'feature_difference', 'feature_difference_loss', 'pairwise_feature_difference',
            'loss_similarity', 'member_cross_entropy']
@@ -109,9 +110,20 @@ def pairwise_feature_difference(features: Sequence[Sequence[torch.Tensor]]) -> t
     return out
 
 
-def loss_similarity(loss_i: torch.Tensor, loss_j: torch.Tensor) -> torch.Tensor:
-    """The FDL paper's similarity term S = (L_i - L_j)^2 between two members' batch losses."""
-    return (loss_i - loss_j).pow(2)
+def loss_similarity(loss_i: torch.Tensor, loss_j: torch.Tensor, delta: float | None = None) -> torch.Tensor:
+    """The FDL paper's similarity term S = (L_i - L_j)^2 between two members' batch losses.
+
+    With ``delta``, S is quadratic only while ``|L_i - L_j| <= delta`` and linear beyond (twice the Huber loss, the
+    same value and gradient inside): the gradient of S on a member's loss is bounded by ``2 delta``. The paper's S,
+    unbounded, reverses the better member's own gradient once ``2 w |L_i - L_j| > 1`` (``w`` its weight), and that
+    member then ascends its loss, which widens the gap further: on a network without normalisation at a common
+    learning rate both losses run to infinity within tens of steps (measured: a one-filter pair on the digits at
+    lr 0.1). ``delta = 1 / (2 w)`` keeps every member descending its own loss; ``0.1 / w`` (FDL's) changes any
+    member's step by at most 20 %.
+    """
+    if delta is None:
+        return (loss_i - loss_j).pow(2)
+    return 2.0 * F.huber_loss(loss_i, loss_j, delta=delta)
 
 
 def member_cross_entropy(

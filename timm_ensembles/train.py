@@ -60,6 +60,7 @@ from ._engine import (
     NonFiniteLossError,
     check_input_size,
     evaluate,
+    format_mechanism,
     format_metrics,
     sync_buffers,
     train_one_epoch,
@@ -628,6 +629,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         log(f'resumed from {args.resume} at epoch {start_epoch}')
 
     model_config = dict(label_names=info.class_names) if info.class_names else None
+    mechanism, unexplained = {}, set()  # the last epoch's diagnostics; those said once to be not computable
 
     def update_ema(num_updates: int) -> None:
         ema.update(export_model, step=num_updates)
@@ -659,7 +661,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                 task, train_loader, optimizer, accelerator, epoch, lr_scheduler=lr_scheduler,
                 clip_grad=args.clip_grad, num_updates=num_updates, show_progress=not args.no_progress,
                 num_classes=num_classes if epoch == start_epoch else None, log_interval=args.log_interval,
-                log=log_progress, on_update=None if ema is None else update_ema, mixup_fn=mixup_fn)
+                log=log_progress, on_update=None if ema is None else update_ema, mixup_fn=mixup_fn,
+                mechanism_interval=args.log_interval)
         except LabelError as e:  # a dataset that does not expose its labels, checked on its first batch
             raise SystemExit(f'error: {e}') from None
         except NonFiniteLossError as e:
@@ -680,9 +683,18 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             _write_snapshot(output, epoch, export_model, snapshot_loader, snapshot_idx, args, info, accelerator)
         seconds = time.perf_counter() - start
         lr = optimizer.param_groups[0]['lr']
+        # the method's own diagnostics, each beside its value when the mechanism does nothing
+        mechanism = unwrapped.mechanism(train_metrics, val_metrics)
+        for name, d in mechanism.items():
+            if d['value'] is None and name not in unexplained:
+                unexplained.add(name)
+                log(f"mechanism {name}: not computed ({d['note']})")
         log(format_metrics(epoch, train_metrics, val_metrics, lr, seconds)
-            + ('' if ema is None else f" | ema acc {ema_metrics['acc']:.2f}"))
+            + ('' if ema is None else f" | ema acc {ema_metrics['acc']:.2f}")
+            + (f' | mechanism: {format_mechanism(mechanism)}' if mechanism else ''))
         record = dict(epoch=epoch, lr=lr, seconds=seconds, train=train_metrics, val=val_metrics)
+        if mechanism:
+            record['mechanism'] = {k: d['value'] for k, d in mechanism.items()}
         if ema is not None:
             record['val_ema'] = ema_metrics
         accelerator.log(_flat({k: v for k, v in record.items() if k != 'seconds'}), step=num_updates)
@@ -731,7 +743,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         run.write_results(_results(
             args, info.name, num_epochs, accelerator.num_processes, val_metrics, best, history,
             test=None if test_metrics is None else dict(selection=selection, metrics=test_metrics),
-            calibration=calibration, ema=None if ema is None else dict(final_epoch=ema_metrics, test=ema_test_metrics)))
+            calibration=calibration, ema=None if ema is None else dict(final_epoch=ema_metrics, test=ema_test_metrics),
+            mechanism=mechanism))
         test = '' if test_metrics is None else f', test acc {test_metrics["acc"]:.2f} (mean-probs' \
             f' {test_metrics.get("mean_probs_acc", test_metrics["acc"]):.2f})'
         log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}{test}; saved to {output}')
@@ -747,9 +760,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
 
 def _results(args: argparse.Namespace, dataset: str, num_epochs: int, world_size: int, final: dict,
              best: dict | None, history: list, test: dict | None, ema: dict | None,
-             calibration: dict | None = None) -> dict:
+             calibration: dict | None = None, mechanism: dict | None = None) -> dict:
     """``results.json``: the final epoch's validation metrics, the best epoch, the --checkpoint-hist ranking, the
-    test set's with --holdout (and the choice made on validation, the --calibrate temperature), and the EMA model's."""
+    test set's with --holdout (and the choice made on validation, the --calibrate temperature), the EMA model's, and
+    the method's diagnostics of the final epoch (``Task.mechanism``: value, null value and what each says)."""
     results = dict(model=args.model, dataset=dataset, epochs=num_epochs, seed=args.seed, world_size=world_size,
                    final_epoch=final)
     if best is not None:
@@ -760,6 +774,8 @@ def _results(args: argparse.Namespace, dataset: str, num_epochs: int, world_size
         results.update(holdout=args.holdout, selection=test['selection'], test=test['metrics'])
     if calibration is not None:
         results['calibration'] = calibration
+    if mechanism:
+        results['mechanism'] = mechanism
     if ema is not None:
         results['ema'] = dict(final_epoch=ema['final_epoch'])
         if test is not None:

@@ -1,5 +1,7 @@
 """FDL ensembles (methods/fdl.py): the loss terms and their weights, the phases, the ensemble head's group and its
 choice on validation data, the feature taps, bad options."""
+import math
+
 import pytest
 import timm
 import torch
@@ -12,6 +14,7 @@ import timm_ensembles
 from timm_ensembles import FDLEnsemble
 from timm_ensembles._builder import DEFAULT_BASES, DEFAULT_SIZES
 from timm_ensembles._ensemble import tapped_convs
+from timm_ensembles.losses import loss_similarity
 
 
 def _fdl(base='test_resnet', num_members=2, **task_args):
@@ -73,7 +76,10 @@ def test_fdl_loss_equals_hand_assembled_terms(base):
     ce = [F.cross_entropy(lg, y) for lg in logits]
     fdl = sum(((a - b) ** 2).mean() for a, b in zip(*feats)) / len(feats[0])
     head_ce = F.cross_entropy(model.combine(torch.stack(logits, 1).detach()), y)
-    expected = ce[0] + ce[1] + 2.0 * (ce[0] - ce[1]) ** 2 - 0.3 * fdl + head_ce
+    # S bounded at a gap of 0.1 / 2.0: quadratic inside, linear beyond (losses.loss_similarity)
+    gap, bound = abs(ce[0] - ce[1]), 0.05
+    similarity = gap ** 2 if gap <= bound else 2 * bound * gap - bound ** 2
+    expected = ce[0] + ce[1] + 2.0 * similarity - 0.3 * fdl + head_ce
     torch.testing.assert_close(out['loss'], expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out['components']['fdl'], fdl.detach(), rtol=1e-5, atol=1e-6)
     assert out['components']['fdl'] > 0
@@ -187,7 +193,7 @@ def test_similarity_uses_one_random_pair_for_three_members():
     x, y = _batch()
     with torch.no_grad():
         ce = [F.cross_entropy(task.model.forward_members(x)[:, m], y) for m in range(3)]
-        pair_values = {(i, j): ((ce[i] - ce[j]) ** 2).item() for i in range(3) for j in range(i + 1, 3)}
+        pair_values = {(i, j): loss_similarity(ce[i], ce[j], 0.1).item() for i in range(3) for j in range(i + 1, 3)}
         seen = set()
         for _ in range(30):
             s = task(x, y)['components']['similarity'].item()
@@ -303,7 +309,7 @@ def _train_plain_pair(**task_kwargs):
     epoch under a cosine schedule to 1e-5, on a learnable synthetic task (class templates in noise).
 
     Returns:
-        The members' test accuracies after each epoch, and whether every L_FDL of the joint epoch was finite.
+        The members' test accuracies after each epoch, and every L_FDL of the joint epoch.
     """
     torch.manual_seed(0)
     templates = torch.randn(4, 1, 16, 16, generator=torch.Generator().manual_seed(123))
@@ -320,7 +326,7 @@ def _train_plain_pair(**task_kwargs):
     steps = len(x_train) // 32
     scheduler, _ = create_scheduler_v2(optimizer, sched='cosine', num_epochs=2, min_lr=1e-5, step_on_epochs=False,
                                        updates_per_epoch=steps)
-    accuracies, finite, updates = [], True, 0
+    accuracies, distances, updates = [], [], 0
     for epoch in range(2):
         task.on_epoch_start(epoch)
         task.train()
@@ -328,7 +334,8 @@ def _train_plain_pair(**task_kwargs):
         for k in range(steps):
             idx = order[k * 32:(k + 1) * 32]
             out = task(x_train[idx], y_train[idx])
-            finite &= bool(torch.isfinite(out['components'].get('fdl', torch.zeros(()))))
+            if 'fdl' in out['components']:
+                distances.append(float(out['components']['fdl']))
             out['loss'].backward()
             optimizer.step()
             optimizer.zero_grad()
@@ -338,19 +345,21 @@ def _train_plain_pair(**task_kwargs):
         with torch.no_grad():
             members = model.forward_members(x_test)
         accuracies.append([(members[:, m].argmax(-1) == y_test).float().mean().item() * 100 for m in range(2)])
-    return accuracies, finite
+    return accuracies, distances
 
 
 def test_fdl_pair_of_a_net_without_normalisation_does_not_collapse():
-    (warm, joint), finite = _train_plain_pair()
-    assert min(warm) > 90 and finite
+    (warm, joint), distances = _train_plain_pair()
+    assert min(warm) > 90 and all(map(math.isfinite, distances))
     assert all(j >= w - 1.5 for w, j in zip(warm, joint)), (warm, joint)
-    # even with a term a hundred times heavier than the default step gives, the bounded distance holds ...
-    (warm, joint), finite = _train_plain_pair(fdl_weight=1.0)
-    assert finite and all(j >= w - 1.5 for w, j in zip(warm, joint)), (warm, joint)
-    # ... where the paper's unbounded one runs away: the features blow up and the members fall to chance
-    (warm, joint), finite = _train_plain_pair(fdl_weight=1.0, fdl_distance='mse')
-    assert not finite or max(joint) < 50, joint
+    # even with a term a hundred times heavier than the default step gives, the bounded distance holds (at most
+    # N / (N - 1) = 2) and the members keep their accuracy ...
+    (warm, joint), distances = _train_plain_pair(fdl_weight=1.0)
+    assert max(distances) <= 2 and all(j >= w - 1.5 for w, j in zip(warm, joint)), (warm, joint)
+    # ... where the paper's unbounded one grows without a bound of its own: the members inflate their features
+    # (measured: 4.6 to 370 in one epoch; the cosine schedule's end stops it)
+    (warm, joint), distances = _train_plain_pair(fdl_weight=1.0, fdl_distance='mse')
+    assert distances[-1] > 20 * distances[0], (distances[0], distances[-1])
 
 
 def test_head_or_average_is_chosen_on_validation_metrics(tmp_path):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import IMG
 
 import timm_ensembles
-from timm_ensembles.methods.meal import align, block_distance
+from timm_ensembles.methods.meal import Discriminator, align, block_distance, standardise
 
 
 def _student(method, num_classes=5, base='test_resnet'):
@@ -37,21 +37,56 @@ def test_meal_alignment_and_distances_hand_computed():
     torch.testing.assert_close(block_distance(s, t, 'kl'), torch.tensor(kl), rtol=1e-5, atol=1e-6)
 
 
-def test_discriminators_and_student_have_opposite_signs_on_the_adversarial_term():
-    teacher = timm.create_model('test_resnet', num_classes=5)
+def test_standardise_hand_computed():
+    rows = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
+    # row 0: centred -1, 0, 1; root mean square sqrt(2/3); a constant row becomes zeros
+    expected = torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]) / (math.sqrt(2 / 3) + 1e-6)
+    torch.testing.assert_close(standardise(rows), expected)
+    torch.testing.assert_close(standardise(torch.tensor([[4.0]])), torch.tensor([[0.0]]))
+
+
+def _linear_discriminator(task, weight):
+    """The task's one discriminator replaced by a linear map with the given weight (no bias): logit = weight . x."""
+    disc = Discriminator(len(weight), [])
+    with torch.no_grad():
+        disc.net[0].weight.copy_(torch.tensor([weight]))
+        disc.net[0].bias.zero_()
+    task.discriminators[0] = disc
+    return disc
+
+
+def test_the_game_trains_the_discriminator_on_fixed_outputs_and_the_student_on_the_non_saturating_loss():
+    teacher = timm.create_model('test_resnet', num_classes=3)
+    s0 = torch.tensor([[1.0, -2.0, 0.5], [0.0, 1.0, -1.0]])
+    t = torch.tensor([[2.0, 0.0, 1.0], [-1.0, 3.0, 0.0]])
     grads = {}
     for mode in ('game', 'joint'):
-        torch.manual_seed(0)
-        task = timm_ensembles.create_task(_student('meal'), teachers=[teacher], version='v2', adversarial=mode)
-        s = torch.randn(4, 5, requires_grad=True)
-        t = torch.softmax(torch.randn(4, 5), -1)
-        task.adversarial_loss([s], [t]).backward()
-        grads[mode] = (s.grad.clone(), [p.grad.clone() for p in task.discriminators.parameters()])
-    # the student ascends what the discriminator descends; the discriminator's own gradient is the same
-    assert torch.count_nonzero(grads['game'][0]) > 0
-    torch.testing.assert_close(grads['game'][0], -grads['joint'][0])
-    for a, b in zip(grads['game'][1], grads['joint'][1]):
-        torch.testing.assert_close(a, b)
+        task = timm_ensembles.create_task(_student('meal', num_classes=3), teachers=[teacher], version='v2',
+                                          adversarial=mode)
+        disc = _linear_discriminator(task, [1.0, 0.0, -1.0])
+        s = s0.clone().requires_grad_(True)
+        d_loss, g_loss, accuracy = task.adversarial_loss([s], [t])
+        # logits: teacher 1, -1; student 0.5, 1. Pairs (teacher above student): 1 > 0.5, 1 = 1 (half), -1 < both
+        # -> (1 + 0.5 + 0 + 0) / 4
+        bce = F.binary_cross_entropy_with_logits
+        real, fake = torch.tensor([1.0, -1.0]), torch.tensor([0.5, 1.0])
+        torch.testing.assert_close(d_loss, bce(real, torch.ones(2)) + bce(fake, torch.zeros(2)))
+        torch.testing.assert_close(accuracy[0], torch.tensor(0.375))
+        (d_loss + g_loss).backward()
+        grads[mode] = s.grad.clone(), disc.net[0].weight.grad.clone()
+        if mode == 'game':
+            # the student's term: the discriminator calling its outputs the teacher's
+            torch.testing.assert_close(g_loss, bce(fake, torch.ones(2)))
+        else:
+            assert g_loss == 0
+    # d/ds of BCE(w.s, 1) = (sigmoid(w.s) - 1) w / B: the student gets only the non-saturating term in the game
+    expected = (torch.sigmoid(torch.tensor([0.5, 1.0])) - 1)[:, None] * torch.tensor([1.0, 0.0, -1.0]) / 2
+    torch.testing.assert_close(grads['game'][0], expected)
+    # in the references' joint form it descends the discriminator's own loss: d/ds BCE(w.s, 0) = sigmoid(w.s) w / B
+    expected = torch.sigmoid(torch.tensor([0.5, 1.0]))[:, None] * torch.tensor([1.0, 0.0, -1.0]) / 2
+    torch.testing.assert_close(grads['joint'][0], expected)
+    # the discriminator learns from the same loss in both: the student's term leaves its weights alone
+    torch.testing.assert_close(grads['game'][1], grads['joint'][1])
 
 
 def test_meal_v1_picks_teachers_at_random_and_expands_ensembles():
@@ -65,7 +100,7 @@ def test_meal_v1_picks_teachers_at_random_and_expands_ensembles():
     groups = task.create_optimizer(lr=0.1).param_groups
     disc = {id(p) for p in task.discriminators.parameters()}
     scales = {g.get('lr_scale') for g in groups if any(id(p) in disc for p in g['params'])}
-    assert scales == {0.01} and all('lr_scale' not in g for g in groups if not any(id(p) in disc for p in g['params']))
+    assert scales == {1.0} and all('lr_scale' not in g for g in groups if not any(id(p) in disc for p in g['params']))
     v2 = timm_ensembles.create_task(_student('meal'), teachers=teachers, version='v2')
     assert len(v2.teachers) == 2 and v2.lengths == [5]
 
@@ -82,15 +117,20 @@ def test_meal_v2_averages_the_teachers_and_the_game_trains_the_discriminator_to_
     kl = (probs * (probs.log() - log_p)).sum(-1).mean()
     out = task(x, y)
     torch.testing.assert_close(out['components']['sim0'], kl, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out['loss'].detach(), kl + out['components']['disc'], rtol=1e-5, atol=1e-6)
-    # a few steps of the discriminator alone: it learns teacher (1) from student (0)
+    torch.testing.assert_close(out['loss'].detach(), kl + out['components']['disc'] + out['components']['adv'],
+                               rtol=1e-5, atol=1e-6)
+    # what the discriminator of the outputs can see: the student's predictive entropy minus the teachers'
+    gap = -(log_p.exp() * log_p).sum(-1).mean() + (probs * probs.log()).sum(-1).mean()
+    torch.testing.assert_close(out['stats']['entropy_gap'], gap, rtol=1e-5, atol=1e-6)
+    assert set(out['mechanism']) == {'blocks', 'adv'} and out['mechanism']['adv'].requires_grad
+    # a few steps of the discriminator alone, on log-probabilities: it learns teacher (1) from student (0)
     disc = task.discriminators[0]
     optimizer = torch.optim.SGD(disc.parameters(), lr=0.5)
-    s, t = F.softmax(student(x).detach(), -1), probs
+    s, t = log_p, probs.log()
     before = disc(t).mean() - disc(s).mean()
     for _ in range(20):
         optimizer.zero_grad()
-        task.adversarial_loss([s], [t]).backward()
+        task.adversarial_loss([s], [t])[0].backward()
         optimizer.step()
     assert disc(t).mean() - disc(s).mean() > before
 
@@ -102,7 +142,8 @@ def test_bad_meal_input():
 
 
 def test_discriminators_keep_their_own_scale_under_layer_decay():
-    task = timm_ensembles.create_task(_student('meal'), teachers=[timm.create_model('test_resnet', num_classes=5)])
+    task = timm_ensembles.create_task(_student('meal'), teachers=[timm.create_model('test_resnet', num_classes=5)],
+                                      disc_lr_scale=0.01)
     optimizer = task.create_optimizer(opt='sgd', lr=0.1, weight_decay=1e-4, layer_decay=0.5)
     scales = {id(p): g['lr_scale'] for g in optimizer.param_groups for p in g['params']}
     assert {scales[id(p)] for p in task.discriminators.parameters()} == {0.01}

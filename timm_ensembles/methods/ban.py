@@ -75,17 +75,20 @@ class BornAgainTask(DistillationTask):
         temperature: Softmax temperature of teacher and student in the distillation term (1: the paper's, none).
         label_weight: Weight of the labels' cross-entropy added to the distillation term (0: the paper's BAN;
             1: BAN+L). Ignored by 'cwtm', which is a weighted labels' cross-entropy.
+        teacher_weight: Weight of the distillation term (1: the paper's; 0 with ``label_weight`` leaves the labels
+            alone, the student trained as its teacher was: the null of the diagnostics).
         label_smoothing: Label smoothing of the labels' cross-entropy.
     """
     accepts_soft_targets = True  # every cross-entropy of it takes probabilities (mixup, cutmix)
 
     def __init__(self, model: BornAgainStudent, teachers: Sequence[str | nn.Module] | str | None = None,
                  variant: str = 'ban', temperature: float = 1.0, label_weight: float = 0.0,
-                 label_smoothing: float = 0.0):
+                 teacher_weight: float = 1.0, label_smoothing: float = 0.0):
         if variant not in VARIANTS:
             raise ValueError(f"Unknown born-again variant '{variant}', expected one of {VARIANTS}.")
         check_option('temperature', temperature, float)
         check_option('label_weight', label_weight, float)
+        check_option('teacher_weight', teacher_weight, float, low=0)
         if not temperature > 0:
             raise ValueError(f'temperature must be > 0, got {temperature}.')
         if label_weight < 0:
@@ -94,6 +97,9 @@ class BornAgainTask(DistillationTask):
         self.variant = variant
         self.temperature = temperature
         self.label_weight = label_weight
+        self.teacher_weight = teacher_weight
+        # the student's divergence from its teacher in the first training step (NaN until then), for the diagnostic
+        self.register_buffer('initial_kl', torch.tensor(float('nan')))
 
     @torch.no_grad()
     def teacher_probs(self, x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -103,24 +109,47 @@ class BornAgainTask(DistillationTask):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
         logits = self.model(x)
-        components = {}
+        components, stats = {}, {}
         if self.variant == 'cwtm':
-            confidence = self.teacher_probs(x).max(-1).values
+            teacher = self.teacher_probs(x)
+            confidence = teacher.max(-1).values
             weights = confidence / confidence.sum()
             ce = F.cross_entropy(logits.float(), target, reduction='none', label_smoothing=self.label_smoothing)
-            loss = (weights * ce).sum()
-            components['cwtm_ce'] = loss.detach()
+            term = (weights * ce).sum()
+            components['cwtm_ce'] = term.detach()
+            loss = self.teacher_weight * term
         else:
-            probs = self.teacher_probs(x, self.temperature)
+            teacher = probs = self.teacher_probs(x, self.temperature)
             if self.variant == 'dkpp':
                 probs = permute_dark_knowledge(probs, self.generator)
-            loss = soft_cross_entropy(logits, probs, self.temperature)
-            components['kd'] = loss.detach()
+            term = soft_cross_entropy(logits, probs, self.temperature)
+            components['kd'] = term.detach()
+            loss = self.teacher_weight * term
             if self.label_weight:
                 ce = self.cross_entropy(logits, target)
                 loss = loss + self.label_weight * ce
                 components['ce'] = ce.detach()
-        return dict(loss=loss, output=logits.detach(), components=components)
+        # KL(teacher || student) at the distillation temperature (1 for cwtm), whatever the variant distils
+        T = 1.0 if self.variant == 'cwtm' else self.temperature
+        log_t = teacher.clamp_min(1e-12).log()
+        kl = (teacher * (log_t - F.log_softmax(logits.detach().float() / T, -1))).sum(-1).mean()
+        if self.training:
+            if torch.isnan(self.initial_kl):
+                self.initial_kl.fill_(float(kl))
+            stats['teacher_kl_vs_init'] = kl / self.initial_kl.clamp_min(torch.finfo(torch.float32).tiny)
+        stats['teacher_kl'] = kl
+        return dict(loss=loss, output=logits.detach(), components=components, stats=stats,
+                    mechanism=dict(teacher=self.teacher_weight * term))
+
+    def mechanism(self, train: dict[str, float], val: dict) -> dict[str, dict]:
+        """The share of the student's gradient from its teacher's term (0 at ``teacher_weight=0``), and the student's
+        divergence from its teacher, KL(teacher || student) on the training batches, over its value for the untrained
+        student (1: nothing learnt from the teacher)."""
+        return dict(
+            share_teacher=dict(value=train.get('share_teacher'), null=0.0,
+                               note="share of the student's gradient from the teacher's term"),
+            teacher_kl_vs_init=dict(value=train.get('teacher_kl_vs_init'), null=1.0,
+                                    note="KL(teacher || student) over the untrained student's (1: nothing learnt)"))
 
 
 class BornAgainEnsemble(EnsembleModel):

@@ -427,7 +427,17 @@ class CollaborativeTask(Task):
         kl = collaborative_soft_loss(logits, self.temperature)
         loss = (self.beta * ce + (1.0 - self.beta) * kl).sum()
         output = self.model.combine(logits.detach())
-        return dict(loss=loss, output=output, components=dict(ce=ce.detach().mean(), kl=kl.detach().mean()))
+        return dict(loss=loss, output=output, components=dict(ce=ce.detach().mean(), kl=kl.detach().mean()),
+                    mechanism=dict(consensus=(1.0 - self.beta) * kl.sum()))
+
+    def mechanism(self, train: dict[str, float], val: dict) -> dict[str, dict]:
+        """The share of the heads' gradient from the consensus term (0 at ``beta=1``), and the heads' divergence
+        from their consensus: the mean ``T^2 KL(q_h || p_h)`` over the epoch's training batches (the ``kl`` term)."""
+        return dict(
+            share_consensus=dict(value=train.get('share_consensus'), null=0.0,
+                                 note="share of the heads' gradient from the consensus term"),
+            consensus_kl=dict(value=train.get('kl'), null=None,
+                              note='the heads\' divergence from their consensus (lower: closer)'))
 
 
 def collaborative_soft_loss(logits: torch.Tensor, temperature: float) -> torch.Tensor:

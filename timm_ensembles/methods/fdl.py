@@ -20,6 +20,15 @@ the README points here.
   relative to the members' ``lr / (1 - momentum)`` *at the schedule's start*, and then stays fixed, so the printed
   loss is the objective and stays on the scale of its terms. Remaining differences: gradients of all terms at the same
   weights (the reference re-runs the forward pass after each step), weight decay once per step, shared momentum.
+* **S cannot turn a member against its own cross-entropy.** The paper's S = (L_i - L_j)^2 has a gradient that grows
+  with the gap; once ``2 w_S |L_i - L_j| > 1`` it outweighs the better member's own cross-entropy, which that member
+  then ascends, widening the gap: on a base without normalisation at a common learning rate (the paper's one-layer
+  MNIST network, lr 0.1, step schedule) both losses ran to 1e19 within tens of updates of the joint phase, with or
+  without -L_FDL (measured). S is quadratic up to ``|L_i - L_j| = 0.1 / w_S`` and linear beyond (same value and
+  gradient below that gap, ``losses.loss_similarity``), so that S changes a member's step by at most 20 % (bounded at
+  ``1 / (2 w_S)``, where the better member's step can fall to 0 and the worse one's double, the pair at lr 0.1 still
+  lost a member); in a run that trains well the gap stays inside (S about 1e-3 on the studies' recipe) and S is the
+  paper's. The logged ``similarity`` is the bounded value, the one in the loss.
 * **Every term follows the schedule.** The reference never schedules its -L_FDL and head optimisers while the members'
   lr decays, so late in its training -L_FDL dominates (the paper's plot shows L_FDL rising after epoch 200). Here the
   schedule anneals the head's group and -L_FDL's step with the members': the objective is the same function wherever
@@ -27,8 +36,10 @@ the README points here.
   they grew a thousandfold as a cosine schedule annealed, and the main job's loss climbed to 134.)
 * **A bounded distance where the paper's can run away** (``fdl_distance``). The paper's mean squared difference grows
   without bound with the scale of the features; on a base without normalisation (the paper's own one-layer MNIST
-  network) -L_FDL then pushes the features apart by inflating them, and a strong enough step makes the members
-  collapse (tested: ``fdl_weight=1`` drives a BatchNorm-free pair to chance with 'mse', not with 'relative').
+  network) -L_FDL then pushes the features apart by inflating them (tested: at ``fdl_weight=1`` a BatchNorm-free
+  pair's 'mse' distance grows 80-fold in one epoch, and the members lose 1-3 points; 'relative' stays below 1.4 and
+  costs nothing). (An earlier note said such a pair collapses to chance: that was the unbounded similarity term,
+  below.)
   'relative' divides each layer's term by the members' feature energy (scale-free, at most N / (N - 1); see
   ``losses.feature_difference_loss``): the members are pushed apart in direction, not magnitude. The default, 'auto',
   keeps the paper's 'mse' where it is safe (the stage outputs of a base with normalisation layers) and takes
@@ -59,6 +70,7 @@ the README points here.
 
 Registered names: ``fdl`` (``base_model=``, ``num_members=``) and ``fdl_<base>x<N>``.
 """
+import math
 from collections.abc import Sequence
 
 import torch
@@ -171,6 +183,8 @@ class FDLTask(Task):
         self.head_momentum = head_momentum
         self.head_input = head_input
         self._coupled_fdl_weight: float | None = None
+        # the members' validation feature distance at the end of phase 0 (NaN until then), for the diagnostic
+        self.register_buffer('phase0_distance', torch.tensor(float('nan'), dtype=torch.float64))
         # The S pair is drawn from a generator of the task's own, seeded from the global RNG at construction
         # (which train.py seeds alike on every process) and reseeded each epoch: every DDP process then takes
         # the same pair in every step, and a resumed run the same pairs as an uninterrupted one.
@@ -238,6 +252,7 @@ class FDLTask(Task):
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
         model = self.model
         joint = self.phase == 'joint'
+        mechanism = {}
         if joint:
             logits, features = model.forward_members_with_features(x, self.feature_taps, self.feature_indices)
         else:
@@ -250,12 +265,15 @@ class FDLTask(Task):
             # S on one random member pair per step, as the reference does for N > 2
             i, j = (0, 1) if model.num_members == 2 else torch.randperm(
                 model.num_members, generator=self._pair_generator)[:2].tolist()
-            similarity = loss_similarity(ce[i], ce[j])
+            # bounded where the paper's S would turn a member against its own cross-entropy (see loss_similarity)
+            bound = 0.1 / self.similarity_weight if self.similarity_weight > 0 else None
+            similarity = loss_similarity(ce[i], ce[j], bound)
             fdl = feature_difference_loss(features, self.fdl_distance)
             fdl_weight = self.fdl_term_weight
             loss = loss + self.similarity_weight * similarity - fdl_weight * fdl
             components.update(similarity=similarity.detach(), fdl=fdl.detach())
             stats['fdl_weight'] = fdl_weight
+            mechanism = dict(fdl=-fdl_weight * fdl, similarity=self.similarity_weight * similarity)
         output = model.combine(logits.detach())
         if model.head.fc is not None:
             head_logits = output if self.head_input == 'train' else model.combine(self._eval_member_logits(x))
@@ -263,7 +281,29 @@ class FDLTask(Task):
             # weight 1: the head's step size is its parameter group's learning rate
             loss = loss + head_ce
             components['head_ce'] = head_ce.detach()
-        return dict(loss=loss, output=output, components=components, stats=stats)
+        return dict(loss=loss, output=output, components=components, stats=stats, mechanism=mechanism)
+
+    def mechanism(self, train: dict[str, float], val: dict) -> dict[str, dict]:
+        """The share of the members' gradient from -L_FDL (0 when its weight is 0, and in phase 0), and the members'
+        validation feature distance over its value at the end of phase 0 (1: no change since the members trained
+        alone; an independent ensemble drifts too, so compare with the same run of ``ens_``)."""
+        out = dict(share_fdl=dict(value=train.get('share_fdl', 0.0 if self.phase == 'warmup' else None), null=0.0,
+                                  note="share of the members' gradient from -L_FDL"))
+        distance = val.get('feature_distance')
+        note = "validation feature distance over its value at the end of phase 0 (1: unchanged)"
+        if distance is None:
+            value, note = None, f'the evaluation measured no feature distance for {type(self.model).__name__}'
+        elif self.member_warmup_epochs == 0:
+            value, note = None, 'no phase 0 to compare with (member_warmup_epochs=0)'
+        else:
+            if self.epoch == self.member_warmup_epochs - 1:
+                self.phase0_distance.fill_(float(distance))
+            start = float(self.phase0_distance)
+            value = None if math.isnan(start) or start == 0 else distance / start
+            if value is None:
+                note = 'phase 0 ended before this run recorded its feature distance'
+        out['feature_distance_vs_phase0'] = dict(value=value, null=1.0, note=note)
+        return out
 
     def select_on_validation(self, metrics: dict) -> str | None:
         """``forward`` becomes the averaged probabilities when they are more accurate than the trained head on

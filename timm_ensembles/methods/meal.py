@@ -10,26 +10,54 @@ the softmaxes, the reference's default; ``'kl'``, ``'l1'``, ``'l2'``) is summed 
 One discriminator per block (an MLP, ``L -> L/2 -> L/4 -> 1``) learns to tell teacher from student outputs.
 
 ``version='v2'``: final outputs only; the target is the teachers' averaged probabilities; one discriminator on the
-probabilities (``C -> C/8 -> C/64 -> 1``, at least 8 and 4 wide); no hard labels; start the student from pretrained
+log-probabilities (``C -> C/8 -> C/64 -> 1``, at least 8 and 4 wide); no hard labels; start the student from pretrained
 weights (``pretrained_base=True``) and train as the paper (no weight decay, small learning rate).
 
 The adversarial game (``adversarial='game'``, default): the discriminators minimise their binary cross-entropy
-(teacher 1, student 0); the student receives the opposite gradient through a gradient-reversal layer, so it learns
-to make its outputs look like the teacher's, in the same backward pass. ``adversarial='joint'`` is the reference
-codes' behaviour, where the discriminator loss is simply added and minimised by the student too (documented there
-as adversarial, but the student then helps the discriminators); ``'none'`` drops the discriminators.
+(teacher 1, student 0) on the student's outputs taken as fixed; the student minimises the non-saturating generator
+loss, the binary cross-entropy of the same discriminators (their weights taken as fixed) calling its outputs the
+teacher's, in the same backward pass. ``adversarial='joint'`` is the reference codes' behaviour, where the
+discriminator loss is simply added and minimised by the student too (documented there as adversarial, but the
+student then helps the discriminators); ``'none'`` drops the discriminators.
+
+Why the discriminators see what they see, and the blocks are compared as they are (measured here: with the raw
+inputs of an earlier version, every discriminator sat at chance and every block term at ln(width) in every run):
+
+* A discriminator of the **probabilities** cannot tell a near-uniform student from a confident teacher with its
+  linear part: both vectors sum to 1, and a teacher whose top class varies from image to image has the same mean
+  vector as a uniform student. It sees **log-probabilities** instead (the log-softmax of the logits at the distance's
+  temperature), where confidence is linear (their mean is minus the cross-entropy against the uniform distribution).
+* The aligned vectors of the **intermediate blocks** (pooled post-activation means, each entry near the others) gave
+  near-uniform softmaxes, so the 'ce' distance sat at its floor, the teacher's entropy (about ln(width)), with next to
+  no gradient. Each aligned vector is **standardised per sample** (zero mean, unit variance over its entries) before
+  the distance and the discriminator: the comparison is of the pattern of a block's activations, whatever their
+  scale, and the softmax of a standardised vector is far from uniform.
+* With the reference's minimax form (the student ascends the discriminators' loss through a gradient reversal), a
+  discriminator that wins leaves the student without gradient (the saturating generator loss of Goodfellow et al.
+  2014); the **non-saturating** loss keeps it.
+* The discriminators train at the student's learning rate (``disc_lr_scale=1``, the V1 reference's default
+  ``--d_lr 0.1`` with ``--lr 0.1``; its VGG script's 1e-3 left them at chance here).
+
+Each discriminator's accuracy at telling the teacher's outputs from the student's (the fraction of the batch's
+(teacher, student) pairs it scores in the right order, its AUC: 0.5 is chance) is a training statistic
+(``disc_acc<k>``), beside each block term's ratio to its value for the untrained student (``sim<k>_vs_init``, 1
+while nothing is learnt) and the gap between the student's and the teacher's predictive entropy (``entropy_gap``,
+what the discriminator of the outputs can see); ``share_blocks`` and ``share_adv`` are the shares of the student's
+gradient from the block terms and the adversarial term (see ``Task.mechanism``).
 
 Departures: intermediate blocks are aligned over channels (global average pooling, then adaptive pooling of the
 channel vector to the student's channel count), where the V1 reference pools the flattened spatial map and averages
 the channels: at the small input sizes this package trains on, the last stages are 1x1 maps whose channel average
-is one number (``align='spatial'`` gives the reference's alignment). The discriminators' logits are not passed
-through a ReLU (the V1 reference's last layer is ReLU'd, which stalls them) and their hidden activations are
-LeakyReLU(0.2) (ReLU there). With ``align_mode='spatial'`` the aligned lengths are the student's channel counts, not
-the reference's hand-set ``out_dims``. V2's discriminator compares probabilities (the reference feeds it the student's
-logits and the teachers' averaged logits); V2 ignores ``num_blocks``, ``distance`` and ``align_mode``. Teachers that
-are ensembles of this package count as their members in V1 (a zoo), and by their own prediction in V2. The teachers
-are kept in eval mode
-(the V1 reference leaves them in train mode by default).
+is one number (``align_mode='spatial'`` gives the reference's alignment, to the student's channel count instead of
+the reference's hand-set ``out_dims``). The channels of two networks correspond only by training, so the channel
+form asks the student's channel statistics to follow the teacher's, as a hint without regressor. The aligned vectors
+are standardised, and the discriminators see log-probabilities and play the non-saturating game (above). The
+discriminators' logits are not passed through a ReLU (the V1 reference's last layer is ReLU'd, which stalls them)
+and their hidden activations are LeakyReLU(0.2) (ReLU there). V2's discriminator compares the log of the student's
+probabilities with the log of the teachers' averaged ones (the reference feeds it the student's logits and the
+teachers' averaged logits, whose shift is arbitrary); V2 ignores ``num_blocks``, ``distance`` and ``align_mode``.
+Teachers that are ensembles of this package count as their members in V1 (a zoo), and by their own prediction in
+V2. The teachers are kept in eval mode (the V1 reference leaves them in train mode by default).
 
 Registered names: ``meal`` (``base_model=``) and ``meal_<base>``.
 """
@@ -38,15 +66,15 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from .._builder import create_ensemble, register_student_variants
 from .._distill import DistillationTask, StudentModel
 from .._registry import register_task
-from .._split import grad_rescale
 from .._task import TaskOutput, check_option
 from .ban import soft_cross_entropy
 
-__all__ = ['MEALStudent', 'MEALTask', 'Discriminator', 'align', 'block_distance']
+__all__ = ['MEALStudent', 'MEALTask', 'Discriminator', 'align', 'standardise', 'block_distance']
 
 DISTANCES = ('ce', 'kl', 'l1', 'l2')
 ADVERSARIAL = ('game', 'joint', 'none')
@@ -94,6 +122,15 @@ def align(feature: torch.Tensor, length: int, mode: str = 'channel') -> torch.Te
     raise ValueError(f"Unknown alignment '{mode}', expected 'channel' or 'spatial'.")
 
 
+def standardise(vectors: torch.Tensor) -> torch.Tensor:
+    """Each row of ``[B, L]`` with zero mean and unit variance over its entries (rows of one entry, or constant ones,
+    become zeros): the pattern of a block's aligned activations, whatever their scale."""
+    centred = vectors.float() - vectors.float().mean(-1, keepdim=True)
+    if vectors.shape[-1] < 2:
+        return centred
+    return centred / (centred.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
+
+
 def block_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str, temperature: float = 1.0):
     """Distance between aligned outputs ``[B, L]``, averaged over the batch (the teacher's side is a target)."""
     teacher = teacher.detach().float()
@@ -123,9 +160,11 @@ class MEALTask(DistillationTask):
         block_weights: Weight of each block's distance, the logits last (default: the V1 reference's
             0.001, 0.01, 0.05, 0.1 for the intermediate blocks, 1 for the logits).
         adversarial: 'game' (default), 'joint' (the reference codes') or 'none'; see the module docstring.
-        adv_weights: Weight of each discriminator's loss (default 1 each).
-        disc_lr_scale: The discriminators' learning rate as a fraction of the student's (default: the V1
-            reference's 1e-3 / 0.1 = 0.01 for V1, 1 for V2, whose reference optimises them together).
+        adv_weights: Weight of the student's adversarial term at each block (default: the default block weights
+            above, 1 for the logits); with ``adversarial='joint'`` the weight of each discriminator's loss
+            (the references' eta, 1 each there).
+        disc_lr_scale: The discriminators' learning rate as a fraction of the student's (default 1: the V1
+            reference's default, and V2's reference optimises them together with the student).
         align_mode: 'channel' (default) or 'spatial' (the V1 reference's); see ``align``.
         temperature: Softmax temperature of the 'ce' / 'kl' distances on the logits.
         label_weight: Weight of the labels' cross-entropy (0, as both references).
@@ -136,7 +175,7 @@ class MEALTask(DistillationTask):
     def __init__(self, model: MEALStudent, teachers: Sequence[str | nn.Module] | str | None = None,
                  version: str = 'v1', num_blocks: int | None = None, distance: str = 'ce',
                  block_weights: Sequence[float] | None = None, adversarial: str = 'game',
-                 adv_weights: Sequence[float] | None = None, disc_lr_scale: float | None = None,
+                 adv_weights: Sequence[float] | None = None, disc_lr_scale: float = 1.0,
                  align_mode: str = 'channel', temperature: float = 1.0, label_weight: float = 0.0,
                  label_smoothing: float = 0.0):
         if version not in ('v1', 'v2'):
@@ -149,8 +188,7 @@ class MEALTask(DistillationTask):
             raise ValueError(f"Unknown align_mode '{align_mode}', expected 'channel' or 'spatial'.")
         check_option('temperature', temperature, float, low=1e-12)
         check_option('label_weight', label_weight, float, low=0)
-        if disc_lr_scale is not None:
-            check_option('disc_lr_scale', disc_lr_scale, float, low=0)
+        check_option('disc_lr_scale', disc_lr_scale, float, low=0)
         if num_blocks is not None:
             check_option('num_blocks', num_blocks, int, low=0)
         super().__init__(model, teachers, label_smoothing=label_smoothing)
@@ -160,7 +198,7 @@ class MEALTask(DistillationTask):
         self.align_mode = align_mode
         self.temperature = temperature
         self.label_weight = label_weight
-        self.disc_lr_scale = disc_lr_scale if disc_lr_scale is not None else (0.01 if version == 'v1' else 1.0)
+        self.disc_lr_scale = disc_lr_scale
         student = model.student
         num_classes = model.num_classes
         if version == 'v1':
@@ -176,10 +214,13 @@ class MEALTask(DistillationTask):
             self.lengths = [num_classes]
         self.num_blocks = num_blocks
         n = len(self.lengths)
+        # each block term's value in the first training step (NaN until then), for the diagnostic
+        self.register_buffer('initial_terms', torch.full((n,), float('nan')))
         default_weights = list(reversed(
             [_V1_BLOCK_WEIGHTS[min(i, len(_V1_BLOCK_WEIGHTS) - 1)] for i in range(n - 1)])) + [1.0]
         self.block_weights = list(block_weights) if block_weights is not None else default_weights
-        self.adv_weights = list(adv_weights) if adv_weights is not None else [1.0] * n
+        # the student's adversarial term at each block weighs as that block's similarity term does by default
+        self.adv_weights = list(adv_weights) if adv_weights is not None else default_weights
         for name, values in (('block_weights', self.block_weights), ('adv_weights', self.adv_weights)):
             if len(values) != n:
                 raise ValueError(f'{name} needs {n} values ({num_blocks} blocks and the logits), got {values}.')
@@ -245,50 +286,120 @@ class MEALTask(DistillationTask):
                 teacher_out = self._outputs(teacher.teacher, teacher.adapt(x))
             stats['teacher'] = torch.tensor(float(i))
             last = len(student_out) - 1
-            # intermediate blocks aligned to a common length; the logits compared as they are
-            s_vecs = [align(o, L, self.align_mode) if k < last else o.float()
+            # intermediate blocks aligned to a common length and standardised; the logits compared as they are
+            s_vecs = [standardise(align(o, L, self.align_mode)) if k < last else o.float()
                       for k, (o, L) in enumerate(zip(student_out, self.lengths))]
-            t_vecs = [align(o, L, self.align_mode) if k < last else o.float()
+            t_vecs = [standardise(align(o, L, self.align_mode)) if k < last else o.float()
                       for k, (o, L) in enumerate(zip(teacher_out, self.lengths))]
             distances = [block_distance(s, t, self.distance, T if k == last else 1.0)
                          for k, (s, t) in enumerate(zip(s_vecs, t_vecs))]
             logits = student_out[-1]
+            teacher_log_probs = F.log_softmax(t_vecs[-1] / T, -1)
+            # what the discriminators see: the standardised blocks, and log-probabilities for the logits
+            s_disc = s_vecs[:-1] + [F.log_softmax(logits.float() / T, -1)]
+            t_disc = t_vecs[:-1] + [teacher_log_probs]
         else:
             logits = self.model(x)
             with torch.no_grad():
                 probs = torch.stack([F.softmax(t(x).float() / T, -1) for t in teachers]).mean(0)
             distances = [soft_cross_entropy(logits, probs, T) - _entropy(probs) * T ** 2]  # KL(probs || student)
-            # the discriminator compares probabilities
-            s_vecs, t_vecs = [F.softmax(logits.float() / T, -1)], [probs]
+            teacher_log_probs = probs.clamp_min(1e-12).log()
+            s_disc, t_disc = [F.log_softmax(logits.float() / T, -1)], [teacher_log_probs]
         loss = logits.new_zeros((), dtype=torch.float32)
+        blocks = logits.new_zeros((), dtype=torch.float32)
         for k, (d, w) in enumerate(zip(distances, self.block_weights)):
-            loss = loss + w * d
+            blocks = blocks + w * d
             components[f'sim{k}'] = d.detach()
+        loss = loss + blocks
+        mechanism = dict(blocks=blocks)
+        if self.training:
+            stats.update(self._relative_to_start(distances))
+        # the student's predictive entropy minus the teacher's: what the discriminator of the outputs can tell apart
+        student_log_probs = s_disc[-1].detach()
+        stats['entropy_gap'] = (_entropy_of_log_probs(student_log_probs) - _entropy_of_log_probs(teacher_log_probs))
         if self.discriminators is not None:
-            d_loss = self.adversarial_loss(s_vecs, t_vecs)
-            loss = loss + d_loss
+            d_loss, g_loss, accuracy = self.adversarial_loss(s_disc, t_disc)
+            loss = loss + d_loss + g_loss
             components['disc'] = d_loss.detach()
+            if self.adversarial == 'game':
+                components['adv'] = g_loss.detach()
+                mechanism['adv'] = g_loss
+            else:
+                mechanism['adv'] = d_loss  # the student descends the discriminators' own loss
+            stats.update({f'disc_acc{k}': a for k, a in enumerate(accuracy)})
         if self.label_weight:
             ce = self.cross_entropy(logits, target)
             loss = loss + self.label_weight * ce
             components['ce'] = ce.detach()
-        return dict(loss=loss, output=logits.detach(), components=components, stats=stats)
+        return dict(loss=loss, output=logits.detach(), components=components, stats=stats, mechanism=mechanism)
 
-    def adversarial_loss(self, student_vecs: list[torch.Tensor], teacher_vecs: list[torch.Tensor]) -> torch.Tensor:
-        """The discriminators' binary cross-entropy (teacher 1, student 0), summed with ``adv_weights``.
+    def _relative_to_start(self, distances: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each block term over its value in the first training step (the untrained student's; kept in the task's
+        state, so a resumed run compares with the same start): 1 while the student learns nothing from the block."""
+        current = torch.stack([d.detach().float() for d in distances]).to(self.initial_terms.device)
+        if torch.isnan(self.initial_terms).all():
+            self.initial_terms.copy_(current)
+        ratio = current / self.initial_terms.clamp_min(torch.finfo(torch.float32).tiny)
+        return {f'sim{k}_vs_init': r for k, r in enumerate(ratio)}
 
-        With ``adversarial='game'`` the student's outputs reach the discriminators through a gradient reversal:
-        the discriminators descend this loss and the student ascends it, in one backward pass.
+    def adversarial_loss(self, student_vecs: list[torch.Tensor], teacher_vecs: list[torch.Tensor]):
+        """The discriminators' binary cross-entropy (teacher 1, student 0) and the student's adversarial loss, each
+        summed with ``adv_weights``, and each discriminator's accuracy at ranking a teacher's output above a
+        student's (its AUC over the batch's pairs, a tensor; 0.5 is chance).
+
+        ``adversarial='game'``: the discriminators learn from the student's outputs taken as fixed; the student's
+        loss is the non-saturating one, the discriminators (weights taken as fixed) calling its outputs the teacher's.
+        ``'joint'`` (the references'): the discriminators' loss reaches the student too, and its own loss is 0.
+
+        Returns:
+            ``(discriminator loss, student loss, [accuracy per discriminator])``.
         """
-        total = student_vecs[0].new_zeros(())
+        d_total = student_vecs[0].new_zeros((), dtype=torch.float32)
+        g_total = student_vecs[0].new_zeros((), dtype=torch.float32)
+        accuracy = []
+        game = self.adversarial == 'game'
         for disc, s, t, w in zip(self.discriminators, student_vecs, teacher_vecs, self.adv_weights):
-            s_in = grad_rescale(s, -1.0) if self.adversarial == 'game' else s
             real = disc(t.detach())
-            fake = disc(s_in)
+            fake = disc(s.detach() if game else s)
             bce = (F.binary_cross_entropy_with_logits(real, torch.ones_like(real))
                    + F.binary_cross_entropy_with_logits(fake, torch.zeros_like(fake)))
-            total = total + w * bce
-        return total
+            # in the game the weight is the student's: each discriminator learns at its own rate whatever it is
+            d_total = d_total + (bce if game else w * bce)
+            accuracy.append(_ranked_above(real.detach(), fake.detach()))
+            if game:
+                fixed = {name: p.detach() for name, p in disc.named_parameters()}
+                fooled = functional_call(disc, fixed, (s,))
+                g_total = g_total + w * F.binary_cross_entropy_with_logits(fooled, torch.ones_like(fooled))
+        return d_total, g_total, accuracy
+
+    def mechanism(self, train: dict[str, float], val: dict) -> dict[str, dict]:
+        """The discriminators' mean accuracy (chance 0.5), the block terms' mean ratio to the untrained student's
+        (1: nothing learnt from the blocks), and the shares of the student's update from the block terms and the
+        adversarial term (0 when their weights are 0)."""
+        out = {}
+        accs = [v for k, v in train.items() if k.startswith('disc_acc')]
+        if self.discriminators is not None:
+            out['disc_acc'] = dict(value=sum(accs) / len(accs) if accs else None, null=0.5,
+                                   note='discriminators telling teacher from student (0.5: chance)')
+        ratios = [v for k, v in train.items() if k.endswith('_vs_init')]
+        out['sim_vs_init'] = dict(value=sum(ratios) / len(ratios) if ratios else None, null=1.0,
+                                  note="block terms over the untrained student's (1: nothing learnt)")
+        for term in ('blocks', 'adv'):
+            if f'share_{term}' in train:
+                out[f'share_{term}'] = dict(value=train[f'share_{term}'], null=0.0,
+                                            note=f"share of the student's gradient from the {term} term")
+        return out
+
+
+def _ranked_above(real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """The fraction of (teacher, student) pairs whose teacher output the discriminator scores higher (ties count
+    half): its AUC, whatever its bias. 0.5 is chance, 1 tells every teacher output from every student one."""
+    diff = real.float()[:, None] - fake.float()[None, :]
+    return (diff > 0).float().mean() + 0.5 * (diff == 0).float().mean()
+
+
+def _entropy_of_log_probs(log_probs: torch.Tensor) -> torch.Tensor:
+    return -(log_probs.exp() * log_probs).sum(-1).mean()
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
