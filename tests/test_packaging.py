@@ -68,6 +68,11 @@ def test_the_wheel_trains_with_accelerate_and_its_scripts_outside_the_checkout(i
     assert (work / 'ens' / 'model.safetensors').is_file() and (work / 'ens' / 'results.json').is_file()
 
     _run([site / 'bin' / 'timm-ensembles-push', 'ens', 'me/ens_test', '--card-only', 'card.md'], work, site)
+    # the run validated on the dataset it recorded, and its predictions, by the console scripts
+    shown = _run([site / 'bin' / 'timm-ensembles-validate', '--model', 'ens', '-j', '0', '--no-progress'], work, site)
+    assert 'ens on digits (validation, 360 images)' in shown.stdout and 'mean-probs' in shown.stdout
+    _run([site / 'bin' / 'timm-ensembles-predict', '--model', 'ens', '--dataset', 'digits', '-j', '0'], work, site)
+    assert (work / 'predictions.csv').read_text().startswith('index,target,pred1,prob1,')
     card = (work / 'card.md').read_text()
     assert '`ens_test_resnetx2`' in card and 'accelerate launch -m timm_ensembles.train --config args.yaml' in card
 

@@ -306,10 +306,13 @@ class MemberPredictor:
 
 
 def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = None,
-             split: str = 'validation') -> dict[str, Any]:
+             split: str = 'validation', n_bins: int | None = None) -> dict[str, Any]:
     """Accuracy and loss of the model, and of every member and their diversity when the model is an ensemble.
 
     With ``num_classes``, the first batch's labels are checked against it (``split`` names the data in the message).
+    Without ``accelerator``: on the model's device, in this process. With ``n_bins``, also ``ece``: the expected
+    calibration error of ``model(x)``'s probabilities in that many bins (``metrics.expected_calibration_error``,
+    which needs torchmetrics).
 
     Returns:
         ``acc``, ``top5`` (the label among the five highest logits; among all of them with fewer classes) and
@@ -321,8 +324,9 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
         features, averaged over samples and pairs). Every sample counts once, also under DDP.
     """
     # the stage features come out of the same forward pass as the member logits: no second pass
-    predictor = MemberPredictor(model, loader, accelerator, gather=True, features=True)
+    predictor = MemberPredictor(model, loader, accelerator, gather=accelerator is not None, features=True)
     correct = top5_correct = avg_correct = total = 0
+    probs, targets = [], []  # with n_bins: the calibration error bins the whole set at once
     nll = 0.0
     member_correct = pair_differ = feature_sum = None
     for batch_index, (members, logits, target, pairs) in enumerate(predictor):
@@ -343,10 +347,15 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
         top5_correct += int((top5 == target[:, None]).any(-1).sum())
         nll += float(F.cross_entropy(logits, target, reduction='sum'))
         total += target.shape[0]
+        if n_bins:
+            probs.append(logits.softmax(-1).cpu())
+            targets.append(target.cpu())
     if total == 0:
         raise ValueError('The evaluation set is empty.')
     out: dict[str, Any] = dict(acc=100.0 * correct / total, top5=100.0 * top5_correct / total, loss=nll / total,
                                num_samples=total)
+    if n_bins:
+        out['ece'] = metrics.expected_calibration_error(torch.cat(probs), torch.cat(targets), n_bins)
     if predictor.is_ensemble:
         member_acc = [100.0 * float(c) / total for c in member_correct]
         out.update(member_acc=member_acc, member_acc_mean=sum(member_acc) / len(member_acc),
