@@ -5,6 +5,7 @@ Servers (``_hub_servers``): uploads go to a small Hub-compatible server on 127.0
 client; downloads come from it and from olah, a real self-hosted Hub mirror. The client runs in subprocesses, since
 huggingface_hub reads ``HF_ENDPOINT`` when it is imported.
 """
+import ast
 import hashlib
 import json
 import re
@@ -45,6 +46,13 @@ def test_card_of_an_ensemble_run_has_its_method_members_dataset_and_numbers(tmp_
     usage = body.split('```python\n')[1].split('```')[0]
     assert usage.startswith('import timm_ensembles')
     assert "timm.create_model('hf-hub:org/fdl-digits', pretrained=True)" in usage
+    # installing and retraining: from the source (no index serves the package), the commands test_packaging runs
+    assert 'pip install timm-ensembles' not in card
+    assert ('Loading it needs timm-ensembles, installed from its source: `pip install .` in a checkout of its'
+            ' repository, or the wheel that `pip wheel --no-deps .` builds there, and `import timm_ensembles`') in body
+    assert ('install timm-ensembles from its source: `pip install .` in a checkout of its repository, or the wheel'
+            ' that `pip wheel --no-deps .` builds there, then `accelerate launch -m timm_ensembles.train --config'
+            ' args.yaml --output <new folder>`') in body
 
 
 def test_card_of_an_exported_head_is_for_plain_timm(tmp_path):
@@ -73,9 +81,9 @@ def test_card_names_hub_datasets_in_its_metadata_and_never_a_local_path(tmp_path
 
 
 def test_catalog_tags_carry_the_preprocessing_train_py_evaluated_with():
-    from timm_ensembles._catalog import PUBLISHED
+    from timm_ensembles._catalog import CATALOG
 
-    for name, cfg in PUBLISHED.items():
+    for name, cfg in CATALOG.items():
         model = timm_ensembles.create_model(name.split('.')[0])
         # what train.py resolves for a 28 px dataset at its natural 32 px (data_args input_size and crop_pct 1.0)
         want = timm.data.resolve_data_config(dict(input_size=(3, 32, 32), crop_pct=1.0), model=model)
@@ -130,7 +138,7 @@ def test_folders_that_are_not_finished_runs_are_refused(tmp_path):
 
 def test_unknown_architecture_says_what_is_missing(tmp_path):
     newer = dict(architecture='fdl2_resnet18x2', timm_ensembles_version='9.0.0')
-    with pytest.raises(ValueError, match=r"'fdl2_resnet18x2'.*timm-ensembles 9\.0\.0.*pip install -U timm-ensembles"):
+    with pytest.raises(ValueError, match=r"'fdl2_resnet18x2'.*9\.0\.0.*install a newer one from its source"):
         check_config(newer, 'org/x')
     with pytest.raises(ValueError, match='import that package first'):
         check_config(dict(architecture='someone_elses_net'), 'org/x')
@@ -197,9 +205,9 @@ def test_a_flipped_byte_in_the_weights_is_refused_on_load(tmp_path):
 def test_a_catalog_tag_and_hf_hub_names_load_from_an_offline_cache(tmp_path):
     from _hub_servers import run_client
 
-    # the registered tag of the catalog, laid out as if downloaded before
+    # the registered tag of the catalog, laid out as if uploaded, published and downloaded before
     model = timm_ensembles.create_model('ens_resnet18x2.fmnist')
-    assert model.num_classes == 10 and model.pretrained_cfg['hf_hub_id'] == 'timm-ensembles/ens_resnet18x2.fmnist'
+    assert model.num_classes == 10 and model.pretrained_cfg['tag'] == 'fmnist'
     folder = export_folder(model, tmp_path / 'repo', data_config=DATA_CONFIG | dict(mean=model.pretrained_cfg['mean'],
                                                                                    std=model.pretrained_cfg['std']))
     fill_cache(tmp_path / 'cache', 'timm-ensembles/ens_resnet18x2.fmnist', folder)
@@ -212,7 +220,7 @@ def test_a_catalog_tag_and_hf_hub_names_load_from_an_offline_cache(tmp_path):
     finally:
         torch.set_num_threads(threads)
     torch.save(x, tmp_path / 'x.pt')
-    code = textwrap.dedent(f"""
+    code = _published('ens_resnet18x2.fmnist') + textwrap.dedent(f"""
         import torch, timm, timm_ensembles
         x, want = torch.load({str(tmp_path / 'x.pt')!r}), torch.load({str(tmp_path / 'want.pt')!r})
         for name in ('ens_resnet18x2.fmnist', 'hf-hub:timm-ensembles/ens_resnet18x2.fmnist'):
@@ -230,6 +238,145 @@ def test_a_catalog_tag_and_hf_hub_names_load_from_an_offline_cache(tmp_path):
     out = run_client(code, endpoint='http://127.0.0.1:9', tmp_path=tmp_path,
                      env=dict(HF_HUB_OFFLINE='1', HF_HUB_CACHE=str(tmp_path / 'cache')))
     assert out.stdout.strip().endswith('ok')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the catalog: timm lists published weights only; pretrained=True says what is wrong in one line
+
+CATALOG_PY = TESTS.parent / 'timm_ensembles' / '_catalog.py'
+NO_HUB = 'http://127.0.0.1:9'  # the discard port: nothing listens, a connection is refused at once
+
+
+def _published(*tags: str) -> str:
+    """Client code, run before ``import timm_ensembles``: the catalog with ``tags`` marked published, as flipping their
+    ``published`` field does once they are uploaded (the package registers the catalog with timm when imported)."""
+    return textwrap.dedent(f"""
+        import importlib.util, sys
+        spec = importlib.util.spec_from_file_location('timm_ensembles._catalog', {str(CATALOG_PY)!r})
+        catalog = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(catalog)
+        for tag in {list(tags)!r}:
+            catalog.CATALOG[tag]['published'] = True
+    """)
+
+
+def _error_line(text: str) -> str:
+    """The one line an error printed, asserted to be one line."""
+    lines = text.strip().splitlines()
+    assert len(lines) == 1, text
+    return lines[0]
+
+
+def test_timm_lists_only_the_catalog_tags_that_are_published(tmp_path):
+    from _hub_servers import run_client
+
+    from timm_ensembles._catalog import CATALOG
+
+    unpublished = {k for k, v in CATALOG.items() if not v['published']}
+    assert {'fdl_resnet18x2.fmnist', 'ens_resnet18x2.fmnist', 'collab_resnet18x2.fmnist',
+            'collab_resnet18x4.fmnist'} <= unpublished  # none is uploaded yet (hub/README.md)
+    assert not unpublished & (set(timm.list_pretrained()) | set(timm.list_models(pretrained=True)))
+    assert not any(timm.models.is_model_pretrained(k) for k in unpublished)
+    assert unpublished <= set(timm.list_models(include_tags=True))  # registered tags still, with their preprocessing
+    # one entry flipped: timm lists it, and it alone, with its repo; an unpublished tag's error names it
+    out = run_client(_published('fdl_resnet18x2.fmnist') + textwrap.dedent("""
+        import timm, timm_ensembles
+        print(timm.list_pretrained('*.fmnist'), timm.get_pretrained_cfg('fdl_resnet18x2.fmnist').hf_hub_id)
+        try:
+            timm.create_model('ens_resnet18x2.fmnist', pretrained=True)
+        except ValueError as e:
+            print(e)
+    """), NO_HUB, tmp_path, env=dict(HF_HUB_OFFLINE='1')).stdout.splitlines()
+    assert out[0] == "['fdl_resnet18x2.fmnist'] timm-ensembles/fdl_resnet18x2.fmnist"
+    assert "'ens_resnet18x2.fmnist' is not published" in out[1] and 'published tags: fdl_resnet18x2.fmnist)' in out[1]
+
+
+@pytest.mark.parametrize('name', ['fdl_resnet18x2.fmnist', 'collab_resnet18x4.fmnist'])
+def test_pretrained_for_an_unpublished_tag_is_one_line_with_its_training_command(name, tmp_path):
+    arch = name.split('.')[0]
+    for create in (timm.create_model, timm_ensembles.create_model):
+        with pytest.raises(ValueError) as e:
+            create(name, pretrained=True)
+        assert _error_line(str(e.value)).startswith(f"'{name}' is not published: its weights are on no Hub yet")
+        assert 'published tags: none)' in str(e.value)
+        assert (f'`accelerate launch train.py --model {arch} --dataset fashion-mnist --train-subset 10000 --epochs 5'
+                f' --seed 0 --output <folder>`') in str(e.value)
+    # the same through train.py, before anything is written
+    from timm_ensembles.train import main
+
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit) as e:
+        main(['--model', name, '--pretrained', '--train-subset', '16', '--val-subset', '16', '--output', str(out)])
+    assert _error_line(str(e.value.code)).startswith(f"error: '{name}' is not published")
+    assert not out.exists()
+
+
+def test_hub_readme_trains_and_pushes_every_catalog_entry_as_the_catalog_says():
+    from timm_ensembles._catalog import CATALOG, hub_repo
+
+    readme = (TESTS.parent / 'hub' / 'README.md').read_text()
+    flags = re.search(r'^S="(.*)"$', readme, re.M).group(1).split()
+    for name, entry in CATALOG.items():
+        arch = name.split('.')[0]
+        assert [f for f in flags if f != '--no-progress'] == entry['train'].split(), name
+        assert f'accelerate launch train.py --model {arch} $S --output $O/{arch}-s0\n' in readme, name
+        assert f'python hub/push.py $O/{arch}-s0 {hub_repo(name)}\n' in readme, name
+
+
+@pytest.mark.parametrize('offline', [True, False], ids=['HF_HUB_OFFLINE', 'no-connection'])
+def test_a_published_tag_neither_cached_nor_reachable_is_one_line_naming_the_repo(offline, tmp_path):
+    from _hub_servers import run_client
+
+    # the tag, an ensemble's base (pretrained_base) and a plain timm model; without a connection the tag alone:
+    # huggingface_hub waits through its retries (about 23 s a file) before timm's downloads give up
+    models = [('fdl_resnet18x2.fmnist', {}, 'fdl_resnet18x2.fmnist', 'timm-ensembles/fdl_resnet18x2.fmnist')]
+    if offline:
+        models += [('ens_test_resnetx2', dict(pretrained_base=True), 'test_resnet', 'timm/test_resnet.r160_in1k'),
+                   ('test_resnet', {}, 'test_resnet', 'timm/test_resnet.r160_in1k')]
+    out = run_client(_published('fdl_resnet18x2.fmnist') + textwrap.dedent(f"""
+        import time, timm, timm_ensembles
+        for name, kwargs in {[m[:2] for m in models]!r}:
+            start = time.monotonic()
+            try:
+                timm_ensembles.create_model(name, pretrained=not kwargs, **kwargs)
+            except OSError as e:
+                print(type(e).__name__, round(time.monotonic() - start), repr(str(e)))
+            else:
+                raise AssertionError(name)
+    """), NO_HUB, tmp_path, env=dict(HF_HUB_OFFLINE='1') if offline else {}).stdout.splitlines()
+    assert len(out) == len(models), out
+    for line, (_, _, what, repo) in zip(out, models):
+        kind, seconds, error = line.split(' ', 2)
+        error = ast.literal_eval(error)
+        assert kind == ('FileNotFoundError' if offline else 'HubUnreachableError'), line
+        assert int(seconds) < 10, line  # no retries: the cache is looked at once the Hub is known unreachable
+        assert _error_line(error).startswith(f"The weights of '{what}' (Hub repo '{repo}') are not in the local Hub"
+                                             f" cache ({tmp_path / 'hf_home' / 'hub'}) and "), error
+        assert ('HF_HUB_OFFLINE is set' if offline else f'{NO_HUB} cannot be reached') in error
+        assert 'HF_HUB_OFFLINE' in error
+
+
+@pytest.mark.parametrize('args, what, repo', [
+    (['--model', 'fdl_resnet18x2.fmnist', '--pretrained'], 'fdl_resnet18x2.fmnist',
+     'timm-ensembles/fdl_resnet18x2.fmnist'),
+    (['--model', 'ens_test_resnetx2', '--pretrained-base'], 'test_resnet', 'timm/test_resnet.r160_in1k'),
+])
+def test_train_py_with_weights_neither_cached_nor_reachable_is_one_error_line(args, what, repo, tmp_path):
+    from _hub_servers import run_client
+
+    out = tmp_path / 'run'
+    argv = [*args, '--train-subset', '16', '--val-subset', '16', '--output', str(out)]
+    proc = run_client(_published('fdl_resnet18x2.fmnist') + textwrap.dedent(f"""
+        from timm_ensembles.train import main
+        sys.exit(main({argv!r}))
+    """), NO_HUB, tmp_path, env=dict(HF_HUB_OFFLINE='1'), check=False)
+    assert proc.returncode == 1 and not proc.stdout and 'Traceback' not in proc.stderr
+    # one error line, last; before it at most timm's own log of where it loads from
+    errors = [line for line in proc.stderr.splitlines() if line.startswith('error:')]
+    assert len(errors) == 1 and proc.stderr.strip().endswith(errors[0]), proc.stderr
+    assert errors[0].startswith(f"error: The weights of '{what}' (Hub repo '{repo}') are not in the local Hub cache")
+    assert 'HF_HUB_OFFLINE is set' in errors[0]
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -329,6 +476,21 @@ def test_revisions_pull_requests_and_private_repos(hub, tmp_path):
             print(e)
     """, hub.endpoint, tmp_path / 'anon', token=None)
     assert "No model repo 'org/private'" in out and 'private' in out
+
+
+def test_pushing_a_catalog_repo_says_to_mark_its_entry_published(hub, tmp_path):
+    folder = write_run(timm.create_model('fdl', base_model='test_resnet', num_members=2, num_classes=NUM_CLASSES),
+                       tmp_path / 'run', 'fdl_test_resnetx2')
+    out = _client(f"""
+        from timm_ensembles.push import main
+        main([{str(folder)!r}, 'timm-ensembles/fdl_resnet18x2.fmnist'])
+        main([{str(folder)!r}, 'timm-ensembles/ens_resnet18x2.fmnist', '--revision', 'v1'])  # not main: not loaded
+        main([{str(folder)!r}, 'org/fdl'])
+    """, hub.endpoint, tmp_path)
+    hints = [line for line in out.splitlines() if 'published=True' in line]
+    assert hints == ["'fdl_resnet18x2.fmnist' is in the catalog, marked unpublished: set published=True on its entry in"
+                     " timm_ensembles/_catalog.py, so that timm lists it and create_model('fdl_resnet18x2.fmnist',"
+                     ' pretrained=True) loads it (hub/README.md, "Catalog")'], out
 
 
 def test_a_model_pushes_to_a_new_branch_and_without_a_card_when_asked(hub, tmp_path):

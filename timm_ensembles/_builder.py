@@ -1,4 +1,5 @@
 """Shared construction of the ensemble models: timm's builder, the base model's data config, named variants."""
+import contextlib
 import json
 import math
 import re
@@ -19,7 +20,7 @@ from timm.models import (
 )
 from torch import nn
 
-from ._catalog import published_cfgs
+from ._catalog import catalog_cfgs, check_published
 from ._registry import register_ensemble_method, register_student_method
 from ._timm_compat import FeatureGetterNet
 
@@ -75,8 +76,9 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         cfg = resolve_pretrained_cfg(variant, pretrained_cfg=pretrained_cfg).to_dict()
         base_cfg = get_pretrained_cfg(base_model) if base_model and ':' not in base_model else None
         base_cfg = base_cfg.to_dict() if base_cfg is not None else PretrainedCfg().to_dict()
-        if not any(cfg.get(k) for k in _SOURCE_KEYS):
-            # a published tag's cfg (hub/README.md) describes its own weights and keeps its own data config
+        if not cfg.get('tag') and not any(cfg.get(k) for k in _SOURCE_KEYS):
+            # the untagged default takes the base's data config; a catalog tag's cfg (hub/README.md), published or
+            # not, and weights of another source keep their own
             cfg.update({k: base_cfg[k] for k in BASE_CFG_KEYS if base_cfg.get(k) is not None})
         cfg['pool_size'] = _pool_size(base_cfg, cfg.get('input_size'))
         if base_free:
@@ -85,6 +87,8 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         pretrained_cfg = cfg
     cfg_dict = pretrained_cfg.to_dict() if isinstance(pretrained_cfg, PretrainedCfg) else pretrained_cfg
     if pretrained:
+        if cfg_dict.get('tag'):
+            check_published(f"{variant}.{cfg_dict['tag']}")  # a catalog entry whose weights are not uploaded yet
         if not any(cfg_dict.get(k) for k in _SOURCE_KEYS):
             raise ValueError(
                 f"'{variant}' has no published weights of its own (pretrained=True loads the ensemble's weights)."
@@ -97,18 +101,23 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         features_only = kwargs.pop('features_only', False)
         out_indices = kwargs.pop('out_indices', None)
         feature_cls = kwargs.pop('feature_cls', 'getter')
-        model = build_model_with_cfg(model_cls, variant, pretrained=False, pretrained_cfg=pretrained_cfg, **kwargs)
+        from .hub import hub_download_errors
+
+        # with pretrained_base the members (heads, student) fetch timm's weights of the base as they are built
+        with hub_download_errors(base_model) if isinstance(base_model, str) else contextlib.nullcontext():
+            model = build_model_with_cfg(model_cls, variant, pretrained=False, pretrained_cfg=pretrained_cfg, **kwargs)
     except TypeError as e:
         unknown = re.findall(r"unexpected keyword argument '(\w+)'", str(e))
         if not unknown:
             raise
         from . import __version__
+        from ._extras import INSTALL_FROM_SOURCE
         # timm passes config.json's model_args here on a reload: a newer version may have written arguments this one
         # does not know
         raise TypeError(
             f"'{variant}' does not take the argument(s) {unknown} (timm-ensembles {__version__}, timm"
-            f" {timm.__version__}). If they come from a config.json written by a newer timm-ensembles, upgrade it"
-            f" (pip install -U timm-ensembles); otherwise drop them. ({e})"
+            f" {timm.__version__}). If they come from a config.json written by a newer timm-ensembles, install that"
+            f" one {INSTALL_FROM_SOURCE}; otherwise drop them. ({e})"
         ) from e
     # the layers timm adapts when weights are loaded for another class count or channel count (it re-initialises the
     # classifiers and converts the first convolutions): found on the instance, so that folders written before these
@@ -161,14 +170,19 @@ def _load(model: nn.Module, variant: str, cfg_dict: dict, classifiers: list[str]
     load_cfg = dict(model.pretrained_cfg)
     num_classes = getattr(model, 'num_classes', load_cfg.get('num_classes'))
     in_chans = getattr(model, 'in_chans', kwargs.get('in_chans', 3))
-    if load_cfg.get('hf_hub_id') and not (load_cfg.get('file') or load_cfg.get('state_dict')):
-        # timm.create_model('hf-hub:...') falls back to pytorch_model.bin: refuse the pickle before it is fetched
-        from .hub import _hub_name, _require_safetensors
+    from .hub import _hub_name, _require_safetensors, hub_download_errors
 
-        _require_safetensors(*_hub_name(load_cfg['hf_hub_id']), load_cfg['hf_hub_id'])
+    hub_id = load_cfg.get('hf_hub_id') if not (load_cfg.get('file') or load_cfg.get('state_dict')) else None
+    # the name the user gave, for the messages: a catalog tag, or the hf-hub: repo
+    tag = load_cfg.get('tag') if load_cfg.get('source') != 'hf-hub' else None
+    name = f'{variant}.{tag}' if tag else f'hf-hub:{hub_id}'
+    if hub_id:
+        # timm.create_model('hf-hub:...') falls back to pytorch_model.bin: refuse the pickle before it is fetched
+        _require_safetensors(*_hub_name(hub_id), hub_id, weights_of=name)
     _check_recorded_weights(load_cfg)
     try:
-        load_pretrained(model, pretrained_cfg=load_cfg, num_classes=num_classes, in_chans=in_chans)
+        with hub_download_errors(name, repo_id=hub_id) if hub_id else contextlib.nullcontext():
+            load_pretrained(model, pretrained_cfg=load_cfg, num_classes=num_classes, in_chans=in_chans)
     except RuntimeError as e:
         if not any(s in str(e) for s in ('size mismatch', 'Missing key', 'Unexpected key')):
             raise
@@ -299,9 +313,9 @@ def register_models(module_name: str, names: Iterable[str], create_fn: Callable[
 def _register(module_name: str, variants: dict[str, dict[str, Any]], create_fn: Callable, description: str,
               size_arg: str | None, cfg: dict[str, Any]) -> None:
     module = sys.modules[module_name]
-    # timm makes the first tag with weights an architecture's default; a '*' tag listed after the published tags
+    # timm makes the first tag with weights an architecture's default; a '*' tag listed after the catalog's tags
     # takes that place back, so that the untagged name keeps building a fresh model with the base's data config
-    entries = {k: ensemble_cfg(**{**cfg, **v}) for k, v in published_cfgs(variants).items()}
+    entries = {k: ensemble_cfg(**{**cfg, **v}) for k, v in catalog_cfgs(variants).items()}
     entries.update({f'{name}.*': ensemble_cfg(**cfg) for name in variants})
     cfgs = generate_default_cfgs(entries)
     if not hasattr(module, 'default_cfgs'):

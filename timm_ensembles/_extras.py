@@ -7,6 +7,11 @@ in a report.
 import importlib
 from types import ModuleType
 
+# how the package itself is installed, for messages and model cards: from its source, the one way that works while it
+# is on no package index, and that stays true once it is on one
+INSTALL_FROM_SOURCE = ('from its source: `pip install .` in a checkout of its repository, or the wheel that'
+                       ' `pip wheel --no-deps .` builds there')
+
 # each extra of pyproject.toml and the import names of its packages
 EXTRAS = {
     'analysis': ('matplotlib', 'torchmetrics'),

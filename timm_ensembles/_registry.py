@@ -175,5 +175,9 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
                     raise ValueError(f"'{arch}' means {key}={value!r}, but {key}={given!r} was passed. Build the"
                                      f" generic '{model_name}' model (base_model=...) to choose {key}.")
             kwargs.update(dyn)
-    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    from .hub import hub_download_errors
+
+    # a plain timm model's weights (an ensemble's own and its base's are explained as they load, in _builder)
+    with hub_download_errors(model_name):
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
 

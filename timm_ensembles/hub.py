@@ -17,6 +17,7 @@ huggingface_hub's ``HfApi.upload_folder``, so that a model and a folder get the 
 token, endpoint (``HF_ENDPOINT``), cache and offline mode are huggingface_hub's own. Weights are pushed as safetensors
 only, and loading never unpickles: timm reads safetensors, or ``torch.load(weights_only=True)`` for old repos.
 """
+import contextlib
 import json
 import re
 import shutil
@@ -28,11 +29,12 @@ import timm
 from torch import nn
 
 from ._checkpoint import VERSION_KEY, WEIGHTS_SHA_KEY, check_weights
+from ._extras import INSTALL_FROM_SOURCE
 from ._run import RUN_FILES, RunFolder
 from ._timm_compat import generate_readme
 
 __all__ = ['push_to_hub', 'load_from_hub', 'generate_model_card', 'model_card_fields', 'read_run', 'check_config',
-           'RUN_FILES']
+           'hub_download_errors', 'unreachable_error', 'weights_repo', 'HubUnreachableError', 'RUN_FILES']
 
 _WEIGHTS = RunFolder.WEIGHTS
 
@@ -123,8 +125,8 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
         description = (f'{what}, a model of timm-ensembles'
                        f'{f" with {members} x `{base}`" if base and members else ""}'
                        f'{f", trained on {dataset}" if dataset else ""}.'
-                       f' Loading it needs `pip install timm-ensembles` and `import timm_ensembles`, which registers'
-                       f' the model with timm.')
+                       f' Loading it needs timm-ensembles, installed {INSTALL_FROM_SOURCE}, and'
+                       f' `import timm_ensembles`, which registers the model with timm.')
     else:
         origin = (f'exported from a `{trained_as}` run of timm-ensembles' if trained_as != architecture
                   else 'trained with timm-ensembles')
@@ -192,8 +194,9 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
                            ' identical outputs; the other rows are the heads of the run it was exported from.\n')
     if args:
         comparison += ("\nTraining, with this repo's `args.yaml` (every flag of the run; `metrics.jsonl` holds every"
-                       ' epoch): `pip install timm-ensembles`, then `accelerate launch -m timm_ensembles.train --config'
-                       ' args.yaml --output <new folder>` (or `timm-ensembles-train --config args.yaml ...`).\n')
+                       f' epoch): install timm-ensembles {INSTALL_FROM_SOURCE}, then `accelerate launch -m'
+                       ' timm_ensembles.train --config args.yaml --output <new folder>` (or `timm-ensembles-train'
+                       ' --config args.yaml ...`).\n')
 
     card = dict(
         tags=['image-classification', 'timm', 'timm-ensembles'] + ([trained_as.split('_')[0]] if package_model
@@ -376,14 +379,8 @@ def _fetch_config(repo_id: str, revision: str | None) -> dict[str, Any]:
     at = f' at revision {revision!r}' if revision else ''
     try:
         path = hf_hub_download(repo_id, 'config.json', revision=revision)
-    except LocalEntryNotFoundError as e:  # a subclass of EntryNotFoundError: first
-        if constants.HF_HUB_OFFLINE:
-            raise FileNotFoundError(
-                f"'{repo_id}'{at} is not in the local Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set:"
-                f" download it once with the network, or unset HF_HUB_OFFLINE.") from e
-        raise ConnectionError(
-            f"Could not reach {constants.ENDPOINT} to download '{repo_id}'{at}, and it is not in the local cache"
-            f" ({e}). Check the network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 to use the cache only.") from e
+    except LocalEntryNotFoundError:  # a subclass of EntryNotFoundError: first
+        raise unreachable_error(repo_id, revision) from None
     except RevisionNotFoundError as e:
         raise FileNotFoundError(f"The Hub repo '{repo_id}' has no revision {revision!r} (a branch, tag or commit)."
                                 ) from e
@@ -415,8 +412,8 @@ def check_config(config: dict[str, Any], source: str) -> None:
     if timm.is_model(architecture):
         return
     written_by = config.get(VERSION_KEY)
-    hint = (f' It was written by timm-ensembles {written_by}; this is timm-ensembles {__version__}: upgrade it'
-            f' (pip install -U timm-ensembles).' if written_by and written_by != __version__ else
+    hint = (f' It was written by timm-ensembles {written_by}; this is timm-ensembles {__version__}: install a newer'
+            f' one {INSTALL_FROM_SOURCE}.' if written_by and written_by != __version__ else
             ' If it is a model of another timm plugin, import that package first (timm has no plugin discovery).')
     raise ValueError(
         f"'{source}' is a '{architecture}', a model that neither timm {timm.__version__} nor timm-ensembles"
@@ -473,9 +470,8 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
     try:
         return timm.create_model(f'hf-hub:{repo_id}' + (f'@{revision}' if revision else ''), pretrained=pretrained,
                                  **kwargs)
-    except LocalEntryNotFoundError as e:  # offline, config.json cached but not the weights
-        raise FileNotFoundError(f"The weights of '{name}' are not in the local Hub cache and the Hub cannot be"
-                                f' reached ({e}).') from e
+    except LocalEntryNotFoundError:  # offline or unreachable, config.json cached but not the weights
+        raise unreachable_error(repo_id, revision, weights_of=name) from None
     except EntryNotFoundError as e:
         # timm looks for model.safetensors, then falls back to pytorch_model.bin: the error names the fallback
         raise FileNotFoundError(_no_weights(name)) from e
@@ -487,19 +483,30 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
             f' The cache keeps no partial file as complete: run it again when the connection is back.') from e
 
 
-def _require_safetensors(repo_id: str, revision: str | None, name: str) -> None:
+def _require_safetensors(repo_id: str, revision: str | None, name: str, weights_of: str | None = None) -> None:
     """Refuse a repo without ``model.safetensors`` before timm falls back to ``pytorch_model.bin``: that is a pickle,
-    and this package never unpickles weights from the network."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    and this package never unpickles weights from the network.
+
+    Where the Hub cannot be reached (or HF_HUB_OFFLINE is set), cached weights load as they are, and weights not in the
+    cache are ``unreachable_error`` (naming ``weights_of``, default ``name``) at once, before huggingface_hub's
+    downloads of model.safetensors and pytorch_model.bin each wait through their retries.
+    """
+    from huggingface_hub import HfApi, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError
 
     api = HfApi()
     try:
         if api.file_exists(repo_id, _WEIGHTS, revision=revision):
             return
         pickled = api.file_exists(repo_id, 'pytorch_model.bin', revision=revision)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
-        return  # the listing cannot be had (offline, a mirror): timm's download of model.safetensors decides
+    except Exception as e:
+        if _is_unreachable(e) or _is_network_error(e):
+            if isinstance(try_to_load_from_cache(repo_id, _WEIGHTS, revision=revision), str):
+                return  # timm loads them from the cache
+            raise unreachable_error(repo_id, revision, weights_of=weights_of or name) from None
+        if isinstance(e, (HfHubHTTPError, OSError)):
+            return  # the listing cannot be had (a mirror): timm's download of model.safetensors decides
+        raise
     if pickled:
         raise FileNotFoundError(
             f"The Hub repo '{name}' has no {_WEIGHTS}, only pytorch_model.bin: a pickle, which this package never"
@@ -516,6 +523,87 @@ def _no_weights(name: str) -> str:
 def _is_network_error(e: BaseException) -> bool:
     # huggingface_hub lets its HTTP client's errors through once its retries are spent; a body shorter than announced
     # is its OSError 'Consistency check failed'
+    if isinstance(e, HubUnreachableError):
+        return False  # said in full already
     if isinstance(e, (ConnectionError, TimeoutError)) or 'Consistency check failed' in str(e):
         return True
     return type(e).__module__.split('.')[0] in ('httpx', 'httpx2', 'httpcore', 'requests', 'urllib3')
+
+
+class HubUnreachableError(ConnectionError):
+    """The Hub cannot be reached and the cache lacks what was asked for (not a download that broke off)."""
+
+
+def _is_unreachable(e: BaseException) -> bool:
+    """huggingface_hub could not reach the Hub (or was told not to, HF_HUB_OFFLINE) and the cache lacks the file; not a
+    download that broke off, which ``load_from_hub`` reports as such."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+        return True
+    return type(e).__name__ in ('ConnectError', 'ConnectTimeout') and _is_network_error(e)
+
+
+def unreachable_error(repo_id: str, revision: str | None = None, weights_of: str | None = None) -> OSError:
+    """The one-line error for a file of ``repo_id`` that is neither in the cache nor downloadable: FileNotFoundError
+    when HF_HUB_OFFLINE is set, HubUnreachableError (a ConnectionError) when the Hub (``HF_ENDPOINT``) cannot be
+    reached.
+
+    Args:
+        repo_id: The Hub repo.
+        revision: Its revision, if one was asked for.
+        weights_of: The model whose weights were being fetched (a timm name, a tag), for the message; None for the
+            repo itself.
+    """
+    from huggingface_hub import constants
+
+    at = f' at revision {revision!r}' if revision else ''
+    what, verb, it, they = ((f"The weights of '{weights_of}' (Hub repo '{repo_id}'{at})", 'are', 'them', 'they')
+                            if weights_of else (f"'{repo_id}'{at}", 'is', 'it', 'it'))
+    if constants.HF_HUB_OFFLINE:
+        return FileNotFoundError(
+            f'{what} {verb} not in the local Hub cache ({constants.HF_HUB_CACHE}) and HF_HUB_OFFLINE is set: download'
+            f' {it} once with the network (HF_HUB_OFFLINE unset), or point HF_HUB_CACHE at a cache that holds {it}.')
+    return HubUnreachableError(
+        f'{what} {verb} not in the local Hub cache ({constants.HF_HUB_CACHE}) and {constants.ENDPOINT} cannot be'
+        f' reached: check the network (or HF_ENDPOINT). HF_HUB_OFFLINE=1 reads only the cache, once {they} {verb}'
+        f' there.')
+
+
+def weights_repo(model_name: str) -> str | None:
+    """The Hub repo (``org/name[@revision]``) that ``timm.create_model(model_name, pretrained=True)`` downloads from:
+    an ``hf-hub:`` name's own, else the ``hf_hub_id`` of the name's pretrained cfg in timm's registry; None for weights
+    that come from elsewhere (a URL, a file) or for none."""
+    from timm.models import parse_model_name
+
+    if not isinstance(model_name, str):
+        return None
+    source, model_id = parse_model_name(model_name)
+    if source == 'hf-hub':
+        return model_id
+    if source is not None:
+        return None
+    try:
+        cfg = timm.models.get_pretrained_cfg(model_id)
+    except RuntimeError:  # a tag timm does not know: timm's own error says so
+        return None
+    return cfg.hf_hub_id if cfg is not None else None
+
+
+@contextlib.contextmanager
+def hub_download_errors(model_name: str, repo_id: str | None = None):
+    """Around a download of ``model_name``'s pretrained weights: when the Hub cannot be reached (or HF_HUB_OFFLINE is
+    set) and the cache lacks them, raise ``unreachable_error`` naming the repo, instead of huggingface_hub's error.
+
+    Args:
+        model_name: The timm name (a tag, ``hf-hub:...``) whose weights are fetched.
+        repo_id: Its Hub repo, when the registry does not give it (``weights_repo``).
+    """
+    try:
+        yield
+    except Exception as e:
+        repo = (repo_id or weights_repo(model_name)) if _is_unreachable(e) else None
+        if not repo:
+            raise
+        # the cause is said in full: huggingface_hub's traceback (kept as __context__) would bury the one line
+        raise unreachable_error(*_hub_name(repo), weights_of=model_name) from None

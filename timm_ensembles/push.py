@@ -18,6 +18,7 @@ from pathlib import Path
 
 from huggingface_hub.errors import HfHubHTTPError
 
+from ._catalog import unpublished_entry
 from .hub import generate_model_card, push_to_hub
 
 
@@ -46,6 +47,11 @@ def main(argv=None) -> int:
     where = getattr(info, 'pr_url', None) or getattr(info, 'commit_url', info)
     print(f'pushed {args.folder} to {args.repo_id}: {where}')
     print(f"load it with: import timm, timm_ensembles; timm.create_model('hf-hub:{args.repo_id}', pretrained=True)")
+    entry = unpublished_entry(args.repo_id)
+    if entry and not (args.revision or args.create_pr):  # timm loads a tag from the repo's main branch
+        print(f"'{entry}' is in the catalog, marked unpublished: set published=True on its entry in"
+              f" timm_ensembles/_catalog.py, so that timm lists it and create_model('{entry}', pretrained=True) loads"
+              f' it (hub/README.md, "Catalog")')
     return 0
 
 

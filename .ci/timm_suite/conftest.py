@@ -2,7 +2,7 @@
 by .ci/timm-model-tests) against this package's registered model names.
 
 TE_MODELS (comma-separated fnmatch patterns) picks the names; the default is one named variant of every family and
-the published tags, which CI runs. `TE_MODELS='*'` runs every registered name (about a hundred, with ResNet-50,
+the catalog's tags, which CI runs. `TE_MODELS='*'` runs every registered name (about a hundred, with ResNet-50,
 ViT and ConvNeXt bases at 224 px: hours on a CPU).
 
 The tests that cannot apply to a model of its kind are listed in EXCEPTIONS below, the one place they are written
@@ -30,7 +30,8 @@ EXCEPTIONS = [
      ' gradient from it; they learn through forward_members() in the collaborative task'),
     ('test_model_backward_fx', ('collab*',), 'as test_model_backward'),
     ('test_model_load_pretrained', ('*.fmnist',),
-     "downloads the catalog's weights from the Hub: offline here, and not uploaded yet (hub/README.md)"),
+     "downloads a published catalog tag's weights from the Hub, which CI cannot reach (timm collects only published"
+     " tags: list_models(pretrained=True) lists no unpublished one; hub/README.md)"),
     ('test_model_features_pretrained', ('*.fmnist',), 'as test_model_load_pretrained'),
 ]
 # names timm's tests cannot create: their arguments have no default
