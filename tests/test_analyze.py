@@ -1,5 +1,9 @@
 """The report command: ``python -m timm_ensembles.analyze`` on tiny untrained models and synthetic snapshots."""
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import timm
@@ -14,8 +18,10 @@ from timm_ensembles import metrics
 from timm_ensembles._checkpoint import export_folder
 from timm_ensembles._snapshots import read_snapshots
 from timm_ensembles.analyze import AnalysisError, analyze_runs, main
+from timm_ensembles.analyze._sources import _short_labels
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
+ROOT = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 10
 VAL_SUBSET = 60
 DATA_CONFIG = dict(input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
@@ -186,7 +192,8 @@ def test_missing_snapshot_epochs(runs, tmp_path, capsys):
         main(args + ['--snapshot-epochs', '1', '3', '7'])
     assert main(args + ['--snapshot-epochs', '1', '3', '7', '--allow-missing-snapshots']) == 0
     printed = capsys.readouterr().out
-    assert 'ens: ensemble acc' in printed and "trajectories, disagreement: within a member's trajectory" in printed
+    assert 'ens: averaged probabilities acc' in printed
+    assert "trajectories, disagreement: within a member's trajectory" in printed
     assert json.loads((tmp_path / 'summary.json').read_text())['trajectories']['epochs'] == {'ens': [1, 3]}
     # asking for snapshots of a run that has none is an error too
     with pytest.raises(SystemExit, match='plain .*has no snapshots folder'):
@@ -263,3 +270,69 @@ def test_hub_sources_are_read_with_their_run_files(runs, tmp_path, monkeypatch):
     with pytest.raises(AnalysisError, match=r'another dataset than --dataset \(digits\).*other'):
         analyze_runs(['hf-hub:org/ens', 'hf-hub:org/other'], dataset='digits', out_dir=tmp_path / 'out',
                      val_subset=20, verbose=False)
+
+
+def test_printed_accuracies_name_their_rule(tmp_path, capsys):
+    """The printed line names both rules, with training's numbers for the same images: the model's own rule (FDL's
+    trained head) is the run's val acc, the averaged probabilities its mean-probs accuracy."""
+    # train.py's default folder name: the report labels it without the time stamp
+    run = tmp_path / '20261207-103844-fdl_test_resnetx2'
+    subprocess.run([sys.executable, str(ROOT / 'train.py'), '--model', 'fdl_test_resnetx2', '--epochs', '2',
+                    '--train-subset', '320', '--val-subset', '100', '--batch-size', '32', '--workers', '0',
+                    '--no-progress', '--img-size', '32', '--output', str(run)],
+                   check=True, capture_output=True, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'))
+    final = json.loads((run / 'results.json').read_text())['final_epoch']
+    assert final['acc'] != final['mean_probs_acc']  # this run's two rules differ: the line must not swap them
+    assert main([str(run), '--val-subset', '100', '--sections', 'members', '--no-plots', '--out',
+                 str(tmp_path / 'report')]) == 0
+    printed = capsys.readouterr().out
+    assert f"\nfdl_test_resnetx2: averaged probabilities acc {final['mean_probs_acc']:.2f}, the model's own rule" \
+           f" (linear) {final['acc']:.2f} | member acc mean" in printed
+    s = json.loads((tmp_path / 'report' / 'summary.json').read_text())['sources']['fdl_test_resnetx2']
+    assert s['model_rule'] == 'linear'
+    assert s['model_acc'] == pytest.approx(final['acc']) and s['ensemble_acc'] == pytest.approx(final['mean_probs_acc'])
+    assert s['member_acc'] == pytest.approx(final['member_acc'])
+
+
+def test_one_run_heatmaps_fit_their_figure(tmp_path, monkeypatch):
+    """At default labels (train.py's folder names), the one-run heatmaps' titles and tick labels stay inside the
+    figure and every cell label inside its cell; cells too small for a readable number get none."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from timm_ensembles.analyze import _plots
+
+    figures = []
+    save = _plots._save
+    monkeypatch.setattr(_plots, '_save', lambda fig, path: (figures.append(fig), save(fig, path)))
+    g = torch.Generator().manual_seed(0)
+
+    def source(num_members):
+        m = torch.rand(num_members, num_members, generator=g) * 0.05
+        return dict(num_members=num_members, disagreement=((m + m.T) / 2).fill_diagonal_(0).tolist())
+
+    long = '20261207-103844-fdl_resnet18x4-lr0.05-wd5e-4-a-long-name'
+    assert _plots._plot_disagreement(tmp_path / 'one.png', {long: source(4)}, None)
+    assert _plots._plot_disagreement(tmp_path / 'two.png', {long: source(4), 'x16': source(16)}, None)
+    texts = {}
+    for fig in figures:
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)  # the layout as saved
+        inside = fig.bbox.padded(1)
+        for ax in [ax for ax in fig.axes if ax.images]:  # each heatmap, not its colour bar
+            labels = [ax.title] + ax.get_xticklabels() + ax.get_yticklabels()
+            assert all(inside.contains(*t.get_window_extent(renderer).min) and
+                       inside.contains(*t.get_window_extent(renderer).max) for t in labels)
+            for t in ax.texts:
+                j, i = t.get_position()
+                (x0, y0), (x1, y1) = ax.transData.transform([(j - 0.5, i + 0.5), (j + 0.5, i - 0.5)])
+                box = t.get_window_extent(renderer)
+                assert x0 < box.x0 and box.x1 < x1 and y0 < box.y0 and box.y1 < y1, t.get_text()
+            texts.setdefault(len(fig.axes), []).append(len(ax.texts))
+    # on one line the title would not fit: the label below, its middle elided to the panel's width
+    what, label = figures[0].axes[0].get_title().split('\n')
+    assert what == 'member disagreement' and label.startswith('20261207-1038') and label.endswith('long-name')
+    assert '…' in label and len(label) < len(long)
+    assert texts == {2: [16], 4: [16, 0]}  # 4 x 4 cells labelled; 16 x 16 cells too small at 7 inches
+    assert _short_labels(['20261207-103844-fdl_resnet18x4', 'ens']) == ['fdl_resnet18x4', 'ens']
+    assert _short_labels(['20261207-103844-ens', '20261208-090000-ens']) == ['20261207-103844-ens',
+                                                                          '20261208-090000-ens']

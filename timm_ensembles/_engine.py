@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from . import metrics
+from ._progress import progress as progress_bar
 from .losses import pairwise_feature_difference
 
 __all__ = ['LabelError', 'NonFiniteLossError', 'train_one_epoch', 'evaluate', 'MemberOutputs', 'MemberPredictor',
@@ -95,7 +95,8 @@ def train_one_epoch(
         lr_scheduler: A timm scheduler, stepped per optimizer update (``step_update``).
         clip_grad: Max gradient norm, or None.
         num_updates: Optimizer updates done before this epoch.
-        show_progress: Show a tqdm bar on the main process.
+        show_progress: Show a progress bar on the local main process (when stderr is a terminal; log lines, ``log``'s
+            included, are written above it).
         num_classes: When given, the first batch's labels are checked against it.
         log_interval: Every this many updates (and at the epoch's last), ``log`` is called with the update count
             (``update``), the batch index in the epoch (``batch``, of ``batches``), this process's mean loss over the
@@ -121,79 +122,79 @@ def train_one_epoch(
     model = getattr(getattr(unwrapped, '_orig_mod', unwrapped), 'model', None)
     model_params = [] if model is None else [p for p in model.parameters() if p.requires_grad]
     overflows = 0  # consecutive fp16 overflow steps, which GradScaler skips and answers with a smaller scale
-    bar = tqdm(loader, desc=f'train {epoch}', disable=not (show_progress and accelerator.is_local_main_process),
-               leave=False, dynamic_ncols=True)
-    interval_loss, interval_samples, interval_start = 0.0, 0, time.perf_counter()
-    for step, (x, target) in enumerate(bar):
-        if step == 0:
-            check_batch_labels(target, num_classes, 'training')
-        if mixup_fn is not None and mixup_fn.mixup_enabled:
-            if x.shape[0] % 2:
-                # mixing pairs images (timm's Mixup refuses odd batches): only a data set smaller than one batch,
-                # or an odd --batch-size refused before training, gives one
-                x, target = x[:-1], target[:-1]
-            x, target = mixup_fn(x, target)
-        with accelerator.accumulate(task):
-            out = task(x, target)
-            bad = _non_finite_terms(out)
-            if accelerator.num_processes > 1:
-                # every process must stop together, or the others hang in the next all-reduce
-                flag = torch.tensor([float(bool(bad))], device=out['loss'].device)
-                if accelerator.reduce(flag, reduction='sum').item() > 0 and not bad:
-                    bad = ['loss (on another process)']
-            if bad:
-                terms = {k: float(v) for k, v in out.get('components', {}).items()}
-                raise NonFiniteLossError(
-                    f"Non-finite loss at epoch {epoch}, update {num_updates}: {', '.join(bad)} blew up"
-                    f" (terms: {terms}). The step was not applied."
-                )
-            if out.get('mechanism') and model_params and mechanism_interval and (
-                    step == 0 or (accelerator.sync_gradients and (num_updates + 1) % mechanism_interval == 0)):
-                for name, share in mechanism_shares(out['loss'], out['mechanism'], model_params).items():
-                    means.update(f'share_{name}', share)
-            accelerator.backward(out['loss'])
-            if accelerator.sync_gradients:
-                # the gradients are all-reduced by now, so every process sees the same norm and stops together
-                grad_norm = accelerator.clip_grad_norm_(task.parameters(), clip_grad or float('inf'))
-                finite = bool(torch.isfinite(grad_norm))
-                overflows = 0 if finite else overflows + 1
-                # with fp16's GradScaler an overflow is routine: the scaler skips that step and halves its scale;
-                # only a run of them (the scale cannot get small enough) means the gradient itself is not finite
-                if not finite and (accelerator.scaler is None or overflows > MAX_FP16_OVERFLOWS):
+    with progress_bar(loader, desc=f'train {epoch}', enabled=show_progress and accelerator.is_local_main_process,
+                      unit='batch') as bar:
+        interval_loss, interval_samples, interval_start = 0.0, 0, time.perf_counter()
+        for step, (x, target) in enumerate(bar):
+            if step == 0:
+                check_batch_labels(target, num_classes, 'training')
+            if mixup_fn is not None and mixup_fn.mixup_enabled:
+                if x.shape[0] % 2:
+                    # mixing pairs images (timm's Mixup refuses odd batches): only a data set smaller than one batch,
+                    # or an odd --batch-size refused before training, gives one
+                    x, target = x[:-1], target[:-1]
+                x, target = mixup_fn(x, target)
+            with accelerator.accumulate(task):
+                out = task(x, target)
+                bad = _non_finite_terms(out)
+                if accelerator.num_processes > 1:
+                    # every process must stop together, or the others hang in the next all-reduce
+                    flag = torch.tensor([float(bool(bad))], device=out['loss'].device)
+                    if accelerator.reduce(flag, reduction='sum').item() > 0 and not bad:
+                        bad = ['loss (on another process)']
+                if bad:
                     terms = {k: float(v) for k, v in out.get('components', {}).items()}
                     raise NonFiniteLossError(
-                        f'Non-finite gradient at epoch {epoch}, update {num_updates}, from finite loss terms {terms}'
-                        f' and weights {out.get("stats", {})}: a term\'s gradient overflowed. The step was not applied.'
+                        f"Non-finite loss at epoch {epoch}, update {num_updates}: {', '.join(bad)} blew up"
+                        f" (terms: {terms}). The step was not applied."
                     )
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        if accelerator.sync_gradients:
-            num_updates += 1
-            if lr_scheduler is not None:
-                lr_scheduler.step_update(num_updates=num_updates)
-            if on_update is not None:
-                on_update(num_updates)
-        n = target.shape[0]
-        if log is not None and log_interval:
-            interval_loss = interval_loss + out['loss'].detach() * n  # a tensor: no device sync but at log steps
-            interval_samples += n
-            last = step + 1 == len(loader)
-            if accelerator.sync_gradients and (num_updates % log_interval == 0 or last):
-                seconds = max(time.perf_counter() - interval_start, 1e-9)
-                log(dict(update=num_updates, batch=step + 1, batches=len(loader),
-                         loss=float(interval_loss) / interval_samples, lr=optimizer.param_groups[0]['lr'],
-                         samples_per_sec=interval_samples * accelerator.num_processes / seconds))
-                interval_loss, interval_samples, interval_start = 0.0, 0, time.perf_counter()
-        means.update('loss', out['loss'].detach(), n)
-        for name, value in out.get('components', {}).items():
-            means.update(name, value, n)
-        for name, value in out.get('stats', {}).items():
-            means.update(name, value, n)
-        if out.get('output') is not None:
-            hard = target.argmax(-1) if target.ndim == 2 else target
-            means.update('train_acc', (out['output'].detach().argmax(-1) == hard).float().mean() * 100, n)
-        bar.set_postfix(loss=f"{out['loss'].item():.4f}", refresh=False)
-    bar.close()
+                if out.get('mechanism') and model_params and mechanism_interval and (
+                        step == 0 or (accelerator.sync_gradients and (num_updates + 1) % mechanism_interval == 0)):
+                    for name, share in mechanism_shares(out['loss'], out['mechanism'], model_params).items():
+                        means.update(f'share_{name}', share)
+                accelerator.backward(out['loss'])
+                if accelerator.sync_gradients:
+                    # the gradients are all-reduced by now, so every process sees the same norm and stops together
+                    grad_norm = accelerator.clip_grad_norm_(task.parameters(), clip_grad or float('inf'))
+                    finite = bool(torch.isfinite(grad_norm))
+                    overflows = 0 if finite else overflows + 1
+                    # with fp16's GradScaler an overflow is routine: the scaler skips that step and halves its scale;
+                    # only a run of them (the scale cannot get small enough) means the gradient itself is not finite
+                    if not finite and (accelerator.scaler is None or overflows > MAX_FP16_OVERFLOWS):
+                        terms = {k: float(v) for k, v in out.get('components', {}).items()}
+                        raise NonFiniteLossError(
+                            f'Non-finite gradient at epoch {epoch}, update {num_updates}, from finite loss terms'
+                            f' {terms} and weights {out.get("stats", {})}: a term\'s gradient overflowed. The step was'
+                            ' not applied.'
+                        )
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            if accelerator.sync_gradients:
+                num_updates += 1
+                if lr_scheduler is not None:
+                    lr_scheduler.step_update(num_updates=num_updates)
+                if on_update is not None:
+                    on_update(num_updates)
+            n = target.shape[0]
+            if log is not None and log_interval:
+                interval_loss = interval_loss + out['loss'].detach() * n  # a tensor: no device sync but at log steps
+                interval_samples += n
+                last = step + 1 == len(loader)
+                if accelerator.sync_gradients and (num_updates % log_interval == 0 or last):
+                    seconds = max(time.perf_counter() - interval_start, 1e-9)
+                    log(dict(update=num_updates, batch=step + 1, batches=len(loader),
+                             loss=float(interval_loss) / interval_samples, lr=optimizer.param_groups[0]['lr'],
+                             samples_per_sec=interval_samples * accelerator.num_processes / seconds))
+                    interval_loss, interval_samples, interval_start = 0.0, 0, time.perf_counter()
+            means.update('loss', out['loss'].detach(), n)
+            for name, value in out.get('components', {}).items():
+                means.update(name, value, n)
+            for name, value in out.get('stats', {}).items():
+                means.update(name, value, n)
+            if out.get('output') is not None:
+                hard = target.argmax(-1) if target.ndim == 2 else target
+                means.update('train_acc', (out['output'].detach().argmax(-1) == hard).float().mean() * 100, n)
+            bar.set_postfix(loss=f"{out['loss'].item():.4f}", refresh=False)
     # a finite gradient can still overflow a parameter; such weights must never become a checkpoint
     bad_params = [n for n, p in task.named_parameters() if not torch.isfinite(p).all()]
     if bad_params:
@@ -245,11 +246,14 @@ class MemberPredictor:
         gather: Gather every batch across processes (each sample once, the duplicated tail dropped).
         features: Ask for the feature difference.
         taps: The feature taps (``'stages'`` or ``'convs'``); None: the model's default.
+        progress: A progress bar over the batches with this description, on the local main process when stderr is a
+            terminal (``_progress.progress``); None: none.
     """
 
     def __init__(self, model: nn.Module, loader: Iterable, accelerator=None, gather: bool = False,
-                 features: bool = False, taps: str | None = None):
+                 features: bool = False, taps: str | None = None, progress: str | None = None):
         self.model, self.loader, self.accelerator, self.gather, self.taps = model, loader, accelerator, gather, taps
+        self.progress = progress
         self.is_ensemble = hasattr(model, 'forward_members')
         self.with_features = features and self.is_ensemble and hasattr(model, 'forward_members_with_features')
         self.feature_note = None
@@ -290,8 +294,11 @@ class MemberPredictor:
         device = getattr(acc, 'device', None) or next((p.device for p in model.parameters()), None)
         was_training = model.training
         model.eval()
+        main = acc is None or acc.is_local_main_process
+        batches = progress_bar(self.loader, desc=self.progress, enabled=self.progress is not None and main,
+                               unit='batch')
         try:
-            for batch_index, (x, target) in enumerate(self.loader):
+            for batch_index, (x, target) in enumerate(batches):
                 target = torch.as_tensor(target)
                 if device is not None:
                     x, target = x.to(device), target.to(device)
@@ -302,17 +309,18 @@ class MemberPredictor:
                     out = acc.gather_for_metrics(out)
                 yield MemberOutputs(*out[:3], out[3] if len(out) > 3 else None)
         finally:
+            batches.close()  # also when the consumer stops early: the bar cleared, the logging restored
             model.train(was_training)
 
 
 def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = None,
-             split: str = 'validation', n_bins: int | None = None) -> dict[str, Any]:
+             split: str = 'validation', progress: str | None = None, n_bins: int | None = None) -> dict[str, Any]:
     """Accuracy and loss of the model, and of every member and their diversity when the model is an ensemble.
 
     With ``num_classes``, the first batch's labels are checked against it (``split`` names the data in the message).
-    Without ``accelerator``: on the model's device, in this process. With ``n_bins``, also ``ece``: the expected
-    calibration error of ``model(x)``'s probabilities in that many bins (``metrics.expected_calibration_error``,
-    which needs torchmetrics).
+    ``progress``: a progress bar with this description (``MemberPredictor``); None: none. Without ``accelerator``:
+    on the model's device, in this process. With ``n_bins``, also ``ece``: the expected calibration error of
+    ``model(x)``'s probabilities in that many bins (``metrics.expected_calibration_error``, which needs torchmetrics).
 
     Returns:
         ``acc``, ``top5`` (the label among the five highest logits; among all of them with fewer classes) and
@@ -324,7 +332,8 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
         features, averaged over samples and pairs). Every sample counts once, also under DDP.
     """
     # the stage features come out of the same forward pass as the member logits: no second pass
-    predictor = MemberPredictor(model, loader, accelerator, gather=accelerator is not None, features=True)
+    predictor = MemberPredictor(model, loader, accelerator, gather=accelerator is not None, features=True,
+                                progress=progress)
     correct = top5_correct = avg_correct = total = 0
     probs, targets = [], []  # with n_bins: the calibration error bins the whole set at once
     nll = 0.0

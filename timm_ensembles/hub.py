@@ -30,6 +30,7 @@ from torch import nn
 
 from ._checkpoint import VERSION_KEY, WEIGHTS_SHA_KEY, check_weights
 from ._extras import INSTALL_FROM_SOURCE
+from ._progress import logs_above_bars
 from ._run import RUN_FILES, RunFolder
 from ._timm_compat import generate_readme
 
@@ -326,8 +327,11 @@ def push_to_hub(
                              f" existing repo's visibility). Change it in the repo's settings, or push to a new repo.")
         if revision:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
-                                 commit_message=commit_message)
+        # huggingface_hub draws its own upload bars (huggingface_hub.utils.disable_progress_bars turns them off);
+        # its warnings (retries) and ours go above them
+        with logs_above_bars():
+            return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message)
 
 
 def _without_local_paths(value: Any) -> Any:

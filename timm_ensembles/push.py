@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from huggingface_hub.errors import HfHubHTTPError
+from huggingface_hub.utils import disable_progress_bars
 
 from ._catalog import unpublished_entry
 from .hub import generate_model_card, push_to_hub
@@ -34,7 +35,10 @@ def main(argv=None) -> int:
     parser.add_argument('--message', default='Add model', help='commit message')
     parser.add_argument('--no-card', action='store_true', help="keep the repo's README.md; upload no model card")
     parser.add_argument('--card-only', default=None, metavar='FILE', help='write the model card to FILE and stop')
+    parser.add_argument('--no-progress', action='store_true', help="no upload progress bars (huggingface_hub's)")
     args = parser.parse_args(argv)
+    if args.no_progress:
+        disable_progress_bars()  # for this process, which ends with the push
     try:
         if args.card_only:
             Path(args.card_only).write_text(generate_model_card(args.folder, args.repo_id), encoding='utf-8')

@@ -227,7 +227,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--seed', type=int, default=0)
     group.add_argument('--output', default='', help='output folder (default: output/train/<time>-<model>)')
     group.add_argument('--resume', default='', help='continue the run in this output folder (or checkpoint file)')
-    group.add_argument('--no-progress', action='store_true', help='no progress bar')
+    group.add_argument('--no-progress', action='store_true',
+                       help='no progress bars (shown only when stderr is a terminal; log lines go above them)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N',
                        help='a log line (loss, learning rate, throughput) every N updates, as timm (default 50)')
     group.add_argument('--log-with', nargs='+', default=None, choices=TRACKERS, metavar='TRACKER',
@@ -631,6 +632,9 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     model_config = dict(label_names=info.class_names) if info.class_names else None
     mechanism, unexplained = {}, set()  # the last epoch's diagnostics; those said once to be not computable
 
+    def bar(desc: str) -> str | None:  # the evaluations' progress bars, as training's
+        return None if args.no_progress else desc
+
     def update_ema(num_updates: int) -> None:
         ema.update(export_model, step=num_updates)
 
@@ -672,12 +676,13 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         # DDP keeps each process's BatchNorm statistics of its own last batches: evaluate and save one set
         sync_buffers(export_model, accelerator)
         try:
-            val_metrics = evaluate(export_model, val_loader, accelerator, num_classes=num_classes)
+            val_metrics = evaluate(export_model, val_loader, accelerator, num_classes=num_classes,
+                                   progress=bar(f'val {epoch}'))
         except LabelError as e:
             raise SystemExit(f'error: {e}') from None
         if ema is not None:
             sync_buffers(ema.module, accelerator)
-            ema_metrics = evaluate(ema.module, val_loader, accelerator)
+            ema_metrics = evaluate(ema.module, val_loader, accelerator, progress=bar(f'val {epoch} ema'))
         if is_main and snapshot_loader is not None:
             # before the checkpoint: a run killed in between redoes this epoch and rewrites its snapshot
             _write_snapshot(output, epoch, export_model, snapshot_loader, snapshot_idx, args, info, accelerator)
@@ -729,8 +734,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             log(selection)
         if args.calibrate:
             calibration = _calibrate(export_model, val_loader, accelerator, log)
-        test_metrics = evaluate(export_model, test_loader, accelerator, num_classes=num_classes, split='test')
-        ema_test_metrics = None if ema is None else evaluate(ema.module, test_loader, accelerator, split='test')
+        test_metrics = evaluate(export_model, test_loader, accelerator, num_classes=num_classes, split='test',
+                                progress=bar('test'))
+        ema_test_metrics = None if ema is None else evaluate(ema.module, test_loader, accelerator, split='test',
+                                                             progress=bar('test ema'))
     if is_main:
         # the evaluation preprocessing goes into config.json, so that resolve_data_config(model=reloaded) gives it
         export_folder(export_model, output, model_config=model_config, data_config=data_config)

@@ -81,6 +81,7 @@ from ._sources import (
     _data_config,
     _describe,
     _resolve_source,
+    _short_labels,
     _unique_labels,
 )
 
@@ -111,6 +112,7 @@ def analyze_runs(
         seed: int = 0,
         plots: bool = True,
         verbose: bool = True,
+        progress: bool = True,
         sections: str | Sequence[str] | None = None,
         ood_dataset: str | None = None,
         ood_data_dir: str | None = None,
@@ -132,7 +134,8 @@ def analyze_runs(
         sources: ``train.py`` output folders, ``local-dir:<folder>`` or ``hf-hub:<repo>`` names.
         dataset: Dataset name as for ``train.py --dataset``; None: the one every source's run recorded.
         out_dir: Output folder (created).
-        labels: A name per source for plots and tables; default the folder (or repo) name.
+        labels: A name per source for plots and tables; default the folder (or repo) name, without the time stamp
+            of train.py's default folder name where the names stay distinct.
         data_dir: Root folder for timm dataset names.
         val_split: Split to evaluate on; None: the runs' own ``--val-split`` when they agree, else 'validation'.
         val_subset: Evaluate on a fixed stratified subset of this many images (as ``train.py --val-subset``).
@@ -155,6 +158,8 @@ def analyze_runs(
             samplers.
         plots: Write the PNG plots.
         verbose: Print the key numbers (and the progress of the slow sections).
+        progress: Progress bars on stderr over the evaluation of every source and the plots, when stderr is a
+            terminal.
         sections: The parts of the report (a list, or one comma-separated string) of ``SECTIONS``; 'default'
             stands for ``DEFAULT_SECTIONS`` (the default), 'all' for every one. The sources are always evaluated
             once, and their accuracy and calibration always reported.
@@ -223,7 +228,8 @@ def analyze_runs(
     if labels is not None and len(labels) != len(sources):
         raise AnalysisError(f'{len(labels)} labels for {len(sources)} sources: give one label per source.')
     srcs = [_resolve_source(spec, labels[i] if labels else None) for i, spec in enumerate(sources)]
-    for s, label in zip(srcs, _unique_labels([s.label for s in srcs])):
+    defaults = [s.label for s in srcs]
+    for s, label in zip(srcs, _unique_labels(defaults if labels else _short_labels(defaults))):
         s.label = label
 
     # the dataset: given, or the one the runs recorded (all of them the same)
@@ -286,7 +292,8 @@ def analyze_runs(
                                 f' without a train.py args.yaml).') from e
         if verbose:
             print(f'[analyze] evaluating {s.label}', flush=True)
-        ev = _evaluate(s.model, loader, dev, feature_taps if members else None)
+        ev = _evaluate(s.model, loader, dev, feature_taps if members else None,
+                       progress=f'evaluating {s.label}' if progress else None)
         if ev['logits'].shape[-1] != srcs[0].num_classes:
             raise AnalysisError(f'{s.label} predicts {ev["logits"].shape[-1]} classes: {_describe(srcs)}.')
         s.model.cpu()
@@ -336,7 +343,7 @@ def analyze_runs(
     out.mkdir(parents=True, exist_ok=True)
     for name in PLOTS:  # a stale plot of an earlier report must not pass for one of this report
         (out / f'{name}.png').unlink(missing_ok=True)
-    files = _write_plots(out, report) if plots else {}
+    files = _write_plots(out, report, progress=progress) if plots else {}
     report['files'] = files
     tensors = {f'{label}.logits': ev['logits'].contiguous() for label, ev in zip(labels_, evals)}
     tensors['targets'] = evals[0]['targets'].contiguous()
@@ -359,7 +366,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument('sources', nargs='+', metavar='SOURCE',
                         help='train.py output folders, local-dir:<folder> or hf-hub:<repo> names')
     parser.add_argument('--labels', nargs='+', default=None, metavar='LABEL',
-                        help='a name per source (default: the folder name)')
+                        help="a name per source (default: the folder name, without train.py's time stamp)")
     parser.add_argument('--out', default='output/analysis', metavar='DIR',
                         help='output folder (default: output/analysis)')
     group = parser.add_argument_group('Data')
@@ -399,6 +406,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='seed of the subset sampling, the t-SNE, the temperature-scaling split, the corruptions'
                             ' and the samplers')
     group.add_argument('--no-plots', action='store_true', help='numbers only')
+    group.add_argument('--no-progress', action='store_true',
+                       help='no progress bars (shown only when stderr is a terminal)')
     group.add_argument('--sections', default=None, metavar='LIST',
                        help=f"comma-separated parts of the report: {', '.join(SECTIONS)}; 'default'"
                             f" ({','.join(DEFAULT_SECTIONS)}, the default) and 'all' stand for those, e.g."
@@ -447,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
             feature_taps=None if args.feature_taps == 'none' else args.feature_taps,
             include_buffers=args.include_buffers, snapshot_epochs=args.snapshot_epochs,
             allow_missing_snapshots=args.allow_missing_snapshots, seed=args.seed, plots=not args.no_plots,
+            progress=not args.no_progress,
             sections=args.sections, ood_dataset=args.ood_dataset, ood_data_dir=args.ood_data_dir,
             ood_subset=args.ood_subset, shift=args.shift, severities=args.severities,
             landscape_batches=args.landscape_batches, landscape_points=args.landscape_points,

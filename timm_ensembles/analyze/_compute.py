@@ -28,10 +28,12 @@ def _num_classes(model: nn.Module) -> int | None:
     return int(n) if n is not None else None
 
 
-def _evaluate(model: nn.Module, loader, device: torch.device, feature_taps: str | None) -> dict[str, Any]:
-    """Member logits ``[N, M, C]``, targets ``[N]``, the model's own prediction and the mean feature distance."""
+def _evaluate(model: nn.Module, loader, device: torch.device, feature_taps: str | None,
+              progress: str | None = None) -> dict[str, Any]:
+    """Member logits ``[N, M, C]``, targets ``[N]``, the model's own prediction and the mean feature distance;
+    ``progress``: a progress bar with this description."""
     model.to(device)
-    predictor = MemberPredictor(model, loader, features=feature_taps is not None, taps=feature_taps)
+    predictor = MemberPredictor(model, loader, features=feature_taps is not None, taps=feature_taps, progress=progress)
     logits, own, targets, pair_sum = [], [], [], None
     for out in predictor:
         logits.append(out.members.cpu())
@@ -47,6 +49,16 @@ def _evaluate(model: nn.Module, loader, device: torch.device, feature_taps: str 
     return dict(logits=torch.cat(logits), targets=torch.cat(targets).long(),
                 own=torch.cat(own) if predictor.is_ensemble else None,
                 feature_distance=pair_sum / num if pair_sum is not None else None, feature_note=predictor.feature_note)
+
+
+def _own_rule(model: nn.Module) -> str:
+    """How the model's own prediction (``forward``) is made from its members: its combine mode ('linear': a trained
+    head, as FDL's; 'mean_probs', 'mean_logits', 'vote', or 'head N': one designated head), else 'forward' (one
+    network, or an ensemble without a combine rule)."""
+    rule = getattr(model, 'combine_mode', None)
+    if rule == 'head' and getattr(model, 'head_index', None) is not None:
+        return f'head {model.head_index}'
+    return rule or 'forward'
 
 
 def _weights(model: nn.Module, include_buffers: bool) -> tuple[torch.Tensor | None, str | None]:
@@ -97,6 +109,7 @@ def _source_numbers(src: _Source, ev: dict[str, Any], weights: torch.Tensor | No
         input_size=list(src.data_config['input_size']),
         ensemble_acc=float(metrics.ensemble_accuracy(logits, targets)),
         model_acc=own_acc,
+        model_rule=_own_rule(src.model),
         member_acc=member_acc,
         member_acc_mean=sum(member_acc) / num_members,
         calibration=metrics.calibration(probs, targets, n_bins=n_bins),

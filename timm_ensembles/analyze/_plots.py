@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 
 from .._extras import require
+from .._progress import progress as progress_bar
 
 # every plot the report can write, in the order of summary.md
 PLOTS = ('disagreement', 'weight_cosine', 'feature_distance', 'ensemble_size', 'reliability', 'trajectory_disagreement',
@@ -20,19 +21,77 @@ _FONT = {'font.size': 10, 'axes.titlesize': 10, 'axes.labelsize': 10, 'xtick.lab
 def _figure(width: float, height: float):
     Figure = require('matplotlib.figure', "the report's plots (--no-plots skips them)").Figure
     # a bare Figure renders with Agg and touches no pyplot state (no GUI backend, nothing global)
-    return Figure(figsize=(width, height), dpi=_DPI)
+    # constrained layout: titles, tick labels and colour bars get their room (tight_layout leaves titles of
+    # panels with colour bars clipped)
+    fig = Figure(figsize=(width, height), dpi=_DPI, layout='constrained')
+    fig.te_cell_labels = []  # the heatmaps' cell labels, written by _save once the layout gives the cells their size
+    return fig
 
 
 def _save(fig, path: Path) -> None:
-    fig.tight_layout()
+    if fig.te_cell_labels:
+        fig.draw_without_rendering()  # the layout, which gives the cells their size
+    for cells in fig.te_cell_labels:
+        _write_cell_labels(fig, *cells)
     fig.savefig(path, dpi=_DPI)
+
+
+def _elide(text: str, max_chars: int) -> str:
+    """``text``, its middle replaced by '…' when it is longer than ``max_chars`` (both ends tell runs apart)."""
+    if len(text) <= max_chars:
+        return text
+    keep = max(max_chars - 1, 2)
+    return text[:(keep + 1) // 2] + '…' + text[len(text) - keep // 2:]
+
+
+def _panel_title(what: str, label: str, axes) -> str:
+    """``label: what`` on one line where it fits the panel ``axes`` (one of ``_grid``'s), else ``what`` above the
+    label, elided to the panel's width."""
+    fig = axes.get_figure()
+    cols = axes.get_subplotspec().get_gridspec().ncols
+    # a title character is about 0.6 of the font size wide; a panel is the figure's width over the columns, less
+    # the colour bar and the tick labels
+    chars = int(0.75 * fig.get_figwidth() / cols * 72 / (0.6 * _FONT['axes.titlesize']))
+    one_line = f'{label}: {what}'
+    return one_line if len(one_line) <= chars else f'{what}\n{_elide(label, chars)}'
+
+
+def _cell_text(value: float, digits: int) -> str:
+    if not np.isfinite(value):
+        return 'n/a'  # undefined, e.g. the members of a single-member source
+    # no leading zero: '.028' fits a smaller cell than '0.028'
+    return f'{value:.{digits}f}'.replace('0.', '.', 1) if 0 <= value < 1 else f'{value:.2f}'
+
+
+def _write_cell_labels(fig, ax, m: np.ndarray, lo: float, hi: float, digits: int) -> None:
+    """Every cell's value, at the largest font size up to 9 pt at which the longest label fits its cell; none below
+    6 pt (cells too small to read a number in: the colour bar tells the values)."""
+    n = m.shape[0]
+    texts = [[_cell_text(v, digits) for v in row] for row in m]
+    box = ax.get_window_extent()  # the axes after the layout, in pixels; the square image fits inside it
+    cell = min(box.width, box.height) / n * 72 / fig.dpi  # points
+    longest = max(len(t) for row in texts for t in row)
+    # a digit is about 0.62 of the font size wide; keep a margin of a fifth of the cell
+    size = min(9.0, 0.8 * cell / (0.62 * longest), 0.6 * cell)
+    if size < 6:
+        return
+    for i in range(n):
+        for j in range(n):
+            if np.isfinite(m[i, j]):
+                # dark text on the light end of the colour map, light text on the dark end
+                light = (m[i, j] - lo) / ((hi - lo) or 1) > 0.6
+                colour = 'black' if light else 'white'
+            else:
+                colour = 'gray'
+            ax.text(j, i, texts[i][j], ha='center', va='center', fontsize=size, color=colour, in_layout=False)
 
 
 def _heatmap(fig, ax, matrix, title: str, cbar_label: str, labels: list[str] | None = None,
              major: list[int] | None = None, minor: list[int] | None = None, groups: list[tuple[str, float]] | None
              = None, vmin=None, vmax=None, cmap: str = 'viridis', annotate: bool | None = None) -> None:
     """A labelled heatmap: ``labels`` per row, or ``groups`` (label, centre) for long matrices; ``major`` /
-    ``minor`` are the first indices of blocks, drawn as boundary lines."""
+    ``minor`` are the first indices of blocks, drawn as boundary lines. Its cells are labelled with their values
+    (``annotate``; default up to 8 x 8) where the cells are large enough once the figure is laid out (``_save``)."""
     m = np.asarray(matrix, dtype=float)
     n = m.shape[0]
     im = ax.imshow(m, cmap=cmap, vmin=vmin, vmax=vmax, interpolation='nearest')
@@ -55,29 +114,27 @@ def _heatmap(fig, ax, matrix, title: str, cbar_label: str, labels: list[str] | N
         hi = vmax if vmax is not None else (finite.max() if finite.size else 1)
         # small values (a few % disagreement) need a third digit to differ at all
         digits = 3 if finite.size and np.abs(finite).max() < 0.1 else 2
-        for i in range(n):
-            for j in range(n):
-                if np.isfinite(m[i, j]):
-                    # dark text on the light end of viridis, light text on the dark end
-                    light = (m[i, j] - lo) / ((hi - lo) or 1) > 0.6
-                    # no leading zero: '.028' fits a cell of an 8 x 8 matrix at 9 pt, '0.028' does not
-                    text = f'{m[i, j]:.{digits}f}'.replace('0.', '.', 1) if 0 <= m[i, j] < 1 else f'{m[i, j]:.2f}'
-                    ax.text(j, i, text, ha='center', va='center', fontsize=9 if n <= 3 else 8,
-                            color='black' if light else 'white')
-                else:  # undefined, e.g. the members of a single-member source
-                    ax.text(j, i, 'n/a', ha='center', va='center', fontsize=9, color='gray')
+        fig.te_cell_labels.append((ax, m, lo, hi, digits))
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04).set_label(cbar_label)
     ax.set_title(title)
 
 
-def _grid(n: int, panel_h: float, max_cols: int = 2):
+def _grid(n: int, panel_h: float, max_cols: int = 2, square: bool = False):
+    """Panels side by side, ``max_cols`` to a row; ``square`` ones (heatmaps with their colour bar) in a figure only
+    as wide as they need."""
     cols = min(n, max_cols)
     rows = math.ceil(n / cols)
-    fig = _figure(_WIDTH, panel_h * rows)
+    width = min(_WIDTH, cols * (panel_h + 1.5)) if square else _WIDTH
+    fig = _figure(width, panel_h * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[n:]:
         ax.set_visible(False)
     return fig, axes
+
+
+def _member_labels(s: dict) -> list[str]:
+    # a panel of one source: its name is in the title
+    return [f'm{m}' for m in range(s['num_members'])]
 
 
 def _plot_disagreement(path: Path, per_source: dict[str, dict], between: dict | None) -> bool:
@@ -98,11 +155,11 @@ def _plot_disagreement(path: Path, per_source: dict[str, dict], between: dict | 
     items = [(label, s) for label, s in per_source.items() if s['num_members'] >= 2]
     if not items:
         return False
-    fig, axes = _grid(len(items), 3.6)
+    fig, axes = _grid(len(items), 3.6, square=True)
     vmax = max(float(np.nanmax(np.asarray(s['disagreement'], dtype=float))) for _, s in items)
     for ax, (label, s) in zip(axes, items):
-        _heatmap(fig, ax, s['disagreement'], f'{label}: member disagreement', 'fraction of inputs',
-                 labels=[f'{label}:m{m}' for m in range(s['num_members'])], vmin=0, vmax=vmax or None)
+        _heatmap(fig, ax, s['disagreement'], _panel_title('member disagreement', label, ax),
+                 'fraction of inputs', labels=_member_labels(s), vmin=0, vmax=vmax or None)
         ax.set_xlabel('member')
         ax.set_ylabel('member')
     _save(fig, path)
@@ -114,12 +171,12 @@ def _plot_per_source_matrix(path: Path, per_source: dict[str, dict], key: str, t
     items = [(label, s) for label, s in per_source.items() if s.get(key) is not None]
     if not items:
         return False
-    fig, axes = _grid(len(items), 3.6)
+    fig, axes = _grid(len(items), 3.6, square=True)
     # one colour scale for every panel, so that sources compare by colour too
     values = np.concatenate([np.asarray(s[key], dtype=float).ravel() for _, s in items])
     vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
     for ax, (label, s) in zip(axes, items):
-        _heatmap(fig, ax, s[key], f'{label}: {title}', cbar, labels=[f'{label}:m{m}' for m in range(s['num_members'])],
+        _heatmap(fig, ax, s[key], _panel_title(title, label, ax), cbar, labels=_member_labels(s),
                  cmap=cmap, vmin=vmin, vmax=vmax)
         ax.set_xlabel('member')
         ax.set_ylabel('member')
@@ -182,7 +239,7 @@ def _plot_reliability(path: Path, per_source: dict[str, dict]) -> bool:
         ax.set_xlabel('confidence (top mean probability)')
         ax.set_ylabel('accuracy in bin')
         what = 'ensemble' if s['num_members'] > 1 else 'model'
-        ax.set_title(f"{label}: {what} (ECE {s['calibration']['ece']:.3f})")
+        ax.set_title(_panel_title(f"{what} (ECE {s['calibration']['ece']:.3f})", label, ax))
         if i == 0:  # one legend: on every panel it would hide the bars
             ax.legend(loc='upper left', framealpha=0.9)
     _save(fig, path)
@@ -376,7 +433,7 @@ def _plot_samplers(path: Path, sm: dict) -> bool:
                     label=f"independent (ens. {e['independent']['ensemble_acc']:.1f}%)")
         ax.set_xlabel('normalised disagreement with m0')
         ax.set_ylabel('accuracy (%)')
-        ax.set_title(f"{label}: networks around {e['reference']}")
+        ax.set_title(_panel_title(f"networks around {e['reference']}", label, ax))
         ax.grid(alpha=0.3)
         ax.legend(loc='best')
     _save(fig, path)
@@ -389,8 +446,9 @@ def _finite_points(plane: dict) -> tuple[list[float], list[float]]:
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def _write_plots(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
-    """Every plot that applies; returns {name: file name} of those written."""
+def _write_plots(out_dir: Path, report: dict[str, Any], progress: bool = False) -> dict[str, str]:
+    """Every plot that applies (with ``progress``, a progress bar over them); returns {name: file name} of those
+    written."""
     rc_context = require('matplotlib', "the report's plots (--no-plots skips them)").rc_context
 
     per_source, between, traj = report['sources'], report.get('between'), report.get('trajectories')
@@ -427,7 +485,7 @@ def _write_plots(out_dir: Path, report: dict[str, Any]) -> dict[str, str]:
         if report.get(key) is not None:
             jobs.append((name, lambda p, plot=plot, key=key: plot(p, report[key])))
     with rc_context(_FONT):
-        for name, job in jobs:
+        for name, job in progress_bar(jobs, desc='plots', enabled=progress, unit='plot'):
             path = out_dir / f'{name}.png'
             if job(path):
                 written[name] = path.name

@@ -30,7 +30,8 @@ def _key_lines(report: dict[str, Any]) -> list[str]:
     lines = [f"dataset {report['dataset']} ({report['val_split']}), {report['num_samples']} images"]
     for label, s in report['sources'].items():
         lines.append(
-            f"{label}: ensemble acc {s['ensemble_acc']:.2f} | member acc mean {s['member_acc_mean']:.2f} ("
+            f"{label}: averaged probabilities acc {s['ensemble_acc']:.2f}, the model's own rule ({s['model_rule']})"
+            f" {_fmt(s['model_acc'])} | member acc mean {s['member_acc_mean']:.2f} ("
             + ' '.join(f'{a:.2f}' for a in s['member_acc']) + ')'
             + f" | disagreement {_fmt(s['disagreement_mean'], 4)} | feature distance"
             f" {_fmt(s['feature_distance_mean'], 4)} | weight cosine {_fmt(s['weight_cosine_mean'], 4)}"
@@ -113,7 +114,8 @@ def _section_key_lines(report: dict[str, Any]) -> list[str]:
 def _markdown(report: dict[str, Any], files: dict[str, str]) -> str:
     md = ['# Ensemble analysis', '',
           f"Dataset `{report['dataset']}`, split `{report['val_split']}`: {report['num_samples']} images,"
-          f" {report['num_classes']} classes. Ensemble = mean of the member probabilities; accuracies in %,"
+          f" {report['num_classes']} classes. Ensemble = mean of the member probabilities; own rule = the model's"
+          f' own prediction (its forward: its combine rule, e.g. linear, a trained head); accuracies in %,'
           f' disagreement = fraction of images on which two members\' predicted classes differ;'
           f" ECE with {report['n_bins']} bins; weights {'with' if report['include_buffers'] else 'without'}"
           f' BatchNorm buffers.', '',
@@ -123,7 +125,8 @@ def _markdown(report: dict[str, Any], files: dict[str, str]) -> str:
     for label, s in report['sources'].items():
         c = s['calibration']
         md.append(f"| {label} | {s['model']} | {s['num_members']} | {s['ensemble_acc']:.2f} |"
-                  f" {_fmt(s['model_acc'])} | {s['member_acc_mean']:.2f} | {_fmt(s['disagreement_mean'], 4)} |"
+                  f" {_fmt(s['model_acc'])} ({s['model_rule']}) | {s['member_acc_mean']:.2f} |"
+                  f" {_fmt(s['disagreement_mean'], 4)} |"
                   f" {_fmt(s['feature_distance_mean'], 4)} | {_fmt(s['weight_cosine_mean'], 4)} |"
                   f" {c['nll']:.4f} | {c['brier']:.4f} | {c['ece']:.4f} |")
     if 'members' in report['sections']:

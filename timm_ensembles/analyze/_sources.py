@@ -1,5 +1,6 @@
 """The sources of a report: run folders and Hub repos, what they recorded, and the checks between them."""
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ from .. import data as te_data
 from .._run import RunFolder
 
 _HUB_PREFIXES = ('hf-hub:', 'hf_hub:')
+# the time stamp that begins train.py's default output folder name, output/train/<YYYYmmdd-HHMMSS>-<model>
+_RUN_STAMP = re.compile(r'^\d{8}-\d{6}-(?=.)')
 
 
 class AnalysisError(ValueError):
@@ -90,6 +93,13 @@ def _resolve_source(spec: str, label: str | None) -> _Source:
         recorded = _canonical_dataset(src.args.get('dataset'), src.args.get('data_dir'))
     src.dataset = recorded
     return src
+
+
+def _short_labels(labels: list[str]) -> list[str]:
+    """Default labels (folder names) without train.py's time stamp, where that leaves them distinct: the labels
+    fill plot titles, axes and the printed lines."""
+    short = [_RUN_STAMP.sub('', label) for label in labels]
+    return short if len(set(short)) == len(short) else labels
 
 
 def _unique_labels(labels: list[str]) -> list[str]:
