@@ -5,9 +5,9 @@ training, evaluation, checkpoint, every export, reload and resume.
 The runs are in-process (``train.main``) with ``train.device_defaults`` answering for a CUDA device with bf16, so the
 flags are left unset and resolved as on a GPU. Accelerate runs fp16 on a CPU in fp32 (no autocast, no scaler):
 ``CpuFp16Accelerator`` gives it float16 autocast and ``torch.amp.GradScaler('cpu')`` as Accelerate does on a GPU.
-Image sizes: the fp16 runs take 16 px images, as CPU fp16 convolutions' backward pass is ~50x slower than fp32's;
+Image sizes: the fp16 runs take 8 px images, as CPU fp16 convolutions' backward pass is ~50x slower than fp32's;
 the bf16 runs 32 px, as oneDNN's bf16 backward pass of a 3x3 stride-2 convolution on a 1x1 input (test_resnet's
-layer4 at 16 px) gives NaN weight gradients at random on this CPU (torch 2.14; fp32 and GPUs are unaffected).
+layer4 at 16 px) gives NaN weight gradients at random on this CPU (torch 2.14.1; fp32 is unaffected).
 """
 import argparse
 import json
@@ -25,7 +25,7 @@ import timm_ensembles  # noqa: F401  (registers the models for the reloads)
 from timm_ensembles import _checkpoint
 from timm_ensembles import train as trainer
 from timm_ensembles._checkpoint import export_folder
-from timm_ensembles._device import FUSED_OPTS, CpuFp16Accelerator, DeviceDefaults
+from timm_ensembles._device import FUSED_OPTS, CpuFp16Accelerator, DeviceDefaults, device_defaults
 
 # the GPU's pinned memory, asked for on a machine without one
 pytestmark = [pytest.mark.usefixtures('one_torch_thread'),
@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.usefixtures('one_torch_thread'),
 
 TINY = ['--train-subset', '32', '--val-subset', '16', '--batch-size', '8', '--workers', '0', '--no-progress',
         '--log-interval', '100']
-IMG_SIZE = dict(bf16=32, fp16=16)
+IMG_SIZE = dict(bf16=32, fp16=8)
 
 
 def test_defaults_by_device_kind_and_flags_win():
@@ -44,6 +44,11 @@ def test_defaults_by_device_kind_and_flags_win():
     old = DeviceDefaults.for_device('cuda', 'lamb', bf16=False)
     assert (old.mixed_precision, old.fused_opt, old.channels_last) == (None, False, True)
     assert all(DeviceDefaults.for_device('cuda', opt, bf16=True).fused_opt for opt in ('AdamW', 'nesterov'))
+    # fused SGD under fp16's grad scaler starts from uninitialised momentum after a skipped first step: not by default
+    fp16 = {opt: DeviceDefaults.for_device('cuda', opt, bf16=True, mixed_precision='fp16') for opt in FUSED_OPTS}
+    assert {opt: d.fused_opt for opt, d in fp16.items()} == dict(sgd=False, nesterov=False, momentum=False,
+                                                                 adam=True, adamw=True)
+    assert fp16['sgd'].mixed_precision == 'bf16'  # the default, which the given fp16 overrides in resolve()
     cpu = DeviceDefaults.for_device('cpu', 'sgd', bf16=True)
     assert (cpu.member_strategy, cpu.channels_last, cpu.fused_opt, cpu.mixed_precision, cpu.pin_memory) == \
         ('loop', False, False, None, False)
@@ -93,8 +98,8 @@ def _is_channels_last(model: torch.nn.Module) -> bool:
 def _gpu_run(monkeypatch, argv: list[str]) -> dict:
     """``train.main(argv)`` with a CUDA device's defaults on the CPU; returns the live model of the final export (and
     of every other export) as train.py held it after exporting."""
-    monkeypatch.setattr(trainer, 'device_defaults', lambda device_type, opt: DeviceDefaults.for_device(
-        'cuda', opt, bf16=True))
+    monkeypatch.setattr(trainer, 'device_defaults', lambda device_type, opt, mixed_precision: DeviceDefaults.for_device(
+        'cuda', opt, bf16=True, mixed_precision=mixed_precision))
     monkeypatch.setattr(trainer, 'Accelerator', CpuFp16Accelerator)
     exported = {}
 
@@ -110,16 +115,34 @@ def _gpu_run(monkeypatch, argv: list[str]) -> dict:
     return exported
 
 
+def test_fused_sgd_under_fp16_is_refused_and_the_device_defaults_read_accelerates_precision(
+        tmp_path, monkeypatch, fresh_accelerate):
+    with pytest.raises(SystemExit, match=r"^error: --fused-opt with --opt sgd under fp16: torch's fused SGD .* drop"
+                                         r' --fused-opt, or use bf16 or --opt adamw\.$'):
+        _gpu_run(monkeypatch, ['--model', 'test_resnet', '--mixed-precision', 'fp16', '--fused-opt', *TINY,
+                               '--output', str(tmp_path / 'run')])
+    assert not (tmp_path / 'run').exists()
+    # `accelerate launch --mixed_precision fp16` (or its config) says fp16 through the environment
+    monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'fp16')
+    assert (device_defaults('cuda', 'sgd').fused_opt, device_defaults('cuda', 'adamw').fused_opt) == (False, True)
+    assert device_defaults('cuda', 'sgd', mixed_precision='bf16').fused_opt is True  # a flag wins over the config
+    monkeypatch.delenv('ACCELERATE_MIXED_PRECISION')
+    assert device_defaults('cuda', 'sgd').fused_opt is True
+
+
 def _choices(model: torch.nn.Module):
     return model.member_strategy_info.get('choices') if hasattr(model, 'member_strategy_info') else None
 
 
+SNAPSHOTS = ['--snapshot-subset', '8', '--snapshot-weights']
+
+
 @pytest.mark.parametrize('model,precision,extra', [
-    ('ens_test_resnetx2', 'bf16', ['--snapshot-subset', '8', '--snapshot-weights']),
-    ('test_resnet', 'bf16', ['--snapshot-subset', '8', '--snapshot-weights']),
+    ('ens_test_resnetx2', 'bf16', SNAPSHOTS),
+    ('test_resnet', 'bf16', SNAPSHOTS),
     ('collab_test_resnetx2', 'bf16', []),
-    ('ens_test_resnetx2', 'fp16', []),
-    ('test_resnet', 'fp16', []),
+    ('ens_test_resnetx2', 'fp16', []),  # SGD: not fused under fp16
+    ('test_resnet', 'fp16', ['--opt', 'adamw']),  # fused AdamW with the grad scaler
 ])
 def test_gpu_defaults_train_checkpoint_export_reload_and_resume(model, precision, extra, tmp_path, monkeypatch,
                                                                 fresh_accelerate):
@@ -130,8 +153,9 @@ def test_gpu_defaults_train_checkpoint_export_reload_and_resume(model, precision
         argv += ['--mixed-precision', precision]
     exported = _gpu_run(monkeypatch, [*argv, '--output', str(full)])
     args = yaml.safe_load((full / 'args.yaml').read_text())
+    fused = precision == 'bf16' or args['opt'] == 'adamw'
     assert (args['member_strategy'], args['channels_last'], args['fused_opt'], args['mixed_precision']) == \
-        ('auto', True, True, precision)
+        ('auto', True, fused, precision)
 
     # trained and evaluated every epoch, in the precision asked for; every export written from a channels_last
     # model that stayed one
@@ -149,7 +173,7 @@ def test_gpu_defaults_train_checkpoint_export_reload_and_resume(model, precision
     saved = load_file(full / 'model.safetensors')
     assert saved.keys() == live.state_dict().keys()
     assert all(torch.equal(saved[k], v) for k, v in live.state_dict().items())
-    if extra:  # --snapshot-weights: the last epoch's member weights are the exported ones
+    if extra == SNAPSHOTS:  # --snapshot-weights: the last epoch's member weights are the exported ones
         snap = load_file(full / 'snapshots' / 'epoch_001.weights.safetensors')
         members = getattr(live, 'members', [live])
         assert all(torch.equal(snap[f'member{m}.{k}'], v) for m, member in enumerate(members)

@@ -2,8 +2,9 @@
 
 Each of them changes how fast a run trains, not what it computes (bf16 autocast changes the arithmetic's precision):
 on a CUDA GPU the members' strategy is ``auto``, the model is in channels_last memory format, the optimizer takes
-torch's fused kernel where it has one, autocast is bf16 where the GPU computes it natively, and the loaders pin host
-memory; on a CPU (and other accelerators) none of it. A flag given explicitly wins over its default.
+torch's fused kernel where it has one (but SGD's under fp16, see ``FUSED_UNSAFE_FP16``), autocast is bf16 where the
+GPU computes it natively, and the loaders pin host memory; on a CPU (and other accelerators) none of it. A flag given
+explicitly wins over its default.
 
 ``DeviceDefaults.for_device('cuda', ...)`` answers what a GPU run would get on any machine, so that a test can give a
 CPU run the GPU's defaults through the same code path (``train.py`` calls :func:`device_defaults` for the device it
@@ -12,15 +13,22 @@ is on). Accelerate runs ``mixed_precision='fp16'`` on a CPU in fp32 (no autocast
 both of which torch has for the CPU), for the tests and the device check.
 """
 import dataclasses
+import os
 from argparse import Namespace
 
 import torch
 from accelerate import Accelerator
 
-__all__ = ['DeviceDefaults', 'device_defaults', 'CpuFp16Accelerator', 'FUSED_OPTS']
+__all__ = ['DeviceDefaults', 'device_defaults', 'CpuFp16Accelerator', 'FUSED_OPTS', 'FUSED_UNSAFE_FP16']
 
 # timm optimizer names that map to torch optimizers with a fused kernel (torch.optim.SGD, Adam, AdamW)
 FUSED_OPTS = ('sgd', 'nesterov', 'momentum', 'adam', 'adamw')
+# those whose fused kernel must not meet fp16's grad scaler: torch's fused SGD (2.14) creates its momentum buffers
+# with torch.empty_like on its first step and leaves them unwritten when the scaler skips that step (found_inf), as
+# it does whenever the initial loss scale overflows; the next step then applies uninitialised memory (seen here as
+# NaN or 1e9 weights after two steps, on the CPU; the CUDA path is the same Python code). Fused Adam and AdamW
+# initialise their state and honour the skip.
+FUSED_UNSAFE_FP16 = ('sgd', 'nesterov', 'momentum')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,18 +54,23 @@ class DeviceDefaults:
     FLAGS = ('member_strategy', 'channels_last', 'fused_opt', 'mixed_precision')
 
     @classmethod
-    def for_device(cls, device_type: str, opt: str = 'sgd', bf16: bool = False) -> 'DeviceDefaults':
+    def for_device(cls, device_type: str, opt: str = 'sgd', bf16: bool = False,
+                   mixed_precision: str | None = None) -> 'DeviceDefaults':
         """The defaults on a device of this kind.
 
         Args:
             device_type: ``'cuda'``, ``'cpu'``, ...
             opt: The timm optimizer name (``--opt``): whether a fused kernel exists.
             bf16: Whether the device computes bf16 natively (autocast to it then).
+            mixed_precision: The precision the run is given (``--mixed-precision``, or Accelerate's config), if any:
+                the fused kernel's default depends on it.
         """
-        gpu = device_type == 'cuda'
+        gpu, opt = device_type == 'cuda', opt.lower()
+        precision = 'bf16' if gpu and bf16 else None
+        fp16 = (mixed_precision or precision) == 'fp16'
         return cls(device_type=device_type, member_strategy='auto' if gpu else 'loop', channels_last=gpu,
-                   fused_opt=gpu and opt.lower() in FUSED_OPTS, mixed_precision='bf16' if gpu and bf16 else None,
-                   pin_memory=gpu)
+                   fused_opt=gpu and opt in FUSED_OPTS and not (fp16 and opt in FUSED_UNSAFE_FP16),
+                   mixed_precision=precision, pin_memory=gpu)
 
     def resolve(self, args: Namespace) -> Namespace:
         """Give each of ``args``' device-dependent flags left unset its default (in place, so that args.yaml records
@@ -68,10 +81,13 @@ class DeviceDefaults:
         return args
 
 
-def device_defaults(device_type: str, opt: str) -> DeviceDefaults:
-    """The defaults on the device this process runs on, of kind ``device_type`` (``torch.device.type``)."""
+def device_defaults(device_type: str, opt: str, mixed_precision: str | None = None) -> DeviceDefaults:
+    """The defaults on the device this process runs on, of kind ``device_type`` (``torch.device.type``), for a run
+    given ``mixed_precision`` (None: what ``accelerate launch`` or its config set, if anything)."""
     bf16 = device_type == 'cuda' and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    return DeviceDefaults.for_device(device_type, opt, bf16=bf16)
+    # the variable through which `accelerate launch` passes its --mixed_precision and its config's to Accelerator
+    mixed_precision = mixed_precision or os.environ.get('ACCELERATE_MIXED_PRECISION')
+    return DeviceDefaults.for_device(device_type, opt, bf16=bf16, mixed_precision=mixed_precision)
 
 
 class CpuFp16Accelerator(Accelerator):

@@ -56,7 +56,7 @@ from ._checkpoint import (
     sweep_history,
 )
 from ._device import FUSED_OPTS as _FUSED_OPTS
-from ._device import DeviceDefaults, device_defaults
+from ._device import FUSED_UNSAFE_FP16, DeviceDefaults, device_defaults
 from ._engine import (
     LabelError,
     NonFiniteLossError,
@@ -542,7 +542,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     cpu = args.cpu or not _has_accelerator()
     # the device-dependent defaults, resolved into args (args.yaml records them) before Accelerate needs the
     # precision; PartialState is the device the Accelerator will use (`accelerate launch --cpu` included)
-    defaults = device_defaults(PartialState(cpu=cpu).device.type, args.opt)
+    defaults = device_defaults(PartialState(cpu=cpu).device.type, args.opt, args.mixed_precision)
     defaults.resolve(args)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
     output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
@@ -554,6 +554,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     log = _logger.info if is_main else (lambda *a, **k: None)
     log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
         f' mixed precision {accelerator.mixed_precision}')
+    if args.fused_opt and accelerator.scaler is not None and args.opt.lower() in FUSED_UNSAFE_FP16:
+        raise SystemExit(f"error: --fused-opt with --opt {args.opt} under fp16: torch's fused SGD starts from"
+                         f' uninitialised momentum when the grad scaler skips its first step (an overflow, routine in'
+                         f' fp16); drop --fused-opt, or use bf16 or --opt adamw.')
     if accelerator.mixed_precision == 'fp16' and accelerator.scaler is None and accelerator.device.type == 'cpu':
         log('warning: --mixed-precision fp16 on the CPU: Accelerate neither autocasts nor scales the loss there, so'
             ' this run computes in fp32 (bf16 autocasts on a CPU).')
