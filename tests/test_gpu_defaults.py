@@ -117,8 +117,8 @@ def _gpu_run(monkeypatch, argv: list[str]) -> dict:
 
 def test_fused_sgd_under_fp16_is_refused_and_the_device_defaults_read_accelerates_precision(
         tmp_path, monkeypatch, fresh_accelerate):
-    with pytest.raises(SystemExit, match=r"^error: --fused-opt with --opt sgd under fp16: torch's fused SGD .* drop"
-                                         r' --fused-opt, or use bf16 or --opt adamw\.$'):
+    with pytest.raises(SystemExit, match=r"^error: --fused-opt with --opt sgd under fp16: torch's fused SGD .* pass"
+                                         r' --no-fused-opt, or use bf16 or --opt adamw\.$'):
         _gpu_run(monkeypatch, ['--model', 'test_resnet', '--mixed-precision', 'fp16', '--fused-opt', *TINY,
                                '--output', str(tmp_path / 'run')])
     assert not (tmp_path / 'run').exists()

@@ -83,10 +83,12 @@ class DeviceDefaults:
 
 def device_defaults(device_type: str, opt: str, mixed_precision: str | None = None) -> DeviceDefaults:
     """The defaults on the device this process runs on, of kind ``device_type`` (``torch.device.type``), for a run
-    given ``mixed_precision`` (None: what ``accelerate launch`` or its config set, if anything)."""
+    given ``mixed_precision`` (None: bf16 where the GPU has it, else what ``accelerate launch`` or its config set)."""
     bf16 = device_type == 'cuda' and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    # the variable through which `accelerate launch` passes its --mixed_precision and its config's to Accelerator
-    mixed_precision = mixed_precision or os.environ.get('ACCELERATE_MIXED_PRECISION')
+    if mixed_precision is None and not bf16:
+        # neither a flag nor the bf16 default: Accelerate's config decides, through the variable that `accelerate
+        # launch` sets from its --mixed_precision or its config file
+        mixed_precision = os.environ.get('ACCELERATE_MIXED_PRECISION')
     return DeviceDefaults.for_device(device_type, opt, bf16=bf16, mixed_precision=mixed_precision)
 
 

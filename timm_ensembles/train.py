@@ -557,7 +557,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     if args.fused_opt and accelerator.scaler is not None and args.opt.lower() in FUSED_UNSAFE_FP16:
         raise SystemExit(f"error: --fused-opt with --opt {args.opt} under fp16: torch's fused SGD starts from"
                          f' uninitialised momentum when the grad scaler skips its first step (an overflow, routine in'
-                         f' fp16); drop --fused-opt, or use bf16 or --opt adamw.')
+                         f' fp16); pass --no-fused-opt, or use bf16 or --opt adamw.')
     if accelerator.mixed_precision == 'fp16' and accelerator.scaler is None and accelerator.device.type == 'cpu':
         log('warning: --mixed-precision fp16 on the CPU: Accelerate neither autocasts nor scales the loss there, so'
             ' this run computes in fp32 (bf16 autocasts on a CPU).')
