@@ -228,6 +228,19 @@ def test_auto_picks_an_eligible_strategy_and_leaves_no_trace(base):
     _assert_grads_close(model, ref)
 
 
+def test_auto_under_cpu_autocast_keeps_the_grouped_strategy():
+    """auto checks the strategies inside the first forward pass, which on a CPU bf16 run is under autocast; the check
+    is in float64 and must not be autocast (the grouped convolution would be, and the float64 check would fail)."""
+    model = _ensemble('test_resnet', 2).train()
+    model.set_member_strategy('auto')
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = model.forward_members(_x())
+    info = model.member_strategy_info
+    assert out.dtype == torch.bfloat16
+    assert info['eligible'] == ['loop', 'grouped', 'grouped:split', 'grouped:grouped'] and list(info['refused']) == [
+        'vmap']
+
+
 @pytest.mark.parametrize('method', ('fdl', 'ens'))
 def test_tasks_train_under_every_strategy(method):
     x, y = _x(), _target()

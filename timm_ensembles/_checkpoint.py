@@ -4,6 +4,7 @@ Every file is written to a temporary name beside its destination, flushed to dis
 destination (``os.replace`` is atomic on POSIX and Windows). Checkpoints are read with
 ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and plain containers.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -144,7 +145,9 @@ def export_folder(
     """Write ``model`` in timm's Hugging Face folder format (``config.json`` + ``model.safetensors``).
 
     ``timm.models.save_for_hf`` writes into a temporary folder; its files are then moved into ``folder``,
-    weights first, so that a ``config.json`` in ``folder`` always describes complete weights beside it.
+    weights first, so that a ``config.json`` in ``folder`` always describes complete weights beside it. Weights in
+    another memory format than the default (channels_last, a GPU default of train.py) are written as contiguous
+    copies; the model keeps its own format.
     """
     from timm.models import save_for_hf
 
@@ -156,8 +159,9 @@ def export_folder(
     model_config = {**(model_config or {}), VERSION_KEY: __version__}
     tmp = Path(tempfile.mkdtemp(prefix='.export-', dir=folder))
     try:
-        save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True,
-                    data_config=data_config)
+        with _contiguous_state_dict(model):
+            save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True,
+                        data_config=data_config)
         config = json.loads((tmp / 'config.json').read_text())  # validated before it replaces anything
         config[WEIGHTS_SHA_KEY] = _sha256(tmp / 'model.safetensors')
         (tmp / 'config.json').write_text(json.dumps(config, indent=2), encoding='utf-8')
@@ -169,6 +173,23 @@ def export_folder(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
+
+
+@contextlib.contextmanager
+def _contiguous_state_dict(model: nn.Module):
+    """While open, ``model.state_dict()`` holds contiguous copies of its non-contiguous tensors: safetensors refuses
+    those (channels_last convolution weights are), and converting the model itself would change the live model's
+    memory format under a running training."""
+    def hook(module, state_dict, prefix, local_metadata):
+        for key, value in state_dict.items():
+            if isinstance(value, torch.Tensor) and not value.is_contiguous():
+                state_dict[key] = value.contiguous()
+
+    handle = model.register_state_dict_post_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def export_new_folder(model: nn.Module, folder: str | Path, **kwargs) -> Path:

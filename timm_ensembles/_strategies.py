@@ -716,13 +716,14 @@ def verify_against_loop(strategy: MemberStrategy, x: torch.Tensor) -> dict[str, 
         probe.set_conv_kernel('grouped')  # the fused kernels are what is in question (split runs the members' own)
     params = [p for p in members.parameters() if p.requires_grad]
     with_features = hasattr(members[0], 'forward_intermediates')
-    with _preserved_state(members, x.device):
+    # float64 throughout: auto checks inside the run's first forward pass, which on a CPU may be under autocast
+    with _preserved_state(members, x.device), torch.autocast('cpu', enabled=False):
         try:
             ref = _probe_run(LoopStrategy(members, strategy.base_model), x, params, with_features)
         except Exception as e:
             raise _LoopFailed(f"the loop itself fails on the probe batch {tuple(x.shape)}: {type(e).__name__}: {e}"
                               ) from e
-    with _preserved_state(members, x.device):
+    with _preserved_state(members, x.device), torch.autocast('cpu', enabled=False):
         try:
             got = _probe_run(probe, x, params, with_features)
         except StrategyError:

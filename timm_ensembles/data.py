@@ -817,6 +817,7 @@ def create_loaders(
         re_prob: float = 0.,
         re_mode: str = 'pixel',
         re_count: int = 1,
+        pin_memory: bool | None = None,
 ) -> tuple[DataLoader, DataLoader]:
     """Set timm's transforms on the datasets and build the training and validation loaders.
 
@@ -850,6 +851,7 @@ def create_loaders(
         re_prob: timm's random erasing probability, after normalisation; 0: off.
         re_mode: Random erasing fill: 'pixel', 'rand' or 'const'.
         re_count: Random erasing: at most this many boxes per image.
+        pin_memory: Pin the batches' host memory (for copies to a GPU); default: where CUDA is available.
 
     Returns:
         Training loader (shuffled, last partial batch dropped when the dataset holds more than one batch) and
@@ -884,7 +886,7 @@ def create_loaders(
     _keep_zero_bit_posterize(train_tf)
     train_ds.transform = train_tf
 
-    pin_memory = torch.cuda.is_available()
+    pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
     generator = torch.Generator()
     generator.manual_seed(seed)
     # in-memory images: augmented a batch at a time, evaluation images transformed once (see _tensor_data.py)
@@ -916,7 +918,7 @@ def create_loaders(
         # so reseeding it per epoch fixes each epoch's order and augmentation (a resumed run repeats them)
         persistent_workers=False,
     )
-    val_loader = create_eval_loader(val_ds, data_config, val_batch_size or batch_size, workers)
+    val_loader = create_eval_loader(val_ds, data_config, val_batch_size or batch_size, workers, pin_memory)
     return train_loader, val_loader
 
 
@@ -968,7 +970,8 @@ def _common_and_eval_transform(data_config: dict) -> tuple[dict, Callable]:
     return common, eval_tf
 
 
-def create_eval_loader(dataset: Dataset, data_config: dict, batch_size: int, workers: int = 2) -> DataLoader:
+def create_eval_loader(dataset: Dataset, data_config: dict, batch_size: int, workers: int = 2,
+                       pin_memory: bool | None = None) -> DataLoader:
     """An evaluation loader (in order, nothing dropped) with timm's eval transform: ``create_loaders``' validation
     loader, and the loader of a third split (the test set of a run that validates on held-out training data).
 
@@ -977,6 +980,7 @@ def create_eval_loader(dataset: Dataset, data_config: dict, batch_size: int, wor
         data_config: ``timm.data.resolve_data_config`` output.
         batch_size: Batch size.
         workers: Loader worker processes (image folders, timm and Hub datasets).
+        pin_memory: Pin the batches' host memory (for copies to a GPU); default: where CUDA is available.
     """
     _set_channels(dataset, data_config)
     dataset.transform = _common_and_eval_transform(data_config)[1]
@@ -988,7 +992,7 @@ def create_eval_loader(dataset: Dataset, data_config: dict, batch_size: int, wor
         shuffle=False,
         drop_last=False,
         num_workers=0 if fast else workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         collate_fn=batch_collate if fast else None,
         persistent_workers=workers > 0 and not fast,
     )

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate import utils as accelerate_utils
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from timm.data import Mixup, create_transform, resolve_data_config
@@ -55,6 +55,8 @@ from ._checkpoint import (
     save_checkpoint,
     sweep_history,
 )
+from ._device import FUSED_OPTS as _FUSED_OPTS
+from ._device import FUSED_UNSAFE_FP16, DeviceDefaults, device_defaults
 from ._engine import (
     LabelError,
     NonFiniteLossError,
@@ -95,8 +97,6 @@ _TRACKER_PACKAGES = {
 TRACKERS = ('all', *_TRACKER_PACKAGES)
 # validation metrics that pick the best epoch (the ensemble ones only for models with members); loss: lower is better
 EVAL_METRICS = ('acc', 'top5', 'loss', 'mean_probs_acc', 'member_acc_mean')
-# timm optimizer names that map to torch optimizers with a fused kernel
-_FUSED_OPTS = ('sgd', 'nesterov', 'momentum', 'adam', 'adamw')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -542,8 +542,10 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     # Accelerate only forms a CPU process group (gloo) when told it runs on the CPU; without this, processes
     # started by `accelerate launch --multi_gpu` on a machine without an accelerator each train alone
     cpu = args.cpu or not _has_accelerator()
-    if args.mixed_precision is None and not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-        args.mixed_precision = 'bf16'
+    # the device-dependent defaults, resolved into args (args.yaml records them) before Accelerate needs the
+    # precision; PartialState is the device the Accelerator will use (`accelerate launch --cpu` included)
+    defaults = device_defaults(PartialState(cpu=cpu).device.type, args.opt, args.mixed_precision)
+    defaults.resolve(args)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
     output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
     run = RunFolder(output)
@@ -554,13 +556,20 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     log = _logger.info if is_main else (lambda *a, **k: None)
     log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
         f' mixed precision {accelerator.mixed_precision}')
+    if args.fused_opt and accelerator.scaler is not None and args.opt.lower() in FUSED_UNSAFE_FP16:
+        raise SystemExit(f"error: --fused-opt with --opt {args.opt} under fp16: torch's fused SGD starts from"
+                         f' uninitialised momentum when the grad scaler skips its first step (an overflow, routine in'
+                         f' fp16); pass --no-fused-opt, or use bf16 or --opt adamw.')
+    if accelerator.mixed_precision == 'fp16' and accelerator.scaler is None and accelerator.device.type == 'cpu':
+        log('warning: --mixed-precision fp16 on the CPU: Accelerate neither autocasts nor scales the loss there, so'
+            ' this run computes in fp32 (bf16 autocasts on a CPU).')
 
     train_loader, val_loader, test_loader, snapshot_loader = _create_loaders(
-        args, accelerator, train_ds, val_ds, test_ds, data_config, info, snapshot_idx)
+        args, accelerator, train_ds, val_ds, test_ds, data_config, info, snapshot_idx, defaults)
     # reseeded every epoch, so that a resumed run sees the same data order as an uninterrupted one
     shuffle_generator = train_loader.generator
     try:
-        _apply_speed_flags(args, task, accelerator.device, data_config['input_size'], log)
+        _apply_speed_flags(args, task, data_config['input_size'], log)
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
     try:
@@ -812,17 +821,18 @@ def _write_snapshot(output, epoch: int, model, loader, indices, args, info, acce
 
 
 def _create_loaders(args: argparse.Namespace, accelerator, train_ds, val_ds, test_ds, data_config: dict, info,
-                    snapshot_idx):
+                    snapshot_idx, defaults: DeviceDefaults):
     """The training and validation loaders (timm's transforms, or the in-memory batched path), the test loader with
-    --holdout, and the loader of the snapshot subset with --snapshot-subset (else None)."""
+    --holdout, and the loader of the snapshot subset with --snapshot-subset (else None); host memory pinned as the
+    device's defaults say."""
     hflip = args.hflip if args.hflip is not None else info.default_hflip
     train_loader, val_loader = te_data.create_loaders(
         train_ds, val_ds, data_config, batch_size=args.batch_size, workers=args.workers, hflip=hflip,
         scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed, rank=accelerator.process_index,
         auto_augment=args.aa, color_jitter=args.color_jitter, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount)
-    test_loader = None if test_ds is None else te_data.create_eval_loader(test_ds, data_config, args.batch_size,
-                                                                           args.workers)
+        re_count=args.recount, pin_memory=defaults.pin_memory)
+    test_loader = None if test_ds is None else te_data.create_eval_loader(
+        test_ds, data_config, args.batch_size, args.workers, pin_memory=defaults.pin_memory)
     snapshot_loader = None
     if snapshot_idx is not None:
         # the evaluation transform (set by the loaders above); its own generator keeps the global RNG untouched
@@ -926,19 +936,10 @@ def _create_task(args: argparse.Namespace, task_kwargs: dict, num_classes: int, 
     return model, task, mixup_fn, data_config
 
 
-def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, device: torch.device,
-                       input_size: tuple[int, ...], log) -> None:
-    """Resolve the device-dependent defaults of the flags that change how fast, not what, the run trains (into
-    ``args``, so that args.yaml records them) and apply the member strategy and memory format to the model."""
-    gpu = device.type == 'cuda'
+def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, input_size: tuple[int, ...], log) -> None:
+    """Apply the member strategy and memory format (resolved for the device by ``DeviceDefaults.resolve``) to the
+    model."""
     model = getattr(task, 'model', task)
-    given = args.member_strategy
-    if args.member_strategy is None:
-        args.member_strategy = 'auto' if gpu else 'loop'
-    if args.channels_last is None:
-        args.channels_last = gpu
-    if args.fused_opt is None:
-        args.fused_opt = gpu and args.opt.lower() in _FUSED_OPTS
     if hasattr(model, 'set_member_strategy'):
         # vmap and grouped are checked against the loop when set, here on a probe batch of the run's input size
         # (from a generator of its own: the global random stream stays the same whatever the strategy); auto
@@ -948,8 +949,9 @@ def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, device: 
             ref = next(model.parameters())
             probe = torch.randn((2, *input_size), generator=torch.Generator().manual_seed(0), dtype=ref.dtype)
         model.set_member_strategy(args.member_strategy, example_input=probe)
-    elif given not in (None, 'loop'):
-        log(f'--member-strategy {given}: {type(model).__name__} has no members to run another way; ignored')
+    elif args.member_strategy in ('vmap', 'grouped'):  # auto (a GPU's default) has nothing to choose from either
+        log(f'--member-strategy {args.member_strategy}: {type(model).__name__} has no members to run another way;'
+            f' ignored')
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
 
