@@ -6,7 +6,13 @@ import torch
 import torch.nn.functional as F
 
 from timm_ensembles import EnsembleHead
-from timm_ensembles.losses import feature_difference, feature_difference_loss, loss_similarity, member_cross_entropy
+from timm_ensembles.losses import (
+    feature_difference,
+    feature_difference_loss,
+    loss_similarity,
+    member_cross_entropy,
+    pairwise_feature_difference,
+)
 
 
 def test_feature_difference_is_mean_over_every_element():
@@ -125,3 +131,19 @@ def test_fdl_gradient_equals_the_pairwise_form():
                 ).mean().backward()
     for g, f in zip(fast, feats):
         torch.testing.assert_close(g, f[0].grad)
+
+
+def test_relative_pair_distance_per_sample_hand_computed():
+    # one layer, two members, two samples of two elements: sample 0 orthogonal (1), sample 1 opposite (2);
+    # a second layer equal in both members (0): the mean over layers halves each
+    a = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    b = torch.tensor([[0.0, 3.0], [-1.0, -1.0]])
+    same = torch.ones(2, 3)
+    pairs = pairwise_feature_difference([[a, same], [b, same]], 'relative')
+    torch.testing.assert_close(pairs[:, 0, 1], torch.tensor([0.5, 1.0]))
+    torch.testing.assert_close(pairs[:, 1, 0], pairs[:, 0, 1])
+    # orthogonal features stay at 1 whatever their scale (the mse form would grow a hundredfold)
+    scaled = pairwise_feature_difference([[a, same], [10 * b, same]], 'relative')
+    assert scaled[0, 0, 1] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="Unknown feature distance 'l1'"):
+        pairwise_feature_difference([[a], [b]], 'l1')

@@ -85,7 +85,7 @@ def test_fdl_feature_distance_against_the_end_of_phase_zero(tmp_path):
     assert epochs[0]['mechanism']['feature_distance_vs_phase0'] == 1.0
     assert epochs[0]['mechanism']['share_fdl'] == 0.0  # the term is off in phase 0
     ratio = epochs[2]['mechanism']['feature_distance_vs_phase0']
-    assert ratio == pytest.approx(epochs[2]['val']['feature_distance'] / epochs[0]['val']['feature_distance'])
+    assert ratio == pytest.approx(epochs[2]['val']['feature_distance_rel'] / epochs[0]['val']['feature_distance_rel'])
     assert epochs[2]['mechanism']['share_fdl'] > 0
     # without phase 0 there is nothing to compare with: said once, recorded as null
     epochs, log = _train(tmp_path / 'nowarm', 'fdl_test_resnetx2', '--task-kwargs', 'member_warmup_epochs=0')

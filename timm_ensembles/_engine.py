@@ -226,6 +226,7 @@ class MemberOutputs(NamedTuple):
     logits: torch.Tensor  # float32 [B, C]: the model's own prediction (its combine rule, or model(x)), calibrated
     target: torch.Tensor  # [B]
     feature_pairs: torch.Tensor | None  # float32 [B, M, M]: each sample's L_FDL(i, j) (losses.pairwise_...)
+    feature_pairs_relative: torch.Tensor | None = None  # float32 [B, M, M]: the same, scale-free ('relative')
 
 
 class MemberPredictor:
@@ -276,7 +277,7 @@ class MemberPredictor:
                 self.with_features, self.feature_note = False, f'no feature distance: {e}'
                 members = model.forward_members(x)
             else:
-                pairs = pairwise_feature_difference(features)
+                pairs = torch.stack([pairwise_feature_difference(features, d) for d in ('mse', 'relative')], 1)
                 del features
         else:
             members = model.forward_members(x)
@@ -307,7 +308,8 @@ class MemberPredictor:
                 out = (members.float(), logits.float(), target) + (() if pairs is None else (pairs,))
                 if self.gather:
                     out = acc.gather_for_metrics(out)
-                yield MemberOutputs(*out[:3], out[3] if len(out) > 3 else None)
+                pairs = out[3] if len(out) > 3 else None
+                yield MemberOutputs(*out[:3], *((None, None) if pairs is None else (pairs[:, 0], pairs[:, 1])))
         finally:
             batches.close()  # also when the consumer stops early: the bar cleared, the logging restored
             model.train(was_training)
@@ -329,7 +331,8 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
         ensemble's rule, whatever the model's own combine rule is), ``disagreement`` (the fraction of samples on
         which two members' argmax differ, averaged over member pairs) and, for models with
         ``forward_members_with_features``, ``feature_distance`` (the FDL paper's L_FDL between the members' stage
-        features, averaged over samples and pairs). Every sample counts once, also under DDP.
+        features, averaged over samples and pairs) and ``feature_distance_rel`` (its scale-free form, 1 for
+        orthogonal features: ``losses.pairwise_feature_difference``). Every sample counts once, also under DDP.
     """
     # the stage features come out of the same forward pass as the member logits: no second pass
     predictor = MemberPredictor(model, loader, accelerator, gather=accelerator is not None, features=True,
@@ -337,8 +340,8 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
     correct = top5_correct = avg_correct = total = 0
     probs, targets = [], []  # with n_bins: the calibration error bins the whole set at once
     nll = 0.0
-    member_correct = pair_differ = feature_sum = None
-    for batch_index, (members, logits, target, pairs) in enumerate(predictor):
+    member_correct = pair_differ = feature_sum = relative_sum = None
+    for batch_index, (members, logits, target, pairs, relative) in enumerate(predictor):
         if batch_index == 0:
             check_batch_labels(target, num_classes, split)
         if predictor.is_ensemble:  # a plain model's one member is the model: nothing more to count
@@ -351,6 +354,8 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
         if pairs is not None:
             pair_sum = pairs.double().sum(0)
             feature_sum = pair_sum if feature_sum is None else feature_sum + pair_sum
+            pair_sum = relative.double().sum(0)
+            relative_sum = pair_sum if relative_sum is None else relative_sum + pair_sum
         correct += int((logits.argmax(-1) == target).sum())
         top5 = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
         top5_correct += int((top5 == target[:, None]).any(-1).sum())
@@ -373,6 +378,7 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
             out['disagreement'] = metrics.mean_offdiag(pair_differ.double().cpu() / total)
             if feature_sum is not None:
                 out['feature_distance'] = metrics.mean_offdiag(feature_sum.cpu() / total)
+                out['feature_distance_rel'] = metrics.mean_offdiag(relative_sum.cpu() / total)
     return out
 
 
@@ -424,6 +430,8 @@ def format_metrics(epoch: int, train: dict[str, float], val: dict[str, Any], lr:
         parts.append(f"disagree {val['disagreement']:.3f}")
     if 'feature_distance' in val:
         parts.append(f"feat-dist {val['feature_distance']:.3g}")
+    if 'feature_distance_rel' in val:
+        parts.append(f"rel {val['feature_distance_rel']:.3g}")
     parts.append(f"val acc {val['acc']:.2f}")
     parts.append(f"val loss {val['loss']:.4f}")
     parts.append(f'{seconds:.0f}s')

@@ -89,24 +89,40 @@ def feature_difference_loss(features: Sequence[Sequence[torch.Tensor]], distance
     return torch.stack(layer_losses).mean()
 
 
-def pairwise_feature_difference(features: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
-    """The FDL paper's L_FDL(i, j) (``distance='mse'``) of every sample and member pair: ``[B, M, M]`` fp32,
-    symmetric, zero on the diagonal. Its mean over samples is the pair matrix of ``metrics.feature_distance_matrix``;
+def pairwise_feature_difference(features: Sequence[Sequence[torch.Tensor]], distance: str = 'mse') -> torch.Tensor:
+    """The FDL paper's L_FDL(i, j) of every sample and member pair: ``[B, M, M]`` fp32, symmetric, zero on the
+    diagonal. With ``distance='mse'`` its mean over samples is the pair matrix of ``metrics.feature_distance_matrix``;
     its mean over samples and pairs ``i < j`` is ``feature_difference_loss(features)`` (to fp32 rounding).
+
+    ``distance='relative'``: each sample's scale-free distance, per layer ``|F^i - F^j|^2 / (|F^i|^2 + |F^j|^2)``
+    averaged over layers (0 for equal features, 1 for orthogonal ones, 2 for opposite ones; at most 1 for
+    non-negative features such as post-ReLU stage outputs). The loss' relative form normalises a batch at once, by
+    every member's energy; this per-sample form is the one that can be gathered (for two members the two agree on a
+    one-sample batch).
 
     Per-sample values can be gathered across processes with the duplicated tail of the last batch dropped, which a
     batch mean cannot (evaluation relies on this).
 
     Args:
         features: ``features[m][d]`` is member m's ``[B, ...]`` feature tensor at layer d.
+        distance: 'mse' or 'relative'.
     """
     _check_features(features)
+    if distance not in FEATURE_DISTANCES:
+        raise ValueError(f"Unknown feature distance '{distance}', expected one of {FEATURE_DISTANCES}.")
     num_members = len(features)
     batch = features[0][0].shape[0]
     out = torch.zeros(batch, num_members, num_members, dtype=torch.float32, device=features[0][0].device)
+    tiny = torch.finfo(torch.float32).tiny
     for i, j in itertools.combinations(range(num_members), 2):
-        pair = torch.stack([_layer_pair_difference((a, b)) for a, b in zip(features[i], features[j])]).mean(0)
-        out[:, i, j] = out[:, j, i] = pair
+        layers = []
+        for a, b in zip(features[i], features[j]):
+            difference = _layer_pair_difference((a, b))
+            if distance == 'relative':
+                energy = a.float().pow(2).flatten(1).mean(1) + b.float().pow(2).flatten(1).mean(1)
+                difference = difference / energy.clamp(min=tiny)
+            layers.append(difference)
+        out[:, i, j] = out[:, j, i] = torch.stack(layers).mean(0)
     return out
 
 

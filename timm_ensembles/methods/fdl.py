@@ -285,12 +285,13 @@ class FDLTask(Task):
 
     def mechanism(self, train: dict[str, float], val: dict) -> dict[str, dict]:
         """The share of the members' gradient from -L_FDL (0 when its weight is 0, and in phase 0), and the members'
-        validation feature distance over its value at the end of phase 0 (1: no change since the members trained
-        alone; an independent ensemble drifts too, so compare with the same run of ``ens_``)."""
+        scale-free validation feature distance (``feature_distance_rel``, which features cannot raise by growing)
+        over its value at the end of phase 0 (1: no change since the members trained alone; an independent ensemble
+        drifts too, so compare with the same run of ``ens_``)."""
         out = dict(share_fdl=dict(value=train.get('share_fdl', 0.0 if self.phase == 'warmup' else None), null=0.0,
                                   note="share of the members' gradient from -L_FDL"))
-        distance = val.get('feature_distance')
-        note = "validation feature distance over its value at the end of phase 0 (1: unchanged)"
+        distance = val.get('feature_distance_rel')
+        note = "validation feature distance (scale-free) over its value at the end of phase 0 (1: unchanged)"
         if distance is None:
             value, note = None, f'the evaluation measured no feature distance for {type(self.model).__name__}'
         elif self.member_warmup_epochs == 0:
