@@ -770,3 +770,12 @@ def test_snapshot_flags_are_checked_before_anything_is_built(args, message):
     from timm_ensembles import train
     with pytest.raises(SystemExit, match=message):
         train.main(args)
+
+
+def test_neighbouring_seeds_do_not_replay_each_others_epochs():
+    from timm_ensembles.train import epoch_seed
+    # seed s + 1 used to take seed s's data order of the next epoch (seed + epoch)
+    orders = {(s, e): epoch_seed(s, e) for s in range(5) for e in range(200)}
+    assert len(set(orders.values())) == len(orders)
+    assert [epoch_seed(0, e) for e in range(3)] == [0, 1, 2]  # seed 0 keeps its archived runs' data order
+    assert 0 <= epoch_seed(10 ** 9, 7) < 2 ** 32

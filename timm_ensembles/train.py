@@ -663,8 +663,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         # its first epoch finished, from the same seeded initialisation
         _write_snapshot(output, INIT_EPOCH, export_model, snapshot_loader, snapshot_idx, args, info, accelerator)
     for epoch in range(start_epoch, num_epochs):
-        set_seed(args.seed + epoch, device_specific=True)
-        shuffle_generator.manual_seed(args.seed + epoch)
+        set_seed(epoch_seed(args.seed, epoch), device_specific=True)
+        shuffle_generator.manual_seed(epoch_seed(args.seed, epoch))
         unwrapped.on_epoch_start(epoch)
         if mixup_fn is not None:
             mixup_fn.mixup_enabled = not (args.mixup_off_epoch and epoch >= args.mixup_off_epoch)
@@ -772,6 +772,13 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         for tracker in accelerator.trackers:  # the next generation starts its own
             tracker.finish()
     return 0
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of one epoch's data order and augmentation: far apart for neighbouring seeds, so that seed s + 1 does
+    not replay seed s's shuffles shifted by one epoch (``seed + epoch`` did); seed 0 keeps ``epoch``. Below 2^32, as
+    numpy's seed must be."""
+    return (seed * 100_003 + epoch) % 2 ** 32
 
 
 def _results(args: argparse.Namespace, dataset: str, num_epochs: int, world_size: int, final: dict,
