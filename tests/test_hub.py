@@ -55,6 +55,18 @@ def test_card_of_an_ensemble_run_has_its_method_members_dataset_and_numbers(tmp_
             ' args.yaml --output <new folder>`') in body
 
 
+def test_card_shows_the_methods_diagnostics_beside_their_null_values(tmp_path):
+    folder = families(tmp_path)['fdl']
+    results = json.loads((folder / 'results.json').read_text())
+    results['mechanism'] = dict(
+        share_fdl=dict(value=0.0123456, null=0.0, note="share of the members' gradient from -L_FDL"),
+        feature_distance_vs_phase0=dict(value=None, null=1.0, note='no phase 0 to compare with'))
+    (folder / 'results.json').write_text(json.dumps(results))
+    body = generate_model_card(folder, 'org/fdl-digits').split('---\n', 2)[2]
+    assert "| `share_fdl` | 0.01235 | 0 | share of the members' gradient from -L_FDL |" in body
+    assert '| `feature_distance_vs_phase0` | not computed | 1 | no phase 0 to compare with |' in body
+
+
 def test_card_of_an_exported_head_is_for_plain_timm(tmp_path):
     fam = families(tmp_path)
     card = generate_model_card(fam['collab-head'], 'org/head')

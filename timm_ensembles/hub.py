@@ -193,6 +193,15 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
         if 'exported_from' in run:
             comparison += ('\nThe run\'s prediction (first row) is its designated head, which this export is, with'
                            ' identical outputs; the other rows are the heads of the run it was exported from.\n')
+    mechanism = results.get('mechanism') or {}
+    if mechanism:
+        rows = ['| diagnostic | final epoch | when the mechanism does nothing | what it is |', '|---|---|---|---|']
+        for name, d in mechanism.items():
+            value = 'not computed' if d.get('value') is None else f"{d['value']:.4g}"
+            null = '' if d.get('null') is None else f"{d['null']:g}"
+            rows.append(f"| `{name}` | {value} | {null} | {d.get('note', '')} |")
+        comparison += ("\nThe method's own diagnostics (is its mechanism acting? each beside the value it takes when"
+                       ' the mechanism does nothing):\n\n' + '\n'.join(rows) + '\n')
     if args:
         comparison += ("\nTraining, with this repo's `args.yaml` (every flag of the run; `metrics.jsonl` holds every"
                        f' epoch): install timm-ensembles {INSTALL_FROM_SOURCE}, then `accelerate launch -m'
