@@ -82,7 +82,10 @@ def run_summary(args: argparse.Namespace, info: te_data.DatasetInfo, task: nn.Mo
     params = sum(p.numel() for p in model.parameters())
     trained = sum(p.numel() for group in optimizer.param_groups for p in group['params'])
     export_bytes = _state_bytes(model)
-    ratio = optimizer_state_ratio(args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    try:
+        ratio = optimizer_state_ratio(args.opt, lr=args.lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    except Exception:  # noqa: BLE001  (an optimizer that cannot step a CPU tensor: its state is left out)
+        ratio = 0.0
     optimizer_bytes = ratio * sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g['params'])
     checkpoint_bytes = _state_bytes(task) + optimizer_bytes + (export_bytes if args.model_ema else 0)
     sizes, members = registered_sizes(args.model), getattr(model, 'members', None)
@@ -111,10 +114,11 @@ def run_summary(args: argparse.Namespace, info: te_data.DatasetInfo, task: nn.Mo
     std = ', '.join(f'{v:.4g}' for v in data_config['std'])
     lines.append(f"  input: {'x'.join(map(str, data_config['input_size']))}, {data_config.get('interpolation')},"
                  f" crop_pct {data_config.get('crop_pct')}, mean ({mean}), std ({std})")
-    precision = {'no': 'fp32', 'fp16': 'fp16 autocast with a grad scaler', 'bf16': 'bf16 autocast'}.get(
-        str(accelerator.mixed_precision), str(accelerator.mixed_precision))
+    mixed = str(accelerator.mixed_precision)
+    precision = {'no': 'fp32', 'fp16': 'autocast, grad scaler', 'bf16': 'autocast'}.get(mixed)
     lines.append(f'  device: {accelerator.device}, world size {accelerator.num_processes}'
-                 f' ({accelerator.distributed_type}), precision {precision}')
+                 f' ({accelerator.distributed_type}), mixed precision {mixed}'
+                 + (f' ({precision})' if precision else ''))
     if num_members > 1 and hasattr(model, 'set_member_strategy'):
         lines.append(f'  member strategy: {args.member_strategy}')
     lines.append(f'  on disk: {format_bytes(checkpoint_bytes)} a checkpoint ({CHECKPOINT_NAME}, kept twice with'

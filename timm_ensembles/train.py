@@ -2,6 +2,7 @@
 
     accelerate launch -m timm_ensembles.train      # fdl_resnet18x2 on the embedded digits dataset (offline)
     accelerate launch -m timm_ensembles.train --model ens_resnet18x2 --dataset fashion-mnist --epochs 10
+    accelerate launch -m timm_ensembles.train --model ens_resnet18x2 --data-dir pets  # pets/{train,validation}/<cls>
     accelerate launch --multi_gpu --num_processes 2 -m timm_ensembles.train ...   # DDP (gloo processes on a CPU)
     timm-ensembles-train --import my_models --model fdl_my_netx2 ...      # a timm model registered in my_models.py
 
@@ -9,7 +10,14 @@
 method-specific: the model's task (its losses, phases and training-only parts) comes from
 ``timm_ensembles.create_task(model)``; this module never names a method. Task options are given with
 ``--task-kwargs key=value ...``, model options with ``--model-kwargs``; every flag can also come from a YAML file
-(``--config``), flags winning.
+(``--config``, ``-c``), flags winning. timm's train.py habits hold: ``--data-dir`` alone reads that folder (an image
+folder as timm's ``ImageFolder``, but a missing split folder, overlapping splits or differing classes are errors),
+timm's flags (``--drop``, ``--drop-path``, ``--input-size``, ``--mean``/``--std``, ``--clip-mode``,
+``--initial-checkpoint``, ``--experiment``) work, and one spelt differently here (``--torchcompile``) gets one line
+naming ours. ``--resume RUN --epochs N`` with N above the run's epochs extends it as timm's --resume does: the schedule
+is rebuilt over N epochs and taken up at the run's update (a cosine's learning rate rises to its value there; the log
+says from what to what). The first lines of a run summarise what it trains: model, members, parameters, dataset,
+classes, split sizes, input, device, precision, and what a checkpoint will take on disk.
 
 The output folder holds the model in timm's Hugging Face format (``config.json`` + ``model.safetensors``, loadable
 with ``timm.create_model('local-dir:<folder>', pretrained=True)`` after ``import timm_ensembles``), ``metrics.jsonl``
@@ -272,7 +280,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                             ' is made in')
     group.add_argument('--experiment', default='', metavar='NAME',
                        help="the output folder's name (timm's flag): <--output or output/train>/NAME")
-    group.add_argument('--resume', default='', help='continue the run in this output folder (or checkpoint file)')
+    group.add_argument('--resume', default='',
+                       help='continue the run in this output folder (or checkpoint file); with a larger --epochs,'
+                            ' extend it as timm does (the schedule rebuilt over the new epochs, taken up where the run'
+                            ' is)')
     group.add_argument('--no-progress', action='store_true', help='no progress bar')
     group.add_argument('--log-interval', type=int, default=50, metavar='N',
                        help='a log line (loss, learning rate, throughput) every N updates, as timm (default 50)')
@@ -998,7 +1009,7 @@ def _create_datasets(args: argparse.Namespace):
         raise SystemExit(f'error: {e}') from None
     num_classes = args.num_classes if args.num_classes is not None else info.num_classes
     if not num_classes or num_classes < 1:
-        raise SystemExit(f"error: cannot tell the class count of dataset '{args.dataset}'; pass --num-classes")
+        raise SystemExit(f"error: cannot tell the class count of dataset '{info.name}'; pass --num-classes")
     try:
         for split, ds in (('training', train_ds), ('validation', val_ds), ('test', test_ds)):
             if ds is not None:
