@@ -450,6 +450,15 @@ def test_timms_short_flags_and_amp():
     assert args.mixed_precision == 'fp16'  # timm's default amp dtype
 
 
+def test_timms_c_is_config(tmp_path):
+    from timm_ensembles.train import check_args, parse_args
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text('epochs: 3\nsched: step\n')
+    args = parse_args(['-c', str(cfg), '--epochs', '4'])
+    check_args(args)
+    assert (args.epochs, args.sched) == (4, 'step')  # the flag over the file over the default
+
+
 def test_one_channel_run_exports_one_channel_statistics(tmp_path):
     """A model whose config carries ImageNet's three means, trained on gray input, exports one mean and std."""
     out = tmp_path / 'gray'
@@ -789,15 +798,19 @@ def _pets(root: Path, per_class: int) -> Path:
     return root
 
 
+# plateau on the validation accuracy, halving the rate after an epoch without improvement; small steps (down to 0),
+# so that the accuracy stalls within the first epochs
+PLATEAU = ['--sched', 'plateau', '--patience-epochs', '0', '--decay-rate', '0.5', '--lr', '1e-3', '--min-lr', '0']
+
+
 @pytest.fixture(scope='module')
 def folder_run(tmp_path_factory):
-    """timm's command for an image folder (--data-dir, no --dataset), named by --experiment, with --sched plateau
-    stepping on the validation accuracy (decay 0.5 after 0 epochs without improvement)."""
+    """timm's command for an image folder (--data-dir, no --dataset), named by --experiment, with --sched plateau."""
     tmp = tmp_path_factory.mktemp('folder')
     pets = _pets(tmp / 'pets', per_class=12)
-    proc = run_train('--model', 'test_resnet', '--data-dir', pets, '--epochs', '3', '--batch-size', '8', '--workers',
-                     '0', '--no-progress', '--img-size', '32', '--sched', 'plateau', '--patience-epochs', '0',
-                     '--decay-rate', '0.5', '--output', tmp / 'runs', '--experiment', 'pets')
+    proc = run_train('--model', 'test_resnet', '--data-dir', pets, '--epochs', '4', '--batch-size', '8', '--workers',
+                     '0', '--no-progress', '--img-size', '32', *PLATEAU, '--output', tmp / 'runs', '--experiment',
+                     'pets')
     return pets, tmp / 'runs' / 'pets', proc.stderr
 
 
@@ -819,7 +832,7 @@ def test_plateau_steps_on_the_validation_metric_after_each_epoch(folder_run):
     (accuracy), relative threshold 1e-4, patience 0: the rate halves after every epoch that does not beat the best."""
     _, out, _ = folder_run
     records = [json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
-    lr, best = 0.05, None
+    lr, best = 1e-3, None
     for r in records:
         assert r['lr'] == pytest.approx(lr), records
         acc = r['val']['acc']
@@ -827,7 +840,7 @@ def test_plateau_steps_on_the_validation_metric_after_each_epoch(folder_run):
             best = acc
         else:
             lr *= 0.5
-    assert lr < 0.05, 'no epoch decayed: the test data must plateau'  # the folder's accuracy saturates at 100
+    assert records[-1]['lr'] < 1e-3, records  # the test's data must plateau within the run
 
 
 def test_resume_with_more_epochs_extends_the_run_as_timm(fdl_run, tmp_path):
@@ -986,3 +999,18 @@ def test_the_summary_flags_a_member_count_beyond_the_registered_variants_with_it
     short = run_summary(trainer.parse_args(['--model', 'fdl_test_resnetx3']), info, task, {}, data_config,
                         Accelerator(cpu=True), optimizer)
     assert 'warning' not in '\n'.join(short)
+
+
+def test_a_plateau_run_extended_by_resume_is_the_longer_run(folder_run, tmp_path):
+    """A plateau schedule has no length: three epochs extended to four by --resume train exactly the four-epoch run
+    (its learning rate, decayed on the metric, and its counters carried over), weights bitwise."""
+    pets, out, _ = folder_run
+    short = tmp_path / 'short'
+    run_train('--model', 'test_resnet', '--data-dir', pets, '--epochs', '3', '--batch-size', '8', '--workers', '0',
+              '--no-progress', '--img-size', '32', *PLATEAU, '--output', short)
+    run_train('--resume', short, '--epochs', '4')
+    lrs = [[json.loads(ln)['lr'] for ln in (folder / 'metrics.jsonl').read_text().splitlines()] for folder in (out,
+                                                                                                            short)]
+    assert lrs[0] == lrs[1] and lrs[0][-1] < lrs[0][0]
+    full, extended = load_file(out / 'model.safetensors'), load_file(short / 'model.safetensors')
+    assert all(torch.equal(full[k], extended[k]) for k in full)

@@ -702,7 +702,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     if resume_state is not None:
         task.load_state_dict(resume_state['task'])
         optimizer.load_state_dict(resume_state['optimizer'])
-        saved_lr = optimizer.param_groups[0]['lr']  # before a new scheduler sets its own
+        saved_lrs = [group['lr'] for group in optimizer.param_groups]  # before a new scheduler sets its own
     # what reproduces the run: never where it was written, where it resumed from, or the config it came from
     recorded = _normalised({k: v for k, v in vars(args).items() if k not in _NOT_RECORDED})
     if is_main:
@@ -744,11 +744,15 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         if accelerator.scaler is not None and resume_state.get('scaler'):
             accelerator.scaler.load_state_dict(resume_state['scaler'])
         start_epoch, num_updates = resume_state['epoch'], resume_state['num_updates']
-        # building the scheduler reset the learning rate: set it where the interrupted run had it
-        if lr_scheduler is not None:
+        # building the scheduler reset the learning rate: set it where the interrupted run had it, from the update
+        # count, or, for a schedule stepped per epoch on a metric (plateau), as the optimizer's state has it
+        if lr_scheduler is not None and lr_scheduler.t_in_epochs:
+            for group, lr in zip(optimizer.param_groups, saved_lrs):
+                group['lr'] = lr
+        elif lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates)
         if extended_from is not None:
-            log(_extension_note(args, extended_from, start_epoch, num_updates, saved_lr,
+            log(_extension_note(args, extended_from, start_epoch, num_updates, saved_lrs[0],
                                 optimizer.param_groups[0]['lr']))
         val_metrics = resume_state.get('val_metrics', {})
         best = resume_state.get('best')
