@@ -1,6 +1,7 @@
 """Bad input through train.py and the API: one line that names the flag, value and what is allowed, no traceback,
 no output written; resumes that would silently be another run; checkpoint rotation; labels; workers' seeds."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -260,3 +261,84 @@ def test_fp16_overflow_steps_are_skipped_and_only_a_run_of_them_stops(monkeypatc
     Accelerator.scaler = None  # fp32: the first non-finite gradient stops
     with pytest.raises(_engine.NonFiniteLossError, match='update 0'):
         _engine.train_one_epoch(task, batches[:1], optimizer, Accelerator(), 0, show_progress=False)
+
+
+# --- timm's train.py habits: a bad --data-dir, timm's spellings, misspelt flags, schedulers and optimizers
+
+
+def _refusal(argv, tmp_path, capsys) -> str:
+    """The one line train.py answers ``argv`` with (in this process), after checking that nothing was written."""
+    from timm_ensembles import train as trainer
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit) as e:
+        trainer.main([*argv, '--output', str(out)])
+    message = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+    assert message.strip() and '\n' not in message.strip(), message
+    assert not out.exists()
+    return message.strip()
+
+
+def _folder(root: Path, layout: dict) -> Path:
+    from PIL import Image
+    for split, classes in layout.items():
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(root / split / cls / '0.png')
+    return root
+
+
+@pytest.mark.parametrize('make, message', [
+    (lambda root: root, r'error: --data-dir \S+/data does not exist\.$'),
+    (lambda root: root.mkdir() or root, r'error: --data-dir \S+/data is empty: an image folder holds'),
+    (lambda root: _folder(root, {'train': ('cat',), 'validation': ('cat',)}),
+     r"error: --data-dir \S+: \S+/train holds one class only \('cat'\): a classifier needs two or more"),
+    (lambda root: (root / 'train' / 'cat').mkdir(parents=True) or (root / 'train' / 'cat' / 'a.txt').write_text('x')
+     and root, r'error: --data-dir \S+/data holds no images \(timm reads .png, .jpg, .jpeg\) and no MNIST-format'),
+    (lambda root: _folder(root, {'train': ('cat', 'dog'), 'valid': ('cat', 'dog')}) and (root / 'test').mkdir()
+     or root, None),  # timm's synonym valid for validation: no error (checked below)
+])
+def test_a_bad_data_dir_is_one_line_before_any_output(make, message, tmp_path, capsys):
+    root = make(tmp_path / 'data')
+    argv = ['--model', 'test_resnet', '--data-dir', str(root), '--epochs', '1', '--workers', '0', '--no-progress']
+    if message is None:
+        from timm_ensembles import train as trainer
+        args = trainer.parse_args(argv)
+        trainer.check_args(args)
+        assert trainer._create_datasets(args)[3].split_paths[1] == str(root / 'valid')
+        return
+    assert re.match(message, _refusal(argv, tmp_path, capsys))
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--torchcompile'], "error: --torchcompile is how timm's train.py spells it; here: --compile"),
+    (['--log-wandb'], "error: --log-wandb is how timm's train.py spells it; here: --log-with wandb"),
+    (['--train-num-samples', '100'], 'here: --train-subset N (a fixed, stratified subset of the training split)'),
+    (['--epochz', '3'], 'error: unrecognized argument --epochz; did you mean --epochs?'),
+    (['--val-splt', 'val'], 'unrecognized argument --val-splt; did you mean --val-split?'),
+    (['--sched', 'cosin'], "error: --sched cosin: not a scheduler timm knows; did you mean cosine? timm's are cosine,"
+                           ' tanh, step, multistep, plateau, poly, wsd, rsqrt, constant, none.'),
+    (['--sched', 'wsd', '--decay-epochs', '9'], 'error: --sched wsd: wsd schedule requires 0 < decay_epochs <='),
+    (['--opt', 'adamx'], 'error: --opt adamx: not an optimizer timm knows; did you mean adamax'),
+    (['--opt', 'lookahead_adamx'], 'error: --opt lookahead_adamx: not an optimizer timm knows'),
+    (['--opt', 'my_adamw'], 'error: --opt my_adamw: timm reads <name> or lookahead_<name>'),
+    (['--dataset', 'digits', '--data-dir', '/tmp'], 'error: --dataset digits is the embedded dataset and reads no'
+                                                     ' folder, but --data-dir /tmp names one'),
+    (['--input-size', '3', '32', '32', '--img-size', '64'], 'error: --input-size 3 32 32 and --img-size 64 disagree'),
+    (['--input-size', '2', '32', '32'], 'error: --input-size 2 32 32: must be C H W: 1 (gray) or 3 (colour)'),
+    (['--std', '0.5', '0'], 'error: --std 0.5 0.0: must be one value > 0, or one per channel.'),
+    (['--in-chans', '1', '--mean', '0.1', '0.2', '0.3'], 'error: --mean 0.1 0.2 0.3: 3 values for 1 input channels'),
+    (['--drop', '0.1', '--model-kwargs', 'drop_rate=0.2'], 'error: --drop 0.1 and --model-kwargs drop_rate=0.2'),
+    (['--drop-path', '1.5'], 'error: --drop-path 1.5: must be a rate in [0, 1).'),
+    (['--experiment', '../up'], 'error: --experiment ../up: a folder name, not a path'),
+    (['--initial-checkpoint', '/no/such.pth'], 'error: --initial-checkpoint /no/such.pth: no such file or folder.'),
+    (['--clip-mode', 'agx'], "argument --clip-mode: invalid choice: 'agx' (choose from 'norm', 'value', 'agc')"),
+])
+def test_timm_flags_and_misspellings_are_one_line(argv, message, tmp_path, capsys):
+    assert message in _refusal(['--model', 'test_resnet', *argv], tmp_path, capsys)
+
+
+def test_a_refused_flag_is_the_whole_output_not_the_usage(tmp_path):
+    for argv in (['--torchcompile'], ['--data-dir', str(tmp_path / 'none')]):
+        proc = run_train(*argv, '--output', tmp_path / 'run', check=False)
+        assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not (tmp_path / 'run').exists()

@@ -235,7 +235,7 @@ def test_missing_paths(tmp_path):
 def test_folder_neither_idx_nor_images(tmp_path):
     (tmp_path / 'empty' / 'sub').mkdir(parents=True)
     (tmp_path / 'empty' / 'notes.txt').write_text('no images here')
-    with pytest.raises(ValueError, match=r'holds no MNIST-format IDX files and is not an image folder'):
+    with pytest.raises(ValueError, match=r'empty holds no images \(timm reads .png, .jpg, .jpeg\) and no MNIST'):
         create_datasets(str(tmp_path / 'empty'))
     with pytest.raises(ValueError, match=r'is a file; expected a folder'):
         create_datasets(str(tmp_path / 'empty' / 'notes.txt'))
@@ -266,6 +266,68 @@ def test_image_folder(tmp_path):
     x, y = next(iter(val_loader))
     assert x.shape == (4, 3, 8, 8) and y.tolist() == [0, 0, 1, 1]
     assert len(train_loader) == 1  # 6 samples, batch 4, last partial batch dropped
+
+
+def _image_folder(root, layout: dict[str, tuple[str, ...]], count=2):
+    """``root/<split>/<class>/<i>.png``: ``count`` tiny images per class folder of ``layout`` (split -> classes)."""
+    for split, classes in layout.items():
+        for cls in classes:
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.fromarray(np.full((4, 4, 3), 50 * i, dtype=np.uint8)).save(root / split / cls / f'{i}.png')
+    return root
+
+
+def test_no_name_with_a_folder_reads_it_as_timm_does(tmp_path):
+    """timm's train.py reads --data-dir with its default --dataset '': here too, and the embedded digits only when
+    neither names data; timm's split synonyms (val for validation) find the split folders."""
+    pets = _image_folder(tmp_path / 'pets', {'train': ('cat', 'dog'), 'val': ('cat', 'dog')}, count=3)
+    for name in (None, '', '  '):
+        train_ds, val_ds, info = create_datasets(name, root=str(pets))
+        assert (len(train_ds), len(val_ds)) == (6, 6)
+        assert info.name == str(pets) and info.class_names == ['cat', 'dog'] and info.num_classes == 2
+        assert info.split_paths == (str(pets / 'train'), str(pets / 'val'))
+    idx = tmp_path / 'idx'
+    _write_idx_folder(idx)
+    assert create_datasets('', root=str(idx))[2].name == f'idx:{idx}'
+    assert create_datasets(None)[2].name == 'digits'
+    assert create_datasets('digits', root=str(pets))[2].name == 'digits'  # a name of its own never reads the folder
+
+
+@pytest.mark.parametrize('layout, splits, message', [
+    # timm falls back to the root for a split folder that does not exist: training images would validate
+    ({'train': ('cat', 'dog'), 'validation': ('cat', 'dog')}, dict(val_split='valdation'),
+     r"--val-split 'valdation': \S+ has no 'valdation' folder; the folders there are train, validation: name the"
+     r' split folders with --train-split and --val-split \(timm would read the whole folder in its place'),
+    ({'.': ('cat', 'dog')}, {}, r"--train-split 'train': \S+ has no 'train' folder; its folders \(cat, dog\) are"
+                                r' class folders, and class folders alone have no validation split'),
+    ({'train': ('cat', 'dog'), 'validation': ('cat',)}, {},
+     r"the splits hold different classes: \S+/validation has no class folder 'dog'\. Training and validation need"),
+    ({'train': ('cat', 'dog'), 'validation': ('cat', 'dog', 'cow')}, {},
+     r"the splits hold different classes: \S+/train has no class folder 'cow'"),
+    ({'train': ('cat',), 'validation': ('cat',)}, {},
+     r"\S+/train holds one class only \('cat'\): a classifier needs two or more class folders in each split"),
+    ({'train': ('cat', 'dog'), 'validation': ('cat', 'dog')}, dict(val_split='.'),
+     r"--val-split '\.' \(\S+\): the validation folder contains the training folder, so both would read the same"),
+    ({'train': ('cat', 'dog'), 'validation': ('cat', 'dog')}, dict(train_split='.'),
+     r'the training folder contains the validation folder'),
+    ({'train': ('cat', 'dog'), 'validation': ('cat', 'dog')}, dict(train_split='val'),
+     r"--train-split 'val' and --val-split 'validation' are the same folder"),
+])
+def test_image_folder_splits_that_would_leak_or_differ_are_refused(tmp_path, layout, splits, message):
+    root = _image_folder(tmp_path / 'data', layout)
+    with pytest.raises(ValueError, match=message) as e:
+        create_datasets('', root=str(root), **splits)
+    assert '\n' not in str(e.value)
+
+
+def test_an_empty_class_folder_is_named(tmp_path):
+    root = _image_folder(tmp_path / 'data', {'train': ('cat', 'dog'), 'validation': ('cat', 'dog')})
+    for png in (root / 'train' / 'dog').iterdir():
+        png.unlink()
+    (root / 'validation' / '.ipynb_checkpoints').mkdir()  # hidden and empty: no class for timm, no error
+    with pytest.raises(ValueError, match=rf"--train-split 'train': the class folder {root}/train/dog holds no images"):
+        create_datasets('', root=str(root))
 
 
 def test_torch_mnist_offline(tmp_path):

@@ -6,7 +6,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
+import torch
+from safetensors.torch import load_file
 from test_train import ROOT, _env, run_train
+
+import timm_ensembles
+from timm_ensembles._checkpoint import export_folder, load_initial_checkpoint
 
 QUICK = ['--train-subset', '480', '--val-subset', '80', '--batch-size', '32', '--workers', '0', '--no-progress',
          '--img-size', '32']
@@ -108,3 +114,17 @@ def test_fdl_pair_without_normalisation_at_a_common_learning_rate_finishes(tmp_p
     assert len(epochs) == 5
     # both members keep learning (one filter each: about 90 % on the digits alone)
     assert min(epochs[-1]['val']['member_acc']) > 80, epochs[-1]['val']
+
+
+def test_a_student_starts_from_a_trained_network_of_its_architecture(teacher):
+    """MEAL V2's recipe: --initial-checkpoint of a plain network's folder loads into the student's bare network."""
+    student = timm_ensembles.create_model('meal_test_resnet', num_classes=10)
+    load_initial_checkpoint(student, teacher, exported=student.student)
+    trained = load_file(teacher / 'model.safetensors')
+    assert all(torch.equal(student.student.state_dict()[k], v) for k, v in trained.items())
+    # weights that fit neither are still one line
+    with pytest.raises(ValueError, match='does not fit MEALStudent'):
+        other = timm.create_model('test_efficientnet', num_classes=10)
+        folder = teacher.parent / 'other'
+        export_folder(other, folder)
+        load_initial_checkpoint(student, folder, exported=student.student)

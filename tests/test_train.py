@@ -450,6 +450,15 @@ def test_timms_short_flags_and_amp():
     assert args.mixed_precision == 'fp16'  # timm's default amp dtype
 
 
+def test_timms_c_is_config(tmp_path):
+    from timm_ensembles.train import check_args, parse_args
+    cfg = tmp_path / 'cfg.yaml'
+    cfg.write_text('epochs: 3\nsched: step\n')
+    args = parse_args(['-c', str(cfg), '--epochs', '4'])
+    check_args(args)
+    assert (args.epochs, args.sched) == (4, 'step')  # the flag over the file over the default
+
+
 def test_one_channel_run_exports_one_channel_statistics(tmp_path):
     """A model whose config carries ImageNet's three means, trained on gray input, exports one mean and std."""
     out = tmp_path / 'gray'
@@ -779,3 +788,238 @@ def test_neighbouring_seeds_do_not_replay_each_others_epochs():
     assert len(set(orders.values())) == len(orders)
     assert [epoch_seed(0, e) for e in range(3)] == [0, 1, 2]  # seed 0 keeps its archived runs' data order
     assert 0 <= epoch_seed(10 ** 9, 7) < 2 ** 32
+
+
+# --- timm's train.py habits: --data-dir image folders, timm's flags, plateau, --resume extending --epochs
+
+
+def _pets(root: Path, per_class: int) -> Path:
+    """A 2-class image folder as timm reads one: <split>/<class>/<image>, dark cats and bright dogs."""
+    from PIL import Image
+    rng = torch.Generator().manual_seed(0)
+    for split, count in (('train', per_class), ('validation', per_class // 2)):
+        for cls, level in (('cat', 40), ('dog', 200)):
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                noise = torch.randint(-20, 20, (16, 16, 3), generator=rng)
+                Image.fromarray((noise + level).clamp(0, 255).to(torch.uint8).numpy()).save(
+                    root / split / cls / f'{i}.png')
+    return root
+
+
+# plateau on the validation accuracy, halving the rate after an epoch without improvement; small steps (down to 0),
+# so that the accuracy stalls within the first epochs
+PLATEAU = ['--sched', 'plateau', '--patience-epochs', '0', '--decay-rate', '0.5', '--lr', '1e-3', '--min-lr', '0']
+
+
+@pytest.fixture(scope='module')
+def folder_run(tmp_path_factory):
+    """timm's command for an image folder (--data-dir, no --dataset), named by --experiment, with --sched plateau."""
+    tmp = tmp_path_factory.mktemp('folder')
+    pets = _pets(tmp / 'pets', per_class=12)
+    proc = run_train('--model', 'test_resnet', '--data-dir', pets, '--epochs', '4', '--batch-size', '8', '--workers',
+                     '0', '--no-progress', '--img-size', '32', *PLATEAU, '--output', tmp / 'runs', '--experiment',
+                     'pets')
+    return pets, tmp / 'runs' / 'pets', proc.stderr
+
+
+def test_data_dir_trains_on_the_folder_and_the_first_lines_say_so(folder_run):
+    pets, out, log = folder_run
+    config = json.loads((out / 'config.json').read_text())
+    assert config['num_classes'] == 2 and config['label_names'] == ['cat', 'dog']
+    assert json.loads((out / 'results.json').read_text())['dataset'] == str(pets)
+    lines = log.splitlines()
+    assert lines[0] == 'model: test_resnet (ResNet, trained by ClassificationTask)', lines[:3]
+    summary = lines[:lines.index(next(ln for ln in lines if ln.startswith('train 0')))]
+    assert f'  dataset: {pets} (image folder: training {pets}/train, validation {pets}/validation)' in summary
+    assert '  classes: 2 (cat, dog)' in summary and '  splits: training 24, validation 12' in summary
+    assert '  input: 3x32x32, bilinear' in '\n'.join(summary) and 'world size 1' in '\n'.join(summary)
+
+
+def test_plateau_steps_on_the_validation_metric_after_each_epoch(folder_run):
+    """timm's train.py: lr_scheduler.step(epoch + 1, metric) after every epoch; ReduceLROnPlateau in 'max' mode
+    (accuracy), relative threshold 1e-4, patience 0: the rate halves after every epoch that does not beat the best."""
+    _, out, _ = folder_run
+    records = [json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+    lr, best = 1e-3, None
+    for r in records:
+        assert r['lr'] == pytest.approx(lr), records
+        acc = r['val']['acc']
+        if best is None or acc > best * (1 + 1e-4):
+            best = acc
+        else:
+            lr *= 0.5
+    assert records[-1]['lr'] < 1e-3, records  # the test's data must plateau within the run
+
+
+def test_resume_with_more_epochs_extends_the_run_as_timm(fdl_run, tmp_path):
+    """The schedule is rebuilt over the new epoch count and taken up at the run's update (timm's --resume): a cosine
+    from 0.05 to 1e-5 over 3 epochs of 5 updates is at 1e-5 + (0.05 - 1e-5) (1 + cos(2 pi / 3)) / 2 at update 10."""
+    out, _ = fdl_run
+    copy = tmp_path / 'copy'
+    shutil.copytree(out, copy)
+    proc = run_train('--resume', copy, '--epochs', '3')
+    expected = 1e-5 + (0.05 - 1e-5) * (1 + math.cos(2 * math.pi / 3)) / 2
+    assert (f'--epochs 2 -> 3: the run continues from epoch 2 to 3; the cosine schedule is rebuilt over 3 epochs and'
+            f" taken up at update 10, as timm's --resume does: learning rate 1e-05 -> {expected:.6g}") in proc.stderr
+    records = [json.loads(ln) for ln in (copy / 'metrics.jsonl').read_text().splitlines()]
+    assert [r['epoch'] for r in records] == [0, 1, 2] and records[:2] == [
+        json.loads(ln) for ln in (out / 'metrics.jsonl').read_text().splitlines()]
+    assert records[2]['lr'] == pytest.approx(1e-5)  # the new schedule's end
+    assert json.loads((copy / 'results.json').read_text())['epochs'] == 3
+    assert yaml.safe_load((copy / 'args.yaml').read_text())['epochs'] == 3
+    shrink = run_train('--resume', copy, '--epochs', '2', check=False)
+    assert shrink.returncode != 0 and shrink.stderr.strip().splitlines() == [
+        f'error: --resume {copy} --epochs 2: the run has 3 epochs; a resumed run can be extended (a larger --epochs)'
+        f' but not shortened: give --epochs 3 or more.']
+
+
+def test_timms_model_and_data_flags_reach_the_model_and_its_data_config(fdl_run, tmp_path):
+    from timm_ensembles import train as trainer
+    args = trainer.parse_args(['--model', 'fdl_test_resnetx2', '--drop', '0.25', '--drop-path', '0.125',
+                               '--input-size', '3', '32', '48', '--mean', '0.25', '--std', '0.5', '0.25', '1',
+                               '--eval-metric', 'top1', '--initial-checkpoint', str(fdl_run[0])])
+    trainer.check_args(args)
+    assert (args.in_chans, args.eval_metric) == (3, 'acc')
+    info = te_data.DatasetInfo('digits', 10, None, 32, 0.)
+    model, task, _, data_config = trainer._create_task(args, {}, 10, info)
+    for member in model.members:
+        assert member.drop_rate == 0.25
+        assert [m.drop_prob for m in member.modules() if type(m).__name__ == 'DropPath'][-1] == pytest.approx(0.125)
+    assert data_config['input_size'] == (3, 32, 48)
+    assert (tuple(data_config['mean']), tuple(data_config['std'])) == ((0.25,) * 3, (0.5, 0.25, 1.0))
+    # --initial-checkpoint: the run folder's exported weights, exactly
+    exported = load_file(fdl_run[0] / 'model.safetensors')
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in exported.items())
+
+
+def test_initial_checkpoint_never_unpickles_and_must_fit(fdl_run, tmp_path):
+    from timm_ensembles._checkpoint import load_initial_checkpoint
+    model = timm.create_model('test_resnet', num_classes=10)
+    pickled = tmp_path / 'evil.pth'
+    torch.save({'state_dict': model.state_dict(), 'payload': _Unpicklable()}, pickled)
+    with pytest.raises(ValueError, match=r'cannot read .*evil\.pth as weights \(RuntimeError: weights_only=True'
+                                         r' blocked loading'):
+        load_initial_checkpoint(model, pickled)
+    with pytest.raises(ValueError, match=r'does not fit ResNet: \d+ weights of the model missing \(e\.g\. conv1.*'
+                                         r'\d+ weights the model does not have \(e\.g\. members\.0\.'):
+        load_initial_checkpoint(model, fdl_run[0])
+    with pytest.raises(ValueError, match='is a train.py checkpoint'):
+        load_initial_checkpoint(model, fdl_run[0] / 'checkpoint.pt')
+    plain = tmp_path / 'plain.pth'
+    torch.save({'state_dict': {f'module.{k}': v for k, v in model.state_dict().items()}}, plain)
+    fresh = timm.create_model('test_resnet', num_classes=10)
+    load_initial_checkpoint(fresh, plain)  # timm's checkpoint layout, DDP prefix cleaned, as timm loads it
+    assert torch.equal(fresh.fc.weight, model.fc.weight)
+
+
+class _Unpicklable:
+    """A class a weights_only load refuses (what a malicious pickle would carry)."""
+
+
+def test_plateau_state_resumes_with_its_patience_counters():
+    """timm's PlateauLRScheduler.state_dict keeps only best and last_epoch: the checkpoint keeps the patience and
+    cooldown counters too, so a resumed run decays on the same epoch as an uninterrupted one."""
+    import argparse
+
+    from timm_ensembles._cli import SchedulerState, create_scheduler
+
+    def plateau():
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        args = argparse.Namespace(sched='plateau', epochs=10, decay_epochs=1, decay_milestones=[90], decay_rate=0.5,
+                                  min_lr=0.0, warmup_lr=0.0, warmup_epochs=0, patience_epochs=2, eval_metric='acc')
+        return create_scheduler(optimizer, args, updates_per_epoch=1)[0], optimizer
+
+    run, optimizer = plateau()
+    for epoch, acc in enumerate((50, 40, 40), start=1):  # best 50, then two epochs without improvement
+        run.step(epoch, acc)
+    saved = SchedulerState(run).state_dict()
+    resumed, resumed_optimizer = plateau()
+    SchedulerState(resumed).load_state_dict(saved)
+    run.step(4, 40)
+    resumed.step(4, 40)  # the third epoch without improvement: beyond a patience of 2, both decay
+    assert optimizer.param_groups[0]['lr'] == resumed_optimizer.param_groups[0]['lr'] == 0.5
+
+
+def test_clip_modes_clip_as_timms_dispatch_clip_grad():
+    """One SGD step (lr 1, no momentum) on gradients of 100 everywhere: 'value' clips each to 0.5; 'norm' scales the
+    whole gradient to norm 1; 'agc' with factor 0.01 scales each unit of the body to 0.01 of its weight norm (rows of
+    four ones: norm 2, so 0.02 for a gradient row of norm 200: 0.01 per weight) and leaves the classifier alone."""
+    from timm_ensembles._engine import train_one_epoch
+
+    class Task(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(4, 2, bias=False)
+            self.head = torch.nn.Linear(2, 3, bias=False)
+            for p in self.parameters():
+                torch.nn.init.ones_(p)
+
+        def get_classifier(self):
+            return self.head
+
+        def forward(self, x, target):
+            return dict(loss=100 * (self.body.weight.sum() + self.head.weight.sum()), output=None, components={})
+
+    batches = [(torch.zeros(2, 4), torch.zeros(2, dtype=torch.long))]
+    after = {}
+    for mode, value in (('value', 0.5), ('norm', 1.0), ('agc', 0.01)):
+        task = Task()
+        optimizer = torch.optim.SGD(task.parameters(), lr=1.0, momentum=0.0)
+        train_one_epoch(task, batches, optimizer, Accelerator(cpu=True), 0, clip_grad=value, clip_mode=mode,
+                        show_progress=False)
+        after[mode] = (task.body.weight.detach(), task.head.weight.detach())
+    assert torch.equal(after['value'][0], torch.full((2, 4), 0.5)) and torch.equal(after['value'][1],
+                                                                                 torch.full((3, 2), 0.5))
+    step = torch.cat([(1 - w).flatten() for w in after['norm']])
+    assert torch.allclose(step, torch.full((14,), 1 / math.sqrt(14)))  # the norm-1 direction of equal gradients
+    assert torch.allclose(after['agc'][0], torch.full((2, 4), 0.99)) and torch.equal(after['agc'][1],
+                                                                                   torch.full((3, 2), -99.))
+
+
+def test_the_summary_flags_a_member_count_beyond_the_registered_variants_with_its_size(tmp_path):
+    """fdl_resnet18x22 (a typo for x2) builds 22 members: the summary says so with the size each checkpoint will take,
+    which is what train.py's checkpoint of the model, the task and an SGD step's momentum takes (within 2 %)."""
+    import io
+
+    from timm_ensembles import train as trainer
+    from timm_ensembles._summary import format_bytes, run_summary
+    args = trainer.parse_args(['--model', 'fdl_test_resnetx5', *map(str, QUICK)])
+    trainer.check_args(args)
+    args.member_strategy = 'loop'
+    train_ds, val_ds, test_ds, info, num_classes = trainer._create_datasets(args)
+    _, task, _, data_config = trainer._create_task(args, {}, num_classes, info)
+    optimizer = task.create_optimizer(opt=args.opt, lr=args.lr, momentum=args.momentum)
+    lines = run_summary(args, info, task, dict(training=train_ds, validation=val_ds, test=test_ds), data_config,
+                        Accelerator(cpu=True), optimizer)
+    members = next(ln for ln in lines if ln.startswith('  members:'))
+    assert members.startswith('  members: 5 x test_resnet (1.5 MB a member); warning: more than any registered'
+                              ' variant (x2-x4): 5 networks, '), members
+    assert 'Is fdl_test_resnetx5 the name you meant?' in members
+    assert '  splits: training 160 (of 1437), validation 80 (of 360)' in lines
+    for p in task.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()  # the momentum buffers exist from the first step on
+    buffer = io.BytesIO()
+    torch.save(dict(task=task.state_dict(), optimizer=optimizer.state_dict()), buffer)
+    size = float(members.split('5 networks, ')[1].split(' a checkpoint')[0].split()[0]) * 1e6
+    assert size == pytest.approx(len(buffer.getvalue()), rel=0.02), (format_bytes(len(buffer.getvalue())), members)
+    short = run_summary(trainer.parse_args(['--model', 'fdl_test_resnetx3']), info, task, {}, data_config,
+                        Accelerator(cpu=True), optimizer)
+    assert 'warning' not in '\n'.join(short)
+
+
+def test_a_plateau_run_extended_by_resume_is_the_longer_run(folder_run, tmp_path):
+    """A plateau schedule has no length: three epochs extended to four by --resume train exactly the four-epoch run
+    (its learning rate, decayed on the metric, and its counters carried over), weights bitwise."""
+    pets, out, _ = folder_run
+    short = tmp_path / 'short'
+    run_train('--model', 'test_resnet', '--data-dir', pets, '--epochs', '3', '--batch-size', '8', '--workers', '0',
+              '--no-progress', '--img-size', '32', *PLATEAU, '--output', short)
+    run_train('--resume', short, '--epochs', '4')
+    lrs = [[json.loads(ln)['lr'] for ln in (folder / 'metrics.jsonl').read_text().splitlines()] for folder in (out,
+                                                                                                            short)]
+    assert lrs[0] == lrs[1] and lrs[0][-1] < lrs[0][0]
+    full, extended = load_file(out / 'model.safetensors'), load_file(short / 'model.safetensors')
+    assert all(torch.equal(full[k], extended[k]) for k in full)

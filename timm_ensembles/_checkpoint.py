@@ -19,7 +19,7 @@ from torch import nn
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
            'export_new_folder', 'rank_history', 'history_folder', 'sweep_history', 'atomic_write_text',
-           'sweep_temporaries', 'check_weights', 'CHECKPOINT_NAME']
+           'sweep_temporaries', 'check_weights', 'load_initial_checkpoint', 'CHECKPOINT_NAME']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 # the config.json entry naming the timm-ensembles version that wrote an export
@@ -285,3 +285,57 @@ def check_weights(config: dict[str, Any], weights: str | Path, source: str) -> N
             f"The weights of '{source}' are not the ones its config.json was written with (sha256 {found[:12]}... of"
             f" {weights}, {expected[:12]}... recorded): the file is corrupted or was changed. Download it again"
             f" (remove it from the Hugging Face cache) or export the model again.")
+
+
+def load_initial_checkpoint(model: nn.Module, source: str | Path, exported: nn.Module | None = None) -> None:
+    """Load weights into ``model`` strictly, as timm's train.py ``--initial-checkpoint`` does (its EMA weights where
+    the checkpoint has them), from: a folder written by ``export_folder`` or timm's ``save_for_hf`` (its
+    ``model.safetensors``, checked against the sha256 its config.json records), a ``.safetensors`` file, or a timm
+    ``.pth`` checkpoint, read with ``torch.load(weights_only=True)``: nothing is ever unpickled.
+
+    Args:
+        model: The model to load into.
+        source: Where the weights are.
+        exported: The part of ``model`` a run exports, where that is not ``model`` itself (a student's bare
+            network): weights that fit it, and not ``model``, are loaded into it (a student started from a trained
+            network of its architecture, as MEAL V2 trains).
+
+    Raises:
+        ValueError: In one line: what the source is not, or how its weights do not fit the model.
+        RuntimeError: The weights are not the ones their config.json was written with.
+    """
+    from timm.models import load_state_dict
+
+    spec = str(source)
+    path = Path(spec.removeprefix('local-dir:')).expanduser()
+    if path.is_dir():
+        weights = path / 'model.safetensors'
+        if not weights.is_file():
+            unfinished = f' (a run that has not finished: --resume {path} continues it)' \
+                if (path / CHECKPOINT_NAME).is_file() else ''
+            raise ValueError(f"--initial-checkpoint {spec}: the folder has no model.safetensors{unfinished}; give a"
+                             f" folder written by train.py or timm's save_for_hf, a .safetensors file or a .pth file.")
+        if (path / 'config.json').is_file():
+            check_weights(json.loads((path / 'config.json').read_text()), weights, spec)
+        path = weights
+    try:
+        state = load_state_dict(str(path), use_ema=True, weights_only=True)
+    except Exception as e:  # noqa: BLE001  (whatever the file is, one line says it cannot be read)
+        raise ValueError(f"--initial-checkpoint {spec}: cannot read {path} as weights ({type(e).__name__}:"
+                         f" {' '.join(str(e).split())[:300]})") from e
+    if {'task', 'epoch', 'optimizer'} <= set(state):
+        raise ValueError(f"--initial-checkpoint {spec} is a train.py checkpoint (training state): --resume continues"
+                         f" its run; for its model, give the run's folder once it has finished (model.safetensors).")
+    if exported is not None and exported is not model and set(state) == set(exported.state_dict()) \
+            and set(state) != set(model.state_dict()):
+        model = exported
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [k for k in own if k in state and tuple(getattr(state[k], 'shape', ())) != tuple(own[k].shape)]
+    problems = [f'{len(keys)} {what} (e.g. {", ".join(keys[:3])})' for keys, what in (
+        (missing, 'weights of the model missing'), (unexpected, 'weights the model does not have'),
+        (shapes, 'weights of another shape')) if keys]
+    if problems:
+        raise ValueError(f"--initial-checkpoint {spec} does not fit {type(model).__name__}: {'; '.join(problems)}.")
+    model.load_state_dict(state, strict=True)

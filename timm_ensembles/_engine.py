@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from timm.utils import dispatch_clip_grad
 from torch import nn
 
 from . import metrics
@@ -75,6 +76,7 @@ def train_one_epoch(
         epoch: int,
         lr_scheduler=None,
         clip_grad: float | None = None,
+        clip_mode: str = 'norm',
         num_updates: int = 0,
         show_progress: bool = True,
         num_classes: int | None = None,
@@ -93,7 +95,10 @@ def train_one_epoch(
         accelerator: The ``accelerate.Accelerator``.
         epoch: Epoch index, for messages.
         lr_scheduler: A timm scheduler, stepped per optimizer update (``step_update``).
-        clip_grad: Max gradient norm, or None.
+        clip_grad: Where gradients are clipped (by ``clip_mode``), or None.
+        clip_mode: timm's clipping modes (``timm.utils.dispatch_clip_grad``): 'norm' clips the global gradient norm
+            at ``clip_grad``, 'value' every gradient value to ``[-clip_grad, clip_grad]``, 'agc' adaptively per unit
+            (``clip_grad`` the factor; every classifier layer left out, as timm leaves its model's head out).
         num_updates: Optimizer updates done before this epoch.
         show_progress: Show a progress bar on the local main process (when stderr is a terminal; log lines, ``log``'s
             included, are written above it).
@@ -117,6 +122,9 @@ def train_one_epoch(
         NonFiniteLossError: A term became NaN or infinite (on any process); the step is not applied.
     """
     task.train()
+    clip_params = None
+    if clip_grad and clip_mode != 'norm':
+        clip_params = _parameters_to_clip(task, exclude_heads=clip_mode == 'agc')
     means = _Means()
     unwrapped = accelerator.unwrap_model(task)
     model = getattr(getattr(unwrapped, '_orig_mod', unwrapped), 'model', None)
@@ -154,9 +162,13 @@ def train_one_epoch(
                         means.update(f'share_{name}', share)
                 accelerator.backward(out['loss'])
                 if accelerator.sync_gradients:
-                    # the gradients are all-reduced by now, so every process sees the same norm and stops together
-                    grad_norm = accelerator.clip_grad_norm_(task.parameters(), clip_grad or float('inf'))
+                    # the gradients are all-reduced by now, so every process sees the same norm and stops together;
+                    # the norm unscales fp16 gradients first, so that the other modes clip true gradient values
+                    max_norm = clip_grad if clip_grad and clip_mode == 'norm' else float('inf')
+                    grad_norm = accelerator.clip_grad_norm_(task.parameters(), max_norm)
                     finite = bool(torch.isfinite(grad_norm))
+                    if clip_params is not None and finite:
+                        dispatch_clip_grad(clip_params, clip_grad, mode=clip_mode)
                     overflows = 0 if finite else overflows + 1
                     # with fp16's GradScaler an overflow is routine: the scaler skips that step and halves its scale;
                     # only a run of them (the scale cannot get small enough) means the gradient itself is not finite
@@ -218,6 +230,20 @@ def mechanism_shares(loss: torch.Tensor, terms: dict[str, torch.Tensor],
     if total == 0:
         return {}
     return {name: norm(term) / total for name, term in terms.items()}
+
+
+def _parameters_to_clip(task: nn.Module, exclude_heads: bool) -> list[nn.Parameter]:
+    """The trainable parameters, less (``exclude_heads``) those of every classifier a timm model in ``task`` has
+    (``get_classifier``: each member's head, an ensemble's own): AGC leaves the final layer unclipped (Brock et al.
+    2021), which timm's train.py does by dropping its model's head."""
+    heads = set()
+    if exclude_heads:
+        for module in task.modules():
+            get_classifier = getattr(module, 'get_classifier', None)
+            classifier = get_classifier() if callable(get_classifier) else None
+            if isinstance(classifier, nn.Module):
+                heads.update(id(p) for p in classifier.parameters())
+    return [p for p in task.parameters() if p.requires_grad and id(p) not in heads]
 
 
 class MemberOutputs(NamedTuple):

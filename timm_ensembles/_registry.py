@@ -135,6 +135,22 @@ def parse_dynamic_name(model_name: str) -> dict[str, Any] | None:
             **_variant_args[method].get(num, {})}
 
 
+def registered_sizes(model_name: str) -> tuple[str, int, list[int]] | None:
+    """For a ``<method>_<base>x<N>`` name: the argument ``x<N>`` sets (``num_members``, ``num_heads``), N, and the
+    sizes the method registers named variants of (2, 3, 4); None for any other name. A size outside them is legal
+    (``fdl_resnet18x22`` builds 22 members) and may be a typo."""
+    parsed = parse_dynamic_name(split_model_name_tag(model_name)[0])
+    if parsed is None or parsed['method'] not in _size_args:
+        return None
+    method, size_arg = parsed['method'], _size_args[parsed['method']]
+    sizes = set()
+    for name in timm.list_models(f'{method}_*'):
+        variant = parse_dynamic_name(name)
+        if variant is not None and variant['method'] == method:
+            sizes.add(variant[size_arg])
+    return size_arg, parsed[size_arg], sorted(sizes)
+
+
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` that also builds ``<method>_<any timm model>x<N>`` names.
 

@@ -2,11 +2,14 @@
 
 Three sources, picked by the dataset name given to :func:`create_datasets`:
 
-* the embedded default (``None``, ``''`` or ``'digits'``): scikit-learn's 1797 real 8x8 handwritten digits, which
-  ship inside scikit-learn, so that a fresh install trains offline;
+* the embedded default (``'digits'``, or no name and no folder): scikit-learn's 1797 real 8x8 handwritten digits,
+  which ship inside scikit-learn, so that a fresh install trains offline;
 * MNIST-format IDX folders (``'fashion-mnist'``, ``'idx:<folder>'`` or a folder path): MNIST, Fashion-MNIST, KMNIST
   and the like as they are distributed, read into memory;
-* anything timm's ``create_dataset`` knows: ``torch/<name>``, ``hfds/<name>``, ``hfids/<name>``, image folders.
+* anything timm's ``create_dataset`` knows: ``torch/<name>``, ``hfds/<name>``, ``hfids/<name>``, image folders. No
+  name with a folder (``root``) reads that folder, as timm's train.py reads ``--data-dir`` with ``--dataset ''``.
+  Image folders are read strictly: the split folders must exist (timm falls back to the root, which would validate
+  on the training images), hold the same classes, and neither contain the other.
 
 Datasets yield ``(PIL image, int label)`` and take a settable ``transform`` (like timm's ``ImageDataset``).
 :func:`create_loaders` sets timm's train / eval transforms and builds plain DataLoaders; the training script's
@@ -27,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from timm.data import ImageDataset, create_dataset, create_transform
+from timm.data import ImageDataset, create_dataset, create_transform, get_img_extensions
 from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
@@ -64,11 +67,11 @@ _TRAIN_SPLITS = ('train', 'training')
 _EVAL_SPLITS = ('validation', 'val', 'valid', 'eval', 'evaluation', 'test', 't10k')
 
 _ACCEPTED = (
-    "Accepted dataset names: 'digits' (the embedded default, also None or ''); "
+    "Accepted dataset names: 'digits' (the embedded default, when neither a name nor --data-dir is given); "
     f"'fashion-mnist' (IDX files in {FASHION_MNIST_DIR}, or in --data-dir when given); "
     "'idx:<folder>' or the path of a folder holding MNIST-format IDX files (train-images-idx3-ubyte, "
     "train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, each optionally .gz); "
-    "the path of an image folder (one subfolder per class); "
+    "the path of an image folder (<split>/<class>/<image>), or no name with --data-dir naming one; "
     "or a timm dataset name such as 'torch/cifar10' or 'hfds/<hub name>' with --data-dir.")
 
 
@@ -82,12 +85,14 @@ class DatasetInfo:
         class_names: Class names indexed by label, None when unknown.
         default_img_size: Natural model input size for datasets of small images, None for others.
         default_hflip: Horizontal flip probability that suits the data (0 for digits, which flips would corrupt).
+        split_paths: For an image folder, the (training, validation) split folders it was read from.
     """
     name: str
     num_classes: int
     class_names: list[str] | None
     default_img_size: int | None
     default_hflip: float
+    split_paths: tuple[str, str] | None = None
 
 
 class ArrayImageDataset(Dataset):
@@ -430,6 +435,7 @@ def _create_timm(
         img_mode: str,
         download: bool,
         is_folder: bool = False,
+        label: str = '',
 ):
     prefix = name.partition('/')[0].lower()
     if prefix in ('hfds', 'hfids'):
@@ -445,19 +451,10 @@ def _create_timm(
                 f'to fetch {name} there.')
 
     kwargs = dict(root=root, download=download, input_img_mode=img_mode)
+    split_paths = None
     if is_folder:
-        try:
-            train_ds = create_dataset('', split=train_split, is_training=True, **kwargs)
-            # the validation folder must use the training labels even when it lacks a class
-            val_ds = create_dataset(
-                '', split=val_split, class_map=dict(train_ds.reader.class_to_idx), **kwargs)
-        except RuntimeError as e:  # timm's image folder reader found no images
-            raise ValueError(
-                f'{root} holds no MNIST-format IDX files and is not an image folder ({e}). {_ACCEPTED}') from e
-        if os.path.abspath(train_ds.reader.root) == os.path.abspath(val_ds.reader.root):
-            _logger.warning(
-                f'{root} has no subfolder for the {train_split!r} / {val_split!r} splits, so training and '
-                f'validation read the same images: validation accuracy will not measure generalisation.')
+        train_ds, val_ds, split_paths = _create_image_folder(root, train_split, val_split, img_mode,
+                                                                label or f'--data-dir {root}')
     else:
         train_ds = create_dataset(name, split=train_split, is_training=True, **kwargs)
         val_ds = create_dataset(name, split=val_split, **kwargs)
@@ -473,12 +470,142 @@ def _create_timm(
         class_names=class_names,
         default_img_size=None if is_folder else _timm_img_size(name),
         default_hflip=0. if name.rstrip('/').rsplit('/', 1)[-1].lower() in _NO_HFLIP else 0.5,
+        split_paths=split_paths,
     )
     return train_ds, val_ds, info
 
 
+# timm's split synonyms (timm.data.dataset_factory): a split folder may be named by any of its group
+_FOLDER_SYNONYMS = (('train', 'training'), ('validation', 'val', 'valid', 'eval', 'evaluation'))
+
+
+def _has_images(folder: str) -> bool:
+    """Whether ``folder`` holds an image timm's folder reader would read, at any depth (stops at the first)."""
+    types = get_img_extensions(as_set=True)
+    for _, _, files in os.walk(folder, followlinks=True):
+        if any(os.path.splitext(f)[1].lower() in types for f in files):
+            return True
+    return False
+
+
+def _subfolders(folder: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(folder) if e.is_dir())
+
+
+def _holds_images_directly(folder: str) -> bool:
+    """Whether ``folder`` itself holds images (not only in subfolders): a class folder, not a split folder."""
+    types = get_img_extensions(as_set=True)
+    return any(os.path.splitext(e.name)[1].lower() in types for e in os.scandir(folder) if e.is_file())
+
+
+def _split_folder(root: str, split: str) -> str | None:
+    """The folder of ``split`` under ``root``: ``root/<split>``, else a folder named by one of its timm synonyms
+    (``val`` for ``validation``, ...); None when there is none. timm's ``create_dataset`` falls back to ``root``
+    itself, which would validate on the training images."""
+    name = split.split('[')[0]
+    candidates = [name] + [s for group in _FOLDER_SYNONYMS if name in group for s in group if s != name]
+    for candidate in candidates:
+        path = os.path.join(root, candidate)
+        if candidate and os.path.isdir(path):
+            return path
+    return None
+
+
+def _check_image_folder(root: str, label: str) -> None:
+    """A folder given as an image dataset exists, is not empty and holds images, or one line says which it is not."""
+    if not os.path.exists(root):
+        raise FileNotFoundError(f'{label} does not exist.')
+    if not os.path.isdir(root):
+        raise ValueError(f'{label} is a file; expected a folder. {_ACCEPTED}')
+    if not os.listdir(root):
+        raise ValueError(f'{label} is empty: an image folder holds <split>/<class>/<image> files (e.g.'
+                         f' train/cat/1.png and validation/cat/2.png).')
+    if not _has_images(root):
+        raise ValueError(f"{label} holds no images (timm reads {', '.join(get_img_extensions())}) and no"
+                         f' MNIST-format IDX files. {_ACCEPTED}')
+
+
+def _class_folders(split_path: str, split: str, split_arg: str) -> set[str]:
+    """The class folders of one split folder, each holding images; an empty one, or images outside any, are
+    refused (timm would drop the class, or make a class named ''). A hidden folder (``.ipynb_checkpoints``) counts
+    only when it holds images, as timm then makes it a class."""
+    if _holds_images_directly(split_path):
+        raise ValueError(f'{split_arg} {split!r}: {split_path} holds images directly; put each class\'s images in'
+                         f' a subfolder named after the class ({split_path}/<class>/<image>).')
+    classes, empty = set(), []
+    for name in _subfolders(split_path):
+        if _has_images(os.path.join(split_path, name)):
+            classes.add(name)
+        elif not name.startswith('.'):
+            empty.append(name)
+    if empty:
+        raise ValueError(f'{split_arg} {split!r}: the class folder{"s" if len(empty) > 1 else ""}'
+                         f' {", ".join(os.path.join(split_path, e) for e in empty)} hold{"" if len(empty) > 1 else "s"}'
+                         f' no images: fill {"them" if len(empty) > 1 else "it"} or remove'
+                         f' {"them" if len(empty) > 1 else "it"} (from every split).')
+    return classes
+
+
+def _create_image_folder(root: str, train_split: str, val_split: str, img_mode: str, label: str):
+    """The training and validation sets of an image folder (``root/<split>/<class>/<image>``), read by timm's
+    ``create_dataset`` as timm's train.py reads ``--data-dir``, but strictly: each split folder must exist (timm
+    falls back to ``root``), neither may contain the other, both hold the same two or more classes, none empty."""
+    if os.path.isfile(root) and root.endswith('.tar'):  # a tar of class folders: no split folders to tell apart
+        raise ValueError(f'{root} is one tar file of images: training and validation would read the same images;'
+                         f' give a folder with {train_split}/ and {val_split}/ split folders.')
+    _check_image_folder(root, label)
+    paths = {}
+    for split, arg in ((train_split, '--train-split'), (val_split, '--val-split')):
+        path = _split_folder(root, split)
+        if path is None:
+            folders = [f for f in _subfolders(root) if not f.startswith('.')]
+            if folders and all(_holds_images_directly(os.path.join(root, f)) for f in folders):
+                hint = (f'its folders ({", ".join(folders)}) are class folders, and class folders alone have no'
+                        f' validation split: make {root}/{train_split}/<class> and {root}/{val_split}/<class>')
+            else:
+                there = f'the folders there are {", ".join(folders)}' if folders else 'it has no subfolders'
+                hint = f'{there}: name the split folders with --train-split and --val-split'
+            raise ValueError(f'{arg} {split!r}: {root} has no {split!r} folder; {hint} (timm would read the whole'
+                             f' folder in its place, training images included).')
+        paths[arg] = os.path.realpath(path)
+    train_path, val_path = paths['--train-split'], paths['--val-split']
+    if train_path == val_path:
+        raise ValueError(f'--train-split {train_split!r} and --val-split {val_split!r} are the same folder'
+                         f' ({train_path}): validation would measure the training images.')
+    for inner, outer, what in ((train_path, val_path, 'the validation folder contains the training folder'),
+                               (val_path, train_path, 'the training folder contains the validation folder')):
+        if inner.startswith(outer + os.sep):
+            raise ValueError(f'--train-split {train_split!r} ({train_path}) and --val-split {val_split!r}'
+                             f' ({val_path}): {what}, so both would read the same images; give two separate folders.')
+    train_classes = _class_folders(train_path, train_split, '--train-split')
+    val_classes = _class_folders(val_path, val_split, '--val-split')
+    if len(train_classes) < 2:
+        found = f'one class only ({next(iter(train_classes))!r})' if train_classes else 'no class folders'
+        raise ValueError(f'{label}: {train_path} holds {found}: a classifier needs two or more class'
+                         f' folders in each split.')
+    if train_classes != val_classes:
+        missing, extra = sorted(train_classes - val_classes), sorted(val_classes - train_classes)
+        parts = ([f'{val_path} has no class folder {", ".join(map(repr, missing))}'] if missing else []) + \
+                ([f'{train_path} has no class folder {", ".join(map(repr, extra))}'] if extra else [])
+        raise ValueError(f'{label}: the splits hold different classes: {"; ".join(parts)}. Training and'
+                         f' validation need the same class folders.')
+    kwargs = dict(search_split=False, input_img_mode=img_mode)
+    train_ds = create_dataset('', root=train_path, split=train_split, is_training=True, **kwargs)
+    # the same label for the same class folder in both splits
+    val_ds = create_dataset('', root=val_path, split=val_split, class_map=dict(train_ds.reader.class_to_idx),
+                            **kwargs)
+    return train_ds, val_ds, (train_path, val_path)
+
+
 def _resolve_source(name: str | None, root: str | None) -> tuple[str, str | None, str | None]:
-    """Source kind ('digits', 'idx', 'folder', 'timm'), the path to read (or timm name) and the alias used."""
+    """Source kind ('digits', 'idx', 'folder', 'timm'), the path to read (or timm name) and the alias used. No name
+    (None or '') with ``root`` reads ``root``, as timm's train.py reads ``--data-dir`` with its default ``--dataset
+    ''``; 'digits' never reads a folder."""
+    if (name is None or not name.strip()) and root:
+        path = os.path.expanduser(root)
+        if os.path.isdir(path) and _has_idx_files(path):
+            return 'idx', path, None
+        return 'folder', path, None
     if is_embedded(name):
         return 'digits', None, None
     name = name.strip()
@@ -652,14 +779,18 @@ def create_datasets(
 
     ``name`` selects the source:
 
-    * None, '' or 'digits': scikit-learn's 8x8 digits with a fixed stratified 80 / 20 split (1437 / 360);
-      ``root`` is ignored.
+    * 'digits', or None / '' without ``root``: scikit-learn's 8x8 digits with a fixed stratified 80 / 20 split
+      (1437 / 360); 'digits' ignores ``root``.
+    * None or '' with ``root``: ``root`` read as below (an IDX folder, or an image folder), as timm's train.py reads
+      ``--data-dir`` with its default ``--dataset ''``.
     * 'fashion-mnist': the IDX files in ``root``, or in /usr/share/datasets/fashion-mnist (Debian's
       dataset-fashion-mnist) when ``root`` is None.
     * 'idx:<folder>' ('idx:' alone reads ``root``), or the path of a folder holding the MNIST-format files
       ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``: train-* is the train split, t10k-* validation.
-    * The path of an image folder (one subfolder per class, split subfolders searched as timm does), or a bare name
-      with ``root`` pointing to such a folder.
+    * The path of an image folder (``<split>/<class>/<image>``, split folders found by their name or a timm
+      synonym: ``val`` for ``validation``), or a bare name with ``root`` pointing to such a folder. Unlike timm, a
+      missing split folder, split folders that contain one another, one class only, or classes that differ between
+      the splits (an empty or missing class folder) are errors.
     * A timm dataset name ('torch/cifar10', 'hfds/<hub name>', ...), created by ``timm.data.create_dataset``.
 
     Datasets yield ``(PIL image in img_mode, int label)`` and take a settable ``transform``.
@@ -684,7 +815,8 @@ def create_datasets(
 
     Raises:
         FileNotFoundError: The dataset path, or a required IDX file, does not exist.
-        ValueError: Invalid IDX files, a folder that is neither an IDX nor an image folder, an unknown split, or
+        ValueError: Invalid IDX files, a folder that is neither an IDX nor an image folder (or is empty), an unknown
+            or missing split, an image folder's splits that overlap or differ in classes, fewer than two classes, or
             subset sizes < 1 or larger than the dataset.
     """
     _check_subset_size(train_subset, 'train_subset')
@@ -695,8 +827,10 @@ def create_datasets(
     elif kind == 'idx':
         train_ds, val_ds, info = _create_idx(path, train_split, val_split, img_mode, alias=alias)
     elif kind == 'folder':
+        from_root = root and not (name or '').strip()
         train_ds, val_ds, info = _create_timm(
-            name, path, train_split, val_split, img_mode, download, is_folder=True)
+            name or '', path, train_split, val_split, img_mode, download, is_folder=True,
+            label=f'--data-dir {root}' if from_root else f'dataset folder {path}')
     else:
         train_ds, val_ds, info = _create_timm(name, root, train_split, val_split, img_mode, download)
 

@@ -2,6 +2,7 @@
 
     accelerate launch -m timm_ensembles.train      # fdl_resnet18x2 on the embedded digits dataset (offline)
     accelerate launch -m timm_ensembles.train --model ens_resnet18x2 --dataset fashion-mnist --epochs 10
+    accelerate launch -m timm_ensembles.train --model ens_resnet18x2 --data-dir pets  # pets/{train,validation}/<cls>
     accelerate launch --multi_gpu --num_processes 2 -m timm_ensembles.train ...   # DDP (gloo processes on a CPU)
     timm-ensembles-train --import my_models --model fdl_my_netx2 ...      # a timm model registered in my_models.py
 
@@ -9,7 +10,14 @@
 method-specific: the model's task (its losses, phases and training-only parts) comes from
 ``timm_ensembles.create_task(model)``; this module never names a method. Task options are given with
 ``--task-kwargs key=value ...``, model options with ``--model-kwargs``; every flag can also come from a YAML file
-(``--config``), flags winning.
+(``--config``, ``-c``), flags winning. timm's train.py habits hold: ``--data-dir`` alone reads that folder (an image
+folder as timm's ``ImageFolder``, but a missing split folder, overlapping splits or differing classes are errors),
+timm's flags (``--drop``, ``--drop-path``, ``--input-size``, ``--mean``/``--std``, ``--clip-mode``,
+``--initial-checkpoint``, ``--experiment``) work, and one spelt differently here (``--torchcompile``) gets one line
+naming ours. ``--resume RUN --epochs N`` with N above the run's epochs extends it as timm's --resume does: the schedule
+is rebuilt over N epochs and taken up at the run's update (a cosine's learning rate rises to its value there; the log
+says from what to what). The first lines of a run summarise what it trains: model, members, parameters, dataset,
+classes, split sizes, input, device, precision, and what a checkpoint will take on disk.
 
 The output folder holds the model in timm's Hugging Face format (``config.json`` + ``model.safetensors``, loadable
 with ``timm.create_model('local-dir:<folder>', pretrained=True)`` after ``import timm_ensembles``), ``metrics.jsonl``
@@ -39,7 +47,6 @@ from accelerate import utils as accelerate_utils
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.models import get_model_args
-from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 
 from . import data as te_data
@@ -51,9 +58,20 @@ from ._checkpoint import (
     find_checkpoint,
     history_folder,
     load_checkpoint,
+    load_initial_checkpoint,
     rank_history,
     save_checkpoint,
     sweep_history,
+)
+from ._cli import (
+    SCHEDULERS,
+    TIMM_SPELLINGS,
+    ArgumentParser,
+    SchedulerState,
+    check_optimizer,
+    check_scheduler,
+    close_matches,
+    create_scheduler,
 )
 from ._device import FUSED_OPTS as _FUSED_OPTS
 from ._device import FUSED_UNSAFE_FP16, DeviceDefaults, device_defaults
@@ -79,6 +97,7 @@ from ._snapshots import (
     write_snapshot,
 )
 from ._strategies import MEMBER_STRATEGIES
+from ._summary import run_summary
 from .uncertainty import calibrate
 
 _logger = logging.getLogger(__name__)
@@ -100,10 +119,9 @@ EVAL_METRICS = ('acc', 'top5', 'loss', 'mean_probs_acc', 'member_acc_mean')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
-                                     formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument('--config', default='', metavar='FILE', help='YAML file of flag defaults (keys as the flags'
-                        ' with underscores, e.g. batch_size: 64); flags given on the command line win')
+    parser = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of flag defaults (keys as the'
+                        ' flags with underscores, e.g. batch_size: 64); flags given on the command line win')
     group = parser.add_argument_group('Model')
     group.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
                        help='import this Python module first (repeatable), e.g. one that registers your own timm'
@@ -116,6 +134,17 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--pretrained', action='store_true', help="load the model's own published weights")
     group.add_argument('--pretrained-base', action='store_true',
                        help="initialise every ensemble member from timm's pretrained weights of the base")
+    group.add_argument('--initial-checkpoint', default='', metavar='PATH',
+                       help="start from these weights (timm's flag): a folder written by train.py or timm's"
+                            ' save_for_hf (its model.safetensors), a .safetensors file, or a timm .pth checkpoint'
+                            ' (read with torch.load(weights_only=True), never unpickled); loaded strictly')
+    group.add_argument('--drop', type=float, default=None, metavar='PCT',
+                       help="dropout rate before the classifier (timm's drop_rate; every member's); default: the"
+                            " model's")
+    group.add_argument('--drop-path', type=float, default=None, metavar='PCT',
+                       help="stochastic depth rate (timm's drop_path_rate); default: the model's")
+    group.add_argument('--drop-block', type=float, default=None, metavar='PCT',
+                       help="DropBlock rate, for the models that have it (timm's drop_block_rate)")
     group.add_argument('--task-kwargs', nargs='*', default={}, action=_Kwargs,
                        help='options of the model\'s task, e.g. member_warmup_epochs=1 fdl_lr=1e-4 beta=0.5')
     group.add_argument('--teacher', action=_ReplaceDefaultAppend, default=None, metavar='MODEL',
@@ -132,12 +161,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
                        help='model in channels_last memory format (default: on a GPU only; on a CPU it is slower)')
     group = parser.add_argument_group('Data')
-    group.add_argument('--dataset', default='digits',
-                       help="'digits' (embedded, offline; default), 'fashion-mnist', 'idx:<folder>', a folder of"
-                            " MNIST-format IDX files, or a timm dataset name (torch/cifar10, hfds/<repo>, a folder)")
-    group.add_argument('--data-dir', default=None, help='root folder for timm dataset names')
-    group.add_argument('--train-split', default='train')
-    group.add_argument('--val-split', default='validation')
+    group.add_argument('--dataset', default='',
+                       help="'' (as timm: the image folder or MNIST-format IDX folder --data-dir names; without"
+                            " --data-dir, the embedded digits, offline), 'digits', 'fashion-mnist', 'idx:<folder>',"
+                            ' or a timm dataset name (torch/cifar10 or hfds/<repo> with --data-dir)')
+    group.add_argument('--data-dir', default=None,
+                       help='the dataset folder: an image folder (<split>/<class>/<image>, as timm reads it), an IDX'
+                            ' folder, or the root of a timm dataset name')
+    group.add_argument('--train-split', default='train', help='training split (an image folder\'s subfolder)')
+    group.add_argument('--val-split', default='validation',
+                       help="validation split (an image folder's subfolder, or a timm synonym of it: val, valid)")
     group.add_argument('--dataset-download', action='store_true', help='let torchvision datasets download')
     group.add_argument('--train-subset', type=int, default=None, help='train on a fixed subset of N samples')
     group.add_argument('--val-subset', type=int, default=None, help='evaluate on a fixed subset of N samples')
@@ -153,6 +186,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--num-classes', type=int, default=None, help='default: from the dataset')
     group.add_argument('--img-size', type=int, default=None,
                        help='default: the dataset\'s natural size or the model\'s')
+    group.add_argument('--input-size', type=int, nargs=3, default=None, metavar=('C', 'H', 'W'),
+                       help="the model's input (timm's flag): channels, height, width; sets --in-chans")
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN',
+                       help="normalisation mean, one value or one per channel (default: the model's)")
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD',
+                       help="normalisation standard deviation, one value or one per channel (default: the model's)")
     group.add_argument('--crop-pct', type=float, default=None,
                        help='evaluation centre-crop fraction (default: 1.0 for small images, else the model\'s)')
     group.add_argument('--in-chans', type=int, default=None, help='input channels (default 3; 1 for grayscale input)')
@@ -198,13 +237,25 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--layer-decay', type=float, default=None,
                        help="layer-wise lr decay (timm's): layer k of L trains at lr * layer_decay^(L - k), by the"
                             " model's group_matcher (every member of an ensemble alike); default: none")
-    group.add_argument('--clip-grad', type=float, default=None)
-    group.add_argument('--sched', default='cosine', help='timm scheduler name (cosine, step, multistep, ...)')
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
+                       help='clip gradients at this value (by --clip-mode); default: no clipping')
+    group.add_argument('--clip-mode', default='norm', choices=('norm', 'value', 'agc'),
+                       help="timm's: clip the global gradient norm (norm), each gradient value (value), or adaptively"
+                            ' per unit against the weights (agc, with --clip-grad the factor, e.g. 0.01; every'
+                            ' classifier left unclipped, as timm leaves its head)')
+    group.add_argument('--sched', default='cosine',
+                       help=f"timm scheduler name ({', '.join(SCHEDULERS)}); stepped per update, plateau per epoch on"
+                            ' --eval-metric')
     group.add_argument('--min-lr', type=float, default=1e-5)
     group.add_argument('--warmup-epochs', type=int, default=0, help='learning-rate warm-up epochs')
     group.add_argument('--warmup-lr', type=float, default=1e-5)
     group.add_argument('--decay-epochs', type=float, default=1, help='step scheduler: epochs between decays')
-    group.add_argument('--decay-rate', type=float, default=0.97, help='step scheduler: decay factor')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.97,
+                       help='step, multistep and plateau schedulers: decay factor')
+    group.add_argument('--decay-milestones', type=int, nargs='+', default=[90, 180, 270], metavar='EPOCH',
+                       help='multistep scheduler: the epochs to decay at (timm\'s default 90 180 270)')
+    group.add_argument('--patience-epochs', type=int, default=10, metavar='N',
+                       help='plateau scheduler: epochs without improvement of --eval-metric before it decays')
     group.add_argument('--smoothing', type=float, default=0.0, help='label smoothing')
     group.add_argument('--amp', action='store_true', help="timm's flag: autocast in --amp-dtype (--mixed-precision"
                        ' says the same in Accelerate\'s words)')
@@ -225,8 +276,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group('Run')
     group.add_argument('--cpu', action='store_true', help='run on the CPU even where an accelerator is available')
     group.add_argument('--seed', type=int, default=0)
-    group.add_argument('--output', default='', help='output folder (default: output/train/<time>-<model>)')
-    group.add_argument('--resume', default='', help='continue the run in this output folder (or checkpoint file)')
+    group.add_argument('--output', default='',
+                       help='output folder (default: output/train/<time>-<model>); with --experiment, the folder it'
+                            ' is made in')
+    group.add_argument('--experiment', default='', metavar='NAME',
+                       help="the output folder's name (timm's flag): <--output or output/train>/NAME")
+    group.add_argument('--resume', default='',
+                       help='continue the run in this output folder (or checkpoint file); with a larger --epochs,'
+                            ' extend it as timm does (the schedule rebuilt over the new epochs, taken up where the run'
+                            ' is)')
     group.add_argument('--no-progress', action='store_true',
                        help='no progress bars (shown only when stderr is a terminal; log lines go above them)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N',
@@ -235,9 +293,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help=f"experiment trackers, through Accelerate ({', '.join(TRACKERS)}; all: every one"
                             ' installed); each gets every log line and epoch, with the run\'s flags as its config.'
                             ' Local ones write into <output>/tracking (tensorboard --logdir <output>/tracking)')
-    group.add_argument('--eval-metric', default='acc', choices=EVAL_METRICS,
+    group.add_argument('--eval-metric', default='acc', choices=(*EVAL_METRICS, 'top1'),
                        help='the validation metric that picks <output>/best, the best epoch\'s model beside the final'
-                            ' one (acc, top5, mean_probs_acc, member_acc_mean: higher is better; loss: lower).'
+                            ' one (acc (timm: top1), top5, mean_probs_acc, member_acc_mean: higher is better; loss:'
+                            ' lower), and that --sched plateau follows.'
                             ' Validation is the held-out data with --holdout, else the dataset\'s evaluation split')
     group.add_argument('--checkpoint-hist', type=int, default=0, metavar='N',
                        help='keep the N best epochs by --eval-metric as exported models in'
@@ -289,7 +348,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Flags over ``--config`` over, with ``--resume``, the resumed run's own ``args.yaml``."""
     parser = get_args_parser()
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument('--config', default='')
+    pre.add_argument('-c', '--config', default='')
     pre.add_argument('--resume', default='')
     known, _ = pre.parse_known_args(argv)
     sources = []
@@ -297,7 +356,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         run_dir = Path(known.resume)
         run_dir = run_dir if run_dir.is_dir() else run_dir.parent
         if RunFolder(run_dir).file(RunFolder.ARGS).is_file():
-            sources.append((RunFolder(run_dir).file(RunFolder.ARGS), ('config', 'resume', 'output')))
+            sources.append((RunFolder(run_dir).file(RunFolder.ARGS), _NOT_RECORDED))
     if known.config:
         if not Path(known.config).is_file():
             parser.error(f"--config '{known.config}' does not exist")
@@ -313,7 +372,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                          f' {type(cfg).__name__}')
         unknown = sorted(set(cfg) - valid)
         if unknown:
-            parser.error(f"unknown keys in {path}: {unknown}; valid keys are the flags' names: {sorted(valid)}")
+            hints = []
+            for key in unknown:
+                flag = f"--{key.replace('_', '-')}"
+                near = close_matches(key, valid, n=1)
+                hints.append(f"{key} (here: {TIMM_SPELLINGS[flag]})" if flag in TIMM_SPELLINGS else
+                             f'{key} (did you mean {near[0]}?)' if near else key)
+            parser.error(f"unknown keys in {path}: {', '.join(hints)}; the keys are the flags' names with"
+                         f' underscores (epochs, batch_size, ...)')
         parser.set_defaults(**{k: v for k, v in cfg.items() if k not in skip})
     args = parser.parse_args(argv)
     vars(args).pop('_teacher_from_cli', None)
@@ -327,12 +393,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 IDENTITY_FLAGS = (
     'model', 'model_kwargs', 'task_kwargs', 'teacher', 'train_split', 'val_split', 'train_subset', 'val_subset',
     'holdout', 'num_classes', 'img_size', 'crop_pct', 'in_chans', 'hflip', 'scale', 'no_aug', 'aa', 'color_jitter',
-    'reprob', 'remode', 'recount', 'mixup', 'cutmix',
+    'reprob', 'remode', 'recount', 'mixup', 'cutmix', 'drop', 'drop_path', 'drop_block', 'mean', 'std',
     'cutmix_minmax', 'mixup_prob', 'mixup_switch_prob', 'mixup_mode', 'mixup_off_epoch', 'epochs', 'batch_size',
-    'grad_accum_steps', 'opt', 'lr', 'momentum', 'weight_decay', 'layer_decay', 'clip_grad', 'sched', 'min_lr',
-    'warmup_epochs', 'warmup_lr', 'decay_epochs', 'decay_rate', 'smoothing', 'mixed_precision', 'seed', 'model_ema',
-    'model_ema_decay', 'model_ema_warmup',
+    'grad_accum_steps', 'opt', 'lr', 'momentum', 'weight_decay', 'layer_decay', 'clip_grad', 'clip_mode', 'sched',
+    'min_lr', 'warmup_epochs', 'warmup_lr', 'decay_epochs', 'decay_rate', 'decay_milestones', 'patience_epochs',
+    'smoothing', 'mixed_precision', 'seed', 'model_ema', 'model_ema_decay', 'model_ema_warmup',
 )
+# what a run's args.yaml leaves out: where it was written, where it resumed from, the config it came from
+_NOT_RECORDED = ('config', 'resume', 'output', 'experiment')
+# timm's flags for the model's regularisation, and the model argument each sets
+_MODEL_RATES = (('drop', 'drop_rate'), ('drop_path', 'drop_path_rate'), ('drop_block', 'drop_block_rate'))
 
 
 def _normalised(value):
@@ -386,6 +456,20 @@ _CHECKS = (
     ('recount', lambda v: _whole(v) and v >= 1, 'a whole number of boxes >= 1'),
     ('color_jitter', lambda v: v is None or (_number(v) and v >= 0), 'a factor >= 0 (omit it for none)'),
     ('checkpoint_hist', lambda v: _whole(v) and v >= 0, 'a whole number of epochs >= 0 (0: none)'),
+    ('drop', lambda v: v is None or (_number(v) and 0 <= v < 1), 'a rate in [0, 1)'),
+    ('drop_path', lambda v: v is None or (_number(v) and 0 <= v < 1), 'a rate in [0, 1)'),
+    ('drop_block', lambda v: v is None or (_number(v) and 0 <= v < 1), 'a rate in [0, 1)'),
+    ('input_size', lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 3 and all(_whole(x) for x in v)
+                                           and v[0] in (1, 3) and min(v[1:]) >= 1),
+     'C H W: 1 (gray) or 3 (colour) channels, then a height and a width >= 1'),
+    ('mean', lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) in (1, 3) and all(_number(x) for x in v)),
+     'one value, or one per channel'),
+    ('std', lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) in (1, 3)
+                                    and all(_number(x) and x > 0 for x in v)), 'one value > 0, or one per channel'),
+    ('clip_mode', lambda v: v in ('norm', 'value', 'agc'), 'norm, value or agc'),
+    ('patience_epochs', lambda v: _whole(v) and v >= 0, 'a whole number of epochs >= 0'),
+    ('decay_milestones', lambda v: isinstance(v, (list, tuple)) and len(v) >= 1
+     and all(_whole(x) and x >= 1 for x in v), 'one or more epochs >= 1'),
 )
 
 
@@ -442,11 +526,54 @@ def check_args(args: argparse.Namespace) -> None:
             raise SystemExit(f"error: --aa {args.aa}: not a policy timm knows ({e or type(e).__name__}); e.g."
                              f' rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2 (AugMix), original or 3a'
                              f' (AutoAugment).') from None
+    _check_timm_flags(args)
+
+
+def _check_timm_flags(args: argparse.Namespace) -> None:
+    """timm's train.py flags checked against each other and against ours, in one line each (the ranges are in
+    ``_CHECKS``); timm's ``--input-size`` sets ``--in-chans``, its ``--eval-metric top1`` is ``acc``."""
+    if args.eval_metric == 'top1':
+        args.eval_metric = 'acc'
+    if args.data_dir and (args.dataset or '').strip().lower() == 'digits':
+        raise SystemExit(f"error: --dataset digits is the embedded dataset and reads no folder, but --data-dir"
+                         f" {args.data_dir} names one: leave --dataset out to train on the folder (as timm's"
+                         f" train.py reads it), or --data-dir out for the digits.")
+    if args.input_size is not None:
+        chans, height, width = args.input_size
+        shown = f'--input-size {chans} {height} {width}'
+        if args.in_chans not in (None, chans):
+            raise SystemExit(f'error: {shown} and --in-chans {args.in_chans} disagree: give one of them.')
+        if args.img_size is not None and (height, width) != (args.img_size, args.img_size):
+            raise SystemExit(f'error: {shown} and --img-size {args.img_size} disagree: give one of them.')
+        args.in_chans = chans
+    chans = args.in_chans or 3
+    for name in ('mean', 'std'):
+        values = getattr(args, name)
+        if values is not None and len(values) not in (1, chans):
+            raise SystemExit(f"error: --{name} {' '.join(map(str, values))}: {len(values)} values for {chans}"
+                             f' input channels; give one value, or one per channel.')
+    for flag, key in _MODEL_RATES:
+        value = getattr(args, flag)
+        if value is not None and key in args.model_kwargs and args.model_kwargs[key] != value:
+            raise SystemExit(f"error: --{flag.replace('_', '-')} {value} and --model-kwargs {key}="
+                             f'{args.model_kwargs[key]} disagree: give one of them.')
+    if args.initial_checkpoint:
+        path = Path(args.initial_checkpoint.removeprefix('local-dir:')).expanduser()
+        if not path.exists():
+            raise SystemExit(f"error: --initial-checkpoint {args.initial_checkpoint}: no such file or folder.")
+    if args.experiment and (Path(args.experiment).name != args.experiment or args.experiment in ('.', '..')):
+        raise SystemExit(f'error: --experiment {args.experiment}: a folder name, not a path (the folder is made in'
+                         f' --output, default output/train); give a path with --output.')
+    for problem in (check_optimizer(args.opt), check_scheduler(args)):
+        if problem:
+            raise SystemExit(f"error: {problem.rstrip('.')}.")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
+    if args.experiment:  # timm's layout: <output>/<experiment>, the experiment's name not recorded in args.yaml
+        args.output = str(Path(args.output or 'output/train') / args.experiment)
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     if args.imports and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
@@ -554,8 +681,6 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                               log_with=args.log_with, project_dir=run.sub('tracking') if args.log_with else None)
     is_main = accelerator.is_main_process
     log = _logger.info if is_main else (lambda *a, **k: None)
-    log(f'world size {accelerator.num_processes} ({accelerator.distributed_type}), device {accelerator.device},'
-        f' mixed precision {accelerator.mixed_precision}')
     if args.fused_opt and accelerator.scaler is not None and args.opt.lower() in FUSED_UNSAFE_FP16:
         raise SystemExit(f"error: --fused-opt with --opt {args.opt} under fp16: torch's fused SGD starts from"
                          f' uninitialised momentum when the grad scaler skips its first step (an overflow, routine in'
@@ -582,12 +707,15 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     run_identity = _normalised(dict(
         **{flag: getattr(args, flag) for flag in IDENTITY_FLAGS},
         model_args=get_model_args(model), dataset=info.name, input_size=list(data_config['input_size'])))
-    _check_resume(args, resume_state, run_identity, run)
+    extended_from = _check_resume(args, resume_state, run_identity, run)
+    log('\n'.join(run_summary(args, info, task, dict(training=train_ds, validation=val_ds, test=test_ds), data_config,
+                              accelerator, optimizer)))
     if resume_state is not None:
         task.load_state_dict(resume_state['task'])
         optimizer.load_state_dict(resume_state['optimizer'])
+        saved_lrs = [group['lr'] for group in optimizer.param_groups]  # before a new scheduler sets its own
     # what reproduces the run: never where it was written, where it resumed from, or the config it came from
-    recorded = _normalised({k: v for k, v in vars(args).items() if k not in ('output', 'resume', 'config')})
+    recorded = _normalised({k: v for k, v in vars(args).items() if k not in _NOT_RECORDED})
     if is_main:
         output.mkdir(parents=True, exist_ok=True)
         run.write_args(recorded)
@@ -610,24 +738,33 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         if args.model_ema else None
     # the schedule counts the updates of this process's share of the batches (as prepared)
     updates_per_epoch = max(math.ceil(len(train_loader) / args.grad_accum_steps), 1)
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, decay_epochs=args.decay_epochs,
-        decay_rate=args.decay_rate, min_lr=args.min_lr, warmup_lr=args.warmup_lr, warmup_epochs=args.warmup_epochs,
-        step_on_epochs=False, updates_per_epoch=updates_per_epoch)
-    if lr_scheduler is None:
-        raise SystemExit(f"error: unknown --sched '{args.sched}'; use one of timm's: cosine, tanh, step, multistep,"
-                         f' plateau, poly')
+    try:
+        lr_scheduler, num_epochs = create_scheduler(optimizer, args, updates_per_epoch)
+    except (ValueError, AssertionError) as e:  # settings that depend on the epoch's length (wsd's decay phase)
+        raise SystemExit(f'error: --sched {args.sched}: {e}') from None
+    scheduler_state = SchedulerState(lr_scheduler)
 
     start_epoch, num_updates, val_metrics, best, ema_metrics = 0, 0, {}, None, None
     # --checkpoint-hist: the epochs kept in <output>/checkpoints, best first ([{'epoch': E, <metric>: value}])
     history, history_root = [], run.sub('checkpoints')
     if resume_state is not None:
-        lr_scheduler.load_state_dict(resume_state['scheduler'])
+        # an extended run takes its schedule up as timm's --resume does: rebuilt over the new epoch count (the state
+        # saved describes the old one); a plateau's state has no length and carries on
+        if extended_from is None or args.sched == 'plateau':
+            scheduler_state.load_state_dict(resume_state['scheduler'])
         if accelerator.scaler is not None and resume_state.get('scaler'):
             accelerator.scaler.load_state_dict(resume_state['scaler'])
         start_epoch, num_updates = resume_state['epoch'], resume_state['num_updates']
-        # building the scheduler reset the learning rate: set it where the interrupted run had it
-        lr_scheduler.step_update(num_updates=num_updates)
+        # building the scheduler reset the learning rate: set it where the interrupted run had it, from the update
+        # count, or, for a schedule stepped per epoch on a metric (plateau), as the optimizer's state has it
+        if lr_scheduler is not None and lr_scheduler.t_in_epochs:
+            for group, lr in zip(optimizer.param_groups, saved_lrs):
+                group['lr'] = lr
+        elif lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates)
+        if extended_from is not None:
+            log(_extension_note(args, extended_from, start_epoch, num_updates, saved_lrs[0],
+                                optimizer.param_groups[0]['lr']))
         val_metrics = resume_state.get('val_metrics', {})
         best = resume_state.get('best')
         # as the checkpoint has it (a --checkpoint-hist given now that is smaller keeps the first N; epochs dropped
@@ -672,8 +809,9 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         try:
             train_metrics, num_updates = train_one_epoch(
                 task, train_loader, optimizer, accelerator, epoch, lr_scheduler=lr_scheduler,
-                clip_grad=args.clip_grad, num_updates=num_updates, show_progress=not args.no_progress,
-                num_classes=num_classes if epoch == start_epoch else None, log_interval=args.log_interval,
+                clip_grad=args.clip_grad, clip_mode=args.clip_mode, num_updates=num_updates,
+                show_progress=not args.no_progress, num_classes=num_classes if epoch == start_epoch else None,
+                log_interval=args.log_interval,
                 log=log_progress, on_update=None if ema is None else update_ema, mixup_fn=mixup_fn,
                 mechanism_interval=args.log_interval)
         except LabelError as e:  # a dataset that does not expose its labels, checked on its first batch
@@ -713,12 +851,16 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             record['val_ema'] = ema_metrics
         accelerator.log(_flat({k: v for k, v in record.items() if k != 'seconds'}), step=num_updates)
         value = val_metrics[args.eval_metric]
+        if lr_scheduler is not None:
+            # as timm's train.py after every epoch: the schedules stepped per epoch (plateau, on the metric) step
+            # here, before the checkpoint, so that a resumed run starts from the stepped state
+            lr_scheduler.step(epoch + 1, value)
         improved = best is None or (value < best['value'] if args.eval_metric == 'loss' else value > best['value'])
         if improved:
             best = dict(metric=args.eval_metric, value=value, epoch=epoch)
         ranked = rank_history(history, epoch, args.eval_metric, value, args.checkpoint_hist,
                               lower_is_better=args.eval_metric == 'loss')
-        state = dict(task=unwrapped, optimizer=optimizer, scheduler=lr_scheduler, scaler=accelerator.scaler,
+        state = dict(task=unwrapped, optimizer=optimizer, scheduler=scheduler_state, scaler=accelerator.scaler,
                      epoch=epoch + 1, num_updates=num_updates, val_metrics=val_metrics, run=run_identity, best=best,
                      checkpoint_hist=ranked, **({} if ema is None else dict(ema=ema, ema_val_metrics=ema_metrics)))
         # the best epoch's model (and this epoch's, when it ranks among the --checkpoint-hist best) before the
@@ -850,11 +992,21 @@ def _create_loaders(args: argparse.Namespace, accelerator, train_ds, val_ds, tes
     return train_loader, val_loader, test_loader, snapshot_loader
 
 
-def _check_resume(args: argparse.Namespace, resume_state: dict | None, run_identity: dict, run: RunFolder) -> None:
-    """Refuse to resume another run (its identity flags, model or data differ), and to start over a run."""
+def _check_resume(args: argparse.Namespace, resume_state: dict | None, run_identity: dict,
+                  run: RunFolder) -> int | None:
+    """Refuse to resume another run (its identity flags, model or data differ), and to start over a run. A larger
+    --epochs extends the run, as timm's --resume does (a smaller one is refused): returns the run's epoch count
+    then, else None."""
+    extended_from = None
     if resume_state is not None:
         # a run saved by an older version records fewer entries: those it has must match
         saved = _normalised(resume_state.get('run', {}))
+        if 'epochs' in saved and saved['epochs'] != run_identity['epochs']:
+            if run_identity['epochs'] < saved['epochs']:
+                raise SystemExit(f"error: --resume {args.resume} --epochs {run_identity['epochs']}: the run has"
+                                 f" {saved['epochs']} epochs; a resumed run can be extended (a larger --epochs) but not"
+                                 f" shortened: give --epochs {saved['epochs']} or more.")
+            extended_from = saved.pop('epochs')
         changed = {k: (saved[k], v) for k, v in run_identity.items() if k in saved and saved[k] != v}
         if changed:
             details = '; '.join(f'{k}: {old!r} there, {new!r} here' for k, (old, new) in changed.items())
@@ -865,6 +1017,23 @@ def _check_resume(args: argparse.Namespace, resume_state: dict | None, run_ident
     elif run.checkpoint_path.exists():
         raise SystemExit(f"error: '{run.path}' already holds a run; pass --resume {run.path} to continue it, or"
                          f' choose another --output')
+    return extended_from
+
+
+def _extension_note(args: argparse.Namespace, old_epochs: int, start_epoch: int, num_updates: int, old_lr: float,
+                    new_lr: float) -> str:
+    """What a run extended by --resume with a larger --epochs does next: timm's train.py rebuilds its schedule over
+    the new epoch count and takes it up where the run stands (``step_update(start_epoch * updates_per_epoch)``), so
+    the learning rate is the new schedule's at that update, not the decayed end of the old one."""
+    if args.sched == 'plateau':
+        schedule = 'the plateau schedule carries on (it has no length)'
+    elif args.sched == 'none':
+        schedule = 'the learning rate stays constant (--sched none)'
+    else:
+        schedule = (f'the {args.sched} schedule is rebuilt over {args.epochs} epochs and taken up at update'
+                    f' {num_updates}, as timm\'s --resume does')
+    return (f'--epochs {old_epochs} -> {args.epochs}: the run continues from epoch {start_epoch} to {args.epochs};'
+            f' {schedule}: learning rate {old_lr:.6g} -> {new_lr:.6g}')
 
 
 def _create_datasets(args: argparse.Namespace):
@@ -884,7 +1053,7 @@ def _create_datasets(args: argparse.Namespace):
         raise SystemExit(f'error: {e}') from None
     num_classes = args.num_classes if args.num_classes is not None else info.num_classes
     if not num_classes or num_classes < 1:
-        raise SystemExit(f"error: cannot tell the class count of dataset '{args.dataset}'; pass --num-classes")
+        raise SystemExit(f"error: cannot tell the class count of dataset '{info.name}'; pass --num-classes")
     try:
         for split, ds in (('training', train_ds), ('validation', val_ds), ('test', test_ds)):
             if ds is not None:
@@ -905,9 +1074,14 @@ def _create_task(args: argparse.Namespace, task_kwargs: dict, num_classes: int, 
         model_kwargs.setdefault('in_chans', args.in_chans)
     if args.pretrained_base:
         model_kwargs['pretrained_base'] = True
+    for flag, key in _MODEL_RATES:  # timm's --drop, --drop-path, --drop-block (checked against --model-kwargs)
+        if getattr(args, flag) is not None:
+            model_kwargs[key] = getattr(args, flag)
     try:
         model = create_model(args.model, pretrained=args.pretrained, **model_kwargs)
         task = create_task(model, **task_kwargs)
+        if args.initial_checkpoint:
+            load_initial_checkpoint(model, args.initial_checkpoint, exported=task.export_model())
         if args.snapshot_weights:
             member_parameters(task.export_model())  # refuses models without weights per member, before training
     except (ValueError, TypeError, RuntimeError, OSError) as e:
@@ -930,11 +1104,16 @@ def _create_task(args: argparse.Namespace, task_kwargs: dict, num_classes: int, 
     data_args = dict(crop_pct=1.0) if info.default_img_size else {}
     if args.crop_pct is not None:
         data_args['crop_pct'] = args.crop_pct
-    if img_size:
+    if args.input_size is not None:
+        data_args['input_size'] = tuple(args.input_size)
+    elif img_size:
         data_args['input_size'] = (args.in_chans or 3, img_size, img_size)
-    # one mean / std value per input channel, also in the exported config.json
-    data_config = te_data.match_channels(resolve_data_config(data_args, model=model))
+    for key in ('mean', 'std'):  # one value, or one per channel (checked in check_args)
+        if getattr(args, key) is not None:
+            data_args[key] = tuple(getattr(args, key))
     try:
+        # one mean / std value per input channel, also in the exported config.json
+        data_config = te_data.match_channels(resolve_data_config(data_args, model=model))
         check_input_size(model, data_config['input_size'], args.model)
         task.set_data_config(data_config)
         task.set_label_names(info.class_names)

@@ -76,8 +76,9 @@ def _resolve_source(spec: str, label: str | None) -> _Source:
             run = RunFolder(cached[0].parent)
             src.args, src.results = run.args(), run.results()
         # the dataset as the run named it, resolved here: the recorded one is a path on the machine that trained it
-        src.dataset = (_canonical_dataset(src.args['dataset'], None) if 'dataset' in src.args
-                       else src.results.get('dataset'))
+        # (no name: the --data-dir folder it read, as timm's train.py; neither: the embedded digits)
+        src.dataset = (_canonical_dataset(src.args['dataset'] or src.args.get('data_dir') or '', None)
+                       if 'dataset' in src.args else src.results.get('dataset'))
         return src
     path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
     if not path.is_dir():
