@@ -1,6 +1,7 @@
 """Bad input through train.py and the API: one line that names the flag, value and what is allowed, no traceback,
 no output written; resumes that would silently be another run; checkpoint rotation; labels; workers' seeds."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -260,3 +261,46 @@ def test_fp16_overflow_steps_are_skipped_and_only_a_run_of_them_stops(monkeypatc
     Accelerator.scaler = None  # fp32: the first non-finite gradient stops
     with pytest.raises(_engine.NonFiniteLossError, match='update 0'):
         _engine.train_one_epoch(task, batches[:1], optimizer, Accelerator(), 0, show_progress=False)
+
+
+def test_a_config_never_imports_a_module_only_the_command_line_does(tmp_path):
+    from timm_ensembles.train import parse_args
+
+    # a module that leaves a line in a file each time it is imported
+    (tmp_path / 'te_marker_module.py').write_text(
+        "import os\nwith open(os.environ['TE_MARKER'], 'a') as f:\n    f.write('imported\\n')\n")
+    marker, config, out = tmp_path / 'marker', tmp_path / 'args.yaml', tmp_path / 'run'
+    # as a downloaded args.yaml of a run started with --import records it
+    config.write_text(yaml.safe_dump(dict(model='test_resnet', epochs=1, imports=['te_marker_module'])))
+
+    def train(*args):  # from tmp_path, where the module lies (train.py looks for --import modules there)
+        return subprocess.run([sys.executable, str(ROOT / 'train.py'), *map(str, args)], capture_output=True,
+                              text=True, env=dict(_env(), TE_MARKER=str(marker)), cwd=tmp_path, timeout=600)
+
+    refused = (', which only the command line can give (a config file never imports a module or trusts other repos):'
+               ' if you trust them, give them there: ')
+    proc = train('--config', config, *QUICK, '--output', out)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f'error: {config} asks for --import te_marker_module{refused}--config {config} --import te_marker_module']
+    assert not marker.exists() and not out.exists()
+    # named on the command line, the module runs, once, and the run records it
+    train('--config', config, '--import', 'te_marker_module', *QUICK, '--output', out).check_returncode()
+    assert marker.read_text() == 'imported\n'
+    assert yaml.safe_load((out / 'args.yaml').read_text())['imports'] == ['te_marker_module']
+    # --resume reads the run's own args.yaml: its modules are named again on the command line, nothing is touched
+    files = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    proc = train('--resume', out)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f'error: the run in {out} was started with --import te_marker_module{refused}--resume {out} --import'
+        f' te_marker_module']
+    assert marker.read_text() == 'imported\n'
+    assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == files
+    assert parse_args(['--resume', str(out), '--import', 'te_marker_module']).imports == ['te_marker_module']
+    # the opt-in to other repos, likewise: from the command line only
+    config.write_text(yaml.safe_dump(dict(model='test_resnet', trust_member_repos=True)))
+    with pytest.raises(SystemExit, match=f'asks for --trust-member-repos{re.escape(refused)}--config'):
+        parse_args(['--config', str(config)])
+    assert parse_args(['--config', str(config), '--trust-member-repos']).trust_member_repos
+    config.write_text(yaml.safe_dump(dict(model='test_resnet', model_kwargs=dict(trust_member_repos=True))))
+    with pytest.raises(SystemExit, match='asks for --trust-member-repos'):
+        parse_args(['--config', str(config)])
