@@ -337,13 +337,11 @@ def _refuse_what_only_the_command_line_says(cfg: dict, path: Path, known: argpar
     told from one downloaded beside a pushed model (push_to_hub publishes it), so a resume names the run's modules
     again, as the command that started the run did (``--resume RUN --import my_models``)."""
     imports = cfg.pop('imports', None) or []
-    imports = [imports] if isinstance(imports, str) else list(imports)
-    flags = [f'--import {m}' for m in dict.fromkeys(imports) if m not in known.imports]
-    trust = cfg.pop('trust_member_repos', False) or 'trust_member_repos' in (cfg.get('model_kwargs') or {})
-    if trust and not known.trust_member_repos:
-        flags.append('--trust-member-repos')
-    if not flags:
+    imports = list(dict.fromkeys(map(str, imports if isinstance(imports, list) else [imports])))
+    trust = bool(cfg.pop('trust_member_repos', False)) or 'trust_member_repos' in (cfg.get('model_kwargs') or {})
+    if set(imports) <= set(known.imports) and (known.trust_member_repos or not trust):
         return
+    flags = [f'--import {m}' for m in imports] + ['--trust-member-repos'] * trust
     resumed = bool(known.resume) and path == RunFolder(_run_dir(known.resume)).file(RunFolder.ARGS)
     command = f'--resume {known.resume}' if resumed else f'--config {path}'
     what = f'the run in {path.parent} was started with' if resumed else f'{path} asks for'
