@@ -342,3 +342,46 @@ def test_a_refused_flag_is_the_whole_output_not_the_usage(tmp_path):
         proc = run_train(*argv, '--output', tmp_path / 'run', check=False)
         assert proc.returncode != 0 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not (tmp_path / 'run').exists()
+
+
+def test_a_config_never_imports_a_module_only_the_command_line_does(tmp_path):
+    from timm_ensembles.train import parse_args
+
+    # a module that leaves a line in a file each time it is imported
+    (tmp_path / 'te_marker_module.py').write_text(
+        "import os\nwith open(os.environ['TE_MARKER'], 'a') as f:\n    f.write('imported\\n')\n")
+    marker, config, out = tmp_path / 'marker', tmp_path / 'args.yaml', tmp_path / 'run'
+    # as a downloaded args.yaml of a run started with --import records it
+    config.write_text(yaml.safe_dump(dict(model='test_resnet', epochs=1, imports=['te_marker_module'])))
+
+    def train(*args):  # from tmp_path, where the module lies (train.py looks for --import modules there)
+        return subprocess.run([sys.executable, str(ROOT / 'train.py'), *map(str, args)], capture_output=True,
+                              text=True, env=dict(_env(), TE_MARKER=str(marker)), cwd=tmp_path, timeout=600)
+
+    refused = (', which only the command line can give (a config file never imports a module or trusts other repos):'
+               ' if you trust them, give them there: ')
+    proc = train('--config', config, *QUICK, '--output', out)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f'error: {config} asks for --import te_marker_module{refused}--config {config} --import te_marker_module']
+    assert not marker.exists() and not out.exists()
+    # named on the command line, the module runs, once, and the run records it
+    train('--config', config, '--import', 'te_marker_module', *QUICK, '--output', out).check_returncode()
+    assert marker.read_text() == 'imported\n'
+    assert yaml.safe_load((out / 'args.yaml').read_text())['imports'] == ['te_marker_module']
+    # --resume reads the run's own args.yaml: its modules are named again on the command line, nothing is touched
+    files = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    proc = train('--resume', out)
+    assert proc.returncode == 1 and proc.stderr.splitlines() == [
+        f'error: the run in {out} was started with --import te_marker_module{refused}--resume {out} --import'
+        f' te_marker_module']
+    assert marker.read_text() == 'imported\n'
+    assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == files
+    assert parse_args(['--resume', str(out), '--import', 'te_marker_module']).imports == ['te_marker_module']
+    # the opt-in to other repos, likewise: from the command line only
+    config.write_text(yaml.safe_dump(dict(model='test_resnet', trust_member_repos=True)))
+    with pytest.raises(SystemExit, match=f'asks for --trust-member-repos{re.escape(refused)}--config'):
+        parse_args(['--config', str(config)])
+    assert parse_args(['--config', str(config), '--trust-member-repos']).trust_member_repos
+    config.write_text(yaml.safe_dump(dict(model='test_resnet', model_kwargs=dict(trust_member_repos=True))))
+    with pytest.raises(SystemExit, match='asks for --trust-member-repos'):
+        parse_args(['--config', str(config)])

@@ -703,3 +703,172 @@ def test_a_repo_whose_weights_changed_after_export_is_refused(hub, tmp_path):
                 print('refused:', e)
     """, hub.endpoint, tmp_path)
     assert out.count('are not the ones its config.json was written with') == 3, out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# loads that a repo's config cannot steer: its own safetensors only, other repos only when trusted
+
+
+class _Unpickled:
+    """Unpickled (never by this package), it creates the file it names: the proof that a pickle ran."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, 'w')
+
+
+def _pickle_that_writes(marker: Path) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({'state_dict': _Unpickled(marker)}, buffer)
+    return buffer.getvalue()
+
+
+def _repo_files(folder: Path, **config_changes) -> dict[str, bytes]:
+    config = json.loads((folder / 'config.json').read_text())
+    for key, value in config_changes.items():
+        section, _, entry = key.partition('__')
+        config[section][entry] = value
+    weights = (folder / 'model.safetensors').read_bytes()
+    return {'config.json': json.dumps(config).encode(), 'model.safetensors': weights}
+
+
+def test_a_pulled_config_that_says_where_weights_come_from_is_refused_before_anything_is_fetched(hub, tmp_path):
+    marker = tmp_path / 'unpickled'
+    pickled = _pickle_that_writes(marker)
+    hub.add_files('org/elsewhere', {'pytorch_model.bin': pickled})
+    entries = {'file': 'pytorch_model.bin', 'hf_hub_filename': 'pytorch_model.bin', 'hf_hub_id': 'org/elsewhere',
+               'url': f'{hub.endpoint}/org/elsewhere/resolve/main/pytorch_model.bin'}
+    repos = []
+    for family, model in (('ens', timm_ensembles.create_model('ens_test_resnetx2', num_classes=3)),
+                          ('plain', timm.create_model('test_resnet', num_classes=3))):
+        folder = export_folder(model, tmp_path / family)
+        for key, value in entries.items():
+            repos.append(f'org/{family}-{key}')
+            hub.add_files(repos[-1], {**_repo_files(folder, **{f'pretrained_cfg__{key}': value}),
+                                      'pytorch_model.bin': pickled})
+    before = len(hub.requests)
+    out = _client(f"""
+        import timm, timm_ensembles
+        for repo in {repos!r}:
+            loads = [timm_ensembles.load_from_hub,
+                     lambda r: timm_ensembles.create_model(f'hf-hub:{{r}}', pretrained=True)]
+            if repo.startswith('org/ens'):  # this package's models check in timm's own loader too
+                loads.append(lambda r: timm.create_model(f'hf-hub:{{r}}', pretrained=True))
+            for load in loads:
+                try:
+                    load(repo)
+                except ValueError as e:
+                    print(repr(str(e)))
+                else:
+                    print(repr(f'{{repo}} loaded'))
+    """, hub.endpoint, tmp_path)
+    lines = [ast.literal_eval(line) for line in out.splitlines()]
+    assert len(lines) == 4 * 2 + 4 * 3, out
+    for line in lines:
+        assert _error_line(line) == line and re.match(
+            r"The config\.json of '(hf-hub:)?org/(ens|plain)-(\w+)' says where to fetch weights from \(pretrained_cfg"
+            r" (file|hf_hub_filename|hf_hub_id|url)='[^']+'\): timm-ensembles loads a model's own model\.safetensors"
+            r" only, never a file, URL or repo that its config names", line), line
+        assert re.search(r"-(\w+)' says .*\(pretrained_cfg (\w+)=", line).groups()[0] in line.split('(')[1]
+    # nothing but the named repos' config.json was fetched: no pickle, no other repo, no weights at all
+    fetched = {r.path for r in hub.requests[before:] if r.method == 'GET' and '/resolve/' in r.path}
+    assert fetched == {f'/{repo}/resolve/main/config.json' for repo in repos}, fetched
+    assert not marker.exists()
+
+
+def test_an_ensemble_naming_members_in_other_repos_loads_them_only_when_trusted(hub, tmp_path):
+    import io
+
+    members = {name: export_folder(timm.create_model('test_resnet', num_classes=3), tmp_path / name)
+               for name in ('member-a', 'member-b')}
+    for name, folder in members.items():
+        hub.add_files(f'org/{name}', _repo_files(folder))
+    ensemble = timm_ensembles.ensemble_of([str(f) for f in members.values()])
+    folder = export_folder(ensemble, tmp_path / 'ens')
+    named = ['hf-hub:org/member-a', 'hf-hub:org/member-b']
+    hub.add_files('org/ens-of-repos', _repo_files(folder, model_args__members=named))
+    # members that break the rule, with the opt-in: only a pickle; weights that are not the recorded ones
+    buffer = io.BytesIO()
+    torch.save(timm.create_model('test_resnet', num_classes=3).state_dict(), buffer)
+    hub.add_files('org/member-pickled', {'config.json': (members['member-a'] / 'config.json').read_bytes(),
+                                         'pytorch_model.bin': buffer.getvalue()})
+    flipped = _repo_files(members['member-b'])
+    flipped['model.safetensors'] = flipped['model.safetensors'][:-7] + bytes([flipped['model.safetensors'][-7] ^ 1]) \
+        + flipped['model.safetensors'][-6:]
+    hub.add_files('org/member-flipped', flipped)
+    hub.add_files('org/ens-pickled', _repo_files(folder, model_args__members=['hf-hub:org/member-a',
+                                                                              'hf-hub:org/member-pickled']))
+    hub.add_files('org/ens-flipped', _repo_files(folder, model_args__members=['hf-hub:org/member-a',
+                                                                              'hf-hub:org/member-flipped']))
+
+    before = len(hub.requests)
+    refused = _client("""
+        import argparse, timm, timm_ensembles
+        from timm_ensembles._inference import load_model
+        for load in (lambda: timm_ensembles.load_from_hub('org/ens-of-repos'),
+                     lambda: timm.create_model('hf-hub:org/ens-of-repos', pretrained=True),
+                     lambda: load_model(argparse.Namespace(model='hf-hub:org/ens-of-repos', checkpoint=None,
+                                                           trust_member_repos=False))):
+            try:
+                load()
+            except (ValueError, SystemExit) as e:
+                print(repr(str(e)))
+    """, hub.endpoint, tmp_path / 'untrusted')
+    lines = [ast.literal_eval(line) for line in refused.splitlines()]
+    members = "names models that live elsewhere as its members ('hf-hub:org/member-a', 'hf-hub:org/member-b'): they" \
+              ' load only if you trust them, with load_from_hub('
+    assert [line.split(members)[0] for line in lines] == [
+        "'org/ens-of-repos' ", "'hf-hub:org/ens-of-repos' ",
+        "error: --model hf-hub:org/ens-of-repos: 'hf-hub:org/ens-of-repos' "], refused
+    for line in lines:
+        assert _error_line(line) and 'trust_member_repos=True' in line and '--trust-member-repos' in line
+    assert not any('/org/member-' in r.path for r in hub.requests[before:])  # not even their config.json
+
+    before = len(hub.requests)
+    trusted = _client(f"""
+        import argparse, torch, timm, timm_ensembles
+        from _hub_families import probe
+        from timm_ensembles._inference import load_model
+        with torch.no_grad():  # the ensemble as exported, its members recorded (same process, same float reductions)
+            want = timm.create_model({f'local-dir:{folder}'!r}, pretrained=True).eval()(probe())
+        for load in (lambda: timm_ensembles.load_from_hub('org/ens-of-repos', trust_member_repos=True),
+                     lambda: timm.create_model('hf-hub:org/ens-of-repos', pretrained=True, trust_member_repos=True),
+                     lambda: load_model(argparse.Namespace(model='hf-hub:org/ens-of-repos', checkpoint=None,
+                                                           trust_member_repos=True))):
+            with torch.no_grad():
+                print('identical', torch.equal(load().eval()(probe()), want))
+        for repo in ('org/ens-pickled', 'org/ens-flipped'):
+            try:
+                timm_ensembles.load_from_hub(repo, trust_member_repos=True)
+            except (FileNotFoundError, RuntimeError, ValueError) as e:
+                print(type(e).__name__, repr(str(e)))
+    """, hub.endpoint, tmp_path / 'trusted')
+    lines = trusted.splitlines()
+    assert lines[:3] == ['identical True'] * 3, trusted
+    assert len(lines) == 5, trusted
+    pickled, flipped = (ast.literal_eval(line.split(' ', 1)[1]) for line in lines[3:])
+    assert "cannot load teacher 'hf-hub:org/member-pickled'" in pickled and \
+        "has no model.safetensors, only pytorch_model.bin: a pickle" in pickled
+    assert "are not the ones its config.json was written with" in flipped and 'org/member-flipped' in flipped
+    gets = [r.path for r in hub.requests[before:] if r.method == 'GET']
+    assert any(p.endswith('/org/member-a/resolve/main/model.safetensors') for p in gets)
+    assert not any(p.endswith('.bin') for p in gets)
+
+
+def test_a_push_to_an_unreachable_hub_is_one_line(tmp_path):
+    from _hub_servers import run_client
+
+    folder = export_folder(timm.create_model('test_resnet', num_classes=3), tmp_path / 'm')
+    for env, says in (({}, f'{NO_HUB} cannot be reached (ConnectError'),
+                      ({'HF_HUB_OFFLINE': '1'}, 'HF_HUB_OFFLINE is set')):
+        proc = run_client(f"""
+            from timm_ensembles.push import main
+            main([{str(folder)!r}, 'org/anywhere'])
+        """, NO_HUB, tmp_path, env=dict(env, HF_TOKEN='hf_test'), check=False)
+        assert proc.returncode == 1 and not proc.stdout, proc.stderr
+        assert _error_line(proc.stderr).startswith("error: Cannot push to 'org/anywhere': "), proc.stderr
+        assert says in proc.stderr and 'push again' in proc.stderr

@@ -172,7 +172,9 @@ def _load(model: nn.Module, variant: str, cfg_dict: dict, classifiers: list[str]
     in_chans = getattr(model, 'in_chans', kwargs.get('in_chans', 3))
     from .hub import _hub_name, _require_safetensors, hub_download_errors
 
-    hub_id = load_cfg.get('hf_hub_id') if not (load_cfg.get('file') or load_cfg.get('state_dict')) else None
+    # timm loads a repo's weights from the repo whatever else its config says (``check_sources`` refuses the rest)
+    hub_id = load_cfg.get('hf_hub_id') if load_cfg.get('source') == 'hf-hub' or not (
+        load_cfg.get('file') or load_cfg.get('state_dict')) else None
     # the name the user gave, for the messages: a catalog tag, or the hf-hub: repo
     tag = load_cfg.get('tag') if load_cfg.get('source') != 'hf-hub' else None
     name = f'{variant}.{tag}' if tag else f'hf-hub:{hub_id}'
@@ -327,6 +329,17 @@ def _register(module_name: str, variants: dict[str, dict[str, Any]], create_fn: 
         setattr(module, name, register_model(fn))
 
 
+def _checked_sources(kwargs: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """For a model built from a config that timm read from a Hub repo or a folder: ``hub.check_timm_source`` (refuse
+    what would fetch anything but its own weights, and mark the build). Pops the caller's ``trust_member_repos``
+    (the opt-in to members elsewhere), which is no argument of any model."""
+    from .hub import check_timm_source
+
+    trust = kwargs.pop('trust_member_repos', None)
+    return check_timm_source(kwargs.get('pretrained_cfg'), kwargs.get('pretrained_model_args'), trust,
+                             kwargs.get('cache_dir'))
+
+
 def _make_entrypoint(
         name: str, fixed: dict[str, Any], create_fn: Callable, description: str, size_arg: str | None,
 ) -> Callable:
@@ -339,7 +352,8 @@ def _make_entrypoint(
                                  f" generic '{name.split('_')[0]}' model to choose it.")
         # a calibration of the built model (ModelArgsMixin.set_temperature), not an argument of its constructor
         temperature = kwargs.pop('temperature', None)
-        model = create_fn(name, pretrained=pretrained, **kwargs)
+        with _checked_sources(kwargs):
+            model = create_fn(name, pretrained=pretrained, **kwargs)
         if temperature is not None:
             if not hasattr(model, 'set_temperature'):
                 raise ValueError(f"temperature={temperature!r} applies to the classifier's logits; '{name}' was built"

@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from accelerate.utils import extract_model_from_parallel
 from timm.utils import dispatch_clip_grad
 from torch import nn
 
@@ -126,8 +127,8 @@ def train_one_epoch(
     if clip_grad and clip_mode != 'norm':
         clip_params = _parameters_to_clip(task, exclude_heads=clip_mode == 'agc')
     means = _Means()
-    unwrapped = accelerator.unwrap_model(task)
-    model = getattr(getattr(unwrapped, '_orig_mod', unwrapped), 'model', None)
+    unwrapped = extract_model_from_parallel(task)  # DDP's and torch.compile's wrappers off
+    model = getattr(unwrapped, 'model', None)
     model_params = [] if model is None else [p for p in model.parameters() if p.requires_grad]
     overflows = 0  # consecutive fp16 overflow steps, which GradScaler skips and answers with a smaller scale
     with progress_bar(loader, desc=f'train {epoch}', enabled=show_progress and accelerator.is_local_main_process,

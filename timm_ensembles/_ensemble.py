@@ -92,9 +92,10 @@ class EnsembleHead(nn.Module):
 
 class ModelArgsMixin:
     """``model_args`` for wrappers built by timm's factory: what the factory recorded, less ``pretrained_base``
-    (a reload must not download the base's weights, which the wrapper's own weights replace) and ``member_strategy``
-    (how the members run is a choice of the machine that runs them, not part of the model), plus the arguments that
-    define the wrapper (``_defining_args``) and a calibration ``temperature`` when one is set.
+    (a reload must not download the base's weights, which the wrapper's own weights replace), ``member_strategy``
+    (how the members run is a choice of the machine that runs them, not part of the model) and ``trust_member_repos``
+    (an opt-in of the one who loads, never of a config), plus the arguments that define the wrapper
+    (``_defining_args``) and a calibration ``temperature`` when one is set.
 
     Temperature scaling (Guo et al. 2017): ``forward`` divides its logits by ``temperature`` (1: off). It is fitted
     after training on validation data (``uncertainty.calibrate``), recorded in ``model_args`` so that a saved or pushed
@@ -102,7 +103,7 @@ class ModelArgsMixin:
     use ``forward_members``/``combine`` or the bare student), and set back to 1 by ``reset_classifier`` (new classes
     need a new fit).
     """
-    _unrecorded_args = ('pretrained_base', 'member_strategy', 'temperature')
+    _unrecorded_args = ('pretrained_base', 'member_strategy', 'temperature', 'trust_member_repos')
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)

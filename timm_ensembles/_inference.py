@@ -47,6 +47,9 @@ def get_args_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument('--checkpoint', default=None, metavar='FILE',
                         help='load these weights (.safetensors, or a .pth read with torch.load(weights_only=True))')
     parser.add_argument('--num-classes', type=int, default=None, help='a model name: build it for N classes')
+    parser.add_argument('--trust-member-repos', action='store_true',
+                        help='load the members that a hf-hub:/local-dir: model names in other repos or folders (each'
+                             ' as safetensors, checked against its recorded sha256)')
     parser.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
                         help='import this module first (repeatable): one that registers your own timm models')
     parser.add_argument('-b', '--batch-size', type=int, default=128)
@@ -96,7 +99,8 @@ def load_model(args: argparse.Namespace) -> nn.Module:
         fail(f'--checkpoint {args.checkpoint}: no such file.')
     try:
         if folder is not None or args.model.startswith(('hf-hub:', 'hf_hub:')):
-            model = load_from_hub(f'local-dir:{folder}' if folder is not None else args.model)
+            model = load_from_hub(f'local-dir:{folder}' if folder is not None else args.model,
+                                  trust_member_repos=args.trust_member_repos)
         else:
             kwargs = {} if args.num_classes is None else dict(num_classes=args.num_classes)
             model = create_model(args.model, pretrained=args.pretrained, **kwargs)

@@ -154,9 +154,10 @@ def registered_sizes(model_name: str) -> tuple[str, int, list[int]] | None:
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` that also builds ``<method>_<any timm model>x<N>`` names.
 
-    Pre-registered variants (``fdl_resnet50x2``) and every other timm name, ``hf-hub:`` and ``local-dir:``
-    sources included, go straight to timm. A name of the form ``<method>_<base>x<N>`` whose base has no
-    pre-registered variant is built by the generic entrypoint of the method
+    Pre-registered variants (``fdl_resnet50x2``) and every other timm name go straight to timm; ``hf-hub:`` and
+    ``local-dir:`` sources with ``pretrained=True`` through ``hub.load_from_hub`` (safetensors only, checked). A name
+    of the form ``<method>_<base>x<N>`` whose base has no pre-registered variant is built by the generic entrypoint of
+    the method
     (``timm.create_model('<method>', base_model=<base>, num_members=N)``, ``num_heads=N`` for ``collab``), so its
     saved config names the generic architecture and reloads anywhere this package is installed.
 
@@ -191,8 +192,12 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
                     raise ValueError(f"'{arch}' means {key}={value!r}, but {key}={given!r} was passed. Build the"
                                      f" generic '{model_name}' model (base_model=...) to choose {key}.")
             kwargs.update(dyn)
-    from .hub import hub_download_errors
+    from .hub import hub_download_errors, load_from_hub
 
+    if source is not None and pretrained:
+        # a repo's or folder's weights: its own safetensors only, checked against the sha256 its config records,
+        # whatever the config says (timm alone would follow its entries, or fall back to pytorch_model.bin)
+        return load_from_hub(model_name, pretrained=True, **kwargs)
     # a plain timm model's weights (an ensemble's own and its base's are explained as they load, in _builder)
     with hub_download_errors(model_name):
         return timm.create_model(model_name, pretrained=pretrained, **kwargs)

@@ -54,8 +54,10 @@ def load_teacher(spec: str | nn.Module, device: torch.device | str | None = None
         if not isinstance(spec, str) or not spec:
             raise TeacherError(f'a teacher is a model name, hf-hub:/local-dir: source or folder, got {spec!r}.')
         from ._registry import create_model
+        from .hub import check_member_source
         name = _model_name(spec)
         try:
+            check_member_source(name)  # a member named by a repo's config: Hub safetensors only
             teacher = create_model(name, pretrained=True)
         except Exception as e:  # noqa: BLE001  (any failure to load is reported with the teacher's name)
             hint = ''

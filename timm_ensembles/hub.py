@@ -15,9 +15,12 @@ state), and clear errors when a repo cannot be loaded.
 A model is written with timm's ``save_for_hf`` (as ``train.py`` writes its folder) and every upload goes through
 huggingface_hub's ``HfApi.upload_folder``, so that a model and a folder get the same files, card and checks; the
 token, endpoint (``HF_ENDPOINT``), cache and offline mode are huggingface_hub's own. Weights are pushed as safetensors
-only, and loading never unpickles: timm reads safetensors, or ``torch.load(weights_only=True)`` for old repos.
+only, and loaded as safetensors only, from the repo (or folder) named, checked against the sha256 its config records:
+a config.json cannot point a load at a pickle, a URL or another repo (``check_sources``), and an ensemble whose config
+names members in other repos loads them only with ``trust_member_repos=True``.
 """
 import contextlib
+import contextvars
 import json
 import re
 import shutil
@@ -330,17 +333,36 @@ def push_to_hub(
             card = generate_readme(model_card_fields(run, repo_id), repo_id.split('/')[-1])
             (staging / 'README.md').write_text(card, encoding='utf-8')
         api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
-        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-        if private and not api.repo_info(repo_id).private:
-            raise ValueError(f"'{repo_id}' exists and is public: private=True cannot make it private (the Hub keeps an"
-                             f" existing repo's visibility). Change it in the repo's settings, or push to a new repo.")
-        if revision:
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        # huggingface_hub draws its own upload bars (huggingface_hub.utils.disable_progress_bars turns them off);
-        # its warnings (retries) and ours go above them
-        with logs_above_bars():
-            return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision, create_pr=create_pr,
-                                     commit_message=commit_message)
+        try:
+            repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+            if private and not api.repo_info(repo_id).private:
+                raise ValueError(f"'{repo_id}' exists and is public: private=True cannot make it private (the Hub keeps"
+                                 f" an existing repo's visibility). Change it in the repo's settings, or push to a new"
+                                 f' repo.')
+            if revision:
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            # huggingface_hub draws its own upload bars (huggingface_hub.utils.disable_progress_bars turns them off);
+            # its warnings (retries) and ours go above them
+            with logs_above_bars():
+                return api.upload_folder(repo_id=repo_id, folder_path=staging, revision=revision,
+                                         create_pr=create_pr, commit_message=commit_message)
+        except Exception as e:
+            if not (_is_unreachable(e) or _is_network_error(e)):
+                raise
+            raise _push_unreachable_error(repo_id, e) from None
+
+
+def _push_unreachable_error(repo_id: str, error: BaseException) -> OSError:
+    """The one line for a push that cannot reach the Hub (the client's traceback would bury it)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return HubUnreachableError(f"Cannot push to '{repo_id}': HF_HUB_OFFLINE is set, and a push needs the network."
+                                   f' Unset HF_HUB_OFFLINE, then push again.')
+    return HubUnreachableError(
+        f"Cannot push to '{repo_id}': {constants.ENDPOINT} cannot be reached ({type(error).__name__}: "
+        f"{' '.join(str(error).split())}). Check the network (or HF_ENDPOINT), then push again: a push uploads the"
+        f' whole folder again and commits it as one commit.')
 
 
 def _without_local_paths(value: Any) -> Any:
@@ -433,8 +455,140 @@ def check_config(config: dict[str, Any], source: str) -> None:
         f" {__version__} knows.{hint}")
 
 
-def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Module:
+# pretrained_cfg entries that say where weights come from: timm's save_for_hf drops them, so a config that has one was
+# not written by an export, and timm would follow it (`file`, `hf_hub_filename`: another file of the repo, a pickle)
+_WEIGHTS_ENTRIES = ('file', 'url', 'state_dict', 'hf_hub_id', 'hf_hub_filename')
+# model arguments whose strings are models loaded with their weights wherever they live (an ensemble's members, a BAN
+# ensemble's generations); a saved model records its members as specs, built empty and filled from its own weights
+_MEMBER_ARGS = ('members', 'generations')
+_SOURCE_PREFIXES = ('hf-hub:', 'hf_hub:', 'local-dir:')
+# the opt-in of load_from_hub(trust_member_repos=True) (or train.py's flag) for the models it builds, nested ones too
+_TRUST_MEMBER_REPOS = contextvars.ContextVar('trust_member_repos', default=False)
+# set while a model is built from a config read from a repo or folder: the member names it holds load under
+# check_member_source's rule
+_FROM_CONFIG = contextvars.ContextVar('from_config', default=False)
+
+
+@contextlib.contextmanager
+def trusting_member_repos(trust: bool = True, from_config: bool = False):
+    """Within it, models built from a repo's or folder's config may load the members that config names from other
+    repos (``load_from_hub(..., trust_member_repos=True)``); ``from_config`` marks a build from such a config."""
+    tokens = [_TRUST_MEMBER_REPOS.set(trust or _TRUST_MEMBER_REPOS.get())]
+    if from_config:
+        tokens.append(_FROM_CONFIG.set(True))
+    try:
+        yield
+    finally:
+        for token in reversed(tokens):
+            token.var.reset(token)
+
+
+def check_sources(pretrained_cfg: dict[str, Any], model_args: dict[str, Any], name: str,
+                  trust_member_repos: bool | None = None) -> None:
+    """Refuse a config read from a repo or folder (``name``) that would make loading fetch anything but its own
+    ``model.safetensors``: a weights entry in its ``pretrained_cfg`` (a file, URL or repo; a pickle), or model arguments
+    that fetch weights (``pretrained_base``) or name models elsewhere (members in other repos, folders or timm's
+    weights), unless ``trust_member_repos`` (default: the ``trusting_member_repos`` context) allows the latter.
+
+    Args:
+        pretrained_cfg: The config's ``pretrained_cfg``, less what timm itself sets on a load (``source``, and the
+            repo's ``hf_hub_id`` or the folder's ``file``).
+        model_args: The config's ``model_args``.
+        name: What the user named (``hf-hub:org/name``, ``local-dir:<folder>``), for the messages.
+        trust_member_repos: The user's opt-in to members that live elsewhere.
+
+    Raises:
+        ValueError: One line naming the entries or members, and for members the opt-in.
+    """
+    steering = [f'pretrained_cfg {k}={pretrained_cfg[k]!r}' for k in _WEIGHTS_ENTRIES if pretrained_cfg.get(k)]
+    members: list[str] = []
+
+    def walk(value: Any, key: str | None = None) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                if k in ('pretrained_base', 'trust_member_repos') and v:
+                    steering.append(f'model_args {k}={v!r}')
+                else:
+                    walk(v, k)
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                if key in _MEMBER_ARGS and isinstance(v, str):
+                    members.append(v)
+                else:
+                    walk(v, key)
+        elif isinstance(value, str) and value.startswith(_SOURCE_PREFIXES):
+            members.append(value)  # e.g. a base model or a member's architecture in another repo
+
+    walk(model_args or {})
+    if steering:
+        raise ValueError(
+            f"The config.json of '{name}' says where to fetch weights from ({', '.join(steering)}): timm-ensembles"
+            f" loads a model's own {_WEIGHTS} only, never a file, URL or repo that its config names (an export,"
+            f" timm's save_for_hf, writes no such entry).")
+    trust = _TRUST_MEMBER_REPOS.get() if trust_member_repos is None else trust_member_repos
+    if members and not trust:
+        listed = ', '.join(repr(m) for m in dict.fromkeys(members))
+        raise ValueError(
+            f"'{name}' names models that live elsewhere as its members ({listed}): they load only if you trust them,"
+            f" with load_from_hub('{name}', trust_member_repos=True) (the same argument to timm.create_model; train.py"
+            f' and timm-ensembles-predict: --trust-member-repos), each as {_WEIGHTS} checked against the sha256 its'
+            f' config.json records.')
+
+
+def check_timm_source(pretrained_cfg: Any, model_args: dict[str, Any] | None, trust: bool | None = None,
+                      cache_dir: str | Path | None = None) -> contextlib.AbstractContextManager:
+    """``check_sources`` for a model that ``timm.create_model`` builds from an ``hf-hub:`` or ``local-dir:`` name (its
+    entrypoint gets the repo's ``pretrained_cfg``, with ``source``, and ``model_args``); nothing for other models.
+
+    The config.json is read again as written (timm sets ``hf_hub_id`` and ``file`` to the repo or folder it was given):
+    from the folder, or from the Hub cache that timm has just filled; where it is not there, what timm passed on.
+
+    Returns:
+        A context in which to build the model: members it names load under ``check_member_source``'s rule.
+    """
+    source = pretrained_cfg.get('source') if isinstance(pretrained_cfg, dict) else None
+    if source not in ('hf-hub', 'local-dir'):
+        return contextlib.nullcontext()
+    if source == 'hf-hub':
+        from huggingface_hub import try_to_load_from_cache
+
+        name, (repo_id, revision) = f"hf-hub:{pretrained_cfg['hf_hub_id']}", _hub_name(pretrained_cfg['hf_hub_id'])
+        path = try_to_load_from_cache(repo_id, 'config.json', cache_dir=cache_dir, revision=revision)
+        path, own = (Path(path) if isinstance(path, str) else None), ('source', 'hf_hub_id')
+    else:
+        name, repo_id = f"local-dir:{pretrained_cfg['file']}", None
+        path, own = Path(pretrained_cfg['file']) / 'config.json', ('source', 'file')
+    try:
+        config = json.loads(path.read_text()) if path is not None else None
+    except (OSError, json.JSONDecodeError):
+        config = None
+    if isinstance(config, dict):
+        _check_config_sources(config, name, trust, repo_id)
+    else:
+        check_sources({k: v for k, v in pretrained_cfg.items() if k not in own}, model_args or {}, name, trust)
+    return trusting_member_repos(bool(trust), from_config=True)
+
+
+def check_member_source(name: str) -> None:
+    """Under a build from a repo's or folder's config (trusted, see ``check_sources``), refuse a member named by a
+    timm name whose pretrained weights are not a Hub repo's safetensors (a URL or file: a pickle). Members named as
+    ``hf-hub:`` / ``local-dir:`` sources load through ``load_from_hub``, which holds them to its own rule."""
+    if not _FROM_CONFIG.get() or not isinstance(name, str) or name.startswith(_SOURCE_PREFIXES) or Path(name).exists():
+        return
+    repo = weights_repo(name)
+    if repo is None:
+        raise ValueError(f"member '{name}' has no pretrained weights on the Hub (they would come from a URL or file, a"
+                         f' pickle): a member named by a config loads only as a Hub repo\'s {_WEIGHTS}.')
+    _require_safetensors(*_hub_name(repo), repo, weights_of=name)
+
+
+def load_from_hub(name: str, pretrained: bool = True, trust_member_repos: bool = False, **kwargs: Any) -> nn.Module:
     """``timm.create_model`` for a Hub repo or a local folder, with this package's models registered.
+
+    Whatever its config.json says, what is loaded is the repo's (folder's) own ``model.safetensors``, checked against
+    the sha256 the config records: never a pickle, and never a file, URL or other repo the config names. An ensemble
+    whose config names members in other repos (or folders, or timm's weights) loads only with
+    ``trust_member_repos=True``, each member held to the same rule.
 
     The token (private repos), endpoint, cache and offline mode are huggingface_hub's: ``HF_TOKEN`` or
     ``hf auth login``, ``HF_ENDPOINT``, ``HF_HUB_CACHE``, ``HF_HUB_OFFLINE``.
@@ -443,6 +597,7 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
         name: ``<org>/<name>``, ``<org>/<name>@<revision>`` or ``hf-hub:...`` (a Hub repo), ``local-dir:<folder>``
             or a folder path.
         pretrained: Load the repo's weights (False: only its architecture, freshly initialised).
+        trust_member_repos: Load the members that the config names in other places.
         **kwargs: Passed on to ``timm.create_model`` (e.g. ``num_classes`` for a new classifier).
 
     Raises:
@@ -450,20 +605,24 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
             offline cache).
         PermissionError: The repo is gated and the token has not accepted its conditions.
         ConnectionError: The Hub could not be reached and nothing is cached, or a download broke off for good.
-        ValueError: The config names a model this installation does not know (it says which package or version).
+        ValueError: The config names a model this installation does not know (it says which package or version), or
+            says where to fetch weights from, or names members elsewhere without ``trust_member_repos``.
         TypeError: The config holds arguments this version does not know (written by a newer version).
-        RuntimeError: The weights do not fit the model the config describes.
+        RuntimeError: The weights do not fit the model the config describes, or are not the ones it records.
     """
     if name.startswith('local-dir:') or Path(name).is_dir():
         folder = Path(name.removeprefix('local-dir:'))
         config = read_run(folder)['config']
         check_config(config, str(folder))
+        _check_config_sources(config, f'local-dir:{folder}', trust_member_repos)
         if pretrained and not _is_package_model(config['architecture']):  # this package's models check on load
             check_weights(config, folder / _WEIGHTS, str(folder))
-        return timm.create_model(f'local-dir:{folder}', pretrained=pretrained, **kwargs)
+        with trusting_member_repos(trust_member_repos):
+            return timm.create_model(f'local-dir:{folder}', pretrained=pretrained, **kwargs)
     repo_id, revision = _hub_name(name)
     config = _fetch_config(repo_id, revision)
     check_config(config, name)
+    _check_config_sources(config, name, trust_member_repos, repo_id)
     if pretrained and not _is_package_model(config['architecture']):
         # a plain timm model (a student, a head) loads through timm alone: check it here (this package's models are
         # checked as they load, by _builder, which also serves timm.create_model('hf-hub:...'))
@@ -481,8 +640,9 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return timm.create_model(f'hf-hub:{repo_id}' + (f'@{revision}' if revision else ''), pretrained=pretrained,
-                                 **kwargs)
+        with trusting_member_repos(trust_member_repos):
+            return timm.create_model(f'hf-hub:{repo_id}' + (f'@{revision}' if revision else ''),
+                                     pretrained=pretrained, **kwargs)
     except LocalEntryNotFoundError:  # offline or unreachable, config.json cached but not the weights
         raise unreachable_error(repo_id, revision, weights_of=name) from None
     except EntryNotFoundError as e:
@@ -494,6 +654,15 @@ def load_from_hub(name: str, pretrained: bool = True, **kwargs: Any) -> nn.Modul
         raise ConnectionError(
             f"Downloading the weights of '{name}' failed after huggingface_hub's retries ({type(e).__name__}: {e})."
             f' The cache keeps no partial file as complete: run it again when the connection is back.') from e
+
+
+def _check_config_sources(config: dict[str, Any], name: str, trust: bool, repo_id: str | None = None) -> None:
+    """``check_sources`` on a config.json as read (timm's older single-dict form included); an ``hf_hub_id`` naming
+    the repo itself is no other source."""
+    pretrained_cfg = dict(config['pretrained_cfg'] if 'pretrained_cfg' in config else config)
+    if repo_id and str(pretrained_cfg.get('hf_hub_id', '')).removeprefix('hf-hub:').partition('@')[0] == repo_id:
+        del pretrained_cfg['hf_hub_id']
+    check_sources(pretrained_cfg, config.get('model_args') or {}, name, trust or None)
 
 
 def _require_safetensors(repo_id: str, revision: str | None, name: str, weights_of: str | None = None) -> None:

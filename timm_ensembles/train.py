@@ -98,6 +98,7 @@ from ._snapshots import (
 )
 from ._strategies import MEMBER_STRATEGIES
 from ._summary import run_summary
+from .hub import trusting_member_repos
 from .uncertainty import calibrate
 
 _logger = logging.getLogger(__name__)
@@ -126,6 +127,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
                        help='import this Python module first (repeatable), e.g. one that registers your own timm'
                             ' models with @register_model, so that --model can name them')
+    group.add_argument('--trust-member-repos', action='store_true',
+                       help='load the members that a hf-hub:/local-dir: model or teacher names in other repos or'
+                            ' folders (each as safetensors, checked against its recorded sha256)')
     group.add_argument('--model', default='fdl_resnet18x2',
                        help='timm or timm_ensembles model name: fdl_<base>x<N>, ens_<base>x<N> for any timm base,'
                             ' or a plain timm model (default: fdl_resnet18x2)')
@@ -350,11 +354,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument('-c', '--config', default='')
     pre.add_argument('--resume', default='')
+    pre.add_argument('--import', dest='imports', action='append', default=[])
+    pre.add_argument('--trust-member-repos', action='store_true')
     known, _ = pre.parse_known_args(argv)
     sources = []
     if known.resume:
-        run_dir = Path(known.resume)
-        run_dir = run_dir if run_dir.is_dir() else run_dir.parent
+        run_dir = _run_dir(known.resume)
         if RunFolder(run_dir).file(RunFolder.ARGS).is_file():
             sources.append((RunFolder(run_dir).file(RunFolder.ARGS), _NOT_RECORDED))
     if known.config:
@@ -380,12 +385,40 @@ def parse_args(argv=None) -> argparse.Namespace:
                              f'{key} (did you mean {near[0]}?)' if near else key)
             parser.error(f"unknown keys in {path}: {', '.join(hints)}; the keys are the flags' names with"
                          f' underscores (epochs, batch_size, ...)')
+        _refuse_what_only_the_command_line_says(cfg, path, known)
         parser.set_defaults(**{k: v for k, v in cfg.items() if k not in skip})
     args = parser.parse_args(argv)
     vars(args).pop('_teacher_from_cli', None)
     if isinstance(args.teacher, str):  # `teacher: folder` in a YAML file
         args.teacher = [args.teacher]
     return args
+
+
+def _refuse_what_only_the_command_line_says(cfg: dict, path: Path, known: argparse.Namespace) -> None:
+    """A YAML file never runs code or widens what loads: a module is imported, and models in other repos load, only
+    when the command line itself says so (``--import``, ``--trust-member-repos``). A config that says either is refused
+    with the command line that would, unless that command line gives it; ``cfg`` keeps none of it.
+
+    This holds for ``--resume`` too, although train.py wrote the run's own args.yaml: a folder's args.yaml cannot be
+    told from one downloaded beside a pushed model (push_to_hub publishes it), so a resume names the run's modules
+    again, as the command that started the run did (``--resume RUN --import my_models``)."""
+    imports = cfg.pop('imports', None) or []
+    imports = list(dict.fromkeys(map(str, imports if isinstance(imports, list) else [imports])))
+    trust = bool(cfg.pop('trust_member_repos', False)) or 'trust_member_repos' in (cfg.get('model_kwargs') or {})
+    if set(imports) <= set(known.imports) and (known.trust_member_repos or not trust):
+        return
+    flags = [f'--import {m}' for m in imports] + ['--trust-member-repos'] * trust
+    resumed = bool(known.resume) and path == RunFolder(_run_dir(known.resume)).file(RunFolder.ARGS)
+    command = f'--resume {known.resume}' if resumed else f'--config {path}'
+    what = f'the run in {path.parent} was started with' if resumed else f'{path} asks for'
+    flags = ' '.join(flags)
+    raise SystemExit(f'error: {what} {flags}, which only the command line can give (a config file never imports a'
+                     f' module or trusts other repos): if you trust them, give them there: {command} {flags}')
+
+
+def _run_dir(resume: str) -> Path:
+    path = Path(resume)
+    return path if path.is_dir() else path.parent
 
 
 # the flags that change a run's result, compared on --resume (the dataset by its name, recorded beside them; the data
@@ -579,9 +612,10 @@ def main(argv=None) -> int:
         sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
     for module in args.imports:
         import_user_module(module)
-    if args.generations > 1:
-        return train_generations(args)
-    return train(args)
+    with trusting_member_repos(args.trust_member_repos):
+        if args.generations > 1:
+            return train_generations(args)
+        return train(args)
 
 
 def import_user_module(module: str) -> None:

@@ -39,10 +39,17 @@ def test_meal_alignment_and_distances_hand_computed():
 
 def test_standardise_hand_computed():
     rows = torch.tensor([[1.0, 2.0, 3.0], [5.0, 5.0, 5.0]])
-    # row 0: centred -1, 0, 1; root mean square sqrt(2/3); a constant row becomes zeros
-    expected = torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]) / (math.sqrt(2 / 3) + 1e-6)
+    # row 0: centred -1, 0, 1; variance 2/3, mean square 14/3; a constant row becomes zeros
+    spread = math.sqrt(2 / 3 + 1e-2 * 14 / 3 + 1e-6)
+    expected = torch.tensor([[-1.0, 0.0, 1.0], [0.0, 0.0, 0.0]]) / spread
     torch.testing.assert_close(standardise(rows), expected)
     torch.testing.assert_close(standardise(torch.tensor([[4.0]])), torch.tensor([[0.0]]))
+    # scale-free: a hundred times the row, the same pattern (but for the 1e-6)
+    torch.testing.assert_close(standardise(100 * rows), expected, rtol=1e-5, atol=1e-6)
+    # a row whose entries all but agree: the gradient stays of the order of 1 / (0.1 |x|), not 1 / std
+    near = torch.tensor([[1.0, 1.0 + 1e-7, 1.0 - 1e-7]], requires_grad=True)
+    standardise(near)[0, 0].backward()
+    assert near.grad.abs().max() < 10
 
 
 def _linear_discriminator(task, weight):

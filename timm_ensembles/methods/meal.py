@@ -122,13 +122,21 @@ def align(feature: torch.Tensor, length: int, mode: str = 'channel') -> torch.Te
     raise ValueError(f"Unknown alignment '{mode}', expected 'channel' or 'spatial'.")
 
 
-def standardise(vectors: torch.Tensor) -> torch.Tensor:
-    """Each row of ``[B, L]`` with zero mean and unit variance over its entries (rows of one entry, or constant ones,
-    become zeros): the pattern of a block's aligned activations, whatever their scale."""
-    centred = vectors.float() - vectors.float().mean(-1, keepdim=True)
+def standardise(vectors: torch.Tensor, floor: float = 1e-2) -> torch.Tensor:
+    """Each row of ``[B, L]`` centred and divided by its spread over its entries: the pattern of a block's aligned
+    activations, whatever their scale (rows of one entry become zeros).
+
+    The spread is ``sqrt(var + floor * mean(x^2) + 1e-6)``: unit variance where the entries vary, and no division by
+    a vanishing variance where they nearly do not (a block whose channel means have all but converged, or died):
+    dividing by the variance alone amplifies the gradient by 1 / std, which ran a MEAL student's weights to infinity
+    within 42 updates on the studies' recipe. Scaling a row still changes nothing (both terms scale alike).
+    """
+    x = vectors.float()
+    centred = x - x.mean(-1, keepdim=True)
     if vectors.shape[-1] < 2:
         return centred
-    return centred / (centred.pow(2).mean(-1, keepdim=True).sqrt() + 1e-6)
+    spread = (centred.pow(2).mean(-1, keepdim=True) + floor * x.pow(2).mean(-1, keepdim=True) + 1e-6).sqrt()
+    return centred / spread
 
 
 def block_distance(student: torch.Tensor, teacher: torch.Tensor, distance: str, temperature: float = 1.0):
