@@ -322,9 +322,9 @@ class MemberPredictor:
         device = getattr(acc, 'device', None) or next((p.device for p in model.parameters()), None)
         was_training = model.training
         model.eval()
-        main = acc is None or acc.is_local_main_process
-        batches = progress_bar(self.loader, desc=self.progress, enabled=self.progress is not None and main,
-                               unit='batch')
+        # a bar on the local main process only (asked only when a bar is wanted)
+        enabled = self.progress is not None and (acc is None or acc.is_local_main_process)
+        batches = progress_bar(self.loader, desc=self.progress, enabled=enabled, unit='batch')
         try:
             for batch_index, (x, target) in enumerate(batches):
                 target = torch.as_tensor(target)

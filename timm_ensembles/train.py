@@ -779,6 +779,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     scheduler_state = SchedulerState(lr_scheduler)
 
     start_epoch, num_updates, val_metrics, best, ema_metrics = 0, 0, {}, None, None
+    mechanism = {}  # the last epoch's diagnostics (Task.mechanism)
     # --checkpoint-hist: the epochs kept in <output>/checkpoints, best first ([{'epoch': E, <metric>: value}])
     history, history_root = [], run.sub('checkpoints')
     if resume_state is not None:
@@ -800,6 +801,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
             log(_extension_note(args, extended_from, start_epoch, num_updates, saved_lrs[0],
                                 optimizer.param_groups[0]['lr']))
         val_metrics = resume_state.get('val_metrics', {})
+        mechanism = resume_state.get('mechanism', {})  # a run resumed after its last epoch reports it
         best = resume_state.get('best')
         # as the checkpoint has it (a --checkpoint-hist given now that is smaller keeps the first N; epochs dropped
         # before cannot come back under a larger one)
@@ -810,7 +812,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         log(f'resumed from {args.resume} at epoch {start_epoch}')
 
     model_config = dict(label_names=info.class_names) if info.class_names else None
-    mechanism, unexplained = {}, set()  # the last epoch's diagnostics; those said once to be not computable
+    unexplained = set()  # diagnostics said once to be not computable
 
     def bar(desc: str) -> str | None:  # the evaluations' progress bars, as training's
         return None if args.no_progress else desc
@@ -895,7 +897,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         ranked = rank_history(history, epoch, args.eval_metric, value, args.checkpoint_hist,
                               lower_is_better=args.eval_metric == 'loss')
         state = dict(task=unwrapped, optimizer=optimizer, scheduler=scheduler_state, scaler=accelerator.scaler,
-                     epoch=epoch + 1, num_updates=num_updates, val_metrics=val_metrics, run=run_identity, best=best,
+                     epoch=epoch + 1, num_updates=num_updates, val_metrics=val_metrics, mechanism=mechanism,
+                     run=run_identity, best=best,
                      checkpoint_hist=ranked, **({} if ema is None else dict(ema=ema, ema_val_metrics=ema_metrics)))
         # the best epoch's model (and this epoch's, when it ranks among the --checkpoint-hist best) before the
         # checkpoint: a run killed in between redoes the epoch and its exports

@@ -27,10 +27,12 @@ def _recorded_data(args) -> None:
     """Without data named: the dataset, data folder and validation split that a ``train.py`` run folder recorded."""
     folder = model_folder(args.model)
     recorded = RunFolder.of_model(folder).args() if folder is not None else {}
-    if not (recorded.get('dataset') or recorded.get('data_dir')):
+    if not recorded:
         fail(f'no data: give --dataset NAME (digits, fashion-mnist, idx:<folder>, torch/cifar10 with --data-dir, ...)'
              f' or an image folder (DIR); only a train.py output folder records its own ({args.model} does not).')
-    args.dataset, args.data_dir = recorded.get('dataset'), recorded.get('data_dir')
+    # a run that named no data trained on the embedded digits (train.py's default)
+    args.dataset, args.data_dir = recorded.get('dataset') or ('' if recorded.get('data_dir') else 'digits'), \
+        recorded.get('data_dir')
     args.split = args.split or recorded.get('val_split')
 
 
