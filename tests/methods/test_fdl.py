@@ -134,15 +134,16 @@ def test_fdl_weight_is_set_by_the_schedules_base_learning_rate():
     optimizer = task.create_optimizer(opt='sgd', lr=0.1, momentum=0.9)
     task.on_epoch_start(1)
     x, y = _batch()
-    # steady-state step of the reference's FDL optimiser (lr 1e-4, momentum 0.85) over the members' (0.1, 0.9)
-    expected = (1e-4 / 0.15) / (0.1 / 0.1)
+    # steady-state step of the -L_FDL optimiser (lr 0.1 by default, the reference's momentum 0.85) over the members'
+    # (0.1, 0.9)
+    expected = (0.1 / 0.15) / (0.1 / 0.1)
     assert task(x, y)['stats']['fdl_weight'] == pytest.approx(expected)
     # an annealed learning rate leaves the weight where it was: the term's step anneals with the schedule
     for group in optimizer.param_groups:
         group['lr'] = 1e-5
     assert task(x, y)['stats']['fdl_weight'] == pytest.approx(expected)
     task.create_optimizer(opt='sgd', lr=0.01, momentum=0.5)
-    assert task.fdl_term_weight == pytest.approx((1e-4 / 0.15) / (0.01 / 0.5))
+    assert task.fdl_term_weight == pytest.approx((0.1 / 0.15) / (0.01 / 0.5))
 
 
 def test_head_has_its_own_group_annealed_by_the_schedule():
@@ -173,7 +174,7 @@ def test_loss_is_the_sum_of_its_terms_at_every_learning_rate():
             g['lr'] = lr
         out = task(x, y)
         c = out['components']
-        w = (1e-4 / 0.15) / (0.05 / 0.1)
+        w = (0.1 / 0.15) / (0.05 / 0.1)
         expected = 2 * c['ce'] + c['similarity'] - w * c['fdl'] + c['head_ce']
         torch.testing.assert_close(out['loss'].detach(), expected, rtol=1e-5, atol=1e-5)
         assert out['loss'] < 3 * (2 * c['ce'] + c['head_ce'])
@@ -256,12 +257,14 @@ def test_conv_taps_take_the_references_convolutions():
         n for n, m in vgg.named_modules() if isinstance(m, torch.nn.Conv2d)]
 
 
-def test_distance_defaults_to_the_papers_where_it_is_safe():
-    assert _fdl().fdl_distance == 'mse'  # stage outputs of a BatchNorm base
+def test_distance_defaults_to_the_bounded_one_on_every_base():
+    assert _fdl().fdl_distance == 'relative'  # stage outputs of a BatchNorm base
     assert _fdl(feature_taps='convs').fdl_distance == 'relative'  # pre-normalisation conv outputs
-    assert _fdl(fdl_distance='mse', feature_taps='convs').fdl_distance == 'mse'
+    assert _fdl(fdl_distance='mse', feature_taps='convs').fdl_distance == 'mse'  # the paper's, when asked
     model = timm.create_model('fdl', base_model='te_plain_net', num_members=2, num_classes=4)
     assert timm_ensembles.create_task(model).fdl_distance == 'relative'  # no normalisation layer at all
+    with pytest.raises(ValueError, match="Unknown fdl_distance 'auto'"):
+        _fdl(fdl_distance='auto')
 
 
 def test_similarity_pairs_are_the_same_on_every_process_and_every_resume():
