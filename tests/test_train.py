@@ -514,6 +514,14 @@ def test_two_processes(tmp_path):
     # gather_for_metrics drops the duplicated tail: every validation sample counted once
     assert results['final_epoch']['num_samples'] == 80
     assert _val_accuracy(out) == results['final_epoch']['acc']
+    # only the main process claims the folder; the other takes its verdict: both refuse to write over the run
+    before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    start = time.time()
+    proc = run_train('--model', 'fdl_test_resnetx3', '--epochs', '2', '--output', out, '--cpu', *QUICK,
+                     launcher=launcher, check=False, timeout=300)
+    assert proc.returncode != 0 and time.time() - start < 200
+    assert proc.stderr.count(f"error: '{out}' already holds a run") == 2, proc.stderr[-3000:]
+    assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
     # both processes stop together on a non-finite loss (no process left waiting in an all-reduce)
     proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '3', '--output', tmp_path / 'nan', '--cpu',
                      '--task-kwargs', 'fdl_weight=1e30', 'fdl_distance=mse', *QUICK, launcher=launcher, check=False,
