@@ -255,7 +255,7 @@ class RunLock:
         self._made = [p for p in (self.folder, *self.folder.parents) if not p.exists()][::-1]
         self.folder.mkdir(parents=True, exist_ok=True)
         try:
-            fd = self._open_locked()
+            fd = self._open_locked(log)
         except BaseException:
             self._remove_made()
             raise
@@ -267,14 +267,15 @@ class RunLock:
         record = dict(host=socket.gethostname(), pid=os.getpid(), since=time.strftime('%Y-%m-%d %H:%M:%S %z'))
         try:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps(record).encode(), 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(record).encode())
             os.fsync(fd)
         except BaseException:
             self.release()
             raise
         return self
 
-    def _open_locked(self) -> int:
+    def _open_locked(self, log=None) -> int:
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
             if fcntl is None:
@@ -282,6 +283,11 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    if log is not None:
+                        log(f'warning: {self.folder}: this file system takes no file locks ({e.strerror}); nothing'
+                            f' stops a second trainer on this folder')
+                    return fd
                 holder = _read_holder(fd)
                 os.close(fd)
                 if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
@@ -327,7 +333,8 @@ class RunLock:
 
 def _read_holder(fd: int) -> dict | None:
     try:
-        data = os.pread(fd, 4096, 0)
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 4096)
     except OSError:
         return None
     if not data.strip():

@@ -742,7 +742,7 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
     # the last checkpoint on disk, (file, epochs it holds): what a failed save says is kept
     last_saved = (find_checkpoint(args.resume), resume_state['epoch']) if resume_state is not None else None
     log('\n'.join(run_summary(args, info, task, dict(training=train_ds, validation=val_ds, test=test_ds), data_config,
-                              accelerator, optimizer)))
+                              accelerator, optimizer, output=output)))
     if resume_state is not None:
         task.load_state_dict(resume_state['task'])
         optimizer.load_state_dict(resume_state['optimizer'])
