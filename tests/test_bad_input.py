@@ -589,6 +589,14 @@ def test_a_full_disk_at_a_checkpoint_says_so_and_what_is_kept(tmp_path, monkeypa
     assert not [n for n in after if TEMPORARY_PREFIX in n] and 'model.safetensors' not in after
 
 
+def test_a_failed_save_claims_only_a_checkpoint_that_exists(tmp_path):
+    from timm_ensembles.train import _kept
+    nothing = 'No epoch had been saved: nothing of this run is kept to resume from.'
+    assert _kept(None) == nothing and _kept((tmp_path / 'checkpoint.pt', 3)) == nothing  # gone: not claimed
+    (tmp_path / 'checkpoint.pt').write_bytes(b'x')
+    assert _kept((tmp_path / 'checkpoint.pt', 3)).startswith("Kept: the checkpoint after epoch 2 ('")
+
+
 def test_a_full_disk_at_the_final_export_says_so_and_the_resume_exports(tmp_path, monkeypatch):
     import errno
 
