@@ -25,6 +25,10 @@ with ``timm.create_model('local-dir:<folder>', pretrained=True)`` after ``import
 atomically after every epoch) for ``--resume``. With ``--snapshot-subset N``, ``snapshots/`` holds every epoch's
 member logits on N fixed validation samples, and those of the initialisation (epoch -1), with
 ``--snapshot-weights`` the member weights too, read back with ``timm_ensembles.read_snapshots``.
+
+A run owns its folder: it holds the folder's lock (``.timm-ensembles.lock``, naming host, pid and start) until it ends,
+so a second trainer or ``--resume`` there is refused; a folder that holds a run's files is never written by a new run
+(``--overwrite`` moves them aside into ``overwritten-<time>/``), and only the trainer's own temporaries are swept.
 """
 import argparse
 import ast
