@@ -15,6 +15,7 @@ import yaml
 from test_train import QUICK, ROOT, _env, run_train
 
 from timm_ensembles import data as te_data
+from timm_ensembles._checkpoint import TEMPORARY_PREFIX
 
 
 @pytest.mark.parametrize('args, message', [
@@ -130,7 +131,8 @@ def test_rotation_never_replaces_a_readable_backup_with_a_corrupt_checkpoint(res
     shutil.copytree(resumed_run, run)
     (run / 'results.json').unlink()
     (run / 'checkpoint.pt').write_bytes((run / 'checkpoint.pt').read_bytes()[:1000])  # corrupt
-    (run / '.checkpoint.pt.1234.tmp').write_bytes(b'half a save')  # what a killed save leaves
+    (run / f'{TEMPORARY_PREFIX}checkpoint.pt.1234').write_bytes(b'half a save')  # what a killed save leaves
+    (run / '.notes.tmp').write_text('a file of the user')  # never swept: not a name the trainer makes
     prev = run / 'checkpoint-prev.pt'
     state = torch.load(prev, weights_only=True)
     assert state['epoch'] == 1
@@ -140,7 +142,7 @@ def test_rotation_never_replaces_a_readable_backup_with_a_corrupt_checkpoint(res
     assert torch.load(run / 'checkpoint.pt', weights_only=True)['epoch'] == 2
     # the corrupt file did not become the backup
     assert torch.load(prev, weights_only=True)['epoch'] == 1
-    assert not list(run.glob('.*.tmp'))
+    assert not list(run.glob(f'{TEMPORARY_PREFIX}*')) and (run / '.notes.tmp').read_text() == 'a file of the user'
 
 
 def test_sparse_idx_labels_and_a_folder_named_fashion(tmp_path):
@@ -179,7 +181,7 @@ def test_a_failed_save_on_the_main_process_stops_both_processes_at_once(tmp_path
     accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))
     out = tmp_path / 'run'
     out.mkdir()
-    (out / '.checkpoint.pt.new').mkdir()  # the main process's first save cannot replace a folder
+    (out / 'summary.csv').mkdir()  # the main process's first save cannot replace a folder
     cmd = [accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1', '--mixed_precision',
            'no', '--dynamo_backend', 'no', str(ROOT / 'train.py'), '--model', 'ens_test_resnetx2', '--epochs', '2',
            '--cpu', '--output', str(out), *map(str, QUICK)]
@@ -385,3 +387,347 @@ def test_a_config_never_imports_a_module_only_the_command_line_does(tmp_path):
     config.write_text(yaml.safe_dump(dict(model='test_resnet', model_kwargs=dict(trust_member_repos=True))))
     with pytest.raises(SystemExit, match='asks for --trust-member-repos'):
         parse_args(['--config', str(config)])
+
+
+# --- a run folder is owned: one trainer at a time, a run's files never written over, only our temporaries swept
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    """Every file under ``folder`` (the lock of a run holding it aside), by its path relative to it: what 'nothing
+    changed' is compared on, bitwise."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob('*'))
+            if p.is_file() and p.name != '.timm-ensembles.lock'}
+
+
+def _one_line(proc) -> str:
+    assert proc.returncode != 0
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) >= 1 and lines[-1].startswith('error: ') and 'Traceback' not in proc.stderr, proc.stderr
+    return lines[-1]
+
+
+@pytest.fixture(scope='module')
+def finished(tmp_path_factory):
+    """A finished one-epoch run of a plain timm model (copied by the tests that change it)."""
+    out = tmp_path_factory.mktemp('owned') / 'run'
+    run_train('--model', 'test_resnet', '--epochs', '1', '--output', out, *QUICK)
+    return out
+
+
+def _copy(run: Path, dest: Path) -> Path:
+    shutil.copytree(run, dest)
+    return dest
+
+
+@pytest.mark.parametrize('resume', [False, True])
+def test_a_second_trainer_or_resume_on_a_folder_in_use_is_refused_and_the_first_finishes_intact(
+        finished, tmp_path, resume):
+    import signal
+    if resume:  # two --resume of one run (a requeued cluster job): both would extend it to two epochs
+        out = _copy(finished, tmp_path / 'run')
+        args = ['--resume', out, '--epochs', '2']
+    else:
+        out = tmp_path / 'run'
+        args = ['--model', 'test_resnet', '--epochs', '2', '--output', out, *QUICK]
+    lock = out / '.timm-ensembles.lock'
+    first = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *map(str, args)], env=_env(), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300
+        while not (lock.is_file() and lock.read_text()) and first.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()
+        first.send_signal(signal.SIGSTOP)  # holds its lock, whatever the second one takes to start
+        holder = json.loads(lock.read_text())
+        before = _files(out)
+        second = run_train(*args, check=False)
+        line = _one_line(second)
+        assert f"'{out}' is in use by another run (host {holder['host']}, pid {first.pid}, since" in line, line
+        assert 'Wait for that run to finish (or stop it), or choose another --output.' in line
+        assert _files(out) == before  # the second wrote nothing
+    finally:
+        first.send_signal(signal.SIGCONT)
+    assert first.wait(timeout=300) == 0, first.stderr.read()
+    assert [json.loads(ln)['epoch'] for ln in (out / 'metrics.jsonl').read_text().splitlines()] == [0, 1]
+    assert json.loads((out / 'results.json').read_text())['epochs'] == 2
+    assert not lock.exists()  # released at the end
+
+
+def test_a_stale_lock_is_taken_over_with_a_line_and_a_held_one_names_its_holder(tmp_path):
+    from timm_ensembles._run import RunBusyError, RunLock
+    folder = tmp_path / 'run'
+    folder.mkdir()
+    # a lock file whose holder was killed: the kernel dropped its flock, the record stays
+    (folder / '.timm-ensembles.lock').write_text(json.dumps(dict(host='node7', pid=123, since='2024-01-01 00:00')))
+    lines = []
+    with RunLock(folder).acquire(lines.append) as held:
+        assert lines == [f'{folder}: the lock left by host node7, pid 123, since 2024-01-01 00:00 is stale (that run'
+                         f' is gone: killed or crashed); taken over']
+        record = json.loads(held.path.read_text())
+        with pytest.raises(RunBusyError, match=rf"^'{folder}' is in use by another run \(host {record['host']}, pid"
+                                               rf" {record['pid']}, since "):
+            RunLock(folder).acquire()  # another open file description: flock refuses it, as another process
+    assert not (folder / '.timm-ensembles.lock').exists() and folder.is_dir()
+    # a folder made for the lock alone goes with it
+    with RunLock(tmp_path / 'new' / 'run').acquire():
+        pass
+    assert not (tmp_path / 'new').exists()
+
+
+def test_a_folder_holding_a_run_is_never_written_by_a_new_run(finished, tmp_path):
+    out = _copy(finished, tmp_path / 'run')
+    for name in ('checkpoint.pt', 'checkpoint-prev.pt'):  # deleted to save space: the run is still there
+        (out / name).unlink(missing_ok=True)
+    before = _files(out)
+    line = _one_line(run_train('--model', 'test_resnet', '--epochs', '1', '--output', out, *QUICK, check=False))
+    assert line == (f"error: '{out}' already holds a run (config.json, model.safetensors, metrics.jsonl,"
+                    f' results.json), which a new run would write over: it is finished (--resume {out} with a larger'
+                    f' --epochs extends it); choose another --output, or pass --overwrite to move its files aside into'
+                    f' {out}/overwritten-<time>.')
+    assert _files(out) == before
+    # --resume A --output B, with a run in B
+    line = _one_line(run_train('--resume', finished, '--output', out, check=False))
+    assert line.startswith(f"error: --resume {finished} --output {out}: '{out}' already holds another run (config.json,"
+                           f' model.safetensors, metrics.jsonl, results.json), which this one would write over')
+    assert _files(out) == before
+
+
+def test_overwrite_moves_the_earlier_run_aside_and_leaves_other_files(finished, tmp_path):
+    out = _copy(finished, tmp_path / 'run')
+    (out / 'notes.txt').write_text('mine')
+    before = _files(out)
+    proc = run_train('--model', 'test_resnet', '--epochs', '1', '--output', out, '--overwrite', '--seed', '1', *QUICK)
+    aside = [p for p in out.iterdir() if p.name.startswith('overwritten-')]
+    assert len(aside) == 1 and f'moved aside into {aside[0]}' in proc.stderr
+    moved = _files(aside[0])
+    assert moved == {k: v for k, v in before.items() if k != 'notes.txt'}  # every file of the run, bitwise
+    assert (out / 'notes.txt').read_text() == 'mine'
+    assert yaml.safe_load((out / 'args.yaml').read_text())['seed'] == 1  # the new run
+    assert 'overwrite' not in yaml.safe_load((out / 'args.yaml').read_text())  # its recipe never moves a run aside
+
+
+def test_cleanup_removes_only_what_the_trainer_left(finished, tmp_path):
+    out = _copy(finished, tmp_path / 'run')
+    (out / 'results.json').unlink()  # killed before its results: the resume exports again, without training
+    # what kills leave: a half-written save, a hidden export folder holding a whole model (in the run and in best/)
+    (out / f'{TEMPORARY_PREFIX}checkpoint.pt.x1').write_bytes(b'half')
+    shutil.copytree(out / 'best', out / f'{TEMPORARY_PREFIX}export.x2')
+    shutil.copytree(out / 'best', out / 'best' / f'{TEMPORARY_PREFIX}export.x3')
+    mine = {'.draft.tmp': b'a', '.old.new': b'b', '.export-mine/x': b'c', 'best/.notes.tmp': b'd'}
+    for name, data in mine.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    proc = run_train('--resume', out)
+    assert 'removed what a killed save or export left' in proc.stderr
+    assert not [p for p in out.rglob(f'{TEMPORARY_PREFIX}*')]
+    assert all((out / name).read_bytes() == data for name, data in mine.items())
+
+
+def test_resume_with_a_teacher_retrained_in_place_is_refused(tmp_path):
+    import timm
+
+    from timm_ensembles._checkpoint import export_folder
+    teacher = tmp_path / 'teacher'
+    labels = dict(label_names=[str(i) for i in range(10)])
+    export_folder(timm.create_model('test_resnet', num_classes=10), teacher, model_config=labels)
+    student = tmp_path / 'student'
+    run_train('--model', 'ban_test_resnet', '--teacher', teacher, '--epochs', '1', '--output', student, *QUICK)
+    (student / 'results.json').unlink()  # stopped before its end: a resume would continue with the teacher
+    torch.manual_seed(1)
+    export_folder(timm.create_model('test_resnet', num_classes=10), teacher, model_config=labels)  # retrained
+    before = _files(student)
+    line = _one_line(run_train('--resume', student, check=False))
+    assert re.fullmatch(rf"error: --resume {student}: teacher '{teacher}' changed \(test_resnet, sha256 [0-9a-f]{{12}}"
+                        rf' then, test_resnet, sha256 [0-9a-f]{{12}} now\): retrained or replaced in place since the'
+                        rf' run started\. Resume with the teacher it started from, or start a new run in another'
+                        rf' --output\.', line), line
+    assert _files(student) == before
+
+
+def test_generations_run_again_with_other_flags_are_refused_and_overwrite_trains_them_anew(tmp_path):
+    import timm
+
+    from timm_ensembles._checkpoint import export_folder
+    teacher = export_folder(timm.create_model('test_resnet', num_classes=10), tmp_path / 'teacher',
+                            model_config=dict(label_names=[str(i) for i in range(10)]))
+    out = tmp_path / 'ban'
+    args = ['--model', 'ban_test_resnet', '--teacher', teacher, '--generations', '2', '--output', out, *QUICK]
+    run_train(*args, '--epochs', '1')
+    before = _files(out)
+    again = run_train(*args, '--epochs', '1')  # the same command: both generations kept as they are
+    assert 'generation 1: done' in again.stderr and 'generation 2: done' in again.stderr
+    assert _files(out) == before
+    line = _one_line(run_train(*args, '--epochs', '2', '--lr', '0.01', check=False))
+    assert line == (f"error: generation 1 in '{out}/gen1' was made by another command (epochs: 1 there, 2 here; lr:"
+                    f' 0.05 there, 0.01 here): run the command it was made with to continue it, choose another'
+                    f' --output, or pass --overwrite to move its files aside and train it anew.')
+    assert _files(out) == before
+    run_train(*args, '--epochs', '2', '--lr', '0.01', '--overwrite')
+    for k in (1, 2):
+        gen = out / f'gen{k}'
+        assert yaml.safe_load((gen / 'args.yaml').read_text())['epochs'] == 2
+        aside = [p for p in gen.iterdir() if p.name.startswith('overwritten-')]
+        assert len(aside) == 1
+        assert _files(aside[0]) == {n.split('/', 1)[1]: b for n, b in before.items() if n.startswith(f'gen{k}/')}
+
+
+# --- one line, nothing lost: output paths, full disks, data and models that cannot train
+
+
+def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
+    from timm_ensembles import _run
+    from timm_ensembles import train as trainer
+    from timm_ensembles.analyze import main as analyze
+    file = tmp_path / 'file'
+    file.write_text('x')
+    for argv, message in (
+            ([], f"error: --output {file}: '{file}' is a file, not a folder; give a folder that can be written."),
+            (['--experiment', 'e'], f"error: --output {file}/e: '{file}' above it is a file, not a folder;")):
+        with pytest.raises(SystemExit) as e:
+            trainer.main(['--model', 'test_resnet', '--output', str(file), *argv])
+        assert e.value.code.startswith(message) and '\n' not in e.value.code
+    with pytest.raises(SystemExit, match=rf"^error: --out {file}: '{file}' is a file, not a folder; give a folder"):
+        analyze([str(tmp_path / 'any-run'), '--out', str(file)])
+    assert file.read_text() == 'x'
+    # a read-only disk (access() says so; root writes anywhere else, so the test asks the same way)
+    monkeypatch.setattr(_run.os, 'access', lambda path, mode: Path(path) != tmp_path)
+    with pytest.raises(SystemExit, match=rf"^error: --output {tmp_path}/run: '{tmp_path}' cannot be written \(a"
+                                         r' read-only disk, or no permission\); give a folder that can be written\.$'):
+        trainer.main(['--model', 'test_resnet', '--output', str(tmp_path / 'run')])
+    assert not (tmp_path / 'run').exists()
+
+
+def test_a_full_disk_at_a_checkpoint_says_so_and_what_is_kept(tmp_path, monkeypatch):
+    import errno
+
+    from timm_ensembles import _checkpoint
+    from timm_ensembles import train as trainer
+    out = tmp_path / 'run'
+    saves, before = [], {}
+    real_save, real_save_epoch = _checkpoint.torch.save, trainer._save_epoch
+
+    def save_epoch(run, record, *args, **kwargs):
+        if record['epoch'] == 1:
+            before.update(_files(out))
+        return real_save_epoch(run, record, *args, **kwargs)
+
+    def full_disk(obj, f):
+        saves.append(obj['epoch'])
+        if len(saves) == 2:
+            f.write(b'part of a checkpoint')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        real_save(obj, f)
+
+    monkeypatch.setattr(trainer, '_save_epoch', save_epoch)
+    monkeypatch.setattr(_checkpoint.torch, 'save', full_disk)
+    with pytest.raises(SystemExit) as e:
+        trainer.main(['--model', 'test_resnet', '--epochs', '2', '--output', str(out), *map(str, QUICK)])
+    assert e.value.code == (f'error: saving epoch 1 to {out} failed: the disk is full (No space left on device).'
+                            f" Kept: the checkpoint after epoch 0 ('{out}/checkpoint.pt'); --resume {out} continues"
+                            f' from it (once the cause is fixed).')
+    after = _files(out)
+    # the checkpoint, its metrics (the epoch's line taken back) and args as they were; no temporary left
+    for name in ('checkpoint.pt', 'metrics.jsonl', 'args.yaml'):
+        assert after[name] == before[name], name
+    assert not [n for n in after if TEMPORARY_PREFIX in n] and 'model.safetensors' not in after
+
+
+def test_a_failed_save_claims_only_a_checkpoint_that_exists(tmp_path):
+    from timm_ensembles.train import _kept
+    nothing = 'No epoch had been saved: nothing of this run is kept to resume from.'
+    assert _kept(None) == nothing and _kept((tmp_path / 'checkpoint.pt', 3)) == nothing  # gone: not claimed
+    (tmp_path / 'checkpoint.pt').write_bytes(b'x')
+    assert _kept((tmp_path / 'checkpoint.pt', 3)).startswith("Kept: the checkpoint after epoch 2 ('")
+
+
+def test_a_full_disk_at_the_final_export_says_so_and_the_resume_exports(tmp_path, monkeypatch):
+    import errno
+
+    import timm.models
+
+    from timm_ensembles import train as trainer
+    out = tmp_path / 'run'
+    before = {}
+    real = timm.models.save_for_hf
+
+    def full_disk(model, folder, **kwargs):
+        if Path(folder).parent == out:  # the final export (best/ is a folder below)
+            before.update(_files(out))
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return real(model, folder, **kwargs)
+
+    monkeypatch.setattr(timm.models, 'save_for_hf', full_disk)
+    argv = ['--model', 'test_resnet', '--epochs', '1', '--output', str(out), *map(str, QUICK)]
+    with pytest.raises(SystemExit) as e:
+        trainer.main(argv)
+    assert e.value.code == (f'error: exporting the final model to {out} failed: the disk is full (No space left on'
+                            f" device). Kept: the checkpoint after epoch 0 ('{out}/checkpoint.pt'); --resume {out}"
+                            f' exports the model without training again (once the cause is fixed).')
+    assert _files(out) == before and 'model.safetensors' not in before
+    monkeypatch.undo()
+    assert trainer.main(['--resume', str(out)]) == 0  # as the line says
+    assert (out / 'model.safetensors').is_file() and (out / 'checkpoint.pt').read_bytes() == before['checkpoint.pt']
+
+
+def _idx(folder: Path, train_shape: tuple[int, int, int]) -> Path:
+    folder.mkdir()
+    for stem, shape in (('train', train_shape), ('t10k', (10, 8, 8))):
+        images = np.zeros(shape, dtype=np.uint8)
+        labels = (np.arange(shape[0]) % 2).astype(np.uint8)
+        header = (0x803).to_bytes(4, 'big') + b''.join(d.to_bytes(4, 'big') for d in shape)
+        (folder / f'{stem}-images-idx3-ubyte').write_bytes(header + images.tobytes())
+        (folder / f'{stem}-labels-idx1-ubyte').write_bytes((0x801).to_bytes(4, 'big') + shape[0].to_bytes(4, 'big')
+                                                           + labels.tobytes())
+    return folder
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--batch-size', '1'], "error: --batch-size 1: test_resnet's BatchNorm layer layer4.0.bn1 would see one value"
+                            ' per channel (input (1, 96, 1, 1)) in training, which it cannot normalise; use'
+                            ' --batch-size 2 or more.'),
+    (['--model-kwargs', 'num_classes=5'], 'error: --model-kwargs num_classes=5: the model has 5 outputs, but the data'
+                                          ' has 10 classes (digits): leave num_classes out of --model-kwargs'),
+    (['--num-classes', '20'], 'error: --num-classes 20: digits has 10 classes (labels 0..9); a head of 20 would learn'
+                              ' 10 classes that no image has, and export 20 classes with 10 label names. Leave'
+                              " --num-classes out (the dataset's count) or give 10."),
+])
+def test_models_that_cannot_train_on_the_data_are_one_line(argv, message, tmp_path, capsys):
+    assert _refusal(['--model', 'test_resnet', '--epochs', '1', *map(str, QUICK), *argv], tmp_path,
+                    capsys).startswith(message)
+
+
+def test_batch_size_one_is_refused_only_where_a_batchnorm_cannot_normalise():
+    import timm
+
+    from timm_ensembles import create_task
+    from timm_ensembles import train as trainer
+    args = trainer.parse_args(['--model', 'test_vit', '--batch-size', '1'])
+    vit = create_task(timm.create_model('test_vit', img_size=32, num_classes=10))
+    trainer._check_batch_of_one(args, vit, dict(input_size=(3, 32, 32)), range(100))  # LayerNorm: trains
+    resnet = create_task(timm.create_model('test_resnet', num_classes=10))
+    trainer._check_batch_of_one(args, resnet, dict(input_size=(3, 160, 160)), range(100))  # 5x5 maps: trains
+    counts = [m.num_batches_tracked.item() for m in resnet.modules() if hasattr(m, 'num_batches_tracked')]
+    assert resnet.training and counts and not any(counts)  # the probe changed no statistic
+    with pytest.raises(SystemExit, match='layer4.0.bn1 would see one value per channel'):
+        trainer._check_batch_of_one(args, resnet, dict(input_size=(3, 32, 32)), range(100))
+
+
+@pytest.mark.parametrize('shape, message', [
+    ((0, 8, 8), r'holds no images \(its header says shape \(0, 8, 8\)\)'),
+    ((10, 0, 0), r'holds images of 0x0 pixels \(its header says shape \(10, 0, 0\)\)'),
+])
+def test_an_idx_folder_without_images_or_pixels_is_one_line(shape, message, tmp_path, capsys):
+    folder = _idx(tmp_path / 'idx', shape)
+    line = _refusal(['--model', 'test_resnet', '--dataset', f'idx:{folder}', '--epochs', '1', '--workers', '0'],
+                    tmp_path, capsys)
+    assert re.match(rf'error: IDX file {folder}/train-images-idx3-ubyte {message}: an IDX dataset needs at least one'
+                    r' image', line), line
+
+
+def test_every_file_of_a_run_follows_the_umask(finished):
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {str(p.relative_to(finished)): p.stat().st_mode & 0o777 for p in finished.rglob('*') if p.is_file()}
+    assert {'model.safetensors', 'checkpoint.pt', 'best/model.safetensors', 'args.yaml'} <= set(modes)
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)

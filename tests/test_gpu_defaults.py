@@ -105,8 +105,9 @@ def _gpu_run(monkeypatch, argv: list[str]) -> dict:
 
     def capture(model, folder, **kwargs):
         out = export_folder(model, folder, **kwargs)
-        # checkpoints/epoch-E is exported to .epoch-E.tmp, then renamed
-        exported[Path(folder).name.removeprefix('.').removesuffix('.tmp')] = (model, _is_channels_last(model))
+        # checkpoints/epoch-E is exported to a temporary folder (<prefix>epoch-E.new), then renamed
+        name = Path(folder).name.removeprefix(_checkpoint.TEMPORARY_PREFIX).removesuffix('.new')
+        exported[name] = (model, _is_channels_last(model))
         return out
 
     monkeypatch.setattr(trainer, 'export_folder', capture)

@@ -514,6 +514,14 @@ def test_two_processes(tmp_path):
     # gather_for_metrics drops the duplicated tail: every validation sample counted once
     assert results['final_epoch']['num_samples'] == 80
     assert _val_accuracy(out) == results['final_epoch']['acc']
+    # only the main process claims the folder; the other takes its verdict: both refuse to write over the run
+    before = {p: p.read_bytes() for p in out.rglob('*') if p.is_file()}
+    start = time.time()
+    proc = run_train('--model', 'fdl_test_resnetx3', '--epochs', '2', '--output', out, '--cpu', *QUICK,
+                     launcher=launcher, check=False, timeout=300)
+    assert proc.returncode != 0 and time.time() - start < 200
+    assert proc.stderr.count(f"error: '{out}' already holds a run") == 2, proc.stderr[-3000:]
+    assert {p: p.read_bytes() for p in out.rglob('*') if p.is_file()} == before
     # both processes stop together on a non-finite loss (no process left waiting in an all-reduce)
     proc = run_train('--model', 'fdl_test_resnetx2', '--epochs', '3', '--output', tmp_path / 'nan', '--cpu',
                      '--task-kwargs', 'fdl_weight=1e30', 'fdl_distance=mse', *QUICK, launcher=launcher, check=False,
@@ -979,7 +987,7 @@ def test_clip_modes_clip_as_timms_dispatch_clip_grad():
                                                                                    torch.full((3, 2), -99.))
 
 
-def test_the_summary_flags_a_member_count_beyond_the_registered_variants_with_its_size(tmp_path):
+def test_the_summary_flags_a_member_count_beyond_the_registered_variants_with_its_size(tmp_path, monkeypatch):
     """fdl_resnet18x22 (a typo for x2) builds 22 members: the summary says so with the size each checkpoint will take,
     which is what train.py's checkpoint of the model, the task and an SGD step's momentum takes (within 2 %)."""
     import io
@@ -1009,6 +1017,20 @@ def test_the_summary_flags_a_member_count_beyond_the_registered_variants_with_it
     short = run_summary(trainer.parse_args(['--model', 'fdl_test_resnetx3']), info, task, {}, data_config,
                         Accelerator(cpu=True), optimizer)
     assert 'warning' not in '\n'.join(short)
+    # a disk with less room than two checkpoints (three while one is replaced) and the exports: said up front
+    import collections
+
+    from timm_ensembles import _summary
+    assert 'free on the disk' not in '\n'.join(run_summary(args, info, task, {}, data_config, Accelerator(cpu=True),
+                                                           optimizer, output=tmp_path / 'run'))
+    monkeypatch.setattr(_summary.shutil, 'disk_usage',
+                        lambda p: collections.namedtuple('usage', 'total used free')(0, 0, 10 ** 6))
+    lines = run_summary(args, info, task, {}, data_config, Accelerator(cpu=True), optimizer, output=tmp_path / 'run')
+    needed = lines[-1].split('will take up to ')[1].split(':')[0]
+    assert lines[-1] == (f'  warning: 1 MB free on the disk of {tmp_path / "run"}, where the run will take up to'
+                         f' {needed}: a save that finds the disk full stops the run (its last checkpoint kept)')
+    # three checkpoints and two exported models (final, best/) of 5 members of 1.5 MB each
+    assert float(needed.split()[0]) * 1e6 == pytest.approx(3 * size + 2 * 5 * 1.5e6, rel=0.05)
 
 
 def test_a_plateau_run_extended_by_resume_is_the_longer_run(folder_run, tmp_path):

@@ -1,7 +1,9 @@
 """Training checkpoints and exported model folders, written so that a crash never leaves a half-written file.
 
 Every file is written to a temporary name beside its destination, flushed to disk, then renamed over the
-destination (``os.replace`` is atomic on POSIX and Windows). Checkpoints are read with
+destination (``os.replace`` is atomic on POSIX and Windows). Every temporary file or folder this package makes starts
+with ``TEMPORARY_PREFIX``, so that what a kill leaves behind is told apart from a user's own files (``.notes.tmp``
+stays). Files get the permissions of the process's umask, as any other file it writes. Checkpoints are read with
 ``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and plain containers.
 """
 import contextlib
@@ -19,7 +21,8 @@ from torch import nn
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
            'export_new_folder', 'rank_history', 'history_folder', 'sweep_history', 'atomic_write_text',
-           'sweep_temporaries', 'check_weights', 'load_initial_checkpoint', 'CHECKPOINT_NAME']
+           'sweep_temporaries', 'check_weights', 'load_initial_checkpoint', 'file_sha256', 'CHECKPOINT_NAME',
+           'TEMPORARY_PREFIX', 'model_identity']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 # the config.json entry naming the timm-ensembles version that wrote an export
@@ -27,6 +30,8 @@ VERSION_KEY = 'timm_ensembles_version'
 # the sha256 of model.safetensors, recorded in config.json beside it: a flipped byte in the weights is an error on load
 WEIGHTS_SHA_KEY = 'timm_ensembles_weights_sha256'
 PREVIOUS_CHECKPOINT_NAME = 'checkpoint-prev.pt'
+# the start of every temporary name this package gives a file or folder; nothing else is ever swept
+TEMPORARY_PREFIX = '.timm-ensembles-tmp.'
 
 
 class CheckpointError(RuntimeError):
@@ -44,10 +49,25 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask_mode(mode: int = 0o666) -> int:
+    """``mode`` less the process's umask: what ``open`` gives a new file (``mkstemp`` gives 0600 whatever the
+    umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
+
+
+def _follow_umask(*paths: Path) -> None:
+    for path in paths:
+        os.chmod(path, _umask_mode())
+
+
 def _atomic_replace(write_fn, dest: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{dest.name}.', suffix='.tmp', dir=dest.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f'{TEMPORARY_PREFIX}{dest.name}.', dir=dest.parent)
     try:
+        if hasattr(os, 'fchmod'):
+            os.fchmod(fd, _umask_mode())
         with os.fdopen(fd, 'wb') as f:
             write_fn(f)
             f.flush()
@@ -64,14 +84,19 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def sweep_temporaries(folder: str | Path) -> list[Path]:
-    """Remove what a save killed half-way leaves behind (``.checkpoint.pt.*.tmp``, ``.*.new``); one process writes a
-    run's folder, so none of them is being written when it starts a save. Returns the removed files."""
+    """Remove what a save or an export killed half-way leaves in ``folder``: the files and folders whose name starts
+    with ``TEMPORARY_PREFIX`` (the package's own temporaries, nothing else). Only the one process that holds a run's
+    folder writes it (``RunFolder.lock``), so none of them is being written when it sweeps. Returns what it
+    removed."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    stale = [p for pattern in ('.*.tmp', '.*.new') for p in folder.glob(pattern) if p.is_file()]
+    stale = [p for p in folder.iterdir() if p.name.startswith(TEMPORARY_PREFIX)]
     for path in stale:
-        path.unlink(missing_ok=True)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return stale
 
 
@@ -90,11 +115,11 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     folder = Path(folder)
     sweep_temporaries(folder)
     dest = folder / CHECKPOINT_NAME
-    new = folder / f'.{CHECKPOINT_NAME}.new'
+    new = folder / f'{TEMPORARY_PREFIX}{CHECKPOINT_NAME}.new'
     _atomic_replace(lambda f: torch.save(state, f), new)
     if dest.exists() and _readable(dest):
         # a second name for the current checkpoint, so that checkpoint.pt exists at every instant
-        prev_tmp = folder / f'.{PREVIOUS_CHECKPOINT_NAME}.new'
+        prev_tmp = folder / f'{TEMPORARY_PREFIX}{PREVIOUS_CHECKPOINT_NAME}.new'
         prev_tmp.unlink(missing_ok=True)
         try:
             os.link(dest, prev_tmp)
@@ -157,14 +182,16 @@ def export_folder(
     folder.mkdir(parents=True, exist_ok=True)
     # the version that wrote the config, so that an older installation loading it can say why it cannot
     model_config = {**(model_config or {}), VERSION_KEY: __version__}
-    tmp = Path(tempfile.mkdtemp(prefix='.export-', dir=folder))
+    # a kill leaves this hidden folder (a whole model): the next run's sweep_temporaries removes it
+    tmp = Path(tempfile.mkdtemp(prefix=f'{TEMPORARY_PREFIX}export.', dir=folder))
     try:
         with _contiguous_state_dict(model):
             save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True,
                         data_config=data_config)
         config = json.loads((tmp / 'config.json').read_text())  # validated before it replaces anything
-        config[WEIGHTS_SHA_KEY] = _sha256(tmp / 'model.safetensors')
+        config[WEIGHTS_SHA_KEY] = file_sha256(tmp / 'model.safetensors')
         (tmp / 'config.json').write_text(json.dumps(config, indent=2), encoding='utf-8')
+        _follow_umask(tmp / 'model.safetensors', tmp / 'config.json')  # safetensors writes its file 0600
         for name in ('model.safetensors', 'config.json'):
             with open(tmp / name, 'rb') as f:
                 os.fsync(f.fileno())
@@ -203,7 +230,8 @@ def export_new_folder(model: nn.Module, folder: str | Path, **kwargs) -> Path:
     """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = folder.with_name(f'.{folder.name}.tmp'), folder.with_name(f'.{folder.name}.old')
+    tmp = folder.with_name(f'{TEMPORARY_PREFIX}{folder.name}.new')
+    old = folder.with_name(f'{TEMPORARY_PREFIX}{folder.name}.old')
     for stale in (tmp, old):
         shutil.rmtree(stale, ignore_errors=True)
     export_folder(model, tmp, **kwargs)
@@ -250,19 +278,20 @@ def rank_history(
 
 def sweep_history(root: str | Path, keep: list[int]) -> list[Path]:
     """Remove from ``root`` the epochs' folders not in ``keep`` (epochs that fell out of the ranking, or that a
-    resumed run redoes) and what killed exports left. Returns the removed folders."""
+    resumed run redoes) and what killed exports left (``sweep_temporaries``). Returns the removed folders."""
     root = Path(root)
     if not root.is_dir():
         return []
     wanted = {history_folder(root, e).name for e in keep}
-    stale = [p for p in root.iterdir() if p.is_dir() and p.name.lstrip('.').startswith('epoch-')
-             and p.name not in wanted]
+    stale = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name not in wanted
+             and p.name.startswith('epoch-') and p.name.removeprefix('epoch-').isdigit()]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
-    return stale
+    return stale + sweep_temporaries(root)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: str | Path) -> str:
+    """The sha256 of a file, as ``export_folder`` records it for model.safetensors (hex)."""
     digest = hashlib.sha256()
     with open(path, 'rb') as f:
         for block in iter(lambda: f.read(1 << 20), b''):
@@ -279,7 +308,7 @@ def check_weights(config: dict[str, Any], weights: str | Path, source: str) -> N
     expected = config.get(WEIGHTS_SHA_KEY)
     if expected is None:
         return  # written by timm itself or by an older version: nothing recorded to compare
-    found = _sha256(Path(weights))
+    found = file_sha256(weights)
     if found != expected:
         raise RuntimeError(
             f"The weights of '{source}' are not the ones its config.json was written with (sha256 {found[:12]}... of"
@@ -339,3 +368,35 @@ def load_initial_checkpoint(model: nn.Module, source: str | Path, exported: nn.M
     if problems:
         raise ValueError(f"--initial-checkpoint {spec} does not fit {type(model).__name__}: {'; '.join(problems)}.")
     model.load_state_dict(state, strict=True)
+
+
+def model_identity(source: str | Path) -> dict[str, Any]:
+    """What identifies a model given as a folder (``local-dir:`` or a path), an ``hf-hub:`` repo or a timm name: the
+    source, its config.json's architecture, and the sha256 of its model.safetensors, which changes when the folder
+    is retrained in place (None where no file is at hand: a timm name's weights, a repo not in the local cache)."""
+    spec = str(source)
+    identity: dict[str, Any] = dict(source=spec, architecture=None, sha256=None)
+    config = weights = None
+    if spec.startswith(('hf-hub:', 'hf_hub:')):
+        try:  # the files the load just read, from the cache; never a download
+            from huggingface_hub import try_to_load_from_cache
+            repo, _, revision = spec.split(':', 1)[1].partition('@')
+            found = [try_to_load_from_cache(repo, name, revision=revision or None)
+                     for name in ('config.json', 'model.safetensors')]
+            config, weights = (Path(f) if isinstance(f, str) else None for f in found)
+        except Exception:  # noqa: BLE001  (no hub package, a malformed name: nothing more to record)
+            pass
+    else:
+        path = Path(spec.removeprefix('local-dir:')).expanduser()
+        if path.is_dir():
+            config, weights = path / 'config.json', path / 'model.safetensors'
+        else:
+            identity['architecture'] = spec  # a timm name
+    if config is not None and config.is_file():
+        try:
+            identity['architecture'] = json.loads(config.read_text()).get('architecture')
+        except (ValueError, AttributeError):
+            pass
+    if weights is not None and weights.is_file():
+        identity['sha256'] = file_sha256(weights)
+    return identity

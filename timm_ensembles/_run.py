@@ -8,17 +8,31 @@ format changed here changes for all three::
     <run>/results.json                     final-epoch metrics (and ``test`` with --holdout, ``best_epoch``)
     <run>/metrics.jsonl                    one line per epoch; summary.csv is made from it
     <run>/checkpoint.pt                    the resumable training state (never published)
-    <run>/best/, ema/, snapshots/, tracking/
+    <run>/best/, ema/, snapshots/, tracking/, checkpoints/
+    <run>/.timm-ensembles.lock             held by the one trainer writing the folder (``RunFolder.lock``)
+
+A folder is owned by one run: a trainer holds its lock (an advisory ``fcntl.flock``, recording host, pid and since
+when) for the life of the run, and a folder that holds a run's files (``RUN_MARKERS``) is never written by a new one
+unless told to move them aside (``move_aside``).
 """
+import errno
 import json
+import os
+import socket
+import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ._checkpoint import CHECKPOINT_NAME, atomic_write_text
+from ._checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, atomic_write_text, sweep_temporaries
 
-__all__ = ['RunFolder', 'RUN_FILES']
+try:
+    import fcntl
+except ImportError:  # Windows: the holder is still recorded, but nothing stops a second trainer
+    fcntl = None
+
+__all__ = ['RunFolder', 'RunLock', 'RunBusyError', 'RUN_FILES', 'output_problem', 'os_error_reason']
 
 # the files of a run that a Hub repo gets beside the weights: small, plain text, what the card is made of
 RUN_FILES = ('results.json', 'metrics.jsonl', 'args.yaml')
@@ -41,6 +55,14 @@ class RunFolder:
     METRICS = 'metrics.jsonl'
     SUMMARY = 'summary.csv'
     CHECKPOINT = CHECKPOINT_NAME
+    PREVIOUS_CHECKPOINT = PREVIOUS_CHECKPOINT_NAME
+    LOCK = '.timm-ensembles.lock'
+    # the files whose presence means that the folder holds a run: a new run never writes over them
+    RUN_MARKERS = (CONFIG, WEIGHTS, METRICS, RESULTS, CHECKPOINT, PREVIOUS_CHECKPOINT)
+    # every name the trainer writes in a run folder (what --overwrite moves aside), besides a task's own exports
+    WRITTEN = (*RUN_MARKERS, ARGS, SUMMARY, 'best', 'ema', 'exported', 'snapshots', 'tracking', 'checkpoints')
+    # the folder --overwrite moves an earlier run's files into: <run>/<prefix><time>
+    MOVED_ASIDE_PREFIX = 'overwritten-'
 
     def __init__(self, path: str | Path, run_path: str | Path | None = None):
         self.path = Path(path)
@@ -151,6 +173,43 @@ class RunFolder:
                 run[key] = read()
         return run
 
+    def run_files(self) -> list[str]:
+        """The names of ``RUN_MARKERS`` the folder holds: a run's files, which a new run must not write over."""
+        return [name for name in self.RUN_MARKERS if (self.run_path / name).is_file()]
+
+    # ---- owning (the trainer's) ----
+    def lock(self, log=None) -> 'RunLock':
+        """Take the folder's lock (making the folder) for the life of a run; see :class:`RunLock`."""
+        return RunLock(self.run_path).acquire(log)
+
+    def sweep(self) -> list[Path]:
+        """Remove what a killed save or export left (the package's temporaries only) in the folder and in its
+        sub-folders (best/, checkpoints/, snapshots/, ...). Only the lock's holder may."""
+        swept = sweep_temporaries(self.run_path)
+        if self.run_path.is_dir():
+            for sub in self.run_path.iterdir():
+                if sub.is_dir() and not sub.is_symlink() and not sub.name.startswith(self.MOVED_ASIDE_PREFIX):
+                    swept += sweep_temporaries(sub)
+        return swept
+
+    def move_aside(self, extra: tuple[str, ...] = ()) -> Path | None:
+        """Move the files a run wrote (``WRITTEN`` and ``extra``, a task's own export folders) into a new sub-folder
+        ``overwritten-<time>``, and return it (None when there was nothing to move). Nothing is deleted; other
+        files stay where they are."""
+        names = [n for n in (*self.WRITTEN, *extra) if os.path.lexists(self.run_path / n)]
+        if not names:
+            return None
+        stamp = time.strftime('%Y%m%d-%H%M%S')
+        aside = self.run_path / f'{self.MOVED_ASIDE_PREFIX}{stamp}'
+        for i in range(2, 1000):
+            if not aside.exists():
+                break
+            aside = self.run_path / f'{self.MOVED_ASIDE_PREFIX}{stamp}-{i}'
+        aside.mkdir()
+        for name in names:
+            os.replace(self.run_path / name, aside / name)
+        return aside
+
     # ---- writing (the trainer's; each file replaced whole, never half-written) ----
     def write_args(self, args: dict[str, Any]) -> None:
         atomic_write_text(self.file(self.ARGS), yaml.safe_dump(args, sort_keys=False))
@@ -168,3 +227,152 @@ class RunFolder:
         if self.file(self.METRICS).is_file():
             keep = [r for r in self.metrics() if r.get('epoch', 0) < start_epoch]
             atomic_write_text(self.file(self.METRICS), ''.join(json.dumps(r) + '\n' for r in keep))
+
+
+class RunBusyError(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """The advisory lock of a run folder: ``fcntl.flock`` on ``<run>/.timm-ensembles.lock``, which records its holder
+    (host, pid, since when). The kernel drops the lock when its holder dies (a kill included), so a lock file left
+    behind is stale and taken over, with a log line naming the run that left it. Released, the file is removed, and
+    so is a folder made only to hold it (a run refused before writing anything leaves nothing).
+
+    Args:
+        folder: The run folder.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        self.path = self.folder / RunFolder.LOCK
+        self._fd = None
+        self._made: list[Path] = []
+
+    def acquire(self, log=None) -> 'RunLock':
+        """Take the lock or raise :class:`RunBusyError` naming its holder; ``log`` gets the line of a stale lock
+        taken over. OSError (a file where the folder should be, a read-only or full disk) passes through."""
+        self._made = [p for p in (self.folder, *self.folder.parents) if not p.exists()][::-1]
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = self._open_locked(log)
+        except BaseException:
+            self._remove_made()
+            raise
+        self._fd = fd
+        previous = _read_holder(fd)
+        if previous and log is not None:
+            log(f"{self.folder}: the lock left by {_describe(previous)} is stale (that run is gone: killed or"
+                f' crashed); taken over')
+        record = dict(host=socket.gethostname(), pid=os.getpid(), since=time.strftime('%Y-%m-%d %H:%M:%S %z'))
+        try:
+            os.ftruncate(fd, 0)
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.write(fd, json.dumps(record).encode())
+            os.fsync(fd)
+        except BaseException:
+            self.release()
+            raise
+        return self
+
+    def _open_locked(self, log=None) -> int:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            if fcntl is None:
+                return fd
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    if log is not None:
+                        log(f'warning: {self.folder}: this file system takes no file locks ({e.strerror}); nothing'
+                            f' stops a second trainer on this folder')
+                    return fd
+                holder = _read_holder(fd)
+                os.close(fd)
+                if e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                    raise RunBusyError(
+                        f"'{self.folder}' is in use by another run ({_describe(holder)}): two trainers would"
+                        f' interleave its files. Wait for that run to finish (or stop it), or choose another'
+                        f' --output.') from None
+                raise
+            # its holder may have removed the file between our open and our lock: lock the one that is there now
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                return fd
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file and drop the lock (the file first: a trainer waiting on it opens a new one)."""
+        if self._fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+            self._remove_made()
+
+    def _remove_made(self) -> None:
+        for folder in reversed(self._made):
+            try:
+                folder.rmdir()  # only when empty: whatever was written there stays
+            except OSError:
+                break
+        self._made = []
+
+    def __enter__(self) -> 'RunLock':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    if not data.strip():
+        return None
+    try:
+        holder = json.loads(data)
+    except ValueError:
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+def _describe(holder: dict | None) -> str:
+    if not holder:
+        return 'a holder that did not record itself'
+    return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, since {holder.get('since', '?')}"
+
+
+def output_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be made an output folder, or None: a file stands at it or above it, or the nearest folder
+    that exists cannot be written (a read-only disk, no permission)."""
+    path = Path(path).expanduser()
+    for p in (path, *path.parents):
+        if not os.path.lexists(p):
+            continue
+        if not p.is_dir():
+            return f"'{p}' is a file, not a folder" if p == path else f"'{p}' above it is a file, not a folder"
+        if not os.access(p, os.W_OK | os.X_OK):
+            return f"'{p}' cannot be written (a read-only disk, or no permission)"
+        return None
+    return None
+
+
+def os_error_reason(e: OSError) -> str:
+    """An OSError in the words a user acts on: a full disk said as such."""
+    if e.errno in (errno.ENOSPC, getattr(errno, 'EDQUOT', errno.ENOSPC)):
+        return f'the disk is full ({e.strerror or e})'
+    if e.errno == errno.EROFS:
+        return f'the disk is read-only ({e.strerror or e})'
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return f'no permission to write there ({e.strerror or e})'
+    return f'{type(e).__name__}: {e}'

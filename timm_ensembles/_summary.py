@@ -2,6 +2,8 @@
 first batch so that a wrong dataset, class count or member count shows on screen before it costs anything.
 """
 import argparse
+import shutil
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -64,7 +66,8 @@ def _members_line(model_name: str, model: nn.Module, member_bytes: int, checkpoi
 
 
 def run_summary(args: argparse.Namespace, info: te_data.DatasetInfo, task: nn.Module, datasets: dict,
-                data_config: dict, accelerator, optimizer: torch.optim.Optimizer) -> list[str]:
+                data_config: dict, accelerator, optimizer: torch.optim.Optimizer,
+                output: Path | None = None) -> list[str]:
     """The lines of the start-of-run summary: model and class, members, parameter count, dataset and path, classes,
     split sizes, input size and normalisation, device, world size, precision, member strategy, and the size one
     checkpoint and one exported model take on disk (a member count beyond the registered variants is flagged there).
@@ -77,6 +80,7 @@ def run_summary(args: argparse.Namespace, info: te_data.DatasetInfo, task: nn.Mo
         data_config: The evaluation data config.
         accelerator: The run's ``accelerate.Accelerator``.
         optimizer: The run's optimizer (its parameters are what the checkpoint keeps state for).
+        output: The run folder: a warning is added when its disk has less room than the run will take.
     """
     model = task.export_model()
     params = sum(p.numel() for p in model.parameters())
@@ -125,4 +129,21 @@ def run_summary(args: argparse.Namespace, info: te_data.DatasetInfo, task: nn.Mo
                  f' {PREVIOUS_CHECKPOINT_NAME}), {format_bytes(export_bytes)} an exported model (model.safetensors,'
                  f' best/{", ema/" if args.model_ema else ""}'
                  f'{f", up to {args.checkpoint_hist} in checkpoints/" if args.checkpoint_hist else ""})')
+    # two checkpoints (and a third while one is replaced), the final model, best/, ema/ and the kept epochs
+    needed = 3 * checkpoint_bytes + (2 + bool(args.model_ema) + args.checkpoint_hist) * export_bytes
+    free = _free_bytes(output) if output is not None else None
+    if free is not None and free < needed:
+        lines.append(f'  warning: {format_bytes(free)} free on the disk of {output}, where the run will take up to'
+                     f' {format_bytes(needed)}: a save that finds the disk full stops the run (its last checkpoint'
+                     f' kept)')
     return lines
+
+
+def _free_bytes(path: Path) -> int | None:
+    for p in (Path(path), *Path(path).parents):
+        if p.is_dir():
+            try:
+                return shutil.disk_usage(p).free
+            except OSError:
+                return None
+    return None

@@ -295,7 +295,7 @@ def load_idx_folder(folder: str, part: str = 'train') -> tuple[np.ndarray, np.nd
 
     Raises:
         FileNotFoundError: A file of that part is missing.
-        ValueError: A file is invalid, or images and labels differ in number.
+        ValueError: A file is invalid, holds no images or images of no pixels, or images and labels differ in number.
     """
     paths = []
     for stem in _IDX_STEMS[part]:
@@ -307,6 +307,10 @@ def load_idx_folder(folder: str, part: str = 'train') -> tuple[np.ndarray, np.nd
         paths.append(path)
     images = read_idx(paths[0], _IDX_IMAGES_MAGIC)
     labels = read_idx(paths[1], _IDX_LABELS_MAGIC)
+    if len(images) == 0 or 0 in images.shape[1:]:
+        what = 'no images' if len(images) == 0 else f'images of {images.shape[1]}x{images.shape[2]} pixels'
+        raise ValueError(f'IDX file {paths[0]} holds {what} (its header says shape {images.shape}): an IDX dataset'
+                         f' needs at least one image, of 1x1 pixels or more, in each part (here: {part}).')
     if len(images) != len(labels):
         raise ValueError(
             f'IDX image / label count mismatch: {paths[0]} holds {len(images)} images '

@@ -25,9 +25,14 @@ with ``timm.create_model('local-dir:<folder>', pretrained=True)`` after ``import
 atomically after every epoch) for ``--resume``. With ``--snapshot-subset N``, ``snapshots/`` holds every epoch's
 member logits on N fixed validation samples, and those of the initialisation (epoch -1), with
 ``--snapshot-weights`` the member weights too, read back with ``timm_ensembles.read_snapshots``.
+
+A run owns its folder: it holds the folder's lock (``.timm-ensembles.lock``, naming host, pid and start) until it ends,
+so a second trainer or ``--resume`` there is refused; a folder that holds a run's files is never written by a new run
+(``--overwrite`` moves them aside into ``overwritten-<time>/``), and only the trainer's own temporaries are swept.
 """
 import argparse
 import ast
+import contextlib
 import csv
 import functools
 import importlib
@@ -44,7 +49,7 @@ import torch
 import yaml
 from accelerate import Accelerator, PartialState
 from accelerate import utils as accelerate_utils
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, set_seed
 from timm.data import Mixup, create_transform, resolve_data_config
 from timm.models import get_model_args
 from timm.utils import ModelEmaV3
@@ -59,6 +64,7 @@ from ._checkpoint import (
     history_folder,
     load_checkpoint,
     load_initial_checkpoint,
+    model_identity,
     rank_history,
     save_checkpoint,
     sweep_history,
@@ -87,7 +93,7 @@ from ._engine import (
 )
 from ._extras import MissingExtraError
 from ._registry import create_model, create_task
-from ._run import RunFolder
+from ._run import RunBusyError, RunFolder, os_error_reason, output_problem
 from ._snapshots import (
     INIT_EPOCH,
     member_parameters,
@@ -289,6 +295,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='continue the run in this output folder (or checkpoint file); with a larger --epochs,'
                             ' extend it as timm does (the schedule rebuilt over the new epochs, taken up where the run'
                             ' is)')
+    group.add_argument('--overwrite', action='store_true',
+                       help="start anew in an --output folder that holds a run: its files are moved aside into"
+                            ' <output>/overwritten-<time>/ (never deleted); with --generations, the generations made'
+                            ' by another command are moved aside and retrained')
     group.add_argument('--no-progress', action='store_true',
                        help='no progress bars (shown only when stderr is a terminal; log lines go above them)')
     group.add_argument('--log-interval', type=int, default=50, metavar='N',
@@ -432,8 +442,9 @@ IDENTITY_FLAGS = (
     'min_lr', 'warmup_epochs', 'warmup_lr', 'decay_epochs', 'decay_rate', 'decay_milestones', 'patience_epochs',
     'smoothing', 'mixed_precision', 'seed', 'model_ema', 'model_ema_decay', 'model_ema_warmup',
 )
-# what a run's args.yaml leaves out: where it was written, where it resumed from, the config it came from
-_NOT_RECORDED = ('config', 'resume', 'output', 'experiment')
+# what a run's args.yaml leaves out: where it was written, where it resumed from, the config it came from, and
+# --overwrite (a recipe run again must not move a run aside)
+_NOT_RECORDED = ('config', 'resume', 'output', 'experiment', 'overwrite')
 # timm's flags for the model's regularisation, and the model argument each sets
 _MODEL_RATES = (('drop', 'drop_rate'), ('drop_path', 'drop_path_rate'), ('drop_block', 'drop_block_rate'))
 
@@ -607,6 +618,9 @@ def main(argv=None) -> int:
     check_args(args)
     if args.experiment:  # timm's layout: <output>/<experiment>, the experiment's name not recorded in args.yaml
         args.output = str(Path(args.output or 'output/train') / args.experiment)
+    problem = output_problem(args.output) if args.output else None
+    if problem:
+        raise SystemExit(f'error: --output {args.output}: {problem}; give a folder that can be written.')
     logging.basicConfig(level=logging.INFO, format='%(message)s')
     if args.imports and os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
@@ -643,7 +657,9 @@ def import_user_module(module: str) -> None:
 
 def train_generations(args: argparse.Namespace) -> int:
     """K runs in <output>/gen1..genK: generation k learns from generation k-1 (generation 1 from --teacher), with
-    seed + 1000 k. Finished generations are kept; running the same command again resumes where it stopped."""
+    seed + 1000 k. Running the same command again keeps the generations it finished and resumes where it stopped;
+    each generation is checked to be this command's (its flags and its teacher's weights), a generation of another
+    command is refused (or, with --overwrite, moved aside and retrained)."""
     if not args.teacher:
         raise SystemExit('error: --generations needs --teacher: the model generation 1 learns from')
     if not args.output:
@@ -660,21 +676,27 @@ def train_generations(args: argparse.Namespace) -> int:
         # seeds far apart, so that no generation's epoch reuses another's data order or augmentation
         seed = args.seed + 1000 * k
         gen_args.generations, gen_args.output, gen_args.seed, gen_args.teacher = 1, str(folder), seed, teacher
-        if RunFolder(folder).file(RunFolder.RESULTS).exists():
-            _logger.info(f'generation {k}: done in {folder}')
-        else:
-            if RunFolder(folder).checkpoint_path.exists():
-                gen_args.resume = str(folder)
-            _logger.info(f'generation {k} of {args.generations}: teacher {teacher}, seed {gen_args.seed},'
-                         f' output {folder}')
-            # the process group (two processes under DDP) must outlive every generation but the last
-            train(gen_args, end_training=k == args.generations)
+        run = RunFolder(folder)
+        if run.checkpoint_path.exists() and not run.file(RunFolder.RESULTS).exists():
+            gen_args.resume = str(folder)
+        _logger.info(f'generation {k} of {args.generations}: teacher {teacher}, seed {gen_args.seed}, output {folder}')
+        # a finished generation is checked (built, not trained) and kept; the process group (two processes under
+        # DDP) must outlive every generation but the last
+        train(gen_args, end_training=k == args.generations, generation=k)
         teacher = [str(folder)]
     return 0
 
 
-def train(args: argparse.Namespace, end_training: bool = True) -> int:
-    """One training run; ``end_training`` ends Accelerate's state (the process group) after it."""
+def train(args: argparse.Namespace, end_training: bool = True, generation: int | None = None) -> int:
+    """One training run; ``end_training`` ends Accelerate's state (the process group) after it. ``generation``: the
+    run's number in a --generations run, whose folder may hold that generation finished by the same command (kept,
+    not trained again). The main process holds the output folder's lock from the moment it claims the folder (before
+    writing anything there) to the end of the run."""
+    with contextlib.ExitStack() as held:
+        return _train(args, end_training, generation, held)
+
+
+def _train(args: argparse.Namespace, end_training: bool, generation: int | None, held: contextlib.ExitStack) -> int:
     task_kwargs = dict(args.task_kwargs)
     if args.smoothing and not _mixing(args):  # with mixup, timm's Mixup smooths the targets it mixes
         task_kwargs.setdefault('label_smoothing', args.smoothing)
@@ -699,6 +721,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
     model, task, mixup_fn, data_config = _create_task(args, task_kwargs, num_classes, info)
+    _check_batch_of_one(args, task, data_config, train_ds)
 
     # Accelerate only forms a CPU process group (gloo) when told it runs on the CPU; without this, processes
     # started by `accelerate launch --multi_gpu` on a machine without an accelerator each train alone
@@ -741,18 +764,30 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
     run_identity = _normalised(dict(
         **{flag: getattr(args, flag) for flag in IDENTITY_FLAGS},
         model_args=get_model_args(model), dataset=info.name, input_size=list(data_config['input_size'])))
-    extended_from = _check_resume(args, resume_state, run_identity, run)
+    # the folder is claimed on the main process (its lock taken, what a kill left swept, the run it holds checked);
+    # every process starts as it decides, or stops with its line
+    verdict = _on_main(accelerator, functools.partial(_claim_folder, args, run, resume_state, run_identity,
+                                                      generation, held, log), f'claiming {output}')
+    if verdict['start'] == 'done':
+        log(f'generation {generation}: done in {output}')
+        accelerator.wait_for_everyone()
+        if end_training:
+            accelerator.end_training()
+        return 0
+    if verdict['start'] == 'new':
+        resume_state = None  # a generation of another command, moved aside by --overwrite: trained anew
+    extended_from, teachers = verdict['extended_from'], verdict['teachers']
+    # the last checkpoint on disk, (file, epochs it holds): what a failed save says is kept
+    last_saved = (find_checkpoint(args.resume), resume_state['epoch']) if resume_state is not None else None
     log('\n'.join(run_summary(args, info, task, dict(training=train_ds, validation=val_ds, test=test_ds), data_config,
-                              accelerator, optimizer)))
+                              accelerator, optimizer, output=output)))
     if resume_state is not None:
         task.load_state_dict(resume_state['task'])
         optimizer.load_state_dict(resume_state['optimizer'])
         saved_lrs = [group['lr'] for group in optimizer.param_groups]  # before a new scheduler sets its own
     # what reproduces the run: never where it was written, where it resumed from, or the config it came from
     recorded = _normalised({k: v for k, v in vars(args).items() if k not in _NOT_RECORDED})
-    if is_main:
-        output.mkdir(parents=True, exist_ok=True)
-        run.write_args(recorded)
+    _on_main(accelerator, functools.partial(run.write_args, recorded), f'writing {run.file(RunFolder.ARGS)}')
     if args.log_with:
         # the run's flags as the trackers' config (scalars only: what every tracker takes)
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in recorded.items()}
@@ -826,15 +861,17 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         accelerator.log({'train/loss_interval': values['loss'], 'train/lr': values['lr'],
                          'train/samples_per_sec': values['samples_per_sec']}, step=values['update'])
 
-    if is_main:
+    def prepare_folder() -> None:
         run.truncate_metrics(start_epoch)
         remove_snapshots_from(output, start_epoch)
-        # the epochs this run redoes (exported before a kill could stop their checkpoint), half-written exports
+        # the epochs this run redoes (exported before a kill could stop their checkpoint)
         sweep_history(history_root, [h['epoch'] for h in history])
-    if is_main and snapshot_loader is not None and start_epoch == 0:
-        # the trajectory's first point (Fort et al.'s start at the initialisation); rewritten by a run resumed before
-        # its first epoch finished, from the same seeded initialisation
-        _write_snapshot(output, INIT_EPOCH, export_model, snapshot_loader, snapshot_idx, args, info, accelerator)
+        if snapshot_loader is not None and start_epoch == 0:
+            # the trajectory's first point (Fort et al.'s start at the initialisation); rewritten by a run resumed
+            # before its first epoch finished, from the same seeded initialisation
+            _write_snapshot(output, INIT_EPOCH, export_model, snapshot_loader, snapshot_idx, args, info, accelerator)
+
+    _on_main(accelerator, prepare_folder, f'preparing {output}')
     for epoch in range(start_epoch, num_epochs):
         set_seed(epoch_seed(args.seed, epoch), device_specific=True)
         shuffle_generator.manual_seed(epoch_seed(args.seed, epoch))
@@ -866,9 +903,11 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         if ema is not None:
             sync_buffers(ema.module, accelerator)
             ema_metrics = evaluate(ema.module, val_loader, accelerator, progress=bar(f'val {epoch} ema'))
-        if is_main and snapshot_loader is not None:
+        if snapshot_loader is not None:
             # before the checkpoint: a run killed in between redoes this epoch and rewrites its snapshot
-            _write_snapshot(output, epoch, export_model, snapshot_loader, snapshot_idx, args, info, accelerator)
+            _on_main(accelerator, functools.partial(_write_snapshot, output, epoch, export_model, snapshot_loader,
+                                                    snapshot_idx, args, info, accelerator),
+                     f'writing the snapshot of epoch {epoch}', kept=functools.partial(_kept, last_saved))
         seconds = time.perf_counter() - start
         lr = optimizer.param_groups[0]['lr']
         # the method's own diagnostics, each beside its value when the mechanism does nothing
@@ -898,8 +937,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                               lower_is_better=args.eval_metric == 'loss')
         state = dict(task=unwrapped, optimizer=optimizer, scheduler=scheduler_state, scaler=accelerator.scaler,
                      epoch=epoch + 1, num_updates=num_updates, val_metrics=val_metrics, mechanism=mechanism,
-                     run=run_identity, best=best,
-                     checkpoint_hist=ranked, **({} if ema is None else dict(ema=ema, ema_val_metrics=ema_metrics)))
+                     run=run_identity, best=best, checkpoint_hist=ranked, teachers=teachers,
+                     **({} if ema is None else dict(ema=ema, ema_val_metrics=ema_metrics)))
         # the best epoch's model (and this epoch's, when it ranks among the --checkpoint-hist best) before the
         # checkpoint: a run killed in between redoes the epoch and its exports
         exports, configs = [], dict(model_config=model_config, data_config=data_config)
@@ -911,7 +950,8 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         # the epochs that fell out of the ranking go once the checkpoint no longer lists them
         dropped = functools.partial(sweep_history, history_root, [h['epoch'] for h in ranked])
         _on_main(accelerator, functools.partial(_save_epoch, run, record, state, exports, dropped),
-                 f'saving epoch {epoch} to {output}')
+                 f'saving epoch {epoch} to {output}', kept=functools.partial(_kept, last_saved))
+        last_saved = (run.checkpoint_path, epoch + 1)
         history = ranked
 
     test_metrics, ema_test_metrics, selection, calibration = None, None, None, None
@@ -926,7 +966,7 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
                                 progress=bar('test'))
         ema_test_metrics = None if ema is None else evaluate(ema.module, test_loader, accelerator, split='test',
                                                              progress=bar('test ema'))
-    if is_main:
+    def export_final() -> None:
         # the evaluation preprocessing goes into config.json, so that resolve_data_config(model=reloaded) gives it
         export_folder(export_model, output, model_config=model_config, data_config=data_config)
         for name, extra in unwrapped.exports().items():
@@ -943,6 +983,9 @@ def train(args: argparse.Namespace, end_training: bool = True) -> int:
         test = '' if test_metrics is None else f', test acc {test_metrics["acc"]:.2f} (mean-probs' \
             f' {test_metrics.get("mean_probs_acc", test_metrics["acc"]):.2f})'
         log(f'final epoch: val acc {val_metrics.get("acc", float("nan")):.2f}{test}; saved to {output}')
+
+    _on_main(accelerator, export_final, f'exporting the final model to {output}',
+             kept=functools.partial(_kept, last_saved, finished=True))
     # the next generation of a --generations run reads this run's folder on every process
     accelerator.wait_for_everyone()
     if end_training:
@@ -1029,32 +1072,147 @@ def _create_loaders(args: argparse.Namespace, accelerator, train_ds, val_ds, tes
     return train_loader, val_loader, test_loader, snapshot_loader
 
 
-def _check_resume(args: argparse.Namespace, resume_state: dict | None, run_identity: dict,
-                  run: RunFolder) -> int | None:
-    """Refuse to resume another run (its identity flags, model or data differ), and to start over a run. A larger
-    --epochs extends the run, as timm's --resume does (a smaller one is refused): returns the run's epoch count
-    then, else None."""
+def _check_resume(args: argparse.Namespace, resume_state: dict, run_identity: dict) -> int | None:
+    """Refuse to resume another run (its identity flags, model or data differ, or a teacher changed in place). A
+    larger --epochs extends the run, as timm's --resume does (a smaller one is refused): returns the run's epoch
+    count then, else None."""
     extended_from = None
-    if resume_state is not None:
-        # a run saved by an older version records fewer entries: those it has must match
-        saved = _normalised(resume_state.get('run', {}))
-        if 'epochs' in saved and saved['epochs'] != run_identity['epochs']:
-            if run_identity['epochs'] < saved['epochs']:
-                raise SystemExit(f"error: --resume {args.resume} --epochs {run_identity['epochs']}: the run has"
-                                 f" {saved['epochs']} epochs; a resumed run can be extended (a larger --epochs) but not"
-                                 f" shortened: give --epochs {saved['epochs']} or more.")
-            extended_from = saved.pop('epochs')
-        changed = {k: (saved[k], v) for k, v in run_identity.items() if k in saved and saved[k] != v}
-        if changed:
-            details = '; '.join(f'{k}: {old!r} there, {new!r} here' for k, (old, new) in changed.items())
-            raise SystemExit(
-                f'error: --resume {args.resume} is another run ({details}). A resumed run takes its settings from'
-                f" the run's args.yaml; resume without changing them, or start a new run in another --output folder."
-            )
-    elif run.checkpoint_path.exists():
-        raise SystemExit(f"error: '{run.path}' already holds a run; pass --resume {run.path} to continue it, or"
-                         f' choose another --output')
+    # a run saved by an older version records fewer entries: those it has must match
+    saved = _normalised(resume_state.get('run', {}))
+    if 'epochs' in saved and saved['epochs'] != run_identity['epochs']:
+        if run_identity['epochs'] < saved['epochs']:
+            raise SystemExit(f"error: --resume {args.resume} --epochs {run_identity['epochs']}: the run has"
+                             f" {saved['epochs']} epochs; a resumed run can be extended (a larger --epochs) but not"
+                             f" shortened: give --epochs {saved['epochs']} or more.")
+        extended_from = saved.pop('epochs')
+    changed = _changed_flags(saved, run_identity)
+    if changed:
+        raise SystemExit(
+            f'error: --resume {args.resume} is another run ({changed}). A resumed run takes its settings from'
+            f" the run's args.yaml; resume without changing them, or start a new run in another --output folder."
+        )
     return extended_from
+
+
+def _changed_flags(saved: dict, run_identity: dict) -> str:
+    """The entries of a recorded run identity that differ from this command's, in words ('' when none)."""
+    changed = {k: (saved[k], v) for k, v in run_identity.items() if k in saved and saved[k] != v}
+    return '; '.join(f'{k}: {old!r} there, {new!r} here' for k, (old, new) in changed.items())
+
+
+def _changed_teachers(saved: list | None, teachers: list[dict]) -> str:
+    """The teachers whose weights (or architecture) differ from those a run recorded, in words ('' when none): a
+    teacher folder retrained in place keeps its name and changes its weights' sha256."""
+    changed = []
+    for old, new in zip(saved or (), teachers):
+        if not isinstance(old, dict) or old.get('source') != new['source']:
+            continue  # another teacher altogether: the teacher flag differs, and says so
+        sha_changed = old.get('sha256') and new['sha256'] and old['sha256'] != new['sha256']
+        if sha_changed or old.get('architecture') != new['architecture']:
+            changed.append(f"teacher '{new['source']}' changed ({_weights_words(old)} then, {_weights_words(new)}"
+                           f' now)')
+    return '; '.join(changed)
+
+
+def _weights_words(identity: dict) -> str:
+    sha = identity.get('sha256')
+    return f"{identity.get('architecture')}, sha256 {sha[:12] if sha else 'unknown'}"
+
+
+def _recorded_identity(run: RunFolder) -> tuple[dict, list | None]:
+    """The identity a run recorded: its checkpoint's (flags, model, data, teachers), or where the checkpoint is gone
+    its args.yaml's identity flags (teachers unknown)."""
+    if run.checkpoint_path.is_file():
+        try:
+            state = load_checkpoint(run.checkpoint_path)
+            return _normalised(state.get('run', {})), state.get('teachers')
+        except CheckpointError:
+            pass
+    recorded = run.args()
+    return {k: recorded[k] for k in IDENTITY_FLAGS if k in recorded}, None
+
+
+def _claim_folder(args: argparse.Namespace, run: RunFolder, resume_state: dict | None, run_identity: dict,
+                  generation: int | None, held: contextlib.ExitStack, log) -> dict:
+    """Claim the output folder on the main process, before anything is written there: take its lock for the life of
+    the run (``held`` releases it), sweep what a killed save or export left, and decide how the run starts there.
+
+    Refused in one line: a folder in use by another trainer; a folder holding a run that this one would write over
+    (a new run, or a resume into another folder), unless --overwrite moves its files aside; a resume whose flags or
+    teachers changed. A generation of --generations is checked against this command instead: the same (flags and
+    teachers' weights) is kept when finished and resumed otherwise; another is refused, or with --overwrite moved
+    aside and trained anew.
+
+    Returns:
+        ``start`` ('new', 'resume', or 'done' for a finished generation of this command), ``extended_from`` (the
+        epochs of a run that --resume extends, else None) and ``teachers`` (each teacher's identity, recorded in
+        the checkpoint).
+    """
+    try:
+        held.enter_context(run.lock(log))
+    except RunBusyError as e:
+        raise SystemExit(f'error: {e}') from None
+    except OSError as e:
+        raise SystemExit(f"error: cannot make the run folder '{run.path}': {os_error_reason(e)}; give an --output"
+                         f' that can be written.') from None
+    swept = run.sweep()
+    if swept:
+        log(f"{run.path}: removed what a killed save or export left: {', '.join(p.name for p in swept)}")
+    teachers = [model_identity(t) for t in args.teacher or ()]
+    verdict = dict(start='new' if resume_state is None else 'resume', extended_from=None, teachers=teachers)
+    held_files = run.run_files()
+
+    def move_aside() -> None:
+        aside = run.move_aside()
+        log(f"--overwrite: the earlier run's files in {run.path} are moved aside into {aside}")
+
+    if generation is not None and (resume_state is not None or held_files):
+        # this command's generation k: its flags and teachers' weights must be those the folder's run recorded
+        saved, saved_teachers = (_normalised(resume_state.get('run', {})), resume_state.get('teachers')) \
+            if resume_state is not None else _recorded_identity(run)
+        changed = '; '.join(c for c in (_changed_flags(saved, run_identity),
+                                        _changed_teachers(saved_teachers, teachers)) if c)
+        if not changed:
+            if run.file(RunFolder.RESULTS).is_file():
+                verdict['start'] = 'done'
+            # else: resumed from its checkpoint, or (stopped before its first checkpoint) started again
+            return verdict
+        if not args.overwrite:
+            raise SystemExit(f"error: generation {generation} in '{run.path}' was made by another command"
+                             f' ({changed}): run the command it was made with to continue it, choose another'
+                             f' --output, or pass --overwrite to move its files aside and train it anew.')
+        move_aside()
+        verdict['start'] = 'new'
+        return verdict
+    if resume_state is not None:
+        source = find_checkpoint(args.resume).parent
+        if held_files and source.resolve() != run.path.resolve():
+            if not args.overwrite:
+                raise SystemExit(
+                    f"error: --resume {args.resume} --output {run.path}: '{run.path}' already holds another run"
+                    f" ({', '.join(held_files)}), which this one would write over: give --output a new folder (or"
+                    f' leave it out to continue in {source}), or pass --overwrite to move its files aside.')
+            move_aside()
+        verdict['extended_from'] = _check_resume(args, resume_state, run_identity)
+        changed = _changed_teachers(resume_state.get('teachers'), teachers)
+        if changed:
+            raise SystemExit(f'error: --resume {args.resume}: {changed}: retrained or replaced in place since the run'
+                             f' started. Resume with the teacher it started from, or start a new run in another'
+                             f' --output.')
+        return verdict
+    if held_files:
+        if not args.overwrite:
+            if run.file(RunFolder.RESULTS).is_file():
+                how = f'it is finished (--resume {run.path} with a larger --epochs extends it)'
+            elif run.checkpoint_path.is_file():
+                how = f'--resume {run.path} continues it'
+            else:
+                how = 'it has no checkpoint to resume (it stopped before saving an epoch, or its checkpoint is gone)'
+            raise SystemExit(f"error: '{run.path}' already holds a run ({', '.join(held_files)}), which a new run"
+                             f' would write over: {how}; choose another --output, or pass --overwrite to move its'
+                             f' files aside into {run.path}/{RunFolder.MOVED_ASIDE_PREFIX}<time>.')
+        move_aside()
+    return verdict
 
 
 def _extension_note(args: argparse.Namespace, old_epochs: int, start_epoch: int, num_updates: int, old_lr: float,
@@ -1091,6 +1249,13 @@ def _create_datasets(args: argparse.Namespace):
     num_classes = args.num_classes if args.num_classes is not None else info.num_classes
     if not num_classes or num_classes < 1:
         raise SystemExit(f"error: cannot tell the class count of dataset '{info.name}'; pass --num-classes")
+    if info.num_classes and num_classes > info.num_classes:
+        # a larger head would train classes no image has, and export more classes than label names
+        extra = num_classes - info.num_classes
+        raise SystemExit(f'error: --num-classes {num_classes}: {info.name} has {info.num_classes} classes (labels'
+                         f' 0..{info.num_classes - 1}); a head of {num_classes} would learn {extra} classes that no'
+                         f' image has, and export {num_classes} classes with {info.num_classes} label'
+                         f' names. Leave --num-classes out (the dataset\'s count) or give {info.num_classes}.')
     try:
         for split, ds in (('training', train_ds), ('validation', val_ds), ('test', test_ds)):
             if ds is not None:
@@ -1123,6 +1288,14 @@ def _create_task(args: argparse.Namespace, task_kwargs: dict, num_classes: int, 
             member_parameters(task.export_model())  # refuses models without weights per member, before training
     except (ValueError, TypeError, RuntimeError, OSError) as e:
         raise SystemExit(f'error: {e}') from None
+    head = getattr(task.export_model(), 'num_classes', None)
+    if isinstance(head, int) and head != num_classes:
+        # the labels are checked against num_classes; the model must have that many outputs too
+        given = f"--model-kwargs num_classes={args.model_kwargs['num_classes']}" \
+            if 'num_classes' in args.model_kwargs else args.model
+        raise SystemExit(f'error: {given}: the model has {head} outputs, but the data has {num_classes} classes'
+                         f' ({info.name}): leave num_classes out of --model-kwargs (the dataset sets it), or use data'
+                         f' of {head} classes.')
     mixup_fn = None
     if _mixing(args):
         if not getattr(task, 'accepts_soft_targets', False):
@@ -1159,6 +1332,48 @@ def _create_task(args: argparse.Namespace, task_kwargs: dict, num_classes: int, 
     return model, task, mixup_fn, data_config
 
 
+def _check_batch_of_one(args: argparse.Namespace, task: torch.nn.Module, data_config: dict, train_ds) -> None:
+    """Refuse, before anything is written, a run whose training batches hold one image where a BatchNorm layer would
+    see a single value per channel (torch cannot normalise it: 'Expected more than 1 value per channel'). The loader
+    already drops a last incomplete batch, as timm's does, so one image a batch means --batch-size 1 (or a training
+    set of one image); BatchNorm over a larger feature map still works then, so the layers are found by a forward
+    pass of one blank image (in eval mode, which changes no statistic)."""
+    try:
+        size = len(train_ds)
+    except TypeError:  # a streamed dataset: its batches are full
+        size = args.batch_size
+    if min(args.batch_size, size) != 1:
+        return
+    model = task.export_model()
+    single = []
+
+    def hook(module, inputs):
+        x = inputs[0]
+        if not single and x.dim() >= 2 and x.numel() == x.shape[1]:
+            single.append((module, tuple(x.shape)))
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_pre_hook(hook) for m in norms]
+    was_training = model.training
+    try:
+        ref = next(model.parameters())
+        model.eval()
+        with torch.no_grad():
+            model(torch.zeros((1, *data_config['input_size']), dtype=ref.dtype, device=ref.device))
+    except Exception:  # noqa: BLE001  (a model the probe cannot run: training says what is wrong)
+        return
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if single:
+        module, shape = single[0]
+        name = next(n for n, m in model.named_modules() if m is module)
+        why = f'--batch-size {args.batch_size}' if args.batch_size == 1 else f'a training set of {size} image'
+        raise SystemExit(f"error: {why}: {args.model}'s BatchNorm layer {name} would see one value per channel"
+                         f' (input {shape}) in training, which it cannot normalise; use --batch-size 2 or more.')
+
+
 def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, input_size: tuple[int, ...], log) -> None:
     """Apply the member strategy and memory format (resolved for the device by ``DeviceDefaults.resolve``) to the
     model."""
@@ -1182,33 +1397,63 @@ def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, input_si
 def _save_epoch(run: RunFolder, record: dict, state: dict, exports=(), after=None) -> None:
     """Append the epoch's metrics (``metrics.jsonl``, and ``summary.csv`` from it), run the epoch's model exports
     (``exports``: best/, checkpoints/), write the checkpoint (the objects' state dicts) atomically, then ``after``
-    (what the checkpoint no longer needs to exist)."""
-    run.append_metrics(record)
-    write_summary(run)
-    for export in exports:
-        export()
-    states = {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in state.items()}
-    save_checkpoint(states, run.path)
+    (what the checkpoint no longer needs to exist). When a step fails (a full disk), the epoch's metrics line is
+    taken back (a truncation needs no space): metrics.jsonl ends with the epoch the kept checkpoint holds."""
+    metrics = run.file(RunFolder.METRICS)
+    size = metrics.stat().st_size if metrics.is_file() else None
+    try:
+        run.append_metrics(record)
+        write_summary(run)
+        for export in exports:
+            export()
+        states = {k: (v.state_dict() if hasattr(v, 'state_dict') else v) for k, v in state.items()}
+        save_checkpoint(states, run.path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if size is None:
+                metrics.unlink(missing_ok=True)
+            else:
+                os.truncate(metrics, size)
+        raise
     if after is not None:
         after()
 
 
-def _on_main(accelerator, fn, what: str) -> None:
-    """Run ``fn`` (file output) on the main process; if it fails there, every process stops at once with the
-    message, instead of the others waiting in the next collective call until its timeout."""
-    error = None
+def _on_main(accelerator, fn, what: str, kept=None):
+    """Run ``fn`` (file output, or a decision about the run folder) on the main process and return its result on
+    every process. A refusal there (a SystemExit with its line) stops every process with the same line; a failure
+    stops every process at once, instead of the others waiting in the next collective call until its timeout: the
+    main process says what failed, why (a full disk said as such) and, from ``kept()``, what is kept on disk."""
+    result, refusal, failure = None, None, None
     if accelerator.is_main_process:
         try:
-            fn()
+            result = fn()
+        except SystemExit as e:
+            refusal = e.code if isinstance(e.code, str) else f'error: the main process stopped {what}.'
         except Exception as e:  # noqa: BLE001  (reported below, on every process)
-            error = e
+            reason = os_error_reason(e) if isinstance(e, OSError) else f'{type(e).__name__}: {e}'
+            failure = f'error: {what} failed: {reason}.' + (f' {kept()}' if kept is not None else '')
     if accelerator.num_processes > 1:
-        flag = torch.tensor([0.0 if error is None else 1.0], device=accelerator.device)
-        if accelerator.reduce(flag, reduction='sum').item() > 0 and error is None:
+        box = [(result, refusal, failure is not None)]
+        broadcast_object_list(box, from_process=0)
+        result, refusal, failed = box[0]
+        if failed and failure is None:
             raise SystemExit(f'error: the main process failed {what}; this process stops with it.')
-    if error is not None:
-        raise SystemExit(f'error: {what} failed: {type(error).__name__}: {error}. The last checkpoint written'
-                         f' before it is kept.') from error
+    if refusal is not None:
+        raise SystemExit(refusal)
+    if failure is not None:
+        raise SystemExit(failure)
+    return result
+
+
+def _kept(last_saved: tuple[Path, int] | None, finished: bool = False) -> str:
+    """What a failed write leaves to continue from, truthfully: the last checkpoint on disk, or nothing."""
+    if last_saved is None or not Path(last_saved[0]).is_file():
+        return 'No epoch had been saved: nothing of this run is kept to resume from.'
+    path, epochs = Path(last_saved[0]), last_saved[1]
+    then = 'exports the model without training again' if finished else 'continues from it'
+    return (f"Kept: the checkpoint after epoch {epochs - 1} ('{path}'); --resume {path.parent} {then} (once the"
+            f' cause is fixed).')
 
 
 def _flat(metrics: dict, prefix: str = '') -> dict[str, float]:

@@ -41,6 +41,7 @@ from .. import shift as te_shift
 from .._engine import check_input_size
 from .._extras import MissingExtraError, require
 from .._registry import create_model
+from .._run import os_error_reason, output_problem
 from ._compute import (
     _between_sources,
     _between_weights,
@@ -192,11 +193,15 @@ def analyze_runs(
             an unknown section, corruption or sampler, the ood section without ``ood_dataset`` or with a dataset the
             sources' transforms cannot read, a landscape between networks of different architectures, a sampler
             asked for by name that can run on no source (diag and lowrank need snapshot weights, dropout a model
-            with dropout).
+            with dropout); an ``out_dir`` that is a file or cannot be written, or a write to it that fails (a
+            full disk said as such).
         MissingExtraError: The analysis extra is not installed (``pip install 'timm-ensembles[analysis]'``).
     """
     if not sources:
         raise AnalysisError('No source given: pass train.py output folders or hf-hub: names.')
+    problem = output_problem(out_dir)
+    if problem:  # before minutes of evaluation
+        raise AnalysisError(f'--out {out_dir}: {problem}; give a folder that can be written.')
     # every option before minutes of evaluation
     sections = _parse_sections(sections)
     if 'ood' in sections and not ood_dataset:
@@ -340,19 +345,23 @@ def analyze_runs(
         s.model = None  # free them: only the numbers are needed from here on
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in PLOTS:  # a stale plot of an earlier report must not pass for one of this report
-        (out / f'{name}.png').unlink(missing_ok=True)
-    files = _write_plots(out, report, progress=progress) if plots else {}
-    report['files'] = files
-    tensors = {f'{label}.logits': ev['logits'].contiguous() for label, ev in zip(labels_, evals)}
-    tensors['targets'] = evals[0]['targets'].contiguous()
-    for label, o in (report.get('ood') or {}).get('sources', {}).items():
-        tensors[f'{label}.ood_logits'] = o.pop('logits').contiguous()
-    save_file(tensors, str(out / 'logits.safetensors'))
-    report = _jsonable(report)
-    (out / 'summary.md').write_text(_markdown(report, files))
-    (out / 'summary.json').write_text(json.dumps(report, indent=1))
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for name in PLOTS:  # a stale plot of an earlier report must not pass for one of this report
+            (out / f'{name}.png').unlink(missing_ok=True)
+        files = _write_plots(out, report, progress=progress) if plots else {}
+        report['files'] = files
+        tensors = {f'{label}.logits': ev['logits'].contiguous() for label, ev in zip(labels_, evals)}
+        tensors['targets'] = evals[0]['targets'].contiguous()
+        for label, o in (report.get('ood') or {}).get('sources', {}).items():
+            tensors[f'{label}.ood_logits'] = o.pop('logits').contiguous()
+        save_file(tensors, str(out / 'logits.safetensors'))
+        report = _jsonable(report)
+        (out / 'summary.md').write_text(_markdown(report, files))
+        (out / 'summary.json').write_text(json.dumps(report, indent=1))
+    except OSError as e:
+        raise AnalysisError(f'writing the report to {out} failed: {os_error_reason(e)}; the sources are unchanged.')\
+            from e
     if verbose:
         for line in _key_lines(report):
             print(line)
