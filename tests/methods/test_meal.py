@@ -54,7 +54,7 @@ def test_standardise_hand_computed():
 
 def _linear_discriminator(task, weight):
     """The task's one discriminator replaced by a linear map with the given weight (no bias): logit = weight . x."""
-    disc = Discriminator(len(weight), [])
+    disc = Discriminator(len(weight), [], spectral_norm=False)
     with torch.no_grad():
         disc.net[0].weight.copy_(torch.tensor([weight]))
         disc.net[0].bias.zero_()

@@ -87,15 +87,25 @@ class MEALStudent(StudentModel):
 
 
 class Discriminator(nn.Module):
-    """Teacher-or-student classifier of aligned outputs: an MLP with one logit (teacher = 1)."""
+    """Teacher-or-student classifier of aligned outputs: an MLP with one logit (teacher = 1).
 
-    def __init__(self, in_features: int, hidden: Sequence[int]):
+    Args:
+        in_features: Length of the aligned outputs.
+        hidden: Widths of the hidden layers.
+        spectral_norm: Spectral normalisation of every layer (Miyato et al. 2018): the discriminator stays
+            1-Lipschitz, so neither it nor the gradient it gives the student can grow without bound. Without it, at
+            the student's learning rate on log-probabilities down to -30, a MEAL V1 discriminator diverged within 30
+            updates on the studies' recipe and took the student's logits to 1e9.
+    """
+
+    def __init__(self, in_features: int, hidden: Sequence[int], spectral_norm: bool = True):
         super().__init__()
+        norm = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda layer: layer)
         layers, width = [], in_features
         for h in hidden:
-            layers += [nn.Linear(width, h), nn.LeakyReLU(0.2)]
+            layers += [norm(nn.Linear(width, h)), nn.LeakyReLU(0.2)]
             width = h
-        layers.append(nn.Linear(width, 1))
+        layers.append(norm(nn.Linear(width, 1)))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
