@@ -43,17 +43,17 @@ the README points here.
   below.)
   'relative' (the default) divides each layer's term by the members' feature energy (scale-free, at most
   N / (N - 1); see ``losses.feature_difference_loss``): the members are pushed apart in direction, not magnitude.
-* **A step at which the term acts** (``fdl_lr=0.1``, where the reference steps -L_FDL at 1e-4). Measured on the
-  studies' recipe (Fashion-MNIST, a narrow resnet10t pair, 20 epochs, seed 0; docs/studies' FDL sweep in the README):
-  at the reference's step the term gave 1e-4 of the members' gradient, and the members' features ended as far apart
-  as an independent pair's (scale-free distance 0.69 against 0.70, mse 0.87 against 0.85). With the relative distance
-  the features separate as the step grows: 0.85 (x1.21) at 1e-2, 0.99 (x1.41) at 1e-1, 1.00 at 3e-1, where
-  post-ReLU stage features cannot go past orthogonal (1.0, x1.43): no setting reaches the x1.5 the paper's plots
-  suggest. The members' accuracy moves by +0.09, -0.21 and -0.28 (seed 1 at 1e-1: x1.38, -0.15), and their
-  disagreement does not rise (0.051-0.057 against 0.056). At 3e-3 the paper's 'mse' distance reaches x1.9 with the
-  members level, but by growing the features (scale-free x1.09). 0.1 reaches the ceiling but for rounding at a
-  smaller cost than 0.3, its members within 0.3 points of the independent pair's on both seeds measured; the study
-  ``mechanisms`` compares it over five seeds.
+* **A step at which the term acts** (``fdl_lr=0.1``, where the reference steps -L_FDL at 1e-4). Measured on the studies'
+  recipe (Fashion-MNIST, a narrow resnet10t pair, 20 epochs, seed 0; the sweep in docs/studies/runs/fmnist-sweep): at
+  the reference's step the members' features ended as far apart as an independent pair's (scale-free distance 0.69
+  against 0.70, mse 0.87 against 0.85; the term's share of the members' gradient is about 1e-4 on the tests' runs and a
+  one-layer MNIST pair). With the relative distance the features separate as the step grows: 0.85 (x1.21) at 1e-2, 0.99
+  (x1.41) at 1e-1, 1.00 at 3e-1, where post-ReLU stage features cannot go past orthogonal (1.0, x1.43): no setting
+  reaches the x1.5 the paper's plots suggest. The members' accuracy moves by +0.09, -0.21 and -0.28 (seeds 1 and 2 at
+  1e-1: x1.38 and x1.40, -0.15 and +0.01), and their disagreement does not rise (0.051-0.059 against 0.056-0.058). At
+  3e-3 the paper's 'mse' distance reaches x1.9 with the members level, but by growing the features (scale-free x1.09).
+  0.1 reaches the ceiling but for rounding at a smaller cost than 0.3, its members within 0.3 points of the independent
+  pair's on the three seeds measured; the study ``mechanisms`` compares it over five seeds.
 * **Features** come from the same forward pass as the logits (the reference runs two). Default taps: the stage
   outputs of timm's ``forward_intermediates`` (blocks for ViTs), or the convolutions for a model without it;
   ``feature_taps='convs'`` takes the outputs of the convolutions the reference takes (its rule: every traced node

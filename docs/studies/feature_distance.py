@@ -1,0 +1,39 @@
+#!/usr/bin/env python3
+"""The members' feature distances of trained ensembles on a fixed 2,000-image subset of Fashion-MNIST's test set: the
+FDL paper's mse L_FDL and its scale-free form (losses.feature_difference_loss, 'relative'), at the stage outputs, and
+the members' disagreement. The FDL step sweep's distances (docs/studies/runs/fmnist-sweep) were read with it:
+
+    python docs/studies/feature_distance.py output/sweep/ens_x2-s0 output/sweep/fdl_rel_lr1e-1-s0 ...
+"""
+import json
+import sys
+
+import timm
+import torch
+from timm.data import resolve_data_config
+
+import timm_ensembles  # noqa: F401  (registers the ensembles with timm)
+from timm_ensembles.data import create_datasets, create_eval_loader
+from timm_ensembles.losses import feature_difference_loss
+
+
+def main(folders: list[str]) -> int:
+    _, test, _ = create_datasets('fashion-mnist', val_subset=2000, img_mode='L')
+    for folder in folders:
+        model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+        loader = create_eval_loader(test, resolve_data_config(model=model), 250, 0)
+        mse = relative = differ = total = 0.0
+        with torch.no_grad():
+            for x, y in loader:
+                logits, features = model.forward_members_with_features(x)
+                mse += float(feature_difference_loss(features, 'mse')) * len(y)
+                relative += float(feature_difference_loss(features, 'relative')) * len(y)
+                top = logits.argmax(-1)
+                differ += float((top[:, 0] != top[:, 1]).sum())
+                total += len(y)
+        print(json.dumps(dict(folder=folder, mse=mse / total, relative=relative / total, disagreement=differ / total)))
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main(sys.argv[1:]))
