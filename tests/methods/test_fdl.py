@@ -265,6 +265,9 @@ def test_distance_defaults_to_the_bounded_one_on_every_base():
     assert timm_ensembles.create_task(model).fdl_distance == 'relative'  # no normalisation layer at all
     with pytest.raises(ValueError, match="Unknown fdl_distance 'auto'"):
         _fdl(fdl_distance='auto')
+    # the step: 0.1 on the stage outputs, the reference's 1e-4 on the pre-activation convolution outputs (a step that
+    # acts there killed members); a given one is kept
+    assert (_fdl().fdl_lr, _fdl(feature_taps='convs').fdl_lr, _fdl(fdl_lr=1e-3).fdl_lr) == (0.1, 1e-4, 1e-3)
 
 
 def test_similarity_pairs_are_the_same_on_every_process_and_every_resume():

@@ -53,7 +53,14 @@ the README points here.
   1e-1: x1.38 and x1.40, -0.15 and +0.01), and their disagreement does not rise (0.051-0.059 against 0.056-0.058). At
   3e-3 the paper's 'mse' distance reaches x1.9 with the members level, but by growing the features (scale-free x1.09).
   0.1 reaches the ceiling but for rounding at a smaller cost than 0.3, its members within 0.3 points of the independent
-  pair's on the three seeds measured; the study ``mechanisms`` compares it over five seeds.
+  pair's on the three seeds measured; the study ``mechanisms`` compares it over five seeds. With
+  ``feature_taps='convs'`` the default step stays the reference's 1e-4, where the term does not act (2e-4 of the
+  gradient): convolution outputs precede their activation, so two members' maps can be pushed to opposite signs (a
+  distance up to 2), and a member whose map goes negative everywhere dies behind its ReLU. Measured on the paper's
+  one-layer MNIST network with one filter a member (lr 0.1, step schedule): the second member fell to chance as the
+  joint phase began at 0.1 and at 1e-3 (one torch thread), not at 0.01 (two threads) or 1e-4; a one-filter pair on the
+  digits lost a member at 0.01 and kept both at 1e-3. A step that acts there is the user's choice
+  (``--task-kwargs fdl_lr=...``), to be watched in ``member_acc``.
 * **Features** come from the same forward pass as the logits (the reference runs two). Default taps: the stage
   outputs of timm's ``forward_intermediates`` (blocks for ViTs), or the convolutions for a model without it;
   ``feature_taps='convs'`` takes the outputs of the convolutions the reference takes (its rule: every traced node
@@ -116,9 +123,9 @@ class FDLTask(Task):
         fdl_distance: 'relative' (default: scale-free and bounded, see ``feature_difference_loss``) or 'mse' (the
             paper's, which the features can raise without bound by growing).
         member_warmup_epochs: Epochs of phase 0, where each member trains on its cross-entropy alone.
-        fdl_lr: The learning rate of the -L_FDL step, at the schedule's start (default 0.1, measured above; the
-            reference's is 1e-4 for CIFAR-10, 1e-5 for CIFAR-100); the term's step follows the members' schedule from
-            there.
+        fdl_lr: The learning rate of the -L_FDL step, at the schedule's start (default: 0.1 with the stage taps, 1e-4
+            with the conv taps, measured above; the reference's is 1e-4 for CIFAR-10, 1e-5 for CIFAR-100); the term's
+            step follows the members' schedule from there.
         fdl_momentum: The reference's momentum of the -L_FDL step.
         fdl_weight: A fixed weight for -L_FDL instead of the one ``fdl_lr`` gives (needed with adaptive optimisers).
         similarity_weight: Weight of S (1: the reference steps S at the members' learning rate and momentum).
@@ -138,7 +145,7 @@ class FDLTask(Task):
             feature_indices: int | Sequence[int] | None = None,
             fdl_distance: str = 'relative',
             member_warmup_epochs: int = 1,
-            fdl_lr: float = 0.1,
+            fdl_lr: float | None = None,
             fdl_momentum: float = 0.85,
             fdl_weight: float | None = None,
             similarity_weight: float = 1.0,
@@ -160,7 +167,8 @@ class FDLTask(Task):
         if head_input not in ('train', 'eval'):
             raise ValueError(f"Unknown head_input '{head_input}', expected 'train' or 'eval'.")
         check_option('member_warmup_epochs', member_warmup_epochs, int, low=0)
-        check_option('fdl_lr', fdl_lr, float, low=0)
+        if fdl_lr is not None:
+            check_option('fdl_lr', fdl_lr, float, low=0)
         check_option('head_lr', head_lr, float, low=0)
         check_option('similarity_weight', similarity_weight, float, low=0)
         if fdl_weight is not None:
@@ -180,7 +188,7 @@ class FDLTask(Task):
         self.feature_indices = feature_indices
         self.fdl_distance = fdl_distance
         self.member_warmup_epochs = member_warmup_epochs
-        self.fdl_lr = fdl_lr
+        self.fdl_lr = fdl_lr if fdl_lr is not None else _DEFAULT_FDL_LR[feature_taps]
         self.fdl_momentum = fdl_momentum
         self.fdl_weight = fdl_weight
         self.similarity_weight = similarity_weight
@@ -333,6 +341,10 @@ class FDLTask(Task):
             return self.model.forward_members(x)
         finally:
             self.model.train(was_training)
+
+
+# the -L_FDL step by taps (see the module docstring): stage outputs are post-activation, convolution outputs are not
+_DEFAULT_FDL_LR = dict(stages=0.1, convs=1e-4)
 
 
 def _create_fdl(variant: str, pretrained: bool = False, **kwargs) -> FDLEnsemble:
