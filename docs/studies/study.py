@@ -160,6 +160,12 @@ def _fmnist_runs(base: str) -> dict[str, Run]:
         # package's default
         Run('fdl_x2-paper', f'fdl_{base}x2', task_kwargs=['fdl_distance=mse', 'fdl_lr=1e-4'], baseline='ens_x2'),
         Run('fdl_x2-vs-pair', f'fdl_{base}x2', baseline='ens_x2'),
+        # the seeds' settings not tried before (issue 25 item 6): born-again with the paper's BAN+L loss (labels and
+        # teacher) over three generations, each from a fresh initialisation (train.py's seed + 1000 k), and their
+        # BANE; FDL with three members against the independent three
+        Run('ban_labels-g3', f'ban_{base}', teachers=[base], generations=3, task_kwargs=['label_weight=1.0']),
+        Run('ens_x3', f'ens_{base}x3'),
+        Run('fdl_x3', f'fdl_{base}x3', baseline='ens_x3'),
     ]
     return {r.name: r for r in runs}
 
@@ -201,6 +207,8 @@ STUDIES = {
     # independent pair, MEAL V1 and V2 (from the trained network) against one network
     'mechanisms': ('fmnist-r', ['resnet10t', 'ens_x2', 'fdl_x2-vs-pair', 'fdl_x2-paper', 'meal_v1', 'meal_v2-init'],
                    (0, 1, 2, 3, 4)),
+    # settings of the seeds not tried before (issue 25 item 6), three seeds on the same machine as `mechanisms`
+    'settings': ('fmnist-r', ['resnet10t', 'ban_labels-g3', 'ens_x3', 'fdl_x3'], (0, 1, 2)),
     'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
     # the runs of docs/analysis' landscape and samplers figures
     'landscape': ('fmnist', ['resnet10t-snap'], (0,)),
