@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
-"""The converged studies behind the README's results: resumable runs, and the tables generated from their folders.
+"""The converged studies behind docs/results.md: resumable runs, and the tables generated from their folders.
 
     python docs/studies/study.py list                                   # the studies and their runs
     OMP_NUM_THREADS=1 python docs/studies/study.py run ensembles        # train what is missing (resumes)
     python docs/studies/study.py table ensembles                        # the Markdown table, from the run folders
-    python docs/studies/study.py readme                                 # rewrite the README's generated tables
+    python docs/studies/study.py readme                                 # rewrite docs/results.md's generated tables
 
 Every run is a ``train.py`` run in ``<out>/<run>-s<seed>`` with the study's recipe. ``run`` skips finished runs (a
 ``results.json`` in the folder, or in the archive for a run an earlier session finished), resumes interrupted ones
@@ -14,7 +14,7 @@ command twice. The archive keeps no weights: a student whose teacher only the ar
 says how to go on (``--fresh`` trains the archived runs again here). ``table`` reads only the folders: final-epoch
 accuracy on the test set (never a best epoch), mean ± sd over seeds, per seed, and the paired difference to the
 baseline on the same seeds; evaluations of several runs together (BAN ensembles) are cached beside the runs.
-``readme`` replaces the text between ``<!-- study:<name> -->`` and ``<!-- /study:<name> -->`` in README.md and
+``readme`` replaces the text between ``<!-- study:<name> -->`` and ``<!-- /study:<name> -->`` in docs/results.md and
 docs/studies/README.md.
 """
 import argparse
@@ -604,9 +604,9 @@ def _partial(run: Run, root: Path, seeds) -> str:
 
 
 def update_readme(args: argparse.Namespace) -> None:
-    """Rewrite the generated tables of README.md and docs/studies/README.md (between their study markers)."""
+    """Rewrite the generated tables of docs/results.md and docs/studies/README.md (between their study markers)."""
     tables = {}
-    for readme in (ROOT / 'README.md', HERE / 'README.md'):
+    for readme in (ROOT / 'docs' / 'results.md', HERE / 'README.md'):
         text = readme.read_text()
         for study in STUDIES:
             start, end = f'<!-- study:{study} -->', f'<!-- /study:{study} -->'
