@@ -27,7 +27,7 @@ _FMNIST = dict(
     num_classes=10, input_size=(3, 32, 32), crop_pct=1.0, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN,
     std=IMAGENET_DEFAULT_STD, label_names=FASHION_MNIST_LABELS,
 )
-# the train.py flags of seed 0 of each Fashion-MNIST study (README, "Results"; hub/README.md, "Catalog")
+# the train.py flags of seed 0 of each Fashion-MNIST study (docs/results.md; hub/README.md, "Catalog")
 _FMNIST_TRAIN = '--dataset fashion-mnist --train-subset 10000 --epochs 5 --seed 0'
 
 # '<registered name>.<tag>' -> the tag's pretrained cfg, and two entries of the catalog's own: ``published``, whether

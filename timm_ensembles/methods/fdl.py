@@ -11,7 +11,7 @@ loss L_FDL (mean squared difference of intermediate features, averaged over laye
 Where this implementation departs from the paper and its reference code (``resnet_expt_x3.py``, which steps one SGD
 optimiser per term on every batch: member CE at the member lr; S at the member lr and momentum; -L_FDL at a fixed
 lr 1e-4, momentum 0.85; the head at lr 1e-2), and why. This list is the one place these departures are written down;
-the README points here.
+the documentation (docs/methods/fdl.md) renders it.
 
 * **One loss, one backward pass per step.** The terms are summed: ``sum_m CE_m + S - w L_FDL + CE_head``. S has
   weight 1 (the reference steps it at the members' lr and momentum, and SGD momentum is linear in the gradient, so
