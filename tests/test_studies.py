@@ -98,3 +98,35 @@ def test_study_resumes_skips_and_tabulates(tmp_path):
 def test_unknown_study_is_refused():
     proc = _study('run', 'no-such-study', check=False)
     assert proc.returncode != 0 and "unknown studies ['no-such-study']" in proc.stderr
+
+
+def _load_study_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('study', STUDY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_diagnostics_table_reads_each_runs_mechanism_and_its_distance_against_the_same_seed_pair(tmp_path, monkeypatch):
+    study = _load_study_module()
+    monkeypatch.setitem(study.STUDIES, 'probe', ('smoke', ['ens_x2', 'fdl_x2-vs-pair'], (0, 1)))
+    runs = {  # per seed: the first epoch's diagnostics (metrics.jsonl), the final ones and the test-set distances
+        'ens_x2': [(None, None, 0.5, 0.05), (None, None, 0.6, 0.07)],
+        'fdl_x2-vs-pair': [(0.01, 0.04, 0.75, 0.06), (0.03, 0.06, 0.9, 0.08)],
+    }
+    for name, seeds in runs.items():
+        for seed, (first, final, distance, disagreement) in enumerate(seeds):
+            folder = tmp_path / 'smoke' / f'{name}-s{seed}'
+            folder.mkdir(parents=True)
+            epoch = dict(acc=90.0, feature_distance_rel=distance, disagreement=disagreement)
+            mechanism = None if final is None else {'share_fdl': dict(value=final, null=0.0, note='')}
+            (folder / 'results.json').write_text(json.dumps(dict(final_epoch=epoch, mechanism=mechanism)))
+            line = dict(epoch=0, mechanism=None if first is None else {'share_fdl': first})
+            (folder / 'metrics.jsonl').write_text(json.dumps(line) + '\n')
+    args = study.argparse.Namespace(seeds=None, out=str(tmp_path / 'out'), archive=str(tmp_path), from_runs=False)
+    table = study.diagnostics('probe', args).splitlines()
+    assert table[2] == '| ens_x2 |  | 0.55 ± 0.07 | 6.00 ± 1.41 % |'
+    # share_fdl: first epoch 0.02 (mean), final 0.05 ± 0.014; distance 0.825 ± 0.106, each seed 1.5 x its pair's
+    assert table[3] == ('| fdl_x2-vs-pair | share_fdl 0.02 → 0.05 ± 0.014 (0) | 0.82 ± 0.11 (× 1.50 ± 0.00 ens_x2)'
+                        ' | 7.00 ± 1.41 % |')

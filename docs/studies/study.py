@@ -15,7 +15,7 @@ says how to go on (``--fresh`` trains the archived runs again here). ``table`` r
 accuracy on the test set (never a best epoch), mean ± sd over seeds, per seed, and the paired difference to the
 baseline on the same seeds; evaluations of several runs together (BAN ensembles) are cached beside the runs.
 ``readme`` replaces the text between ``<!-- study:<name> -->`` and ``<!-- /study:<name> -->`` in docs/results.md and
-docs/studies/README.md.
+docs/studies/README.md (``<!-- study:<name>:diagnostics -->``: the runs' mechanism diagnostics).
 """
 import argparse
 import hashlib
@@ -603,18 +603,68 @@ def _partial(run: Run, root: Path, seeds) -> str:
     return run.name + (f' ({"; ".join(done)})' if done else '')
 
 
+def diagnostics(study: str, args: argparse.Namespace) -> str:
+    """The study's table of each run's own mechanism diagnostics (``Task.mechanism``: first epoch -> final epoch, mean
+    over the seeds, beside the value each takes when the mechanism does nothing) and, for ensembles, the members'
+    scale-free feature distance and disagreement on the test set at the final epoch, the distance also as a ratio to
+    the run's baseline of the same seed (its ``baseline``, else the study's first row, where that is an ensemble)."""
+    recipe, names, default_seeds = STUDIES[study]
+    seeds = args.seeds or default_seeds
+    root = Path(args.out) / recipe if args.from_runs else Path(args.archive) / recipe
+    runs = _runs(recipe)
+    lines = ['| run | mechanism: first epoch → final epoch (null) | feature distance, scale-free (× baseline, same'
+             ' seed) | disagreement |', '|---|---|---|---|']
+    for name in names:
+        run = runs[name]
+        if not all(run.done_marker(root, s).exists() for s in seeds):
+            continue
+        folders = [run.folder(root, s) / (f'gen{run.generations}' if run.generations > 1 else '') for s in seeds]
+        firsts = [json.loads((f / 'metrics.jsonl').read_text().splitlines()[0]).get('mechanism') or {}
+                  for f in folders]
+        results = [json.loads((f / 'results.json').read_text()) for f in folders]
+        finals = [r.get('mechanism') or {} for r in results]
+        cells = []
+        for key, entry in finals[0].items():
+            # metrics.jsonl keeps each epoch's values, results.json the final ones with their null values and notes
+            first = [m.get(key) for m in firsts]
+            first = [v.get('value') if isinstance(v, dict) else v for v in first]
+            last = [m.get(key, {}).get('value') for m in finals]
+            if None in last:
+                continue
+            start = f'{statistics.mean(first):.3g}' if None not in first else '-'
+            sd = statistics.stdev(last) if len(last) > 1 else 0.0
+            cells.append(f'{key} {start} → {statistics.mean(last):.3g} ± {sd:.2g} ({entry["null"]:g})')
+        epochs = [r['final_epoch'] for r in results]
+        distance = disagreement = ''
+        if all('feature_distance_rel' in e for e in epochs):
+            values = [e['feature_distance_rel'] for e in epochs]
+            distance = _mean_sd(values)
+            base = runs.get(run.baseline or names[0])
+            if base is not None and base is not run and all(base.done_marker(root, s).exists() for s in seeds):
+                ref = [_final(base.folder(root, s)).get('feature_distance_rel') for s in seeds]
+                if None not in ref:
+                    ratios = [v / r for v, r in zip(values, ref)]
+                    distance += f' (× {_mean_sd(ratios)} {base.name})'
+        if all('disagreement' in e for e in epochs):
+            disagreement = _mean_sd([100 * e['disagreement'] for e in epochs]) + ' %'
+        if cells or distance:
+            lines.append(f'| {name} | ' + '; '.join(cells) + f' | {distance} | {disagreement} |')
+    return '\n'.join(lines) if len(lines) > 2 else f'(no finished run of {study} with diagnostics yet)'
+
+
 def update_readme(args: argparse.Namespace) -> None:
     """Rewrite the generated tables of docs/results.md and docs/studies/README.md (between their study markers)."""
     tables = {}
     for readme in (ROOT / 'docs' / 'results.md', HERE / 'README.md'):
         text = readme.read_text()
         for study in STUDIES:
-            start, end = f'<!-- study:{study} -->', f'<!-- /study:{study} -->'
-            if start in text and end in text:
-                tables.setdefault(study, table(study, args))
-                before, rest = text.split(start, 1)
-                _, after = rest.split(end, 1)
-                text = f'{before}{start}\n{tables[study]}\n{end}{after}'
+            for name, make in ((study, table), (f'{study}:diagnostics', diagnostics)):
+                start, end = f'<!-- study:{name} -->', f'<!-- /study:{name} -->'
+                if start in text and end in text:
+                    tables.setdefault(name, make(study, args))
+                    before, rest = text.split(start, 1)
+                    _, after = rest.split(end, 1)
+                    text = f'{before}{start}\n{tables[name]}\n{end}{after}'
         readme.write_text(text)
 
 
@@ -656,7 +706,7 @@ def main(argv=None) -> int:
             archive(Path(args.out) / recipe, recipe, Path(args.archive))
     elif args.action == 'table':
         for study in studies:
-            print(f'### {study}\n\n{table(study, args)}\n')
+            print(f'### {study}\n\n{table(study, args)}\n\n{diagnostics(study, args)}\n')
     else:
         update_readme(args)
     return 0
