@@ -23,38 +23,41 @@ Usage::
     python benchmarks/collab_step.py --base resnet18 --img-size 32 --batch-size 64 --heads 2 4 --rounds 7
 """
 import argparse
-import statistics
 from collections.abc import Callable
 
 import timm
 import torch
 from _common import (
+    NUM_CLASSES,
     OPTIMIZER_ARGS,
+    add_model_args,
     add_timing_args,
-    check_timing_args,
+    check_args,
+    fixed_batch,
+    make_infer_step,
     make_train_step,
+    model_setup,
     print_header,
     ratio_row,
+    ratio_table,
+    rounds_setup,
     run_rounds,
     setup_device,
+    time_table,
 )
 from torch.utils.flop_counter import FlopCounterMode
 
 import timm_ensembles
 
-NUM_CLASSES = 10
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-    parser.add_argument('--base', default='resnet18', help='timm model name of the base network')
-    parser.add_argument('--img-size', type=int, default=32)
-    parser.add_argument('--batch-size', type=int, default=64)
+    add_model_args(parser)
     parser.add_argument('--heads', type=int, nargs='+', default=[2, 4], choices=[2, 4],
                         help='head counts of the registered collab_<base>x<H> variants to time')
     add_timing_args(parser)
     args = parser.parse_args(argv)
-    check_timing_args(parser, args)
+    check_args(parser, args)
     return args
 
 
@@ -86,11 +89,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
     print_header('Collaborative learning: training step and exported inference vs one plain model', argv,
-                 args.device, f'base {args.base}, {args.img_size}x{args.img_size} input, batch {args.batch_size}, heads'
-                 f' {args.heads}, {args.rounds} rounds after {args.warmup} warm-up steps; optimizer {OPTIMIZER_ARGS}')
-    torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    target = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+                 args.device, f'{model_setup(args)}, heads {args.heads}, {rounds_setup(args)}; optimizer'
+                 f' {OPTIMIZER_ARGS}')
+    x, target = fixed_batch(args.batch_size, args.img_size, device)
 
     steps, flop_rows = {}, []
     plain = timm.create_model(args.base, num_classes=NUM_CLASSES).to(device)
@@ -107,34 +108,23 @@ def main(argv: list[str] | None = None) -> None:
         implied = implied_flop_ratio(model, plain.eval(), x)
         flop_rows.append((h, model.splits, model.hierarchy, implied, flops(step) / single_train_flops))
         exported = exported or model.export_head().eval()
-    plain_eval = timm.create_model(args.base, num_classes=NUM_CLASSES).to(device).eval()
-
-    def infer(m: torch.nn.Module) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            with torch.no_grad():
-                return m(x)
-        return run
-    steps['plain eval'] = infer(plain_eval)
-    steps['exported eval'] = infer(exported)
+    steps['plain eval'] = make_infer_step(timm.create_model(args.base, num_classes=NUM_CLASSES).to(device), x)
+    steps['exported eval'] = make_infer_step(exported, x)
     plain.train()
-    times = run_rounds(args, steps, {})
+    times = run_rounds(steps, args.rounds, args.warmup, device)
 
-    ms = 1e3
-    print('\n| configuration | median (ms) | min (ms) | spread (max / min) |')
-    print('|---|---:|---:|---:|')
-    for name, t in times.items():
-        print(f'| {name} | {statistics.median(t) * ms:.1f} | {min(t) * ms:.1f} | {max(t) / min(t):.2f} |')
+    time_table(times, times)
     print('\n| heads | split | hierarchy | implied FLOP ratio (trunk once) | measured training-step FLOP ratio |')
     print('|---|---|---|---:|---:|')
     for h, splits, hierarchy, implied, measured in flop_rows:
         print(f'| {h} | {splits} | {hierarchy} | {implied:.3f} | {measured:.3f} |')
-    print('\n| ratio | median of per-round ratios | ratio of minima |')
-    print('|---|---:|---:|')
+    rows = []
     for h, *_, implied, _ in flop_rows:
-        print(ratio_row(f'collab x{h} / single (step time)', times[f'collab x{h}'], times['single']))
-        print(ratio_row(f'collab x{h} step-time ratio / implied FLOP ratio', times[f'collab x{h}'], times['single'],
-                        scale=implied))
-    print(ratio_row('exported eval / plain eval (inference)', times['exported eval'], times['plain eval']))
+        rows.append(ratio_row(f'collab x{h} / single (step time)', times[f'collab x{h}'], times['single']))
+        rows.append(ratio_row(f'collab x{h} step-time ratio / implied FLOP ratio', times[f'collab x{h}'],
+                              times['single'], scale=implied))
+    rows.append(ratio_row('exported eval / plain eval (inference)', times['exported eval'], times['plain eval']))
+    ratio_table(rows)
 
 
 if __name__ == '__main__':

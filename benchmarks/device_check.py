@@ -53,7 +53,7 @@ import accelerate
 import timm
 import torch
 import yaml
-from _common import cpu_name
+from _common import NUM_CLASSES, cpu_name
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
@@ -263,7 +263,8 @@ def _strategy_table(args: argparse.Namespace, device: torch.device, defaults: De
         for precision in TABLE_PRECISIONS:
             img_size = _img_size(args, precision)
             torch.manual_seed(0)
-            model = timm.create_model('ens', base_model=args.base, num_members=n, num_classes=10).to(device).train()
+            model = timm.create_model('ens', base_model=args.base, num_members=n, num_classes=NUM_CLASSES)
+            model = model.to(device).train()
             if defaults.channels_last:
                 model.to(memory_format=torch.channels_last)
             x = torch.randn(args.batch_size, 3, img_size, img_size, device=device)

@@ -22,33 +22,37 @@ Usage::
     python benchmarks/distill_step.py --base resnet18 --img-size 32 --batch-size 64 --rounds 7
 """
 import argparse
-import statistics
 from collections.abc import Callable
 
 import torch
 from _common import (
+    NUM_CLASSES,
     OPTIMIZER_ARGS,
+    add_model_args,
     add_timing_args,
-    check_timing_args,
+    check_args,
+    fixed_batch,
+    make_infer_step,
     make_train_step,
+    model_setup,
     print_header,
+    ratio_row,
+    ratio_table,
+    rounds_setup,
     run_rounds,
     setup_device,
+    time_table,
 )
 
 import timm_ensembles
 
-NUM_CLASSES = 10
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-    parser.add_argument('--base', default='resnet18', help='timm model name of the student and the teachers')
-    parser.add_argument('--img-size', type=int, default=32)
-    parser.add_argument('--batch-size', type=int, default=64)
+    add_model_args(parser, base_help='timm model name of the student and the teachers')
     add_timing_args(parser)
     args = parser.parse_args(argv)
-    check_timing_args(parser, args)
+    check_args(parser, args)
     return args
 
 
@@ -56,11 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
     print_header('Distillation: training step and exported inference vs the plain student', argv, args.device,
-                 f'base {args.base}, {args.img_size}x{args.img_size} input, batch {args.batch_size}, {args.rounds}'
-                 f' rounds after {args.warmup} warm-up steps; optimizer {OPTIMIZER_ARGS}')
-    torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    target = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+                 f'{model_setup(args)}, {rounds_setup(args)}; optimizer {OPTIMIZER_ARGS}')
+    x, target = fixed_batch(args.batch_size, args.img_size, device)
 
     def create(name: str, **kwargs) -> torch.nn.Module:
         return timm_ensembles.create_model(name, num_classes=NUM_CLASSES, **kwargs).to(device)
@@ -70,46 +71,32 @@ def main(argv: list[str] | None = None) -> None:
         task.on_epoch_start(0)
         return make_train_step(task, task.create_optimizer(**OPTIMIZER_ARGS), x, target)
 
-    def infer(model: torch.nn.Module) -> Callable[[], torch.Tensor]:
-        model.eval()
-
-        def run() -> torch.Tensor:
-            with torch.no_grad():
-                return model(x)
-        return run
-
     teacher = create(args.base).eval()
     ensemble = create(f'ens_{args.base}x2').eval()
     steps = {
         'student': train_step(create(args.base)),
-        'teacher fwd': infer(teacher),
-        'member fwd': infer(ensemble.members[0]),
-        'ensemble fwd': infer(ensemble),
+        'teacher fwd': make_infer_step(teacher, x),
+        'member fwd': make_infer_step(ensemble.members[0], x),
+        'ensemble fwd': make_infer_step(ensemble, x),
         'ban': train_step(create(f'ban_{args.base}'), teachers=[teacher]),
         'meal v1': train_step(create(f'meal_{args.base}'), teachers=[ensemble]),
         'meal v2': train_step(create(f'meal_{args.base}'), teachers=[ensemble], version='v2'),
-        'plain eval': infer(create(args.base)),
+        'plain eval': make_infer_step(create(args.base), x),
     }
     exported = timm_ensembles.create_task(create(f'ban_{args.base}'), teachers=[teacher]).export_model()
-    steps['exported eval'] = infer(exported)
-    times = run_rounds(args, steps, {})
+    steps['exported eval'] = make_infer_step(exported, x)
+    times = run_rounds(steps, args.rounds, args.warmup, device)
 
-    ms = 1e3
-    print('\n| configuration | median (ms) | min (ms) | spread (max / min) |')
-    print('|---|---:|---:|---:|')
-    for name, t in times.items():
-        print(f'| {name} | {statistics.median(t) * ms:.1f} | {min(t) * ms:.1f} | {max(t) / min(t):.2f} |')
+    time_table(times, times)
 
     def ratio(num: str, den: list[str]) -> str:
-        per_round = statistics.median(times[num][r] / sum(times[d][r] for d in den) for r in range(args.rounds))
-        of_minima = min(times[num]) / sum(min(times[d]) for d in den)
-        return f'| {num} / ({" + ".join(den)}) | {per_round:.3f} | {of_minima:.3f} |'
-    print('\n| ratio | median of per-round ratios | ratio of minima |')
-    print('|---|---:|---:|')
-    print(ratio('ban', ['student', 'teacher fwd']))
-    print(ratio('meal v1', ['student', 'member fwd']))
-    print(ratio('meal v2', ['student', 'ensemble fwd']))
-    print(ratio('exported eval', ['plain eval']))
+        return ratio_row(f'{num} / ({" + ".join(den)})', times[num], *(times[d] for d in den))
+    ratio_table([
+        ratio('ban', ['student', 'teacher fwd']),
+        ratio('meal v1', ['student', 'member fwd']),
+        ratio('meal v2', ['student', 'ensemble fwd']),
+        ratio('exported eval', ['plain eval']),
+    ])
 
 
 if __name__ == '__main__':

@@ -7,10 +7,10 @@ interleaved rounds, in ms, for each form; ``timm_ensembles.losses.feature_differ
 form up to 3 members and the centred form from 4 on, after this measurement.
 """
 import itertools
-import time
 
 import timm
 import torch
+from _common import clear_grads, make_term_step, run_rounds
 
 from timm_ensembles.losses import feature_difference
 
@@ -40,15 +40,10 @@ def main():
     print('| members | pairwise (ms) | centred (ms) | centred / pairwise |\n|---:|---:|---:|---:|')
     for n in (2, 3, 4, 5, 6, 8):
         feats = [[(f + 0.1 * torch.randn_like(f)).requires_grad_() for f in inter] for _ in range(n)]
-        times = {'pairwise': [], 'centred': []}
-        for _ in range(7):
-            for name, fn in (('pairwise', pairwise), ('centred', centred)):
-                start = time.perf_counter()
-                fn(feats).backward()
-                times[name].append(time.perf_counter() - start)
-                for member in feats:
-                    for f in member:
-                        f.grad = None
+        forms = {'pairwise': pairwise, 'centred': centred}
+        steps = {name: make_term_step(form, feats) for name, form in forms.items()}
+        before = {name: lambda feats=feats: clear_grads(feats) for name in forms}
+        times = run_rounds(steps, rounds=7, warmup=0, before=before)
         p, c = min(times['pairwise']) * 1e3, min(times['centred']) * 1e3
         print(f'| {n} | {p:.1f} | {c:.1f} | {c / p:.2f} |')
 

@@ -11,17 +11,21 @@ their ratio. With ``--model``, one training step of that model on one batch is t
 loader's share of a step (loader time / (loader time + step time)) is printed.
 """
 import argparse
+import ast
 import itertools
 import statistics
 import sys
-import time
 
 import torch
 from _common import (
+    NUM_CLASSES,
+    OPTIMIZER_ARGS,
     add_timing_args,
-    check_timing_args,
+    check_args,
     make_train_step,
     print_header,
+    rounds_setup,
+    run_rounds,
     setup_device,
 )
 from timm.data import create_transform
@@ -42,12 +46,12 @@ def main(argv=None) -> int:
     parser.add_argument('--model-kwargs', default='{}', help='Python dict literal of model arguments')
     add_timing_args(parser)
     args = parser.parse_args(argv)
-    check_timing_args(parser, args)
+    check_args(parser, args)
     device = setup_device(args)
     print_header('Training loader: per-image timm transforms vs the batched in-memory path', argv, args.device,
                  f'dataset {args.dataset}, {args.in_chans}x{args.img_size}x{args.img_size}, batch {args.batch_size},'
-                 f' {args.batches} batches per loader per round, {args.rounds} rounds after {args.warmup} warm-up'
-                 f' rounds, {args.interpolation}, scale (0.5, 1), flip 0.5, one process (workers 0)')
+                 f' {args.batches} batches per loader per round, {rounds_setup(args, "rounds")}, {args.interpolation}'
+                 f', scale (0.5, 1), flip 0.5, one process (workers 0)')
 
     train_ds, val_ds, _ = te_data.create_datasets(args.dataset, img_mode='L' if args.in_chans == 1 else 'RGB')
     mean, std = (0.5,) * args.in_chans, (0.5,) * args.in_chans
@@ -61,43 +65,27 @@ def main(argv=None) -> int:
             train_ds, val_ds, cfg, args.batch_size, workers=0, hflip=0.5, train_transform=per_image_tf)[0],
         'batched': te_data.create_loaders(train_ds, val_ds, cfg, args.batch_size, workers=0, hflip=0.5)[0],
     }
-    step = None
+
+    def load(loader) -> None:
+        for x, _ in itertools.islice(loader, args.batches):
+            x.to(device)
+
+    # one timed call: --batches batches of a loader, or --batches training steps
+    steps = {name: lambda loader=loader: load(loader) for name, loader in loaders.items()}
     if args.model:
-        import ast
-        model = timm_ensembles.create_model(args.model, num_classes=10, in_chans=args.in_chans,
+        model = timm_ensembles.create_model(args.model, num_classes=NUM_CLASSES, in_chans=args.in_chans,
                                             **ast.literal_eval(args.model_kwargs)).to(device)
         task = timm_ensembles.create_task(model)
-        optimizer = task.create_optimizer(opt='sgd', lr=0.05, momentum=0.9)
+        optimizer = task.create_optimizer(**OPTIMIZER_ARGS)
         x, y = next(iter(loaders['batched']))
         step = make_train_step(task.train(), optimizer, x.to(device), y.to(device))
 
-    def time_loader(loader) -> float:
-        start = time.perf_counter()
-        for x, _ in itertools.islice(loader, args.batches):
-            x.to(device)
-        return time.perf_counter() - start
-
-    def time_steps() -> float:
-        start = time.perf_counter()
-        for _ in range(args.batches):
-            step()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        return time.perf_counter() - start
-
-    times: dict[str, list[float]] = {name: [] for name in loaders}
-    if step is not None:
-        times['step'] = []
-    for r in range(args.warmup + args.rounds):
-        for name, loader in loaders.items():
-            t = time_loader(loader)
-            if r >= args.warmup:
-                times[name].append(t)
-        if step is not None:
-            t = time_steps()
-            if r >= args.warmup:
-                times['step'].append(t)
-        print(f'round {r + 1}/{args.warmup + args.rounds} done', file=sys.stderr, flush=True)
+        def train() -> torch.Tensor:
+            for _ in range(args.batches):
+                loss = step()
+            return loss
+        steps['step'] = train
+    times = run_rounds(steps, args.rounds, args.warmup, device)
 
     images = args.batches * args.batch_size
     per_image, batched = times['per-image (timm transforms)'], times['batched']
@@ -107,12 +95,12 @@ def main(argv=None) -> int:
     print('\n| ratio | median of rounds | of minima |\n|---|---:|---:|')
     print(f'| batched / per-image throughput | {statistics.median(p / b for p, b in zip(per_image, batched)):.1f}'
           f' | {min(per_image) / min(batched):.1f} |')
-    if step is not None:
-        steps = times['step']
-        print(f'\nTraining step of `{args.model}` {args.model_kwargs}: {images / statistics.median(steps):.0f} img/s'
-              f' (median).\n\n| loader | share of a step (median of rounds) |\n|---|---:|')
+    if args.model:
+        step_times = times['step']
+        print(f'\nTraining step of `{args.model}` {args.model_kwargs}: {images / statistics.median(step_times):.0f}'
+              ' img/s (median).\n\n| loader | share of a step (median of rounds) |\n|---|---:|')
         for name in loaders:
-            share = statistics.median(t / (t + s) for t, s in zip(times[name], steps))
+            share = statistics.median(t / (t + s) for t, s in zip(times[name], step_times))
             print(f'| {name} | {100 * share:.0f} % |')
     return 0
 

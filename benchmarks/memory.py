@@ -28,13 +28,30 @@ Usage::
     python benchmarks/memory.py --base resnet18 --img-size 32 --batch-size 64 --members 2 4 --threads 1
 """
 import argparse
+import gc
 import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-NUM_CLASSES = 10
+import timm
+import torch
+from _common import (
+    NUM_CLASSES,
+    OPTIMIZER_ARGS,
+    add_device_args,
+    add_model_args,
+    check_args,
+    fixed_batch,
+    make_train_step,
+    model_setup,
+    print_header,
+    setup_device,
+)
+from torch.profiler import ProfilerActivity, profile
+
+import timm_ensembles
+
 STRATEGIES = ('loop', 'vmap', 'grouped')
 
 
@@ -50,8 +67,6 @@ def _profiled_peak(model, step, device) -> int:
     """Tensor-level peak of one training step (after a first one has made the gradients and momentum buffers): the
     bytes alive before it (parameters, buffers, optimizer state) plus the highest running sum of the profiler's
     allocations and frees (``profile_memory=True``) during the step, allocator-independent."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
     step()
     step.optimizer.zero_grad(set_to_none=True)
     state = [t for s in step.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
@@ -69,20 +84,11 @@ def _profiled_peak(model, step, device) -> int:
 
 def child(cfg: dict) -> dict:
     """Run in the fresh subprocess: build one configuration, train ``steps`` steps, report its peak."""
-    import gc
-
-    import timm
-    import torch
-    from _common import OPTIMIZER_ARGS, make_train_step
-
-    import timm_ensembles
     torch.set_num_threads(cfg['threads'])
     device = torch.device(cfg['device'])
 
     def build(batch_size):
-        torch.manual_seed(0)
-        x = torch.randn(batch_size, 3, cfg['img_size'], cfg['img_size'], device=device)
-        target = torch.randint(0, NUM_CLASSES, (batch_size,), device=device)
+        x, target = fixed_batch(batch_size, cfg['img_size'], device)
         if cfg['strategy'] is None:
             model = timm.create_model(cfg['base'], num_classes=NUM_CLASSES)
         else:
@@ -142,19 +148,17 @@ def run_child(args: argparse.Namespace, strategy: str | None, members: int) -> d
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-    parser.add_argument('--base', default='resnet18')
-    parser.add_argument('--img-size', type=int, default=32)
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--members', type=int, nargs='+', default=[2, 4])
+    add_model_args(parser, members=[2, 4])
     parser.add_argument('--strategies', nargs='+', default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument('--steps', type=int, default=3, help='training steps per configuration (the first'
                         ' allocates the gradients and momentum buffers)')
     parser.add_argument('--repeats', type=int, default=2, help='fresh subprocesses per configuration (the minimum'
                         ' is reported)')
-    parser.add_argument('--threads', type=int, default=1)
-    parser.add_argument('--device', default='cpu', choices=['cpu', 'cuda'])
+    add_device_args(parser, threads=1)
     parser.add_argument('--child', help=argparse.SUPPRESS)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    check_args(parser, args)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,16 +166,13 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         print(json.dumps(child(json.loads(args.child))))
         return
-    import torch
-    from _common import print_header
-    torch.set_num_threads(args.threads)
+    setup_device(args)
     method = ('torch.cuda.max_memory_allocated' if args.device == 'cuda' else
               'VmHWM of a fresh, warmed-up subprocess (high-water mark reset) minus its VmRSS before the model is'
               ' built, MALLOC_MMAP_THRESHOLD_=65536')
     print_header('Peak training memory by member strategy', argv, args.device,
-                 f'base {args.base}, {args.img_size}x{args.img_size} input, batch {args.batch_size}, members'
-                 f' {args.members}, {args.steps} steps per configuration, min of {args.repeats} subprocesses;'
-                 f' measure: {method}')
+                 f'{model_setup(args)}, members {args.members}, {args.steps} steps per configuration, min of'
+                 f' {args.repeats} subprocesses; measure: {method}')
 
     def measure(strategy, n):
         runs = [run_child(args, strategy, n) for _ in range(args.repeats)]
@@ -202,5 +203,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == '__main__':
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     main()

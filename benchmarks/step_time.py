@@ -39,68 +39,42 @@ Usage::
     python benchmarks/step_time.py --base resnet18 --img-size 32 --batch-size 64 --members 2 3 4 --rounds 7
 """
 import argparse
-import statistics
 from collections.abc import Callable
 
 import timm
 import torch
 from _common import (
+    NUM_CLASSES,
     OPTIMIZER_ARGS,
+    add_model_args,
     add_timing_args,
-    check_timing_args,
+    check_args,
+    clear_grads,
+    fixed_batch,
+    make_term_step,
     make_train_step,
+    model_setup,
     print_header,
     ratio_row,
+    ratio_table,
+    rounds_setup,
     run_rounds,
     setup_device,
+    time_table,
 )
 
 import timm_ensembles
 from timm_ensembles.losses import feature_difference_loss
 
-NUM_CLASSES = 10
-
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse the command line."""
     parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-    parser.add_argument('--base', default='resnet18', help='timm model name of the base network / members')
-    parser.add_argument('--img-size', type=int, default=32, help='input height and width')
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--members', type=int, nargs='+', default=[2, 3, 4], help='ensemble sizes N to time')
+    add_model_args(parser, members=[2, 3, 4], base_help='timm model name of the base network / members')
     add_timing_args(parser)
     args = parser.parse_args(argv)
-    check_timing_args(parser, args)
-    if args.batch_size < 1 or args.img_size < 1:
-        parser.error('--batch-size and --img-size must be >= 1.')
-    if any(n < 2 for n in args.members):
-        parser.error('--members: an ensemble needs at least 2 members.')
+    check_args(parser, args)
     return args
-
-
-
-
-
-
-def make_fdl_term_step(features: list[list[torch.Tensor]]) -> Callable[[], torch.Tensor]:
-    """Forward and backward of ``feature_difference_loss`` alone on fixed leaf features.
-
-    Returns:
-        A closure that runs the term and returns its (detached) value.
-    """
-    def step() -> torch.Tensor:
-        loss = feature_difference_loss(features)
-        loss.backward()
-        return loss.detach()
-    return step
-
-
-def clear_feature_grads(features: list[list[torch.Tensor]]) -> None:
-    """Drop the leaves' gradients, so that each timed term backward writes them afresh (as in a real step)
-    instead of also accumulating into the previous round's."""
-    for member in features:
-        for f in member:
-            f.grad = None
 
 
 def build_configs(args: argparse.Namespace, x: torch.Tensor,
@@ -139,51 +113,34 @@ def build_configs(args: argparse.Namespace, x: torch.Tensor,
         with torch.no_grad():
             _, features = fdl.model.forward_members_with_features(x, fdl.feature_taps, fdl.feature_indices)
         leaves = [[f.detach().requires_grad_() for f in member] for member in features]
-        steps[f'FDL term x{n}'] = make_fdl_term_step(leaves)
-        before[f'FDL term x{n}'] = lambda leaves=leaves: clear_feature_grads(leaves)
+        steps[f'FDL term x{n}'] = make_term_step(feature_difference_loss, leaves)
+        before[f'FDL term x{n}'] = lambda leaves=leaves: clear_grads(leaves)
     return steps, before
-
-
-
-
-
-
 
 
 def report(args: argparse.Namespace, times: dict[str, list[float]]) -> None:
     """Print one section per N: the step times, then the ratios."""
-    ms = 1e3
     single = times['single']
     for n in args.members:
         ens, fdl, term = times[f'ens x{n}'], times[f'fdl x{n}'], times[f'FDL term x{n}']
-        print(f'\n### N = {n}\n')
-        print('| configuration | median (ms) | min (ms) | spread (max / min) |')
-        print('|---|---:|---:|---:|')
-        for name in ('single', f'ens x{n}', f'fdl x{n}', f'FDL term x{n}'):
-            t = times[name]
-            print(f'| {name} | {statistics.median(t) * ms:.1f} | {min(t) * ms:.1f} | {max(t) / min(t):.2f} |')
-        print()
-        print('| ratio | median of per-round ratios | ratio of minima |')
-        print('|---|---:|---:|')
-        print(ratio_row(f'ens x{n} / ({n} x single)', ens, single, scale=n))
-        print(ratio_row(f'fdl x{n} / ({n} x single)', fdl, single, scale=n))
-        print(ratio_row(f'fdl x{n} / ens x{n}', fdl, ens))
-        print(ratio_row(f'FDL term x{n} / fdl x{n} (share of the step)', term, fdl))
+        print(f'\n### N = {n}')
+        time_table(times, ['single', f'ens x{n}', f'fdl x{n}', f'FDL term x{n}'])
+        ratio_table([
+            ratio_row(f'ens x{n} / ({n} x single)', ens, single, scale=n),
+            ratio_row(f'fdl x{n} / ({n} x single)', fdl, single, scale=n),
+            ratio_row(f'fdl x{n} / ens x{n}', fdl, ens),
+            ratio_row(f'FDL term x{n} / fdl x{n} (share of the step)', term, fdl),
+        ])
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
     print_header('Training step time: ensembles vs one network', argv, args.device,
-                 f'base {args.base}, {args.img_size}x{args.img_size} input, batch {args.batch_size}, members'
-                 f' {args.members}, {args.rounds} rounds after {args.warmup} warm-up steps; optimizer {OPTIMIZER_ARGS}')
-
-    torch.manual_seed(0)
-    # one fixed batch, made once: the time of data loading and of random number generation is not measured
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    target = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+                 f'{model_setup(args)}, members {args.members}, {rounds_setup(args)}; optimizer {OPTIMIZER_ARGS}')
+    x, target = fixed_batch(args.batch_size, args.img_size, device)
     steps, before = build_configs(args, x, target)
-    times = run_rounds(args, steps, before)
+    times = run_rounds(steps, args.rounds, args.warmup, device, before)
     report(args, times)
 
 

@@ -31,14 +31,19 @@ import argparse
 import copy
 
 import timm
-import torch
 from _common import (
+    NUM_CLASSES,
     OPTIMIZER_ARGS,
+    add_model_args,
     add_timing_args,
-    check_timing_args,
+    check_args,
+    fixed_batch,
     make_train_step,
+    model_setup,
     print_header,
     ratio_row,
+    ratio_table,
+    rounds_setup,
     run_rounds,
     setup_device,
     time_table,
@@ -47,27 +52,21 @@ from _common import (
 import timm_ensembles
 from timm_ensembles._strategies import StrategyError
 
-NUM_CLASSES = 10
 STRATEGIES = ('loop', 'vmap', 'grouped')
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-    parser.add_argument('--base', default='resnet10t', help='timm model name of the members')
-    parser.add_argument('--img-size', type=int, default=32)
-    parser.add_argument('--batch-size', type=int, default=8)
-    parser.add_argument('--members', type=int, nargs='+', default=[2, 4], help='ensemble sizes N')
+    add_model_args(parser, base='resnet10t', batch_size=8, members=[2, 4], base_help='timm model name of the members')
     parser.add_argument('--strategies', nargs='+', default=list(STRATEGIES), choices=STRATEGIES)
     parser.add_argument('--method', default='ens', choices=['ens', 'fdl'])
     parser.add_argument('--grouped-kernels', nargs='+', default=['tune'], choices=['tune', 'grouped', 'split'],
                         help="conv kernels of the grouped strategy to time ('tune' is the strategy's default)")
     add_timing_args(parser)
     args = parser.parse_args(argv)
-    check_timing_args(parser, args)
+    check_args(parser, args)
     if 'loop' not in args.strategies:
         parser.error('--strategies must include loop, the reference of the ratios.')
-    if any(n < 2 for n in args.members):
-        parser.error('--members: an ensemble needs at least 2 members.')
     return args
 
 
@@ -75,12 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     device = setup_device(args)
     print_header('Training step of an ensemble by member strategy', argv, args.device,
-                 f'base {args.base}, {args.img_size}x{args.img_size} input, batch {args.batch_size}, method'
-                 f' {args.method}, members {args.members}, strategies {args.strategies}, {args.rounds} rounds after'
-                 f' {args.warmup} warm-up steps; optimizer {OPTIMIZER_ARGS}; fp32')
-    torch.manual_seed(0)
-    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    target = torch.randint(0, NUM_CLASSES, (args.batch_size,), device=device)
+                 f'{model_setup(args)}, method {args.method}, members {args.members}, strategies {args.strategies},'
+                 f' {rounds_setup(args)}; optimizer {OPTIMIZER_ARGS}; fp32')
+    x, target = fixed_batch(args.batch_size, args.img_size, device)
 
     steps = {}
     single = timm_ensembles.create_task(timm.create_model(args.base, num_classes=NUM_CLASSES)).to(device).train()
@@ -114,18 +110,14 @@ def main(argv: list[str] | None = None) -> None:
     for name, why in refused.items():
         print(f'- {name}: refused: {why}')
 
-    times = run_rounds(args, steps, {})
+    times = run_rounds(steps, args.rounds, args.warmup, device)
     for n in args.members:
         names = [k for k in steps if k.endswith(f' x{n}')]
-        print(f'\n### N = {n}\n')
+        print(f'\n### N = {n}')
         time_table(times, ['single', *names])
-        print()
-        print('| ratio | median of per-round ratios | ratio of minima |')
-        print('|---|---:|---:|')
-        for name in names:
-            print(ratio_row(f'{name} / ({n} x single)', times[name], times['single'], scale=n))
-        for name in names[1:]:
-            print(ratio_row(f'{name} / loop x{n}', times[name], times[f'loop x{n}']))
+        rows = [ratio_row(f'{name} / ({n} x single)', times[name], times['single'], scale=n) for name in names]
+        rows += [ratio_row(f'{name} / loop x{n}', times[name], times[f'loop x{n}']) for name in names[1:]]
+        ratio_table(rows)
         for label, strategy in grouped.items():
             if label.endswith(f' x{n}') and strategy.conv_kernel == 'tune':
                 print(f'\n`{label}`: conv kernels chosen by timing: {strategy.conv_kernels()}')

@@ -32,26 +32,35 @@ import io
 
 import timm
 import torch
-from _common import add_timing_args, check_timing_args, print_header, ratio_row, run_rounds, setup_device, time_table
+from _common import (
+    NUM_CLASSES,
+    add_model_args,
+    add_timing_args,
+    check_args,
+    model_setup,
+    print_header,
+    ratio_row,
+    ratio_table,
+    rounds_setup,
+    run_rounds,
+    setup_device,
+    time_table,
+)
 
 import timm_ensembles
 from timm_ensembles._strategies import StrategyError
 
-NUM_CLASSES = 10
 LR, MOMENTUM = 0.05, 0.9
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
-    parser.add_argument('--base', default='resnet18')
-    parser.add_argument('--img-size', type=int, default=32)
-    parser.add_argument('--batch-size', type=int, default=64)
-    parser.add_argument('--members', type=int, nargs='+', default=[2, 4])
+    add_model_args(parser, members=[2, 4])
     parser.add_argument('--batches', type=int, default=8, help='batches per epoch')
     parser.add_argument('--strategies', nargs='+', default=['loop', 'grouped'], choices=['loop', 'vmap', 'grouped'])
     add_timing_args(parser)
     args = parser.parse_args(argv)
-    check_timing_args(parser, args)
+    check_args(parser, args)
     return args
 
 
@@ -92,9 +101,9 @@ def main(argv: list[str] | None = None) -> None:
     from torchensemble import VotingClassifier, voting
     logging.getLogger().setLevel(logging.WARNING)  # torchensemble logs through the root logger
     print_header("Deep ensemble vs torchensemble's VotingClassifier", argv, args.device,
-                 f'base {args.base}, {args.img_size}x{args.img_size} input, batch {args.batch_size}, {args.batches}'
-                 f' batches per epoch, members {args.members}, strategies {args.strategies}, {args.rounds} rounds'
-                 f' after {args.warmup} warm-up epochs; torch.optim.SGD(lr={LR}, momentum={MOMENTUM}); fp32')
+                 f'{model_setup(args)}, {args.batches} batches per epoch, members {args.members}, strategies'
+                 f' {args.strategies}, {rounds_setup(args, "epochs")}; torch.optim.SGD(lr={LR}, momentum={MOMENTUM});'
+                 ' fp32')
     torch.manual_seed(0)
     n_samples = args.batch_size * args.batches
     data = torch.utils.data.TensorDataset(
@@ -131,19 +140,17 @@ def main(argv: list[str] | None = None) -> None:
                 print(f'- N = {n}: after one epoch from equal weights, largest |torchensemble - ens loop| weight'
                       f' difference {diff:.3g}')
 
-    times = run_rounds(args, steps, {})
+    times = run_rounds(steps, args.rounds, args.warmup, device)
     for n in args.members:
         names = [k for k in steps if k.endswith(f' x{n}')]
-        print(f'\n### N = {n} (times per epoch of {args.batches} batches)\n')
+        reference = times[f'torchensemble epoch x{n}']
+        print(f'\n### N = {n} (times per epoch of {args.batches} batches)')
         time_table(times, names)
-        print()
-        print('| ratio | median of per-round ratios | ratio of minima |')
-        print('|---|---:|---:|')
-        for name in names:
-            if name.startswith('ens '):
-                print(ratio_row(f'{name} / torchensemble epoch x{n}', times[name], times[f'torchensemble epoch x{n}']))
-        print(ratio_row(f'torchensemble fit x{n} / torchensemble epoch x{n}', times[f'torchensemble fit x{n}'],
-                        times[f'torchensemble epoch x{n}']))
+        rows = [ratio_row(f'{name} / torchensemble epoch x{n}', times[name], reference)
+                for name in names if name.startswith('ens ')]
+        rows.append(ratio_row(f'torchensemble fit x{n} / torchensemble epoch x{n}', times[f'torchensemble fit x{n}'],
+                              reference))
+        ratio_table(rows)
 
 
 if __name__ == '__main__':
