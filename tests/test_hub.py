@@ -110,6 +110,84 @@ def test_card_of_a_model_without_a_run(tmp_path):
     assert '**Members:** 3' in card and 'Deep Ensembles' in card and 'Model Comparison' not in card
 
 
+def _metadata(card: str):
+    """The card's metadata as the Hub reads it: huggingface_hub's own parser (``ModelCard``, ``EvalResult``s)."""
+    from huggingface_hub import ModelCard
+
+    return ModelCard(card).data
+
+
+def _metrics(data) -> list[tuple]:
+    return [(r.dataset_type, r.dataset_split, r.metric_type, r.metric_name, r.metric_value) for r in data.eval_results]
+
+
+def test_card_metadata_names_hub_bases_and_the_runs_numbers_as_huggingface_hub_parses_them(tmp_path, monkeypatch):
+    from huggingface_hub import metadata_load
+
+    folder = families(tmp_path)['fdl']
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'resnet18').mkdir()  # a teacher folder named like a timm model: a local path, never a Hub id
+    (folder / 'args.yaml').write_text(yaml.safe_dump(dict(
+        model='fdl_test_resnetx2', dataset='fashion-mnist', val_split='test', pretrained_base=True,
+        teacher=['hf-hub:org/teacher@v2', 'resnet18', str(tmp_path / 'gen1'), 'local-dir:/somewhere/gen2', 'org/x'],
+        model_kwargs=dict(members=['hf-hub:org/member-a', 'out/member-b']))))
+    results = json.loads((folder / 'results.json').read_text())
+    # --holdout: the test set's numbers are the card's, not the final epoch's on held-out training data
+    results['test'] = dict(acc=90.5, loss=0.3125, ece=0.0421, num_samples=200, member_acc=[88.0, 87.0],
+                           member_acc_mean=87.5, disagreement=0.0625)
+    (folder / 'results.json').write_text(json.dumps(results))
+    card = generate_model_card(folder, 'org/fdl-fmnist')
+    (tmp_path / 'README.md').write_text(card)
+    data = _metadata(card)
+    assert (data.library_name, data.pipeline_tag) == ('timm', 'image-classification')
+    # the base's timm weights (--pretrained-base), then the Hub teacher (no revision) and the Hub member
+    assert data.base_model == ['timm/test_resnet.r160_in1k', 'org/teacher', 'org/member-a']
+    assert data.model_name == 'fdl-fmnist'
+    fmnist = ('zalando-datasets/fashion_mnist', 'test')
+    assert _metrics(data) == [
+        (*fmnist, 'accuracy', 'Top-1 accuracy (%)', 90.5),
+        (*fmnist, 'nll', 'NLL (cross-entropy of the prediction)', 0.3125),
+        (*fmnist, 'ece', 'ECE (expected calibration error)', 0.0421),
+        (*fmnist, 'accuracy', "Members' mean top-1 accuracy (%)", 87.5),
+        (*fmnist, 'disagreement', "Members' disagreement (fraction of images on which two members differ)", 0.0625)]
+    assert all(r.task_type == 'image-classification' for r in data.eval_results)
+    raw = metadata_load(tmp_path / 'README.md')
+    assert raw['model-index'][0]['results'][0]['dataset']['name'] == 'fashion-mnist'
+
+
+def test_card_metadata_leaves_out_what_the_run_does_not_have(tmp_path):
+    folder = families(tmp_path)['fdl']
+    (folder / 'args.yaml').write_text(f'model: fdl_test_resnetx2\ndataset: digits\nteacher: [{tmp_path / "gen1"}]\n')
+    results = json.loads((folder / 'results.json').read_text())
+    del results['final_epoch']['loss']  # no NLL recorded: none is made up
+    (folder / 'results.json').write_text(json.dumps(results))
+    card = generate_model_card(folder, 'org/fdl-digits')
+    data = _metadata(card)
+    assert data.base_model is None and 'base_model' not in card  # no Hub base, teacher or member
+    # no --holdout: the final epoch's numbers, on the dataset's evaluation split; no NLL, no ECE
+    assert _metrics(data) == [
+        ('digits', None, 'accuracy', 'Top-1 accuracy (%)', 81.25),
+        ('digits', None, 'accuracy', "Members' mean top-1 accuracy (%)", 79.375),
+        ('digits', None, 'disagreement', "Members' disagreement (fraction of images on which two members differ)",
+         0.125)]
+    # a model without a run has no numbers: no model-index at all
+    model = timm.create_model('ens', base_model='test_resnet', num_members=2, num_classes=NUM_CLASSES)
+    card = generate_model_card(model, 'org/ens')
+    assert _metadata(card).eval_results is None and 'model-index' not in card
+
+
+def test_card_metadata_of_a_model_names_what_it_was_built_from(tmp_path):
+    model = timm.create_model('ens', base_model='test_resnet', num_members=2, num_classes=NUM_CLASSES)
+    # what timm's factory records for create_model(..., pretrained_base=True) (which would download the weights)
+    model._model_args = dict(model.__dict__['_recorded_model_args'], pretrained_base=True)
+    assert _metadata(generate_model_card(model, 'org/ens')).base_model == 'timm/test_resnet.r160_in1k'
+    ensemble = timm_ensembles.ensemble_of([str(families(tmp_path)['collab'] / 'exported')] * 2)
+    # a member loaded from a Hub repo carries it in its pretrained_cfg (timm sets source and hf_hub_id)
+    ensemble.members[0].pretrained_cfg = dict(ensemble.members[0].pretrained_cfg, source='hf-hub',
+                                              hf_hub_id='org/member@v1')
+    assert _metadata(generate_model_card(ensemble, 'org/ensemble')).base_model == 'org/member'
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # offline: local folders, a pre-filled cache, and bad input that needs no server
 
@@ -647,6 +725,19 @@ def test_a_repo_with_only_pytorch_model_bin_is_refused_before_any_pickle_is_fetc
     """, hub.endpoint, tmp_path)
     assert out.count("refused: The Hub repo 'org/pickled' has no model.safetensors, only pytorch_model.bin") == 2
     assert not any(r.method == 'GET' and r.path.endswith('pytorch_model.bin') for r in hub.requests)
+
+
+def test_a_pushed_card_carries_base_model_and_a_model_index_that_huggingface_hub_parses(hub, tmp_path):
+    folder = families(tmp_path / 'src')['fdl']
+    (folder / 'args.yaml').write_text('model: fdl_test_resnetx2\ndataset: digits\npretrained_base: true\n')
+    _client(f"""
+        from timm_ensembles.hub import push_to_hub
+        push_to_hub({str(folder)!r}, 'org/card')
+    """, hub.endpoint, tmp_path)
+    data = _metadata(hub.files('org/card')['README.md'].decode())
+    assert data.base_model == 'timm/test_resnet.r160_in1k' and data.library_name == 'timm'
+    assert [(r.metric_type, r.metric_value) for r in data.eval_results] == [
+        ('accuracy', 81.25), ('nll', 0.5), ('accuracy', 79.375), ('disagreement', 0.125)]
 
 
 def test_a_pushed_folder_names_no_path_of_this_machine(hub, tmp_path):

@@ -3,12 +3,15 @@
 ``import timm_ensembles`` registers every model of this package with timm, so that
 ``timm.create_model('fdl_resnet50x2')`` and ``timm.create_model('hf-hub:...')`` find them.
 """
+import warnings
+
 from ._distill import DistillationTask, StudentModel
 from ._ensemble import EnsembleHead, EnsembleModel
 from ._registry import create_model, create_task, get_task_cls, list_ensemble_methods, register_task
 from ._snapshots import Snapshots, read_snapshots
 from ._split import SplitLayout, get_split_layout, register_split_layout
 from ._task import ClassificationTask, Task
+from .export import export
 from .hub import load_from_hub, push_to_hub
 from .methods import (
     BornAgainEnsemble,
@@ -29,3 +32,8 @@ from .methods import (
 )
 
 __version__ = '0.1.0'
+
+# `timm_ensembles.export` is the function (the module of the same name is imported above, so that no later import of
+# it rebinds the name); `python -m timm_ensembles.export` then finds the module imported already, which runpy warns of
+# and which is harmless here: the command runs in __main__ and uses nothing of the copy imported with the package
+warnings.filterwarnings('ignore', message=r"'timm_ensembles\.export' found in sys\.modules", category=RuntimeWarning)

@@ -6,7 +6,7 @@ teachers, discriminators) lives in its task (see ``_task.py``).
 import math
 import re
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import timm
 import torch
@@ -27,7 +27,8 @@ from ._strategies import (
 from ._timm_compat import get_global_pool
 
 __all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'prefix_group_matcher', 'sub_group_matcher',
-           'COMBINE_MODES', 'FEATURE_TAPS', 'MEMBER_STRATEGIES', 'capture_conv_outputs', 'conv_modules', 'tapped_convs']
+           'refuse_script', 'COMBINE_MODES', 'FEATURE_TAPS', 'MEMBER_STRATEGIES', 'capture_conv_outputs',
+           'conv_modules', 'tapped_convs']
 
 COMBINE_MODES = ('linear', 'mean_logits', 'mean_probs')
 FEATURE_TAPS = ('stages', 'convs')
@@ -175,6 +176,15 @@ def sub_group_matcher(model: nn.Module, prefix: str, coarse: bool = False) -> di
     return {'layers': [(f'{prefix}{re.escape(name)}$', (layer,)) for name, layer in layers.items() if layer < last]}
 
 
+def refuse_script(model: nn.Module, why: str) -> NoReturn:
+    """What ``torch.jit.script`` meets in a model it cannot compile (its ``__prepare_scriptable__``, which TorchScript
+    calls before compiling): one line saying why, and the export that gives one graph instead, rather than the
+    compiler's error about the first Python construct it does not know."""
+    raise RuntimeError(f'torch.jit.script cannot compile {type(model).__name__}: {why}. For one graph, export it:'
+                       f" timm_ensembles.export(model, 'model.onnx'), or format='torch.export' for a .pt2 program"
+                       f' (the command timm-ensembles-export).')
+
+
 class EnsembleModel(ModelArgsMixin, nn.Module):
     """N independently initialised timm models of one architecture and a head that combines them.
 
@@ -239,6 +249,9 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         self.member_num_features = member.num_features
         self.head = EnsembleHead(num_members, num_classes, combine, device=device, dtype=dtype)
         self.set_member_strategy(member_strategy)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_script(self, 'its members run through a member strategy, Python code that TorchScript does not compile')
 
     # ---- how the members run ----
     def set_member_strategy(self, name: str, example_input: torch.Tensor | None = None) -> None:

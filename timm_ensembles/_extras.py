@@ -16,6 +16,7 @@ INSTALL_FROM_SOURCE = ('from its source: `pip install .` in a checkout of its re
 EXTRAS = {
     'analysis': ('matplotlib', 'torchmetrics'),
     'hub': ('datasets',),
+    'export': ('onnx', 'onnxscript', 'onnxruntime'),
 }
 
 

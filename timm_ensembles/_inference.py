@@ -42,6 +42,16 @@ def get_args_parser(doc: str) -> argparse.ArgumentParser:
     parser.add_argument('--dataset', default=None, help="a dataset by name, read from --data-dir where it needs one:"
                         " 'digits', 'fashion-mnist', 'idx:<folder>', 'torch/cifar10', ... (see train.py)")
     parser.add_argument('--split', default=None, help="the dataset's split (default: validation)")
+    add_model_args(parser)
+    parser.add_argument('-b', '--batch-size', type=int, default=128)
+    parser.add_argument('-j', '--workers', type=int, default=2, help='data loader processes')
+    parser.add_argument('--device', default=None, help='default: cuda when there is one, else cpu')
+    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that name the model and its weights (``load_model``), and ``--import`` (``import_modules``)."""
     parser.add_argument('-m', '--model', required=True, help=_MODELS)
     parser.add_argument('--pretrained', action='store_true', help="a model name: load its published weights")
     parser.add_argument('--checkpoint', default=None, metavar='FILE',
@@ -52,17 +62,10 @@ def get_args_parser(doc: str) -> argparse.ArgumentParser:
                              ' as safetensors, checked against its recorded sha256)')
     parser.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
                         help='import this module first (repeatable): one that registers your own timm models')
-    parser.add_argument('-b', '--batch-size', type=int, default=128)
-    parser.add_argument('-j', '--workers', type=int, default=2, help='data loader processes')
-    parser.add_argument('--device', default=None, help='default: cuda when there is one, else cpu')
-    parser.add_argument('--no-progress', action='store_true', help='no progress bar')
-    return parser
 
 
 def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace:
     """Parse, check the numbers, and import the ``--import`` modules (as ``train.py`` does)."""
-    from .train import import_user_module
-
     args = parser.parse_args(argv)
     args.data_dir = args.data_dir or args.data
     for flag in ('batch_size', 'num_classes'):
@@ -71,11 +74,18 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
             fail(f"--{flag.replace('_', '-')} {value}: must be a whole number >= 1.")
     if args.workers < 0:
         fail(f'--workers {args.workers}: must be a whole number >= 0.')
+    import_modules(args)
+    return args
+
+
+def import_modules(args: argparse.Namespace) -> None:
+    """Import the ``--import`` modules, from the working directory too (as ``python -m`` would find them)."""
+    from .train import import_user_module
+
     if args.imports and os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())  # a module beside the user, as `python -m` would find it
+        sys.path.insert(0, os.getcwd())
     for module in args.imports:
         import_user_module(module)
-    return args
 
 
 def model_folder(spec: str) -> Path | None:

@@ -37,7 +37,8 @@ from ._progress import logs_above_bars
 from ._run import RUN_FILES, RunFolder
 from ._timm_compat import generate_readme
 
-__all__ = ['push_to_hub', 'load_from_hub', 'generate_model_card', 'model_card_fields', 'read_run', 'check_config',
+__all__ = ['push_to_hub', 'load_from_hub', 'generate_model_card', 'model_card_fields', 'base_models', 'eval_results',
+           'read_run', 'check_config',
            'hub_download_errors', 'unreachable_error', 'weights_repo', 'HubUnreachableError', 'RUN_FILES']
 
 _WEIGHTS = RunFolder.WEIGHTS
@@ -100,6 +101,13 @@ def _dataset_name(name: str | None) -> str | None:
     return name
 
 
+def _hub_dataset(name: str | None) -> str | None:
+    """The Hub dataset id of a dataset name train.py takes (``hfds/<repo>``, or one of ``_HUB_DATASETS``), else None."""
+    if not name:
+        return None
+    return _HUB_DATASETS.get(name) or (name.removeprefix('hfds/') if name.startswith('hfds/') else None)
+
+
 def _fmt(value: float | None) -> str:
     return '' if value is None else f'{value:.2f}'
 
@@ -109,7 +117,9 @@ def _fmt(value: float | None) -> str:
 
 
 def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
-    """The ``model_card`` dict of timm's ``generate_readme`` for a run (see ``read_run``) pushed as ``repo_id``."""
+    """The ``model_card`` dict of timm's ``generate_readme`` for a run (see ``read_run``) pushed as ``repo_id``, with
+    the Hub metadata timm's writer leaves out: ``base_model`` (``base_models``) and ``eval_results`` (``eval_results``,
+    the ``model-index``), which ``generate_model_card`` adds."""
     config = run['config']
     architecture = config['architecture']
     model_args = config.get('model_args', {})
@@ -150,7 +160,7 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
     if members and package_model:
         details['Members' if 'num_members' in model_args else 'Heads'] = members
     if dataset:
-        hub_id = _HUB_DATASETS.get(dataset) or (dataset.removeprefix('hfds/') if dataset.startswith('hfds/') else None)
+        hub_id = _hub_dataset(dataset)
         # timm writes details['Dataset'] into the card's `datasets:` metadata, which takes Hub dataset ids only
         details['Dataset' if hub_id else 'Training data'] = hub_id or dataset
     if pcfg.get('input_size'):
@@ -218,10 +228,109 @@ def model_card_fields(run: dict[str, Any], repo_id: str) -> dict[str, Any]:
         description=description,
         details=details,
         usage=usage,
+        base_model=base_models(run),
+        eval_results=eval_results(run, dataset),
     )
     if comparison:
         card['comparison'] = comparison
     return card
+
+
+def _hub_repo(name: Any) -> str | None:
+    """The Hub repo id (no revision) whose weights ``name`` loads: an ``hf-hub:`` name's, or a timm name's pretrained
+    ``hf_hub_id``; None for a folder (also one named like a timm model), ``local-dir:``, a path or anything else."""
+    if not isinstance(name, str) or not name or Path(name).expanduser().exists():
+        return None
+    try:
+        repo = weights_repo(name)
+    except ValueError:  # a path that is not here, or '<org>/<name>' without hf-hub: (a folder, as train.py reads it)
+        return None
+    return repo.partition('@')[0] if repo else None
+
+
+def _as_list(value: Any) -> list:
+    return list(value) if isinstance(value, (list, tuple)) else [] if value is None else [value]
+
+
+def base_models(run: dict[str, Any]) -> list[str]:
+    """The Hub repos a run's model starts from or learns from, for the card's ``base_model``: the base's timm weights
+    when its members (heads, student) start from them (``--pretrained-base``), the published model it was fine-tuned
+    from (``--pretrained``), its teachers, the members of an ``ensemble`` of trained models, and for a model pushed as
+    an object what it knows of these (``run['base_models']``, names). Only Hub repos: never a folder or a path."""
+    config = run['config']
+    architecture = config['architecture']
+    model_args = config.get('model_args') or {}
+    args = run.get('args') or {}
+    kwargs = args.get('model_kwargs') if isinstance(args.get('model_kwargs'), dict) else {}
+    names = []
+    if args.get('pretrained_base') or kwargs.get('pretrained_base'):
+        # an exported head or a bare student is the base architecture itself
+        names.append(model_args.get('base_model') or (None if _is_package_model(architecture) else architecture))
+    if args.get('pretrained'):
+        names.append(args.get('model'))
+    names += _as_list(args.get('teacher'))
+    names += _as_list(kwargs.get('members')) + _as_list(kwargs.get('generations'))
+    names += _as_list(run.get('base_models'))
+    return list(dict.fromkeys(repo for repo in map(_hub_repo, names) if repo))
+
+
+def _module_base_models(source: nn.Module) -> list[str]:
+    """What a model (or task) pushed as an object knows of the models it comes from (see ``base_models``): a task's
+    teachers as named, the base when the members started from its pretrained weights, members loaded from Hub repos."""
+    names = [n for n in getattr(source, 'teacher_names', ()) if isinstance(n, str)]
+    model = source.export_model() if hasattr(source, 'export_model') else source
+    recorded = model.__dict__.get('_recorded_model_args') or {}
+    if recorded.get('pretrained_base'):
+        names.append(recorded.get('base_model'))
+    for member in getattr(model, 'members', ()):
+        cfg = getattr(member, 'pretrained_cfg', None) or {}
+        if cfg.get('source') == 'hf-hub' and cfg.get('hf_hub_id'):
+            names.append(f"hf-hub:{cfg['hf_hub_id']}")
+    return names
+
+
+# the model-index entries of a card: (results.json key, metric type, metric name); accuracies in %, as the run records
+_CARD_METRICS = (
+    ('acc', 'accuracy', 'Top-1 accuracy (%)'),
+    ('loss', 'nll', 'NLL (cross-entropy of the prediction)'),
+    ('ece', 'ece', 'ECE (expected calibration error)'),
+    ('member_acc_mean', 'accuracy', "Members' mean top-1 accuracy (%)"),
+    ('disagreement', 'disagreement', "Members' disagreement (fraction of images on which two members differ)"),
+)
+
+
+def eval_results(run: dict[str, Any], dataset: str | None) -> list:
+    """The run's results as huggingface_hub ``EvalResult`` entries (the card's ``model-index``): on the test set where
+    the run had one (``--holdout``), else the final epoch's validation, which is then the dataset's evaluation split
+    (``--val-split``); only the numbers results.json holds. None without results or a dataset."""
+    from huggingface_hub import EvalResult
+
+    results = run.get('results') or {}
+    metrics = results.get('test') or results.get('final_epoch') or {}
+    if not dataset or not isinstance(metrics, dict):
+        return []
+    split = (run.get('args') or {}).get('val_split')
+    common = dict(task_type='image-classification', task_name='Image Classification',
+                  dataset_type=_hub_dataset(dataset) or dataset, dataset_name=dataset,
+                  **({'dataset_split': split} if split else {}))
+    return [EvalResult(metric_type=kind, metric_name=label, metric_value=round(float(metrics[key]), 6), **common)
+            for key, kind, label in _CARD_METRICS if isinstance(metrics.get(key), (int, float))]
+
+
+def _card(run: dict[str, Any], repo_id: str) -> str:
+    """The model card's text: timm's ``generate_readme``, with the Hub metadata it does not write (``base_model``, a
+    ``model-index``) set through huggingface_hub's own card class, which writes them as the Hub reads them."""
+    from huggingface_hub import ModelCard
+
+    fields = model_card_fields(run, repo_id)
+    card = ModelCard(generate_readme(fields, repo_id.split('/')[-1]))
+    bases = fields['base_model']
+    if bases:
+        card.data.base_model = bases[0] if len(bases) == 1 else bases
+    if fields['eval_results']:
+        card.data.model_name = repo_id.split('/')[-1]
+        card.data.eval_results = fields['eval_results']
+    return str(card)
 
 
 def generate_model_card(source: str | Path | nn.Module, repo_id: str) -> str:
@@ -229,8 +338,9 @@ def generate_model_card(source: str | Path | nn.Module, repo_id: str) -> str:
     ``repo_id``."""
     if isinstance(source, nn.Module):
         with tempfile.TemporaryDirectory(prefix='timm-ensembles-card-') as tmp:
-            return generate_model_card(_export(source, Path(tmp)), repo_id)
-    return generate_readme(model_card_fields(read_run(source), repo_id), repo_id.split('/')[-1])
+            run = read_run(_export(source, Path(tmp)))
+            return _card(dict(run, base_models=_module_base_models(source)), repo_id)
+    return _card(read_run(source), repo_id)
 
 
 def _export(source: nn.Module, folder: Path) -> Path:
@@ -330,8 +440,9 @@ def push_to_hub(
         if source_run.file(RunFolder.METRICS).is_file():
             _link_or_copy(source_run.file(RunFolder.METRICS), staged.file(RunFolder.METRICS))
         if model_card:
-            card = generate_readme(model_card_fields(run, repo_id), repo_id.split('/')[-1])
-            (staging / 'README.md').write_text(card, encoding='utf-8')
+            if isinstance(source, nn.Module):
+                run['base_models'] = _module_base_models(source)
+            (staging / 'README.md').write_text(_card(run, repo_id), encoding='utf-8')
         api = HfApi(token=token, library_name='timm', library_version=timm.__version__)
         try:
             repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._builder import create_ensemble, register_ensemble_variants
-from .._ensemble import EnsembleHead, ModelArgsMixin, sub_group_matcher
+from .._ensemble import EnsembleHead, ModelArgsMixin, refuse_script, sub_group_matcher
 from .._registry import check_base_model, register_task
 from .._split import SplitLayout, get_split_layout, grad_rescale
 from .._task import Task, TaskOutput, check_option
@@ -160,6 +160,10 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
                     _drop_segment(head, self.layout, j)
         self.heads = nn.ModuleList(heads)
         self._mean = EnsembleHead(num_heads, num_classes, 'mean_probs' if combine == 'head' else combine)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_script(self, 'it runs its shared segments and heads in Python that TorchScript does not compile (its'
+                            ' designated head, a plain network, scripts: torch.jit.script(model.export_head()))')
 
     @staticmethod
     def _check_head_index(index: Any, num_heads: int, what: str) -> None:

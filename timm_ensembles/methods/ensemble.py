@@ -24,7 +24,7 @@ from timm.models import get_model_args
 from torch import nn
 
 from .._builder import create_ensemble, register_models
-from .._ensemble import COMBINE_MODES, EnsembleHead, ModelArgsMixin
+from .._ensemble import COMBINE_MODES, EnsembleHead, ModelArgsMixin, refuse_script
 from .._registry import register_task
 from .._task import Task, TaskOutput
 from .._teachers import InputMap, load_teacher
@@ -112,6 +112,9 @@ class ModelEnsemble(ModelArgsMixin, nn.Module):
         self.combine_rule = combine
         if device is not None or dtype is not None:
             self.to(device=device, dtype=dtype)
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        refuse_script(self, 'its members, of any architectures, run in a Python loop that TorchScript does not compile')
 
     @staticmethod
     def _build(member: str | dict | nn.Module, index: int) -> nn.Module:
