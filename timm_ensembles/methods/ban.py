@@ -35,6 +35,7 @@ from .._distill import DistillationTask, StudentModel
 from .._ensemble import EnsembleModel
 from .._registry import register_task
 from .._task import TaskOutput, check_option
+from ..losses import soft_cross_entropy  # re-exported: its home before losses.py
 
 __all__ = ['BornAgainStudent', 'BornAgainTask', 'BornAgainEnsemble', 'create_bane', 'soft_cross_entropy']
 
@@ -43,12 +44,6 @@ VARIANTS = ('ban', 'cwtm', 'dkpp')
 
 class BornAgainStudent(StudentModel):
     """A born-again student: one timm model (see ``StudentModel``), trained by ``BornAgainTask``."""
-
-
-def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``T^2 * mean_b H(target, softmax(logits / T))``, the cross-entropy against a distribution, in fp32."""
-    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(target_probs.float() * log_p).sum(-1).mean() * temperature ** 2
 
 
 def permute_dark_knowledge(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -72,7 +72,7 @@ from .._builder import create_ensemble, register_student_variants
 from .._distill import DistillationTask, StudentModel
 from .._registry import register_task
 from .._task import TaskOutput, check_option
-from .ban import soft_cross_entropy
+from ..losses import soft_cross_entropy
 
 __all__ = ['MEALStudent', 'MEALTask', 'Discriminator', 'align', 'standardise', 'block_distance']
 
