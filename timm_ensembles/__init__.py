@@ -27,5 +27,4 @@ from .methods import (
     create_bane,
     ensemble_of,
 )
-
-__version__ = '0.1.0'
+from .version import __version__

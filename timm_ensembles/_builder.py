@@ -23,6 +23,7 @@ from torch import nn
 from ._catalog import catalog_cfgs, check_published
 from ._registry import register_ensemble_method, register_student_method
 from ._timm_compat import FeatureGetterNet
+from .version import __version__
 
 __all__ = [
     'adaptable_layers', 'create_ensemble', 'ensemble_cfg', 'register_ensemble_variants', 'register_student_variants',
@@ -110,7 +111,6 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         unknown = re.findall(r"unexpected keyword argument '(\w+)'", str(e))
         if not unknown:
             raise
-        from . import __version__
         from ._extras import INSTALL_FROM_SOURCE
         # timm passes config.json's model_args here on a reload: a newer version may have written arguments this one
         # does not know

@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .version import __version__
+
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
            'export_new_folder', 'rank_history', 'history_folder', 'sweep_history', 'atomic_write_text',
            'sweep_temporaries', 'check_weights', 'load_initial_checkpoint', 'file_sha256', 'CHECKPOINT_NAME',
@@ -175,8 +177,6 @@ def export_folder(
     copies; the model keeps its own format.
     """
     from timm.models import save_for_hf
-
-    from . import __version__
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
