@@ -1,10 +1,8 @@
 """Training checkpoints and exported model folders, written so that a crash never leaves a half-written file.
 
-Every file is written to a temporary name beside its destination, flushed to disk, then renamed over the
-destination (``os.replace`` is atomic on POSIX and Windows). Every temporary file or folder this package makes starts
-with ``TEMPORARY_PREFIX``, so that what a kill leaves behind is told apart from a user's own files (``.notes.tmp``
-stays). Files get the permissions of the process's umask, as any other file it writes. Checkpoints are read with
-``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and plain containers.
+Every file goes through ``_atomic`` (a temporary name beside its destination, flushed, then renamed over it; what a
+kill leaves is swept by its ``TEMPORARY_PREFIX``). Checkpoints are read with ``torch.load(weights_only=True)``:
+nothing is unpickled beyond tensors and plain containers.
 """
 import contextlib
 import hashlib
@@ -19,12 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._atomic import TEMPORARY_PREFIX, atomic_replace, follow_umask, fsync_dir, sweep_temporaries
 from .version import __version__
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
-           'export_new_folder', 'rank_history', 'history_folder', 'sweep_history', 'atomic_write_text',
-           'sweep_temporaries', 'check_weights', 'load_initial_checkpoint', 'file_sha256', 'CHECKPOINT_NAME',
-           'TEMPORARY_PREFIX', 'model_identity']
+           'export_new_folder', 'rank_history', 'history_folder', 'sweep_history', 'check_weights',
+           'load_initial_checkpoint', 'file_sha256', 'CHECKPOINT_NAME', 'model_identity']
 
 CHECKPOINT_NAME = 'checkpoint.pt'
 # the config.json entry naming the timm-ensembles version that wrote an export
@@ -32,74 +30,10 @@ VERSION_KEY = 'timm_ensembles_version'
 # the sha256 of model.safetensors, recorded in config.json beside it: a flipped byte in the weights is an error on load
 WEIGHTS_SHA_KEY = 'timm_ensembles_weights_sha256'
 PREVIOUS_CHECKPOINT_NAME = 'checkpoint-prev.pt'
-# the start of every temporary name this package gives a file or folder; nothing else is ever swept
-TEMPORARY_PREFIX = '.timm-ensembles-tmp.'
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or from another run."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process's umask: what ``open`` gives a new file (``mkstemp`` gives 0600 whatever the
-    umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _follow_umask(*paths: Path) -> None:
-    for path in paths:
-        os.chmod(path, _umask_mode())
-
-
-def _atomic_replace(write_fn, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'{TEMPORARY_PREFIX}{dest.name}.', dir=dest.parent)
-    try:
-        if hasattr(os, 'fchmod'):
-            os.fchmod(fd, _umask_mode())
-        with os.fdopen(fd, 'wb') as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(dest.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_replace(lambda f: f.write(text.encode('utf-8')), Path(path))
-
-
-def sweep_temporaries(folder: str | Path) -> list[Path]:
-    """Remove what a save or an export killed half-way leaves in ``folder``: the files and folders whose name starts
-    with ``TEMPORARY_PREFIX`` (the package's own temporaries, nothing else). Only the one process that holds a run's
-    folder writes it (``RunFolder.lock``), so none of them is being written when it sweeps. Returns what it
-    removed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(TEMPORARY_PREFIX)]
-    for path in stale:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return stale
 
 
 def _readable(path: Path) -> bool:
@@ -118,7 +52,7 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     sweep_temporaries(folder)
     dest = folder / CHECKPOINT_NAME
     new = folder / f'{TEMPORARY_PREFIX}{CHECKPOINT_NAME}.new'
-    _atomic_replace(lambda f: torch.save(state, f), new)
+    atomic_replace(lambda f: torch.save(state, f), new)
     if dest.exists() and _readable(dest):
         # a second name for the current checkpoint, so that checkpoint.pt exists at every instant
         prev_tmp = folder / f'{TEMPORARY_PREFIX}{PREVIOUS_CHECKPOINT_NAME}.new'
@@ -129,7 +63,7 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
             shutil.copy2(dest, prev_tmp)
         os.replace(prev_tmp, folder / PREVIOUS_CHECKPOINT_NAME)
     os.replace(new, dest)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return dest
 
 
@@ -191,12 +125,12 @@ def export_folder(
         config = json.loads((tmp / 'config.json').read_text())  # validated before it replaces anything
         config[WEIGHTS_SHA_KEY] = file_sha256(tmp / 'model.safetensors')
         (tmp / 'config.json').write_text(json.dumps(config, indent=2), encoding='utf-8')
-        _follow_umask(tmp / 'model.safetensors', tmp / 'config.json')  # safetensors writes its file 0600
+        follow_umask(tmp / 'model.safetensors', tmp / 'config.json')  # safetensors writes its file 0600
         for name in ('model.safetensors', 'config.json'):
             with open(tmp / name, 'rb') as f:
                 os.fsync(f.fileno())
             os.replace(tmp / name, folder / name)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -239,7 +173,7 @@ def export_new_folder(model: nn.Module, folder: str | Path, **kwargs) -> Path:
         # a folder is not renamed over a non-empty one: move the old one aside first
         os.replace(folder, old)
     os.replace(tmp, folder)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
     return folder
 

@@ -25,7 +25,8 @@ from typing import Any
 
 import yaml
 
-from ._checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, atomic_write_text, sweep_temporaries
+from ._atomic import atomic_write_text, sweep_temporaries
+from ._checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME
 
 try:
     import fcntl

@@ -29,7 +29,7 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from ._checkpoint import _atomic_replace
+from ._atomic import atomic_replace
 from ._engine import MemberPredictor
 from ._run import RunFolder
 
@@ -193,10 +193,10 @@ def write_snapshot(
         tensors = {f'member{m}.{name}': p.detach().to(device='cpu', dtype=torch.float32, copy=True).contiguous()
                    for m, params in enumerate(member_params) for name, p in params.items()}
         data = safetensors_save(tensors, metadata=metadata)
-        _atomic_replace(lambda f: f.write(data), folder / _weights_name(epoch))
+        atomic_replace(lambda f: f.write(data), folder / _weights_name(epoch))
     data = safetensors_save(dict(logits=logits, targets=targets, indices=indices), metadata=metadata)
     dest = folder / _logits_name(epoch)
-    _atomic_replace(lambda f: f.write(data), dest)
+    atomic_replace(lambda f: f.write(data), dest)
     return dest
 
 

@@ -18,7 +18,7 @@ import io
 import sys
 from pathlib import Path
 
-from ._checkpoint import atomic_write_text
+from ._atomic import atomic_write_text
 from ._engine import MemberPredictor
 from ._inference import batches, class_names, device_of, fail, get_args_parser, image_folder, load_model, open_dataset
 from ._inference import parse_args as _parse_args

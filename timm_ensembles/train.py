@@ -55,9 +55,9 @@ from timm.models import get_model_args
 from timm.utils import ModelEmaV3
 
 from . import data as te_data
+from ._atomic import atomic_write_text
 from ._checkpoint import (
     CheckpointError,
-    atomic_write_text,
     export_folder,
     export_new_folder,
     find_checkpoint,

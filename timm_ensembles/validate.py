@@ -16,7 +16,7 @@ import json
 import sys
 from pathlib import Path
 
-from ._checkpoint import atomic_write_text
+from ._atomic import atomic_write_text
 from ._engine import evaluate
 from ._inference import batches, device_of, fail, get_args_parser, load_model, model_folder, open_dataset
 from ._inference import parse_args as _parse_args
