@@ -22,6 +22,7 @@ from torch import nn
 
 from ._catalog import catalog_cfgs, check_published
 from ._registry import register_ensemble_method, register_student_method
+from ._run import RunFolder
 from ._timm_compat import FeatureGetterNet
 from .version import __version__
 
@@ -210,7 +211,7 @@ def _check_recorded_weights(load_cfg: dict) -> None:
 
     if load_cfg.get('source') == 'local-dir' and load_cfg.get('file'):
         folder = Path(load_cfg['file'])
-        config_path, weights = folder / 'config.json', folder / 'model.safetensors'
+        config_path, weights = folder / RunFolder.CONFIG, folder / RunFolder.WEIGHTS
         source = f'local-dir:{folder}'
     elif load_cfg.get('source') == 'hf-hub' and load_cfg.get('hf_hub_id'):
         from huggingface_hub import hf_hub_download
@@ -220,8 +221,8 @@ def _check_recorded_weights(load_cfg: dict) -> None:
         source = load_cfg['hf_hub_id']
         repo_id, revision = _hub_name(source)
         try:  # both come from the cache when timm has fetched them; timm's own download reports what fails
-            config_path = Path(hf_hub_download(repo_id, 'config.json', revision=revision))
-            weights = Path(hf_hub_download(repo_id, 'model.safetensors', revision=revision))
+            config_path = Path(hf_hub_download(repo_id, RunFolder.CONFIG, revision=revision))
+            weights = Path(hf_hub_download(repo_id, RunFolder.WEIGHTS, revision=revision))
         except Exception:
             return
     else:

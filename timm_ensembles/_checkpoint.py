@@ -18,18 +18,17 @@ import torch
 from torch import nn
 
 from ._atomic import TEMPORARY_PREFIX, atomic_replace, follow_umask, fsync_dir, sweep_temporaries
+from ._run import RunFolder
 from .version import __version__
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
            'export_new_folder', 'rank_history', 'history_folder', 'sweep_history', 'check_weights',
-           'load_initial_checkpoint', 'file_sha256', 'CHECKPOINT_NAME', 'model_identity']
+           'load_initial_checkpoint', 'file_sha256', 'model_identity']
 
-CHECKPOINT_NAME = 'checkpoint.pt'
 # the config.json entry naming the timm-ensembles version that wrote an export
 VERSION_KEY = 'timm_ensembles_version'
 # the sha256 of model.safetensors, recorded in config.json beside it: a flipped byte in the weights is an error on load
 WEIGHTS_SHA_KEY = 'timm_ensembles_weights_sha256'
-PREVIOUS_CHECKPOINT_NAME = 'checkpoint-prev.pt'
 
 
 class CheckpointError(RuntimeError):
@@ -50,18 +49,18 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     is readable (a corrupt one, which a run resumed from the backup leaves, never replaces a readable backup)."""
     folder = Path(folder)
     sweep_temporaries(folder)
-    dest = folder / CHECKPOINT_NAME
-    new = folder / f'{TEMPORARY_PREFIX}{CHECKPOINT_NAME}.new'
+    dest = folder / RunFolder.CHECKPOINT
+    new = folder / f'{TEMPORARY_PREFIX}{RunFolder.CHECKPOINT}.new'
     atomic_replace(lambda f: torch.save(state, f), new)
     if dest.exists() and _readable(dest):
         # a second name for the current checkpoint, so that checkpoint.pt exists at every instant
-        prev_tmp = folder / f'{TEMPORARY_PREFIX}{PREVIOUS_CHECKPOINT_NAME}.new'
+        prev_tmp = folder / f'{TEMPORARY_PREFIX}{RunFolder.PREVIOUS_CHECKPOINT}.new'
         prev_tmp.unlink(missing_ok=True)
         try:
             os.link(dest, prev_tmp)
         except OSError:  # no hard links on this file system
             shutil.copy2(dest, prev_tmp)
-        os.replace(prev_tmp, folder / PREVIOUS_CHECKPOINT_NAME)
+        os.replace(prev_tmp, folder / RunFolder.PREVIOUS_CHECKPOINT)
     os.replace(new, dest)
     fsync_dir(folder)
     return dest
@@ -71,10 +70,10 @@ def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint file that ``--resume path`` means: the file itself, or ``path/checkpoint.pt``."""
     path = Path(path)
     if path.is_dir():
-        if (path / CHECKPOINT_NAME).is_file():
-            return path / CHECKPOINT_NAME
-        raise CheckpointError(f"No {CHECKPOINT_NAME} in '{path}': it is not the output folder of a run that finished"
-                              f" an epoch. --resume takes a run's output folder or a checkpoint file.")
+        if (path / RunFolder.CHECKPOINT).is_file():
+            return path / RunFolder.CHECKPOINT
+        raise CheckpointError(f"No {RunFolder.CHECKPOINT} in '{path}': it is not the output folder of a run that"
+                              f" finished an epoch. --resume takes a run's output folder or a checkpoint file.")
     if path.is_file():
         return path
     raise CheckpointError(f"Cannot resume from '{path}': no such file or folder.")
@@ -86,7 +85,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        prev = path.parent / PREVIOUS_CHECKPOINT_NAME
+        prev = path.parent / RunFolder.PREVIOUS_CHECKPOINT
         hint = f" The checkpoint before it is '{prev}': --resume {prev}." if prev.is_file() and prev != path else ''
         raise CheckpointError(
             f"Checkpoint '{path}' is truncated or corrupt and cannot be read ({type(e).__name__}: {e}).{hint}"
@@ -122,11 +121,11 @@ def export_folder(
         with _contiguous_state_dict(model):
             save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True,
                         data_config=data_config)
-        config = json.loads((tmp / 'config.json').read_text())  # validated before it replaces anything
-        config[WEIGHTS_SHA_KEY] = file_sha256(tmp / 'model.safetensors')
-        (tmp / 'config.json').write_text(json.dumps(config, indent=2), encoding='utf-8')
-        follow_umask(tmp / 'model.safetensors', tmp / 'config.json')  # safetensors writes its file 0600
-        for name in ('model.safetensors', 'config.json'):
+        config = json.loads((tmp / RunFolder.CONFIG).read_text())  # validated before it replaces anything
+        config[WEIGHTS_SHA_KEY] = file_sha256(tmp / RunFolder.WEIGHTS)
+        (tmp / RunFolder.CONFIG).write_text(json.dumps(config, indent=2), encoding='utf-8')
+        follow_umask(tmp / RunFolder.WEIGHTS, tmp / RunFolder.CONFIG)  # safetensors writes its file 0600
+        for name in (RunFolder.WEIGHTS, RunFolder.CONFIG):
             with open(tmp / name, 'rb') as f:
                 os.fsync(f.fileno())
             os.replace(tmp / name, folder / name)
@@ -180,7 +179,7 @@ def export_new_folder(model: nn.Module, folder: str | Path, **kwargs) -> Path:
 
 def history_folder(root: str | Path, epoch: int) -> Path:
     """The folder of one epoch's exported model kept by ``--checkpoint-hist``: ``<root>/epoch-<epoch>``."""
-    return Path(root) / f'epoch-{epoch}'
+    return Path(root) / RunFolder.history_name(epoch)
 
 
 def rank_history(
@@ -218,7 +217,7 @@ def sweep_history(root: str | Path, keep: list[int]) -> list[Path]:
         return []
     wanted = {history_folder(root, e).name for e in keep}
     stale = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name not in wanted
-             and p.name.startswith('epoch-') and p.name.removeprefix('epoch-').isdigit()]
+             and RunFolder.is_history_name(p.name)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale + sweep_temporaries(root)
@@ -272,14 +271,14 @@ def load_initial_checkpoint(model: nn.Module, source: str | Path, exported: nn.M
     spec = str(source)
     path = Path(spec.removeprefix('local-dir:')).expanduser()
     if path.is_dir():
-        weights = path / 'model.safetensors'
+        weights = path / RunFolder.WEIGHTS
         if not weights.is_file():
             unfinished = f' (a run that has not finished: --resume {path} continues it)' \
-                if (path / CHECKPOINT_NAME).is_file() else ''
+                if (path / RunFolder.CHECKPOINT).is_file() else ''
             raise ValueError(f"--initial-checkpoint {spec}: the folder has no model.safetensors{unfinished}; give a"
                              f" folder written by train.py or timm's save_for_hf, a .safetensors file or a .pth file.")
-        if (path / 'config.json').is_file():
-            check_weights(json.loads((path / 'config.json').read_text()), weights, spec)
+        if (path / RunFolder.CONFIG).is_file():
+            check_weights(json.loads((path / RunFolder.CONFIG).read_text()), weights, spec)
         path = weights
     try:
         state = load_state_dict(str(path), use_ema=True, weights_only=True)
@@ -316,14 +315,14 @@ def model_identity(source: str | Path) -> dict[str, Any]:
             from huggingface_hub import try_to_load_from_cache
             repo, _, revision = spec.split(':', 1)[1].partition('@')
             found = [try_to_load_from_cache(repo, name, revision=revision or None)
-                     for name in ('config.json', 'model.safetensors')]
+                     for name in (RunFolder.CONFIG, RunFolder.WEIGHTS)]
             config, weights = (Path(f) if isinstance(f, str) else None for f in found)
         except Exception:  # noqa: BLE001  (no hub package, a malformed name: nothing more to record)
             pass
     else:
         path = Path(spec.removeprefix('local-dir:')).expanduser()
         if path.is_dir():
-            config, weights = path / 'config.json', path / 'model.safetensors'
+            config, weights = path / RunFolder.CONFIG, path / RunFolder.WEIGHTS
         else:
             identity['architecture'] = spec  # a timm name
     if config is not None and config.is_file():

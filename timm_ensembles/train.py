@@ -617,7 +617,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
     if args.experiment:  # timm's layout: <output>/<experiment>, the experiment's name not recorded in args.yaml
-        args.output = str(Path(args.output or 'output/train') / args.experiment)
+        args.output = str(Path(args.output or RunFolder.DEFAULT_ROOT) / args.experiment)
     problem = output_problem(args.output) if args.output else None
     if problem:
         raise SystemExit(f'error: --output {args.output}: {problem}; give a folder that can be written.')
@@ -671,12 +671,12 @@ def train_generations(args: argparse.Namespace) -> int:
     root = Path(args.output)
     teacher = list(args.teacher)
     for k in range(1, args.generations + 1):
-        folder = root / f'gen{k}'
+        run = RunFolder.generation(root, k)
+        folder = run.path
         gen_args = argparse.Namespace(**vars(args))
         # seeds far apart, so that no generation's epoch reuses another's data order or augmentation
         seed = args.seed + 1000 * k
         gen_args.generations, gen_args.output, gen_args.seed, gen_args.teacher = 1, str(folder), seed, teacher
-        run = RunFolder(folder)
         if run.checkpoint_path.exists() and not run.file(RunFolder.RESULTS).exists():
             gen_args.resume = str(folder)
         _logger.info(f'generation {k} of {args.generations}: teacher {teacher}, seed {gen_args.seed}, output {folder}')
@@ -731,11 +731,12 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
     defaults = device_defaults(PartialState(cpu=cpu).device.type, args.opt, args.mixed_precision)
     defaults.resolve(args)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
-    output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
-    run = RunFolder(output)
+    run = RunFolder(args.output) if args.output else RunFolder.default(args.model)
+    output = run.path
     accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs],
-                              log_with=args.log_with, project_dir=run.sub('tracking') if args.log_with else None)
+                              log_with=args.log_with,
+                              project_dir=run.sub(RunFolder.TRACKING) if args.log_with else None)
     is_main = accelerator.is_main_process
     log = _logger.info if is_main else (lambda *a, **k: None)
     if args.fused_opt and accelerator.scaler is not None and args.opt.lower() in FUSED_UNSAFE_FP16:
@@ -816,7 +817,7 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
     start_epoch, num_updates, val_metrics, best, ema_metrics = 0, 0, {}, None, None
     mechanism = {}  # the last epoch's diagnostics (Task.mechanism)
     # --checkpoint-hist: the epochs kept in <output>/checkpoints, best first ([{'epoch': E, <metric>: value}])
-    history, history_root = [], run.sub('checkpoints')
+    history, history_root = [], run.sub(RunFolder.HISTORY)
     if resume_state is not None:
         # an extended run takes its schedule up as timm's --resume does: rebuilt over the new epoch count (the state
         # saved describes the old one); a plateau's state has no length and carries on
@@ -943,7 +944,7 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
         # checkpoint: a run killed in between redoes the epoch and its exports
         exports, configs = [], dict(model_config=model_config, data_config=data_config)
         if improved:
-            exports.append(functools.partial(export_folder, export_model, run.sub('best'), **configs))
+            exports.append(functools.partial(export_folder, export_model, run.sub(RunFolder.BEST), **configs))
         if any(h['epoch'] == epoch for h in ranked):
             exports.append(functools.partial(export_new_folder, export_model, history_folder(history_root, epoch),
                                              **configs))
@@ -973,8 +974,8 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
             export_folder(extra, run.sub(name), model_config=model_config, data_config=data_config)
             log(f"saved {type(extra).__name__} '{name}' to {run.sub(name)}")
         if ema is not None:
-            export_folder(ema.module, run.sub('ema'), model_config=model_config, data_config=data_config)
-            log(f"saved the model's EMA to {run.sub('ema')}")
+            export_folder(ema.module, run.sub(RunFolder.EMA), model_config=model_config, data_config=data_config)
+            log(f"saved the model's EMA to {run.sub(RunFolder.EMA)}")
         run.write_results(_results(
             args, info.name, num_epochs, accelerator.num_processes, val_metrics, best, history,
             test=None if test_metrics is None else dict(selection=selection, metrics=test_metrics),

@@ -34,6 +34,7 @@ from .._builder import create_ensemble, register_ensemble_variants, register_stu
 from .._distill import DistillationTask, StudentModel
 from .._ensemble import EnsembleModel
 from .._registry import register_task
+from .._run import RunFolder
 from .._task import TaskOutput, check_option
 from ..losses import soft_cross_entropy  # re-exported: its home before losses.py
 
@@ -195,8 +196,8 @@ def create_bane(generations: Sequence[str | Path], **kwargs) -> BornAgainEnsembl
 
 def _architecture(source, model: nn.Module) -> str:
     folder = Path(str(source).removeprefix('local-dir:'))
-    if (folder / 'config.json').is_file():
-        return json.loads((folder / 'config.json').read_text())['architecture']
+    if (folder / RunFolder.CONFIG).is_file():
+        return json.loads((folder / RunFolder.CONFIG).read_text())['architecture']
     return model.pretrained_cfg.get('architecture') or type(model).__name__
 
 

@@ -42,6 +42,7 @@ from torch.utils.checkpoint import checkpoint
 from .._builder import create_ensemble, register_ensemble_variants
 from .._ensemble import EnsembleHead, ModelArgsMixin, sub_group_matcher
 from .._registry import check_base_model, register_task
+from .._run import RunFolder
 from .._split import SplitLayout, get_split_layout, grad_rescale
 from .._task import Task, TaskOutput, check_option
 from .._timm_compat import get_global_pool
@@ -419,7 +420,7 @@ class CollaborativeTask(Task):
         model.backward_rescale = backward_rescale
 
     def exports(self) -> dict[str, nn.Module]:
-        return {'exported': self.model.export_head()}
+        return {RunFolder.EXPORTED: self.model.export_head()}
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
         logits = self.model.forward_members(x)
