@@ -21,6 +21,7 @@ from timm.models import (
 from torch import nn
 
 from ._catalog import catalog_cfgs, check_published
+from ._checks import check_whole
 from ._registry import register_ensemble_method, register_student_method
 from ._run import RunFolder
 from ._timm_compat import FeatureGetterNet
@@ -63,10 +64,8 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         pretrained: Load the ensemble's own published weights (from its pretrained cfg).
         **kwargs: Ensemble arguments (``base_model``, ``num_members``, ...) and the kwargs timm injects.
     """
-    num_classes = kwargs.get('num_classes')
-    if isinstance(num_classes, bool) or (num_classes is not None and (not isinstance(num_classes, int)
-                                                                      or num_classes < 0)):
-        raise ValueError(f'num_classes must be a whole number >= 0 (0: no classifier), got {num_classes!r}.')
+    check_whole('num_classes', kwargs.get('num_classes'), 'a whole number >= 0 (0: no classifier)', ge=0,
+                optional=True)
     base_model = kwargs.get('base_model')
     base_free = getattr(model_cls, 'base_free', False)  # built from its members' configs, not one base model's
     if base_model is None and not base_free:

@@ -31,11 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._builder import create_ensemble, register_ensemble_variants, register_student_variants
+from .._checks import check_option, check_range
 from .._distill import DistillationTask, StudentModel
 from .._ensemble import EnsembleModel
 from .._registry import register_task
 from .._run import RunFolder
-from .._task import TaskOutput, check_option
+from .._task import TaskOutput
 from ..losses import soft_cross_entropy  # re-exported: its home before losses.py
 
 __all__ = ['BornAgainStudent', 'BornAgainTask', 'BornAgainEnsemble', 'create_bane', 'soft_cross_entropy']
@@ -83,12 +84,9 @@ class BornAgainTask(DistillationTask):
         if variant not in VARIANTS:
             raise ValueError(f"Unknown born-again variant '{variant}', expected one of {VARIANTS}.")
         check_option('temperature', temperature, float)
-        check_option('label_weight', label_weight, float)
+        check_option('label_weight', label_weight, float, low=0)
         check_option('teacher_weight', teacher_weight, float, low=0)
-        if not temperature > 0:
-            raise ValueError(f'temperature must be > 0, got {temperature}.')
-        if label_weight < 0:
-            raise ValueError(f'label_weight must be >= 0, got {label_weight}.')
+        check_range('temperature', temperature, '> 0', gt=0)
         super().__init__(model, teachers, label_smoothing=label_smoothing)
         self.variant = variant
         self.temperature = temperature
