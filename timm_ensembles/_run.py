@@ -15,7 +15,7 @@ format changed here changes for all three::
     <run>/.timm-ensembles.lock             held by the one trainer writing the folder (``RunFolder.lock``)
     <output>/gen1..genK/                   a --generations run: one run folder per generation
 
-Every other module takes these names from ``RunFolder``: none spells them.
+The other modules take these names from ``RunFolder`` rather than spelling them.
 
 A folder is owned by one run: a trainer holds its lock (an advisory ``fcntl.flock``, recording host, pid and since
 when) for the life of the run, and a folder that holds a run's files (``RUN_MARKERS``) is never written by a new one
@@ -39,6 +39,7 @@ except ImportError:  # Windows: the holder is still recorded, but nothing stops 
     fcntl = None
 
 __all__ = ['RunFolder', 'RunLock', 'RunBusyError', 'RUN_FILES', 'output_problem', 'os_error_reason']
+
 
 class RunFolder:
     """The files of one ``train.py`` output folder.
