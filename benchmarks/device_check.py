@@ -61,6 +61,7 @@ import timm_ensembles
 from timm_ensembles import _checkpoint, _registry
 from timm_ensembles import train as trainer
 from timm_ensembles._device import CpuFp16Accelerator, DeviceDefaults, device_defaults
+from timm_ensembles._run import RunFolder
 
 FAMILIES = ('fdl', 'ens', 'collab', 'ban', 'meal')
 PRECISIONS = ('bf16', 'fp16')
@@ -198,7 +199,7 @@ def _resume_check(args: argparse.Namespace, full: Path, choices: dict | None, de
     captured, seconds = _train(args, ['--resume', str(resumed)])
     final, again = load_file(full / 'model.safetensors'), load_file(resumed / 'model.safetensors')
     # the weights after epoch 0, from the epoch-0 checkpoint (the task's state: the model under 'model.')
-    before = torch.load(full / _checkpoint.PREVIOUS_CHECKPOINT_NAME, map_location='cpu', weights_only=True)['task']
+    before = torch.load(full / RunFolder.PREVIOUS_CHECKPOINT, map_location='cpu', weights_only=True)['task']
     keys = [k for k in final if final[k].is_floating_point()]
     prefix = _task_prefix(before, keys[0])
     moved = sum(float((final[k].double() - before[prefix + k].double()).norm() ** 2) for k in keys) ** 0.5

@@ -189,6 +189,21 @@ def test_bad_input_is_one_line_before_anything_is_written(command, argv, message
     assert not (tmp_path / 'out').exists()
 
 
+@pytest.mark.parametrize('command, argv, line', [
+    (predict, ['--topk', '0'], '--topk 0: must be a whole number >= 1.'),
+    (predict, ['--batch-size', '0'], '--batch-size 0: must be a whole number >= 1.'),
+    (validate, ['--num-classes', '0'], '--num-classes 0: must be a whole number >= 1.'),
+    (validate, ['-j', '-1'], '--workers -1: must be a whole number >= 0.'),
+    (validate, ['--bins', '0'], '--bins 0: must be a whole number >= 1.'),
+])
+def test_a_number_out_of_its_range_is_one_line_naming_the_flag(command, argv, line, tmp_path):
+    out = ['--results-file' if command is validate else '--output', str(tmp_path / 'out')]
+    with pytest.raises(SystemExit) as e:
+        command(['--model', 'test_resnet', '--dataset', 'digits', *out, *argv])
+    assert e.value.code == f'error: {line}'
+    assert not (tmp_path / 'out').exists()
+
+
 def test_the_commands_run_as_modules_with_one_error_line(tmp_path):
     proc = subprocess.run([sys.executable, '-m', 'timm_ensembles.validate', '--model', str(tmp_path / 'none'),
                            '--dataset', 'digits'], capture_output=True, text=True, timeout=300)

@@ -30,8 +30,7 @@ from .methods import (
     create_bane,
     ensemble_of,
 )
-
-__version__ = '0.1.0'
+from .version import __version__
 
 # `timm_ensembles.export` is the function (the module of the same name is imported above, so that no later import of
 # it rebinds the name); `python -m timm_ensembles.export` then finds the module imported already, which runpy warns of

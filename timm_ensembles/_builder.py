@@ -21,8 +21,11 @@ from timm.models import (
 from torch import nn
 
 from ._catalog import catalog_cfgs, check_published
+from ._checks import check_whole
 from ._registry import register_ensemble_method, register_student_method
+from ._run import RunFolder
 from ._timm_compat import FeatureGetterNet
+from .version import __version__
 
 __all__ = [
     'adaptable_layers', 'create_ensemble', 'ensemble_cfg', 'register_ensemble_variants', 'register_student_variants',
@@ -61,10 +64,8 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         pretrained: Load the ensemble's own published weights (from its pretrained cfg).
         **kwargs: Ensemble arguments (``base_model``, ``num_members``, ...) and the kwargs timm injects.
     """
-    num_classes = kwargs.get('num_classes')
-    if isinstance(num_classes, bool) or (num_classes is not None and (not isinstance(num_classes, int)
-                                                                      or num_classes < 0)):
-        raise ValueError(f'num_classes must be a whole number >= 0 (0: no classifier), got {num_classes!r}.')
+    check_whole('num_classes', kwargs.get('num_classes'), 'a whole number >= 0 (0: no classifier)', ge=0,
+                optional=True)
     base_model = kwargs.get('base_model')
     base_free = getattr(model_cls, 'base_free', False)  # built from its members' configs, not one base model's
     if base_model is None and not base_free:
@@ -110,7 +111,6 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         unknown = re.findall(r"unexpected keyword argument '(\w+)'", str(e))
         if not unknown:
             raise
-        from . import __version__
         from ._extras import INSTALL_FROM_SOURCE
         # timm passes config.json's model_args here on a reload: a newer version may have written arguments this one
         # does not know
@@ -210,7 +210,7 @@ def _check_recorded_weights(load_cfg: dict) -> None:
 
     if load_cfg.get('source') == 'local-dir' and load_cfg.get('file'):
         folder = Path(load_cfg['file'])
-        config_path, weights = folder / 'config.json', folder / 'model.safetensors'
+        config_path, weights = folder / RunFolder.CONFIG, folder / RunFolder.WEIGHTS
         source = f'local-dir:{folder}'
     elif load_cfg.get('source') == 'hf-hub' and load_cfg.get('hf_hub_id'):
         from huggingface_hub import hf_hub_download
@@ -220,8 +220,8 @@ def _check_recorded_weights(load_cfg: dict) -> None:
         source = load_cfg['hf_hub_id']
         repo_id, revision = _hub_name(source)
         try:  # both come from the cache when timm has fetched them; timm's own download reports what fails
-            config_path = Path(hf_hub_download(repo_id, 'config.json', revision=revision))
-            weights = Path(hf_hub_download(repo_id, 'model.safetensors', revision=revision))
+            config_path = Path(hf_hub_download(repo_id, RunFolder.CONFIG, revision=revision))
+            weights = Path(hf_hub_download(repo_id, RunFolder.WEIGHTS, revision=revision))
         except Exception:
             return
     else:

@@ -1,10 +1,8 @@
 """Training checkpoints and exported model folders, written so that a crash never leaves a half-written file.
 
-Every file is written to a temporary name beside its destination, flushed to disk, then renamed over the
-destination (``os.replace`` is atomic on POSIX and Windows). Every temporary file or folder this package makes starts
-with ``TEMPORARY_PREFIX``, so that what a kill leaves behind is told apart from a user's own files (``.notes.tmp``
-stays). Files get the permissions of the process's umask, as any other file it writes. Checkpoints are read with
-``torch.load(weights_only=True)``: nothing is unpickled beyond tensors and plain containers.
+Every file goes through ``_atomic`` (a temporary name beside its destination, flushed, then renamed over it; what a
+kill leaves is swept by its ``TEMPORARY_PREFIX``). Checkpoints are read with ``torch.load(weights_only=True)``:
+nothing is unpickled beyond tensors and plain containers.
 """
 import contextlib
 import hashlib
@@ -19,85 +17,22 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
-           'export_new_folder', 'rank_history', 'history_folder', 'sweep_history', 'atomic_write_text',
-           'sweep_temporaries', 'check_weights', 'load_initial_checkpoint', 'file_sha256', 'CHECKPOINT_NAME',
-           'TEMPORARY_PREFIX', 'model_identity']
+from ._atomic import TEMPORARY_PREFIX, atomic_replace, follow_umask, fsync_dir, sweep_temporaries
+from ._run import RunFolder
+from .version import __version__
 
-CHECKPOINT_NAME = 'checkpoint.pt'
+__all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_folder',
+           'export_new_folder', 'rank_history', 'history_folder', 'sweep_history', 'check_weights',
+           'load_initial_checkpoint', 'file_sha256', 'model_identity']
+
 # the config.json entry naming the timm-ensembles version that wrote an export
 VERSION_KEY = 'timm_ensembles_version'
 # the sha256 of model.safetensors, recorded in config.json beside it: a flipped byte in the weights is an error on load
 WEIGHTS_SHA_KEY = 'timm_ensembles_weights_sha256'
-PREVIOUS_CHECKPOINT_NAME = 'checkpoint-prev.pt'
-# the start of every temporary name this package gives a file or folder; nothing else is ever swept
-TEMPORARY_PREFIX = '.timm-ensembles-tmp.'
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used: missing, truncated, corrupt, or from another run."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # directories cannot be opened on some platforms; the rename is still atomic there
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask_mode(mode: int = 0o666) -> int:
-    """``mode`` less the process's umask: what ``open`` gives a new file (``mkstemp`` gives 0600 whatever the
-    umask)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return mode & ~umask
-
-
-def _follow_umask(*paths: Path) -> None:
-    for path in paths:
-        os.chmod(path, _umask_mode())
-
-
-def _atomic_replace(write_fn, dest: Path) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'{TEMPORARY_PREFIX}{dest.name}.', dir=dest.parent)
-    try:
-        if hasattr(os, 'fchmod'):
-            os.fchmod(fd, _umask_mode())
-        with os.fdopen(fd, 'wb') as f:
-            write_fn(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(dest.parent)
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    _atomic_replace(lambda f: f.write(text.encode('utf-8')), Path(path))
-
-
-def sweep_temporaries(folder: str | Path) -> list[Path]:
-    """Remove what a save or an export killed half-way leaves in ``folder``: the files and folders whose name starts
-    with ``TEMPORARY_PREFIX`` (the package's own temporaries, nothing else). Only the one process that holds a run's
-    folder writes it (``RunFolder.lock``), so none of them is being written when it sweeps. Returns what it
-    removed."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        return []
-    stale = [p for p in folder.iterdir() if p.name.startswith(TEMPORARY_PREFIX)]
-    for path in stale:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
-    return stale
 
 
 def _readable(path: Path) -> bool:
@@ -114,20 +49,20 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     is readable (a corrupt one, which a run resumed from the backup leaves, never replaces a readable backup)."""
     folder = Path(folder)
     sweep_temporaries(folder)
-    dest = folder / CHECKPOINT_NAME
-    new = folder / f'{TEMPORARY_PREFIX}{CHECKPOINT_NAME}.new'
-    _atomic_replace(lambda f: torch.save(state, f), new)
+    dest = folder / RunFolder.CHECKPOINT
+    new = folder / f'{TEMPORARY_PREFIX}{RunFolder.CHECKPOINT}.new'
+    atomic_replace(lambda f: torch.save(state, f), new)
     if dest.exists() and _readable(dest):
         # a second name for the current checkpoint, so that checkpoint.pt exists at every instant
-        prev_tmp = folder / f'{TEMPORARY_PREFIX}{PREVIOUS_CHECKPOINT_NAME}.new'
+        prev_tmp = folder / f'{TEMPORARY_PREFIX}{RunFolder.PREVIOUS_CHECKPOINT}.new'
         prev_tmp.unlink(missing_ok=True)
         try:
             os.link(dest, prev_tmp)
         except OSError:  # no hard links on this file system
             shutil.copy2(dest, prev_tmp)
-        os.replace(prev_tmp, folder / PREVIOUS_CHECKPOINT_NAME)
+        os.replace(prev_tmp, folder / RunFolder.PREVIOUS_CHECKPOINT)
     os.replace(new, dest)
-    _fsync_dir(folder)
+    fsync_dir(folder)
     return dest
 
 
@@ -135,10 +70,10 @@ def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint file that ``--resume path`` means: the file itself, or ``path/checkpoint.pt``."""
     path = Path(path)
     if path.is_dir():
-        if (path / CHECKPOINT_NAME).is_file():
-            return path / CHECKPOINT_NAME
-        raise CheckpointError(f"No {CHECKPOINT_NAME} in '{path}': it is not the output folder of a run that finished"
-                              f" an epoch. --resume takes a run's output folder or a checkpoint file.")
+        if (path / RunFolder.CHECKPOINT).is_file():
+            return path / RunFolder.CHECKPOINT
+        raise CheckpointError(f"No {RunFolder.CHECKPOINT} in '{path}': it is not the output folder of a run that"
+                              f" finished an epoch. --resume takes a run's output folder or a checkpoint file.")
     if path.is_file():
         return path
     raise CheckpointError(f"Cannot resume from '{path}': no such file or folder.")
@@ -150,7 +85,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        prev = path.parent / PREVIOUS_CHECKPOINT_NAME
+        prev = path.parent / RunFolder.PREVIOUS_CHECKPOINT
         hint = f" The checkpoint before it is '{prev}': --resume {prev}." if prev.is_file() and prev != path else ''
         raise CheckpointError(
             f"Checkpoint '{path}' is truncated or corrupt and cannot be read ({type(e).__name__}: {e}).{hint}"
@@ -176,8 +111,6 @@ def export_folder(
     """
     from timm.models import save_for_hf
 
-    from . import __version__
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     # the version that wrote the config, so that an older installation loading it can say why it cannot
@@ -188,15 +121,15 @@ def export_folder(
         with _contiguous_state_dict(model):
             save_for_hf(model, tmp, model_config=model_config, model_args=model_args, safe_serialization=True,
                         data_config=data_config)
-        config = json.loads((tmp / 'config.json').read_text())  # validated before it replaces anything
-        config[WEIGHTS_SHA_KEY] = file_sha256(tmp / 'model.safetensors')
-        (tmp / 'config.json').write_text(json.dumps(config, indent=2), encoding='utf-8')
-        _follow_umask(tmp / 'model.safetensors', tmp / 'config.json')  # safetensors writes its file 0600
-        for name in ('model.safetensors', 'config.json'):
+        config = json.loads((tmp / RunFolder.CONFIG).read_text())  # validated before it replaces anything
+        config[WEIGHTS_SHA_KEY] = file_sha256(tmp / RunFolder.WEIGHTS)
+        (tmp / RunFolder.CONFIG).write_text(json.dumps(config, indent=2), encoding='utf-8')
+        follow_umask(tmp / RunFolder.WEIGHTS, tmp / RunFolder.CONFIG)  # safetensors writes its file 0600
+        for name in (RunFolder.WEIGHTS, RunFolder.CONFIG):
             with open(tmp / name, 'rb') as f:
                 os.fsync(f.fileno())
             os.replace(tmp / name, folder / name)
-        _fsync_dir(folder)
+        fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return folder
@@ -239,14 +172,14 @@ def export_new_folder(model: nn.Module, folder: str | Path, **kwargs) -> Path:
         # a folder is not renamed over a non-empty one: move the old one aside first
         os.replace(folder, old)
     os.replace(tmp, folder)
-    _fsync_dir(folder.parent)
+    fsync_dir(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
     return folder
 
 
 def history_folder(root: str | Path, epoch: int) -> Path:
     """The folder of one epoch's exported model kept by ``--checkpoint-hist``: ``<root>/epoch-<epoch>``."""
-    return Path(root) / f'epoch-{epoch}'
+    return Path(root) / RunFolder.history_name(epoch)
 
 
 def rank_history(
@@ -284,7 +217,7 @@ def sweep_history(root: str | Path, keep: list[int]) -> list[Path]:
         return []
     wanted = {history_folder(root, e).name for e in keep}
     stale = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name not in wanted
-             and p.name.startswith('epoch-') and p.name.removeprefix('epoch-').isdigit()]
+             and RunFolder.is_history_name(p.name)]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     return stale + sweep_temporaries(root)
@@ -338,14 +271,14 @@ def load_initial_checkpoint(model: nn.Module, source: str | Path, exported: nn.M
     spec = str(source)
     path = Path(spec.removeprefix('local-dir:')).expanduser()
     if path.is_dir():
-        weights = path / 'model.safetensors'
+        weights = path / RunFolder.WEIGHTS
         if not weights.is_file():
             unfinished = f' (a run that has not finished: --resume {path} continues it)' \
-                if (path / CHECKPOINT_NAME).is_file() else ''
+                if (path / RunFolder.CHECKPOINT).is_file() else ''
             raise ValueError(f"--initial-checkpoint {spec}: the folder has no model.safetensors{unfinished}; give a"
                              f" folder written by train.py or timm's save_for_hf, a .safetensors file or a .pth file.")
-        if (path / 'config.json').is_file():
-            check_weights(json.loads((path / 'config.json').read_text()), weights, spec)
+        if (path / RunFolder.CONFIG).is_file():
+            check_weights(json.loads((path / RunFolder.CONFIG).read_text()), weights, spec)
         path = weights
     try:
         state = load_state_dict(str(path), use_ema=True, weights_only=True)
@@ -382,14 +315,14 @@ def model_identity(source: str | Path) -> dict[str, Any]:
             from huggingface_hub import try_to_load_from_cache
             repo, _, revision = spec.split(':', 1)[1].partition('@')
             found = [try_to_load_from_cache(repo, name, revision=revision or None)
-                     for name in ('config.json', 'model.safetensors')]
+                     for name in (RunFolder.CONFIG, RunFolder.WEIGHTS)]
             config, weights = (Path(f) if isinstance(f, str) else None for f in found)
         except Exception:  # noqa: BLE001  (no hub package, a malformed name: nothing more to record)
             pass
     else:
         path = Path(spec.removeprefix('local-dir:')).expanduser()
         if path.is_dir():
-            config, weights = path / 'config.json', path / 'model.safetensors'
+            config, weights = path / RunFolder.CONFIG, path / RunFolder.WEIGHTS
         else:
             identity['architecture'] = spec  # a timm name
     if config is not None and config.is_file():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from timm.optim import auto_group_layers
 from torch import nn
 
+from ._checks import check_number, is_whole
 from ._registry import check_base_model
 from ._strategies import (
     MEMBER_STRATEGIES,
@@ -112,9 +113,7 @@ class ModelArgsMixin:
 
     def set_temperature(self, temperature: float) -> None:
         """Divide ``forward``'s logits by ``temperature`` from now on (1 turns calibration off)."""
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-                or not math.isfinite(temperature) or temperature <= 0:
-            raise ValueError(f'temperature must be a finite number > 0 (1: no calibration), got {temperature!r}.')
+        check_number('temperature', temperature, 'a finite number > 0 (1: no calibration)', gt=0)
         if temperature != 1.0 and getattr(self, 'num_classes', 1) <= 0:
             raise ValueError('This model has no classifier (num_classes=0): its outputs are features, which a'
                              ' temperature does not apply to. Give it classes first (reset_classifier).')
@@ -228,7 +227,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
     ):
         super().__init__()
         check_base_model(base_model, what='base model')
-        if isinstance(num_members, bool) or not isinstance(num_members, int) or num_members < 2:
+        if not is_whole(num_members, ge=2):
             raise ValueError(
                 f'An ensemble needs num_members >= 2 (an integer), got {num_members!r}. For one network,'
                 f" train the base model '{base_model}' itself."

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from . import data as te_data
+from ._checks import flag_message, is_whole
 from ._extras import MissingExtraError
 from ._registry import create_model
 from .hub import load_from_hub
@@ -68,12 +69,10 @@ def parse_args(parser: argparse.ArgumentParser, argv=None) -> argparse.Namespace
     """Parse, check the numbers, and import the ``--import`` modules (as ``train.py`` does)."""
     args = parser.parse_args(argv)
     args.data_dir = args.data_dir or args.data
-    for flag in ('batch_size', 'num_classes'):
+    for flag, low in (('batch_size', 1), ('num_classes', 1), ('workers', 0)):
         value = getattr(args, flag)
-        if value is not None and value < 1:
-            fail(f"--{flag.replace('_', '-')} {value}: must be a whole number >= 1.")
-    if args.workers < 0:
-        fail(f'--workers {args.workers}: must be a whole number >= 0.')
+        if value is not None and not is_whole(value, ge=low):
+            fail(flag_message(flag, value, f'a whole number >= {low}'))
     import_modules(args)
     return args
 

@@ -7,9 +7,15 @@ format changed here changes for all three::
     <run>/args.yaml                        every flag of the run
     <run>/results.json                     final-epoch metrics (and ``test`` with --holdout, ``best_epoch``)
     <run>/metrics.jsonl                    one line per epoch; summary.csv is made from it
-    <run>/checkpoint.pt                    the resumable training state (never published)
-    <run>/best/, ema/, snapshots/, tracking/, checkpoints/
+    <run>/checkpoint.pt                    the resumable training state (never published), checkpoint-prev.pt before it
+    <run>/best/, ema/                      the best epoch's model (--eval-metric), the EMA of the weights (--model-ema)
+    <run>/checkpoints/epoch-<E>/           the models of the kept epochs (--checkpoint-hist)
+    <run>/snapshots/epoch_<E>.safetensors  per-epoch predictions (and weights) on a fixed subset (--snapshot-subset)
+    <run>/tracking/                        the experiment trackers' files (--log-with)
     <run>/.timm-ensembles.lock             held by the one trainer writing the folder (``RunFolder.lock``)
+    <output>/gen1..genK/                   a --generations run: one run folder per generation
+
+The other modules take these names from ``RunFolder`` rather than spelling them.
 
 A folder is owned by one run: a trainer holds its lock (an advisory ``fcntl.flock``, recording host, pid and since
 when) for the life of the run, and a folder that holds a run's files (``RUN_MARKERS``) is never written by a new one
@@ -25,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from ._checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME, atomic_write_text, sweep_temporaries
+from ._atomic import atomic_write_text, sweep_temporaries
 
 try:
     import fcntl
@@ -33,9 +39,6 @@ except ImportError:  # Windows: the holder is still recorded, but nothing stops 
     fcntl = None
 
 __all__ = ['RunFolder', 'RunLock', 'RunBusyError', 'RUN_FILES', 'output_problem', 'os_error_reason']
-
-# the files of a run that a Hub repo gets beside the weights: small, plain text, what the card is made of
-RUN_FILES = ('results.json', 'metrics.jsonl', 'args.yaml')
 
 
 class RunFolder:
@@ -48,19 +51,38 @@ class RunFolder:
         path: The run's output folder.
         run_path: Where the run's own files are, when ``path`` is a model exported inside it (see ``of_model``).
     """
+    # a model folder, timm's Hugging Face format (what save_for_hf writes, what a Hub repo holds)
     CONFIG = 'config.json'
     WEIGHTS = 'model.safetensors'
     ARGS = 'args.yaml'
     RESULTS = 'results.json'
     METRICS = 'metrics.jsonl'
     SUMMARY = 'summary.csv'
-    CHECKPOINT = CHECKPOINT_NAME
-    PREVIOUS_CHECKPOINT = PREVIOUS_CHECKPOINT_NAME
+    CHECKPOINT = 'checkpoint.pt'
+    # the checkpoint before the last one, kept while it is readable: the one to resume from when the last is corrupt
+    PREVIOUS_CHECKPOINT = 'checkpoint-prev.pt'
     LOCK = '.timm-ensembles.lock'
+    # the sub-folders (``sub``): model folders (best, ema, exported, each epoch of checkpoints), snapshots, trackers
+    BEST = 'best'
+    EMA = 'ema'
+    EXPORTED = 'exported'  # a collaborative run's plain head, the export its task names
+    HISTORY = 'checkpoints'
+    SNAPSHOTS = 'snapshots'
+    TRACKING = 'tracking'
+    # <run>/checkpoints/epoch-<E> (``history_name``)
+    HISTORY_EPOCH = 'epoch-'
+    # <run>/snapshots/ files of epoch E, with E as 000, 001, ... or init (``_snapshots``)
+    SNAPSHOT_LOGITS = 'epoch_{}.safetensors'
+    SNAPSHOT_WEIGHTS = 'epoch_{}.weights.safetensors'
+    # --generations K: <output>/gen1..genK (``generation``)
+    GENERATION = 'gen'
+    # where a run without --output is written: <root>/<time>-<model> (``default``), and --experiment's root
+    DEFAULT_ROOT = 'output/train'
+    TIME_FORMAT = '%Y%m%d-%H%M%S'
     # the files whose presence means that the folder holds a run: a new run never writes over them
     RUN_MARKERS = (CONFIG, WEIGHTS, METRICS, RESULTS, CHECKPOINT, PREVIOUS_CHECKPOINT)
     # every name the trainer writes in a run folder (what --overwrite moves aside), besides a task's own exports
-    WRITTEN = (*RUN_MARKERS, ARGS, SUMMARY, 'best', 'ema', 'exported', 'snapshots', 'tracking', 'checkpoints')
+    WRITTEN = (*RUN_MARKERS, ARGS, SUMMARY, BEST, EMA, EXPORTED, SNAPSHOTS, TRACKING, HISTORY)
     # the folder --overwrite moves an earlier run's files into: <run>/<prefix><time>
     MOVED_ASIDE_PREFIX = 'overwritten-'
 
@@ -79,6 +101,26 @@ class RunFolder:
         exported = (path / cls.CONFIG).is_file() and not (path / cls.RESULTS).is_file() \
             and (path.parent / cls.RESULTS).is_file()
         return cls(path, path.parent if exported else None)
+
+    @classmethod
+    def default(cls, model: str) -> 'RunFolder':
+        """The folder of a run given no ``--output``: ``output/train/<time>-<model>``."""
+        return cls(f'{cls.DEFAULT_ROOT}/{time.strftime(cls.TIME_FORMAT)}-{model}')
+
+    @classmethod
+    def generation(cls, root: str | Path, k: int) -> 'RunFolder':
+        """Generation ``k`` (from 1) of a ``--generations`` run in ``root``: ``root/gen<k>``."""
+        return cls(Path(root) / f'{cls.GENERATION}{k}')
+
+    @classmethod
+    def history_name(cls, epoch: int) -> str:
+        """The folder name of an epoch kept by ``--checkpoint-hist`` in ``checkpoints/``: ``epoch-<epoch>``."""
+        return f'{cls.HISTORY_EPOCH}{epoch}'
+
+    @classmethod
+    def is_history_name(cls, name: str) -> bool:
+        """Whether ``name`` is a ``history_name`` (of any epoch)."""
+        return name.startswith(cls.HISTORY_EPOCH) and name.removeprefix(cls.HISTORY_EPOCH).isdigit()
 
     def __repr__(self) -> str:
         return f'RunFolder({str(self.path)!r})'
@@ -102,7 +144,8 @@ class RunFolder:
         return self.run_path / self.CHECKPOINT
 
     def sub(self, name: str) -> Path:
-        """A sub-folder of the run: ``best``, ``ema``, ``exported``, ``snapshots``, ``tracking``."""
+        """A sub-folder of the run: ``BEST``, ``EMA``, ``EXPORTED``, ``HISTORY``, ``SNAPSHOTS``, ``TRACKING``, or an
+        export a task names."""
         return self.run_path / name
 
     # ---- reading ----
@@ -199,7 +242,7 @@ class RunFolder:
         names = [n for n in (*self.WRITTEN, *extra) if os.path.lexists(self.run_path / n)]
         if not names:
             return None
-        stamp = time.strftime('%Y%m%d-%H%M%S')
+        stamp = time.strftime(self.TIME_FORMAT)
         aside = self.run_path / f'{self.MOVED_ASIDE_PREFIX}{stamp}'
         for i in range(2, 1000):
             if not aside.exists():
@@ -227,6 +270,10 @@ class RunFolder:
         if self.file(self.METRICS).is_file():
             keep = [r for r in self.metrics() if r.get('epoch', 0) < start_epoch]
             atomic_write_text(self.file(self.METRICS), ''.join(json.dumps(r) + '\n' for r in keep))
+
+
+# the files of a run that a Hub repo gets beside the weights: small, plain text, what the card is made of
+RUN_FILES = (RunFolder.RESULTS, RunFolder.METRICS, RunFolder.ARGS)
 
 
 class RunBusyError(RuntimeError):

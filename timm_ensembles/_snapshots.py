@@ -29,21 +29,19 @@ from safetensors import safe_open
 from safetensors.torch import save as safetensors_save
 from torch import nn
 
-from ._checkpoint import _atomic_replace
+from ._atomic import atomic_replace
 from ._engine import MemberPredictor
 from ._run import RunFolder
 
 __all__ = ['Snapshots', 'read_snapshots', 'write_snapshot', 'snapshot_indices', 'member_parameters',
-           'predict_members', 'remove_snapshots_from', 'SNAPSHOT_DIR', 'SNAPSHOT_FORMAT', 'SNAPSHOT_SEED',
+           'predict_members', 'remove_snapshots_from', 'snapshot_epoch', 'SNAPSHOT_FORMAT', 'SNAPSHOT_SEED',
            'INIT_EPOCH']
 
-SNAPSHOT_DIR = 'snapshots'
 SNAPSHOT_FORMAT = '1'
 # fixed, whatever --seed is: runs that differ only in their seed must snapshot the same inputs
 SNAPSHOT_SEED = 0
 # the snapshot of the model before its first update: Fort et al.'s trajectories start at the initialisation
 INIT_EPOCH = -1
-_LOGITS_RE = re.compile(r'^epoch_(\d+|init)\.safetensors$')
 _HINT = 'run train.py with --snapshot-subset N (N held-out samples) to record them'
 
 
@@ -79,11 +77,29 @@ def _epoch_tag(epoch: int) -> str:
 
 
 def _logits_name(epoch: int) -> str:
-    return f'epoch_{_epoch_tag(epoch)}.safetensors'
+    return RunFolder.SNAPSHOT_LOGITS.format(_epoch_tag(epoch))
 
 
 def _weights_name(epoch: int) -> str:
-    return f'epoch_{_epoch_tag(epoch)}.weights.safetensors'
+    return RunFolder.SNAPSHOT_WEIGHTS.format(_epoch_tag(epoch))
+
+
+def _name_pattern(template: str) -> re.Pattern:
+    """The names a ``RunFolder`` snapshot template gives the files of every epoch, the epoch's tag captured."""
+    prefix, suffix = template.split('{}')
+    return re.compile(rf'^{re.escape(prefix)}(\d+|init){re.escape(suffix)}$')
+
+
+_NAME_PATTERNS = {False: _name_pattern(RunFolder.SNAPSHOT_LOGITS), True: _name_pattern(RunFolder.SNAPSHOT_WEIGHTS)}
+
+
+def snapshot_epoch(name: str, weights: bool = False) -> int | None:
+    """The epoch (``INIT_EPOCH`` for the initialisation) whose snapshot file is named ``name``: its logits file, or
+    with ``weights`` its weights file; None for any other name."""
+    match = _NAME_PATTERNS[weights].match(name)
+    if match is None:
+        return None
+    return INIT_EPOCH if match.group(1) == 'init' else int(match.group(1))
 
 
 def snapshot_indices(dataset, num_samples: int) -> np.ndarray:
@@ -175,7 +191,7 @@ def write_snapshot(
     Returns:
         The path of the logits file.
     """
-    folder = Path(folder) / SNAPSHOT_DIR
+    folder = Path(folder) / RunFolder.SNAPSHOTS
     logits = logits.detach().float().cpu().contiguous()
     if logits.ndim != 3:
         raise ValueError(f'Snapshot logits must be [S, M, C], got shape {tuple(logits.shape)}.')
@@ -193,10 +209,10 @@ def write_snapshot(
         tensors = {f'member{m}.{name}': p.detach().to(device='cpu', dtype=torch.float32, copy=True).contiguous()
                    for m, params in enumerate(member_params) for name, p in params.items()}
         data = safetensors_save(tensors, metadata=metadata)
-        _atomic_replace(lambda f: f.write(data), folder / _weights_name(epoch))
+        atomic_replace(lambda f: f.write(data), folder / _weights_name(epoch))
     data = safetensors_save(dict(logits=logits, targets=targets, indices=indices), metadata=metadata)
     dest = folder / _logits_name(epoch)
-    _atomic_replace(lambda f: f.write(data), dest)
+    atomic_replace(lambda f: f.write(data), dest)
     return dest
 
 
@@ -204,7 +220,7 @@ def remove_snapshots_from(folder: str | Path, start_epoch: int) -> None:
     """Delete the snapshot files of epochs >= ``start_epoch`` (those a resumed run redoes), so that the folder never
     mixes a killed run's last epoch with the resumed one's. The initialisation's snapshot stays unless
     ``start_epoch`` is ``INIT_EPOCH``."""
-    folder = Path(folder) / SNAPSHOT_DIR
+    folder = Path(folder) / RunFolder.SNAPSHOTS
     if not folder.is_dir():
         return
     for epoch, paths in _epoch_files(folder).items():
@@ -216,10 +232,9 @@ def remove_snapshots_from(folder: str | Path, start_epoch: int) -> None:
 def _epoch_files(folder: Path) -> dict[int, list[Path]]:
     files: dict[int, list[Path]] = {}
     for path in folder.iterdir():
-        name = path.name.replace('.weights.', '.')
-        match = _LOGITS_RE.match(name)
-        if match:
-            epoch = INIT_EPOCH if match.group(1) == 'init' else int(match.group(1))
+        epoch = snapshot_epoch(path.name)
+        epoch = snapshot_epoch(path.name, weights=True) if epoch is None else epoch
+        if epoch is not None:
             files.setdefault(epoch, []).append(path)
     return files
 
@@ -272,11 +287,11 @@ def read_snapshots(
             epochs disagree (subset, targets, shapes or run metadata) or cannot be read.
     """
     run_folder = Path(run_folder)
-    folder = run_folder / SNAPSHOT_DIR
-    if not folder.is_dir() and run_folder.name == SNAPSHOT_DIR and run_folder.is_dir():
+    folder = run_folder / RunFolder.SNAPSHOTS
+    if not folder.is_dir() and run_folder.name == RunFolder.SNAPSHOTS and run_folder.is_dir():
         folder, run_folder = run_folder, run_folder.parent
     if not folder.is_dir():
-        raise FileNotFoundError(f"No snapshots in '{run_folder}' (no {SNAPSHOT_DIR}/ folder): {_HINT}.")
+        raise FileNotFoundError(f"No snapshots in '{run_folder}' (no {RunFolder.SNAPSHOTS}/ folder): {_HINT}.")
     files = {e: folder / _logits_name(e) for e, paths in _epoch_files(folder).items()
              if (folder / _logits_name(e)) in paths}
     if not files:

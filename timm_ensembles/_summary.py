@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 from . import data as te_data
-from ._checkpoint import CHECKPOINT_NAME, PREVIOUS_CHECKPOINT_NAME
 from ._cli import optimizer_state_ratio
 from ._registry import registered_sizes
+from ._run import RunFolder
 
 __all__ = ['run_summary', 'format_bytes']
 
@@ -125,10 +125,10 @@ def run_summary(args: argparse.Namespace, info: te_data.DatasetInfo, task: nn.Mo
                  + (f' ({precision})' if precision else ''))
     if num_members > 1 and hasattr(model, 'set_member_strategy'):
         lines.append(f'  member strategy: {args.member_strategy}')
-    lines.append(f'  on disk: {format_bytes(checkpoint_bytes)} a checkpoint ({CHECKPOINT_NAME}, kept twice with'
-                 f' {PREVIOUS_CHECKPOINT_NAME}), {format_bytes(export_bytes)} an exported model (model.safetensors,'
-                 f' best/{", ema/" if args.model_ema else ""}'
-                 f'{f", up to {args.checkpoint_hist} in checkpoints/" if args.checkpoint_hist else ""})')
+    lines.append(f'  on disk: {format_bytes(checkpoint_bytes)} a checkpoint ({RunFolder.CHECKPOINT}, kept twice with'
+                 f' {RunFolder.PREVIOUS_CHECKPOINT}), {format_bytes(export_bytes)} an exported model'
+                 f' ({RunFolder.WEIGHTS}, {RunFolder.BEST}/{f", {RunFolder.EMA}/" if args.model_ema else ""}'
+                 f'{f", up to {args.checkpoint_hist} in {RunFolder.HISTORY}/" if args.checkpoint_hist else ""})')
     # two checkpoints (and a third while one is replaced), the final model, best/, ema/ and the kept epochs
     needed = 3 * checkpoint_bytes + (2 + bool(args.model_ema) + args.checkpoint_hist) * export_bytes
     free = _free_bytes(output) if output is not None else None

@@ -18,29 +18,12 @@ import torch.nn.functional as F
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
+from ._checks import check_option, check_range
+
+# check_option: the tasks' own option check, kept importable from here where a task of its own found it
 __all__ = ['Task', 'ClassificationTask', 'TaskOutput', 'check_option']
 
 TaskOutput = dict[str, Any]
-
-
-def check_option(name: str, value: Any, kind: type, low: float | None = None) -> None:
-    """Refuse a task option of the wrong type or range when the task is built (options arrive from the command line
-    as Python literals, and a string where a number belongs would otherwise fail only when the term is first used).
-
-    Args:
-        name: The option's name, for the message.
-        value: Its value.
-        kind: ``int`` (whole numbers only) or ``float`` (any real number).
-        low: Smallest allowed value, if any.
-
-    Raises:
-        ValueError: Saying what was given and what is allowed.
-    """
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not is_number or (kind is int and not isinstance(value, int)):
-        raise ValueError(f'{name} must be {"an integer" if kind is int else "a number"}, got {value!r}.')
-    if low is not None and value < low:
-        raise ValueError(f'{name} must be >= {low}, got {value}.')
 
 
 class Task(nn.Module):
@@ -60,8 +43,7 @@ class Task(nn.Module):
     def __init__(self, model: nn.Module, label_smoothing: float = 0.0):
         super().__init__()
         check_option('label_smoothing', label_smoothing, float, low=0)
-        if not label_smoothing < 1:
-            raise ValueError(f'label_smoothing must be in [0, 1), got {label_smoothing}.')
+        check_range('label_smoothing', label_smoothing, 'in [0, 1)', lt=1)
         self.model = model
         self.label_smoothing = label_smoothing
         self.epoch = 0

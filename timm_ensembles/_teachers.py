@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from timm.data import resolve_data_config
 from torch import nn
 
+from ._run import RunFolder
+
 __all__ = ['TeacherError', 'load_teacher', 'load_teachers', 'InputMap', 'TeacherAdapter']
 
 
@@ -30,7 +32,7 @@ def _model_name(spec: str) -> str:
         return spec
     path = Path(spec).expanduser()
     if path.is_dir():
-        if not (path / 'config.json').is_file():
+        if not (path / RunFolder.CONFIG).is_file():
             raise TeacherError(f"teacher '{spec}' is a folder without config.json: give a folder written by train.py"
                                f' (or by timm.models.save_for_hf).')
         return f'local-dir:{path.resolve()}'

@@ -34,6 +34,7 @@ from timm.data import ImageDataset, create_dataset, create_transform, get_img_ex
 from timm.data.auto_augment import posterize as timm_posterize
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from ._checks import is_whole
 from ._extras import require
 from ._tensor_data import FAST_INTERPOLATIONS, BatchAugmentDataset, PreprocessedDataset, batch_collate
 
@@ -685,7 +686,7 @@ def _stratified_indices(targets: np.ndarray, num_samples: int, seed: int) -> np.
 def _check_subset_size(num_samples: int | None, arg: str):
     if num_samples is None:
         return
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+    if not is_whole(num_samples, ge=1, numpy=True):
         raise ValueError(f'{arg}={num_samples!r} is invalid: it must be a whole number of samples >= 1 (or None).')
 
 

@@ -36,6 +36,7 @@ from ._extras import INSTALL_FROM_SOURCE
 from ._progress import logs_above_bars
 from ._run import RUN_FILES, RunFolder
 from ._timm_compat import generate_readme
+from .version import __version__
 
 __all__ = ['push_to_hub', 'load_from_hub', 'generate_model_card', 'model_card_fields', 'base_models', 'eval_results',
            'read_run', 'check_config',
@@ -550,8 +551,6 @@ def _fetch_config(repo_id: str, revision: str | None) -> dict[str, Any]:
 
 def check_config(config: dict[str, Any], source: str) -> None:
     """Raise a ValueError that says what is missing when this installation cannot build ``config``'s model."""
-    from . import __version__
-
     architecture = config.get('architecture')
     if not architecture:
         raise ValueError(f"config.json of '{source}' has no 'architecture': it is not a timm model config.")

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.optim.swa_utils import update_bn
 
+from ._checks import check_whole, is_whole
 from ._engine import MemberPredictor
 
 __all__ = [
@@ -113,9 +114,7 @@ def load_parameter_vector(model: nn.Module, vector: torch.Tensor) -> nn.Module:
 
 
 def _check_num_batches(num_batches: int | None) -> None:
-    if num_batches is not None and (isinstance(num_batches, bool) or not isinstance(num_batches, int)
-                                    or num_batches < 1):
-        raise ValueError(f'num_batches must be a positive integer or None (the whole loader), got {num_batches!r}.')
+    check_whole('num_batches', num_batches, 'a positive integer or None (the whole loader)', ge=1, optional=True)
 
 
 def _batches(loader: Iterable, num_batches: int | None, what: str) -> Iterable:
@@ -462,7 +461,7 @@ def plane(
     check_same_architecture(a, b)
     check_same_architecture(a, c)
     sizes = tuple(grid) if isinstance(grid, (tuple, list)) else (grid, grid)
-    if len(sizes) != 2 or any(isinstance(n, bool) or not isinstance(n, int) or n < 2 for n in sizes):
+    if len(sizes) != 2 or not all(is_whole(n, ge=2) for n in sizes):
         raise ValueError(f'grid must be an integer >= 2 (values per axis) or a pair of them, got {grid!r}.')
     if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
         raise ValueError(f'margin must be a finite number >= 0 (a fraction of the solutions\' extent), got'

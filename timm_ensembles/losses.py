@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ['FEATURE_DISTANCES', 'feature_difference', 'feature_difference_loss', 'pairwise_feature_difference',
-           'loss_similarity', 'member_cross_entropy']
+           'loss_similarity', 'member_cross_entropy', 'soft_cross_entropy']
 
 FEATURE_DISTANCES = ('mse', 'relative')
 # from this many members on, the pair sums go through the centred O(N) identity (measured faster with gradients on a
@@ -153,3 +153,9 @@ def member_cross_entropy(
         label_smoothing=label_smoothing,
     )
     return per_sample.view(b, m).mean(0)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``T^2 * mean_b H(target, softmax(logits / T))``, the cross-entropy against a distribution, in fp32."""
+    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
+    return -(target_probs.float() * log_p).sum(-1).mean() * temperature ** 2

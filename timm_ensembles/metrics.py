@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._checks import check_range, check_whole
 from ._extras import require
 from .losses import _check_features, pairwise_feature_difference
 
@@ -86,11 +87,6 @@ def _check_probs(probs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
             probs.sum(1), torch.ones((), dtype=probs.dtype), atol=1e-3, rtol=0):
         raise ValueError('probs must be probabilities in [0, 1] whose rows sum to 1 (softmax outputs, not logits).')
     return probs.clamp(0, 1), _check_targets(targets, probs.shape[0], probs.shape[1], probs.device)
-
-
-def _check_n_bins(n_bins: int) -> None:
-    if isinstance(n_bins, bool) or not isinstance(n_bins, int) or n_bins < 1:
-        raise ValueError(f'n_bins must be a positive integer, got {n_bins!r}.')
 
 
 def _accuracy(probs_or_logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -393,7 +389,7 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bin
                                            'expected_calibration_error').multiclass_calibration_error
 
     probs, targets = _check_probs(probs, targets)
-    _check_n_bins(n_bins)
+    check_whole('n_bins', n_bins, 'a positive integer', ge=1)
     if probs.shape[1] < 2:
         raise ValueError(f'expected_calibration_error needs at least 2 classes, got {probs.shape[1]}.')
     ece = multiclass_calibration_error(_ece_preds(probs), targets, num_classes=probs.shape[1], n_bins=n_bins,
@@ -419,7 +415,7 @@ def reliability_diagram(probs: torch.Tensor, targets: torch.Tensor, n_bins: int 
     """
     probs, targets = _check_probs(probs, targets)
     probs, targets = probs.cpu(), targets.cpu()  # a few bins: no gain from an accelerator
-    _check_n_bins(n_bins)
+    check_whole('n_bins', n_bins, 'a positive integer', ge=1)
     if probs.shape[1] < 2:
         raise ValueError(f'reliability_diagram needs at least 2 classes, got {probs.shape[1]}.')
     confidence, correct = _top_label(probs, targets)
@@ -499,9 +495,7 @@ def ensemble_size_curve(
     logits = _check_logits(logits)
     num_samples, num_members, num_classes = logits.shape
     targets = _check_targets(targets, num_samples, num_classes, logits.device)
-    if max_subsets is not None and (isinstance(max_subsets, bool) or not isinstance(max_subsets, int)
-                                    or max_subsets < 1):
-        raise ValueError(f'max_subsets must be None or a positive integer, got {max_subsets!r}.')
+    check_whole('max_subsets', max_subsets, 'None or a positive integer', ge=1, optional=True)
     probs = F.softmax(logits, dim=-1)
     onehot = F.one_hot(targets, num_classes).to(probs.dtype)
     rng = random.Random(seed)
@@ -552,8 +546,8 @@ def tsne_embedding(points: Any, seed: int = 0, perplexity: float | None = None) 
         raise ValueError(f't-SNE needs at least 3 points, got {num_points}.')
     if perplexity is None:
         perplexity = max(1.0, min(30.0, (num_points - 1) / 3))
-    elif not 0 < perplexity < num_points:
-        raise ValueError(f'perplexity must be in (0, K = {num_points}), got {perplexity}.')
+    else:
+        check_range('perplexity', perplexity, f'in (0, K = {num_points})', gt=0, lt=num_points)
     init = 'pca' if points.shape[1] >= 2 else 'random'
     tsne = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=seed)
     return tsne.fit_transform(points)

@@ -18,7 +18,8 @@ import io
 import sys
 from pathlib import Path
 
-from ._checkpoint import atomic_write_text
+from ._atomic import atomic_write_text
+from ._checks import flag_message, is_whole
 from ._engine import MemberPredictor
 from ._inference import batches, class_names, device_of, fail, get_args_parser, image_folder, load_model, open_dataset
 from ._inference import parse_args as _parse_args
@@ -37,8 +38,8 @@ def main(argv=None) -> int:
     output = Path(args.output)
     if not output.parent.is_dir():
         fail(f'--output {args.output}: the folder {output.parent} does not exist.')
-    if args.topk < 1:
-        fail(f'--topk {args.topk}: must be a whole number >= 1.')
+    if not is_whole(args.topk, ge=1):
+        fail(flag_message('topk', args.topk, 'a whole number >= 1'))
     model = load_model(args)
     names = class_names(model)
     if args.dataset:

@@ -27,7 +27,6 @@ Gaussian (variance ``lambda_k`` along component k). Its diagonal Gaussian uses `
 import contextlib
 import copy
 import math
-import numbers
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -35,6 +34,7 @@ import torch
 from timm.layers import DropBlock2d, DropPath
 from torch import nn
 
+from ._checks import check_number, check_whole, is_number
 from ._engine import MemberPredictor
 from .landscape import _named_parameters, load_parameter_vector, parameter_vector, recompute_batchnorm
 from .metrics import _as_float64, _check_logits, member_correct, pairwise_differ_counts
@@ -47,22 +47,19 @@ __all__ = [
 _DROPOUT_HINT = "create it with dropout, e.g. timm.create_model(..., drop_rate=0.1), and train it so"
 
 
-def _check_count(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f'{name} must be a positive integer, got {value!r}.')
-    return int(value)
+def _count(value, name: str) -> int:
+    return int(check_whole(name, value, 'a positive integer', ge=1, numpy=True))
 
 
-def _check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise ValueError(f'seed must be an integer, got {seed!r}.')
-    return int(seed)
+def _seed(seed) -> int:
+    return int(check_whole('seed', seed, 'an integer', numpy=True))
 
 
-def _check_scale(scale) -> float:
-    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale) or scale <= 0:
-        raise ValueError(f'scale must be a positive finite number, got {scale!r}.')
-    return float(scale)
+def _sampling(num_samples, scale, seed) -> tuple[int, float, int]:
+    """The arguments the Gaussian samplers share, checked: K >= 1 samples, a finite scale > 0, an integer seed."""
+    num_samples = _count(num_samples, 'num_samples')
+    scale = float(check_number('scale', scale, 'a positive finite number', gt=0, numpy=True))
+    return num_samples, scale, _seed(seed)
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -110,7 +107,7 @@ def random_samples(model: nn.Module, num_samples: int, scale: float, seed: int) 
     Returns:
         ``[K, P]`` tensor in the dtype and on the device of :func:`.landscape.parameter_vector`.
     """
-    num_samples, scale, seed = _check_count(num_samples, 'num_samples'), _check_scale(scale), _check_seed(seed)
+    num_samples, scale, seed = _sampling(num_samples, scale, seed)
     theta0 = parameter_vector(model).detach()
     shapes = [(name, p.shape) for name, p in _named_parameters(model)]  # parameter_vector's layout
     total = sum(shape.numel() for _, shape in shapes)
@@ -153,7 +150,7 @@ def diagonal_gaussian_samples(
         ``[K, P]`` tensor in the trajectory's dtype and on its device.
     """
     trajectory = _check_trajectory(trajectory, 2)
-    num_samples, scale, seed = _check_count(num_samples, 'num_samples'), _check_scale(scale), _check_seed(seed)
+    num_samples, scale, seed = _sampling(num_samples, scale, seed)
     weights = trajectory.detach().to(device='cpu', dtype=torch.float64)
     mean, std = weights.mean(0), weights.var(0, correction=0).sqrt()
     z = torch.randn(num_samples, weights.shape[1], generator=_generator(seed), dtype=torch.float64)
@@ -183,13 +180,13 @@ def low_rank_gaussian_samples(
     """
     trajectory = _check_trajectory(trajectory, 2)
     num_epochs = trajectory.shape[0]
-    rank = _check_count(rank, 'rank')
+    rank = _count(rank, 'rank')
     if rank > min(num_epochs - 1, trajectory.shape[1]):
         raise ValueError(f'rank {rank} is more than the {num_epochs} snapshots of the trajectory can span: their'
                          f' deviations from the mean have at most E - 1 = {num_epochs - 1} components'
                          f' (and at most P = {trajectory.shape[1]}); use a rank of at most'
                          f' {min(num_epochs - 1, trajectory.shape[1])} or more snapshots.')
-    num_samples, scale, seed = _check_count(num_samples, 'num_samples'), _check_scale(scale), _check_seed(seed)
+    num_samples, scale, seed = _sampling(num_samples, scale, seed)
     weights = trajectory.detach().to(device='cpu', dtype=torch.float64)
     mean = weights.mean(0)
     _, singular, components = torch.linalg.svd(weights - mean, full_matrices=False)
@@ -214,7 +211,7 @@ def _dropout_sources(model: nn.Module) -> list[str]:
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
             found.append(f'{name or type(module).__name__} (p={module.p})')
         rate = getattr(module, 'drop_rate', None)
-        if isinstance(rate, numbers.Real) and not isinstance(rate, bool) and rate > 0:
+        if is_number(rate, gt=0, finite=False, numpy=True):
             found.append(f'{name or type(module).__name__}.drop_rate={rate}')
     return found
 
@@ -290,7 +287,7 @@ def dropout_predictions(
     Raises:
         ValueError: The model has no dropout (every pass would be the same network).
     """
-    num_samples, seed = _check_count(num_samples, 'num_samples'), _check_seed(seed)
+    num_samples, seed = _count(num_samples, 'num_samples'), _seed(seed)
     if not _dropout_sources(model):
         raise ValueError(f'{type(model).__name__} has no dropout (no nn.Dropout module with p > 0 and no drop_rate >'
                          f' 0), so every Monte-Carlo dropout pass would be the same network: {_DROPOUT_HINT}.')

@@ -37,13 +37,14 @@ Determinism: the randomness of a corruption (the noise) comes from a ``torch.Gen
 ran before, whatever the global random state and on any device.
 """
 import hashlib
-import numbers
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
+
+from ._checks import check_whole
 
 __all__ = ['CORRUPTIONS', 'MAX_SEVERITY', 'SEVERITY_PARAMS', 'corrupt', 'CorruptedLoader']
 
@@ -70,16 +71,12 @@ def _check_name(name: Any) -> str:
 
 
 def _check_severity(severity: Any) -> int:
-    if isinstance(severity, bool) or not isinstance(severity, numbers.Integral) or not 0 <= severity <= MAX_SEVERITY:
-        raise ValueError(f'severity must be an integer in 0..{MAX_SEVERITY} (0: no corruption), got {severity!r}.')
-    return int(severity)
+    return int(check_whole('severity', severity, f'an integer in 0..{MAX_SEVERITY} (0: no corruption)', ge=0,
+                           le=MAX_SEVERITY, numpy=True))
 
 
-def _check_int(value: Any, what: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or (minimum is not None and value < minimum):
-        at_least = '' if minimum is None else f' >= {minimum}'
-        raise ValueError(f'{what} must be an integer{at_least}, got {value!r}.')
-    return int(value)
+def _check_seed(seed: Any) -> int:
+    return int(check_whole('seed', seed, 'an integer', numpy=True))
 
 
 def _channel_stats(values: Sequence[float] | None, num_chans: int, key: str, x: torch.Tensor) -> torch.Tensor | None:
@@ -171,8 +168,8 @@ def corrupt(
     """
     name = _check_name(name)
     severity = _check_severity(severity)
-    seed = _check_int(seed, 'seed')
-    batch_index = _check_int(batch_index, 'batch_index', minimum=0)
+    seed = _check_seed(seed)
+    batch_index = int(check_whole('batch_index', batch_index, 'an integer >= 0', ge=0, numpy=True))
     if not isinstance(x, torch.Tensor) or x.ndim != 4 or not x.is_floating_point():
         what = f'shape {tuple(x.shape)}, dtype {x.dtype}' if isinstance(x, torch.Tensor) else type(x).__name__
         raise ValueError(f'x must be a float tensor of images [B, C, H, W], got {what}.')
@@ -221,7 +218,7 @@ class CorruptedLoader:
         self.loader = loader
         self.name = _check_name(name)
         self.severity = _check_severity(severity)
-        self.seed = _check_int(seed, 'seed')
+        self.seed = _check_seed(seed)
         if (mean is None) != (std is None):
             raise ValueError('mean and std come together: give both (normalised input) or neither (pixels in [0, 1]).')
         self.mean = None if mean is None else tuple(float(v) for v in torch.as_tensor(mean).flatten().tolist())

@@ -55,9 +55,9 @@ from timm.models import get_model_args
 from timm.utils import ModelEmaV3
 
 from . import data as te_data
+from ._atomic import atomic_write_text
 from ._checkpoint import (
     CheckpointError,
-    atomic_write_text,
     export_folder,
     export_new_folder,
     find_checkpoint,
@@ -69,6 +69,7 @@ from ._checkpoint import (
     save_checkpoint,
     sweep_history,
 )
+from ._checks import flag_message, is_number, is_whole
 from ._cli import (
     SCHEDULERS,
     TIMM_SPELLINGS,
@@ -456,77 +457,69 @@ def _normalised(value):
 
 # (flag, test, what is allowed): every flag's range, checked in one place before anything is built or written
 _CHECKS = (
-    ('epochs', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
-    ('batch_size', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
-    ('grad_accum_steps', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
-    ('workers', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
-    ('generations', lambda v: _whole(v) and v >= 1, 'a whole number >= 1'),
-    ('log_interval', lambda v: _whole(v) and v >= 1, 'a whole number of updates >= 1'),
-    ('model_ema_decay', lambda v: _number(v) and 0 <= v < 1, 'a number in [0, 1)'),
-    ('snapshot_subset', lambda v: _whole(v) and v >= 0, 'a whole number >= 0 (0: no snapshots)'),
-    ('seed', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
-    ('train_subset', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number >= 1 (omit it for all)'),
-    ('val_subset', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number >= 1 (omit it for all)'),
-    ('holdout', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number >= 1'),
-    ('num_classes', lambda v: v is None or (_whole(v) and v >= 1), "a whole number >= 1 (omit it for the dataset's)"),
-    ('img_size', lambda v: v is None or (_whole(v) and v >= 1), 'a whole number of pixels >= 1 (omit it for the'
-                                                              " dataset's or model's)"),
+    ('epochs', lambda v: is_whole(v, ge=1), 'a whole number >= 1'),
+    ('batch_size', lambda v: is_whole(v, ge=1), 'a whole number >= 1'),
+    ('grad_accum_steps', lambda v: is_whole(v, ge=1), 'a whole number >= 1'),
+    ('workers', lambda v: is_whole(v, ge=0), 'a whole number >= 0'),
+    ('generations', lambda v: is_whole(v, ge=1), 'a whole number >= 1'),
+    ('log_interval', lambda v: is_whole(v, ge=1), 'a whole number of updates >= 1'),
+    ('model_ema_decay', lambda v: is_number(v, ge=0, lt=1), 'a number in [0, 1)'),
+    ('snapshot_subset', lambda v: is_whole(v, ge=0), 'a whole number >= 0 (0: no snapshots)'),
+    ('seed', lambda v: is_whole(v, ge=0), 'a whole number >= 0'),
+    ('train_subset', lambda v: v is None or is_whole(v, ge=1), 'a whole number >= 1 (omit it for all)'),
+    ('val_subset', lambda v: v is None or is_whole(v, ge=1), 'a whole number >= 1 (omit it for all)'),
+    ('holdout', lambda v: v is None or is_whole(v, ge=1), 'a whole number >= 1'),
+    ('num_classes', lambda v: v is None or is_whole(v, ge=1), "a whole number >= 1 (omit it for the dataset's)"),
+    ('img_size', lambda v: v is None or is_whole(v, ge=1), 'a whole number of pixels >= 1 (omit it for the'
+                                                         " dataset's or model's)"),
     ('in_chans', lambda v: v in (None, 1, 3), '1 (gray) or 3 (colour)'),
-    ('crop_pct', lambda v: v is None or (_number(v) and 0 < v <= 1), 'a fraction in (0, 1]'),
-    ('hflip', lambda v: v is None or (_number(v) and 0 <= v <= 1), 'a probability in [0, 1]'),
-    ('scale', lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(_number(x) for x in v)
+    ('crop_pct', lambda v: v is None or is_number(v, gt=0, le=1), 'a fraction in (0, 1]'),
+    ('hflip', lambda v: v is None or is_number(v, ge=0, le=1), 'a probability in [0, 1]'),
+    ('scale', lambda v: isinstance(v, (list, tuple)) and len(v) == 2 and all(is_number(x) for x in v)
      and 0 < v[0] <= v[1] <= 1, 'two area fractions MIN MAX with 0 < MIN <= MAX <= 1'),
-    ('lr', lambda v: _number(v) and v > 0, 'a number > 0'),
-    ('min_lr', lambda v: _number(v) and v >= 0, 'a number >= 0'),
-    ('warmup_lr', lambda v: _number(v) and v >= 0, 'a number >= 0'),
-    ('warmup_epochs', lambda v: _whole(v) and v >= 0, 'a whole number >= 0'),
-    ('momentum', lambda v: _number(v) and 0 <= v < 1, 'a number in [0, 1)'),
-    ('weight_decay', lambda v: _number(v) and v >= 0, 'a number >= 0'),
-    ('layer_decay', lambda v: v is None or (_number(v) and 0 < v <= 1), 'a factor in (0, 1] (omit it for none)'),
-    ('clip_grad', lambda v: v is None or (_number(v) and v > 0), 'a gradient norm > 0 (omit it for no clipping)'),
-    ('smoothing', lambda v: _number(v) and 0 <= v < 1, 'a number in [0, 1)'),
-    ('mixup', lambda v: _number(v) and v >= 0, 'an alpha >= 0 (0: off)'),
-    ('cutmix', lambda v: _number(v) and v >= 0, 'an alpha >= 0 (0: off)'),
+    ('lr', lambda v: is_number(v, gt=0), 'a number > 0'),
+    ('min_lr', lambda v: is_number(v, ge=0), 'a number >= 0'),
+    ('warmup_lr', lambda v: is_number(v, ge=0), 'a number >= 0'),
+    ('warmup_epochs', lambda v: is_whole(v, ge=0), 'a whole number >= 0'),
+    ('momentum', lambda v: is_number(v, ge=0, lt=1), 'a number in [0, 1)'),
+    ('weight_decay', lambda v: is_number(v, ge=0), 'a number >= 0'),
+    ('layer_decay', lambda v: v is None or is_number(v, gt=0, le=1), 'a factor in (0, 1] (omit it for none)'),
+    ('clip_grad', lambda v: v is None or is_number(v, gt=0), 'a gradient norm > 0 (omit it for no clipping)'),
+    ('smoothing', lambda v: is_number(v, ge=0, lt=1), 'a number in [0, 1)'),
+    ('mixup', lambda v: is_number(v, ge=0), 'an alpha >= 0 (0: off)'),
+    ('cutmix', lambda v: is_number(v, ge=0), 'an alpha >= 0 (0: off)'),
     ('cutmix_minmax', lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 2
-                                              and all(_number(x) for x in v) and 0 < v[0] <= v[1] <= 1),
+                                              and all(is_number(x) for x in v) and 0 < v[0] <= v[1] <= 1),
      'two box size ratios MIN MAX with 0 < MIN <= MAX <= 1'),
-    ('mixup_prob', lambda v: _number(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
-    ('mixup_switch_prob', lambda v: _number(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
-    ('mixup_off_epoch', lambda v: _whole(v) and v >= 0, 'a whole number >= 0 (0: never)'),
-    ('decay_epochs', lambda v: _number(v) and v > 0, 'a number > 0'),
-    ('decay_rate', lambda v: _number(v) and v > 0, 'a number > 0'),
-    ('reprob', lambda v: _number(v) and 0 <= v <= 1, 'a probability in [0, 1]'),
+    ('mixup_prob', lambda v: is_number(v, ge=0, le=1), 'a probability in [0, 1]'),
+    ('mixup_switch_prob', lambda v: is_number(v, ge=0, le=1), 'a probability in [0, 1]'),
+    ('mixup_off_epoch', lambda v: is_whole(v, ge=0), 'a whole number >= 0 (0: never)'),
+    ('decay_epochs', lambda v: is_number(v, gt=0), 'a number > 0'),
+    ('decay_rate', lambda v: is_number(v, gt=0), 'a number > 0'),
+    ('reprob', lambda v: is_number(v, ge=0, le=1), 'a probability in [0, 1]'),
     ('remode', lambda v: v in ('pixel', 'rand', 'const'), 'pixel, rand or const'),
-    ('recount', lambda v: _whole(v) and v >= 1, 'a whole number of boxes >= 1'),
-    ('color_jitter', lambda v: v is None or (_number(v) and v >= 0), 'a factor >= 0 (omit it for none)'),
-    ('checkpoint_hist', lambda v: _whole(v) and v >= 0, 'a whole number of epochs >= 0 (0: none)'),
-    ('drop', lambda v: v is None or (_number(v) and 0 <= v < 1), 'a rate in [0, 1)'),
-    ('drop_path', lambda v: v is None or (_number(v) and 0 <= v < 1), 'a rate in [0, 1)'),
-    ('drop_block', lambda v: v is None or (_number(v) and 0 <= v < 1), 'a rate in [0, 1)'),
-    ('input_size', lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 3 and all(_whole(x) for x in v)
+    ('recount', lambda v: is_whole(v, ge=1), 'a whole number of boxes >= 1'),
+    ('color_jitter', lambda v: v is None or is_number(v, ge=0), 'a factor >= 0 (omit it for none)'),
+    ('checkpoint_hist', lambda v: is_whole(v, ge=0), 'a whole number of epochs >= 0 (0: none)'),
+    ('drop', lambda v: v is None or is_number(v, ge=0, lt=1), 'a rate in [0, 1)'),
+    ('drop_path', lambda v: v is None or is_number(v, ge=0, lt=1), 'a rate in [0, 1)'),
+    ('drop_block', lambda v: v is None or is_number(v, ge=0, lt=1), 'a rate in [0, 1)'),
+    ('input_size', lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) == 3 and all(is_whole(x) for x in v)
                                            and v[0] in (1, 3) and min(v[1:]) >= 1),
      'C H W: 1 (gray) or 3 (colour) channels, then a height and a width >= 1'),
-    ('mean', lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) in (1, 3) and all(_number(x) for x in v)),
-     'one value, or one per channel'),
+    ('mean', lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) in (1, 3)
+                                     and all(is_number(x) for x in v)), 'one value, or one per channel'),
     ('std', lambda v: v is None or (isinstance(v, (list, tuple)) and len(v) in (1, 3)
-                                    and all(_number(x) and x > 0 for x in v)), 'one value > 0, or one per channel'),
+                                    and all(is_number(x, gt=0) for x in v)), 'one value > 0, or one per channel'),
     ('clip_mode', lambda v: v in ('norm', 'value', 'agc'), 'norm, value or agc'),
-    ('patience_epochs', lambda v: _whole(v) and v >= 0, 'a whole number of epochs >= 0'),
+    ('patience_epochs', lambda v: is_whole(v, ge=0), 'a whole number of epochs >= 0'),
     ('decay_milestones', lambda v: isinstance(v, (list, tuple)) and len(v) >= 1
-     and all(_whole(x) and x >= 1 for x in v), 'one or more epochs >= 1'),
+     and all(is_whole(x, ge=1) for x in v), 'one or more epochs >= 1'),
 )
 
 
 def _mixing(args: argparse.Namespace) -> bool:
     return args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None
-
-
-def _whole(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -541,8 +534,7 @@ def check_args(args: argparse.Namespace) -> None:
     for name, ok, allowed in _CHECKS:
         value = getattr(args, name)
         if not ok(value):
-            shown = ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value
-            raise SystemExit(f"error: --{name.replace('_', '-')} {shown}: must be {allowed}.")
+            raise SystemExit(f'error: {flag_message(name, value, allowed)}')
     if args.warmup_epochs >= args.epochs:
         raise SystemExit(f'error: --warmup-epochs {args.warmup_epochs}: must be fewer than --epochs {args.epochs}.')
     for name in args.log_with or ():
@@ -617,7 +609,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     check_args(args)
     if args.experiment:  # timm's layout: <output>/<experiment>, the experiment's name not recorded in args.yaml
-        args.output = str(Path(args.output or 'output/train') / args.experiment)
+        args.output = str(Path(args.output or RunFolder.DEFAULT_ROOT) / args.experiment)
     problem = output_problem(args.output) if args.output else None
     if problem:
         raise SystemExit(f'error: --output {args.output}: {problem}; give a folder that can be written.')
@@ -671,12 +663,12 @@ def train_generations(args: argparse.Namespace) -> int:
     root = Path(args.output)
     teacher = list(args.teacher)
     for k in range(1, args.generations + 1):
-        folder = root / f'gen{k}'
+        run = RunFolder.generation(root, k)
+        folder = run.path
         gen_args = argparse.Namespace(**vars(args))
         # seeds far apart, so that no generation's epoch reuses another's data order or augmentation
         seed = args.seed + 1000 * k
         gen_args.generations, gen_args.output, gen_args.seed, gen_args.teacher = 1, str(folder), seed, teacher
-        run = RunFolder(folder)
         if run.checkpoint_path.exists() and not run.file(RunFolder.RESULTS).exists():
             gen_args.resume = str(folder)
         _logger.info(f'generation {k} of {args.generations}: teacher {teacher}, seed {gen_args.seed}, output {folder}')
@@ -731,11 +723,12 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
     defaults = device_defaults(PartialState(cpu=cpu).device.type, args.opt, args.mixed_precision)
     defaults.resolve(args)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
-    output = Path(args.output or f"output/train/{time.strftime('%Y%m%d-%H%M%S')}-{args.model}")
-    run = RunFolder(output)
+    run = RunFolder(args.output) if args.output else RunFolder.default(args.model)
+    output = run.path
     accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
                               gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs],
-                              log_with=args.log_with, project_dir=run.sub('tracking') if args.log_with else None)
+                              log_with=args.log_with,
+                              project_dir=run.sub(RunFolder.TRACKING) if args.log_with else None)
     is_main = accelerator.is_main_process
     log = _logger.info if is_main else (lambda *a, **k: None)
     if args.fused_opt and accelerator.scaler is not None and args.opt.lower() in FUSED_UNSAFE_FP16:
@@ -816,7 +809,7 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
     start_epoch, num_updates, val_metrics, best, ema_metrics = 0, 0, {}, None, None
     mechanism = {}  # the last epoch's diagnostics (Task.mechanism)
     # --checkpoint-hist: the epochs kept in <output>/checkpoints, best first ([{'epoch': E, <metric>: value}])
-    history, history_root = [], run.sub('checkpoints')
+    history, history_root = [], run.sub(RunFolder.HISTORY)
     if resume_state is not None:
         # an extended run takes its schedule up as timm's --resume does: rebuilt over the new epoch count (the state
         # saved describes the old one); a plateau's state has no length and carries on
@@ -943,7 +936,7 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
         # checkpoint: a run killed in between redoes the epoch and its exports
         exports, configs = [], dict(model_config=model_config, data_config=data_config)
         if improved:
-            exports.append(functools.partial(export_folder, export_model, run.sub('best'), **configs))
+            exports.append(functools.partial(export_folder, export_model, run.sub(RunFolder.BEST), **configs))
         if any(h['epoch'] == epoch for h in ranked):
             exports.append(functools.partial(export_new_folder, export_model, history_folder(history_root, epoch),
                                              **configs))
@@ -973,8 +966,8 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
             export_folder(extra, run.sub(name), model_config=model_config, data_config=data_config)
             log(f"saved {type(extra).__name__} '{name}' to {run.sub(name)}")
         if ema is not None:
-            export_folder(ema.module, run.sub('ema'), model_config=model_config, data_config=data_config)
-            log(f"saved the model's EMA to {run.sub('ema')}")
+            export_folder(ema.module, run.sub(RunFolder.EMA), model_config=model_config, data_config=data_config)
+            log(f"saved the model's EMA to {run.sub(RunFolder.EMA)}")
         run.write_results(_results(
             args, info.name, num_epochs, accelerator.num_processes, val_metrics, best, history,
             test=None if test_metrics is None else dict(selection=selection, metrics=test_metrics),

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ._checks import check_whole
 from ._extras import require
 from .metrics import _as_float64, _check_logits, _check_probs, _check_targets, _top_label
 
@@ -174,8 +175,7 @@ def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int =
         raise ValueError('fit_temperature needs finite logits; for the log of probabilities that can be 0, clamp them'
                          ' first (probs.clamp_min(1e-300).log()).')
     targets = _check_targets(targets, num_samples, num_classes, logits.device)
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f'max_iter must be a positive integer, got {max_iter!r}.')
+    check_whole('max_iter', max_iter, 'a positive integer', ge=1)
     target_logits = logits.gather(1, targets[:, None]).squeeze(1)
     # d NLL / d(1/T) at 1/T = 0 (uniform softmax) is mean(mean_c z - z_y); at 1/T -> inf it is mean(max_c z - z_y).
     # The NLL being convex in 1/T, a finite T > 0 minimises it exactly when the first is < 0 and the second > 0

@@ -16,7 +16,8 @@ import json
 import sys
 from pathlib import Path
 
-from ._checkpoint import atomic_write_text
+from ._atomic import atomic_write_text
+from ._checks import flag_message, is_whole
 from ._engine import evaluate
 from ._inference import batches, device_of, fail, get_args_parser, load_model, model_folder, open_dataset
 from ._inference import parse_args as _parse_args
@@ -43,8 +44,8 @@ def main(argv=None) -> int:
     args = _parse_args(parser, argv)
     if args.results_file and not Path(args.results_file).parent.is_dir():
         fail(f'--results-file {args.results_file}: the folder {Path(args.results_file).parent} does not exist.')
-    if args.bins < 1:
-        fail(f'--bins {args.bins}: must be a whole number >= 1.')
+    if not is_whole(args.bins, ge=1):
+        fail(flag_message('bins', args.bins, 'a whole number >= 1'))
     if not (args.dataset or args.data_dir):
         _recorded_data(args)
     model = load_model(args)

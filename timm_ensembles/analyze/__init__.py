@@ -38,6 +38,7 @@ from safetensors.torch import save_file
 
 from .. import data as te_data
 from .. import shift as te_shift
+from .._checks import check_number, check_whole
 from .._engine import check_input_size
 from .._extras import MissingExtraError, require
 from .._registry import create_model
@@ -59,7 +60,6 @@ from ._sections import (
     DEFAULT_SECTIONS,
     SAMPLERS,
     SECTIONS,
-    _check_count,
     _check_shift,
     _Context,
     _landscape,
@@ -214,11 +214,9 @@ def analyze_runs(
     for value, flag, minimum in ((ood_subset, '--ood-subset', 1), (landscape_batches, '--landscape-batches', 1),
                                  (landscape_points, '--landscape-points', 2), (num_samples, '--num-samples', 1),
                                  (plane_grid, '--plane-grid', 2)):
-        _check_count(value, flag, minimum)
-    if isinstance(random_scale, bool) or not isinstance(random_scale, (int, float)) \
-            or not math.isfinite(random_scale) or random_scale <= 0:
-        raise AnalysisError(f'--random-scale must be a finite number > 0 (a fraction of every filter\'s norm), got'
-                            f' {random_scale!r}.')
+        check_whole(flag, value, f'an integer >= {minimum}', ge=minimum, optional=True, error=AnalysisError)
+    check_number('--random-scale', random_scale, "a finite number > 0 (a fraction of every filter's norm)", gt=0,
+                 error=AnalysisError)
     if snapshot_epochs is not None and not {'trajectories', 'samplers'} & set(sections):
         raise AnalysisError('--snapshot-epochs selects the snapshots of the trajectories and samplers sections:'
                             f" add one of them to --sections (asked for: {', '.join(sections)}).")

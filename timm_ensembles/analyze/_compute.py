@@ -2,7 +2,6 @@
 matrices and the snapshot trajectories (Fort et al.)."""
 import contextlib
 import math
-import re
 import warnings
 from collections import Counter
 from dataclasses import dataclass
@@ -16,7 +15,8 @@ from torch import nn
 
 from .. import metrics
 from .._engine import MemberPredictor
-from .._snapshots import INIT_EPOCH, SNAPSHOT_DIR, Snapshots, read_snapshots
+from .._run import RunFolder
+from .._snapshots import Snapshots, read_snapshots, snapshot_epoch
 from ._sources import AnalysisError, _Source
 
 _SINGLE_MEMBER_NOTE = ('a single-member model has no pair of members: its mean disagreement, feature distance and'
@@ -174,7 +174,6 @@ def _between_weights(labels: list[str], weights: list[torch.Tensor | None]) -> d
 # trajectories
 
 
-_WEIGHTS_RE = re.compile(r'^epoch_(\d+|init)\.weights\.safetensors$')
 # float64 elements of one block of the streamed Gram matrix (128 MiB): a parameter is read in blocks of its rows
 _GRAM_BLOCK = 1 << 24
 # a member's parameters in a weights snapshot: (name without the 'member{m}.' prefix, shape), sorted by name
@@ -191,14 +190,14 @@ class _Trajectory:
 
 def _weight_files(folder: Path | None) -> dict[int, Path]:
     """A run's snapshot weights files by epoch (``INIT_EPOCH`` for the initialisation), ascending."""
-    snap_dir = None if folder is None else folder / SNAPSHOT_DIR
+    snap_dir = None if folder is None else folder / RunFolder.SNAPSHOTS
     if snap_dir is None or not snap_dir.is_dir():
         return {}
     found = {}
     for path in snap_dir.iterdir():
-        match = _WEIGHTS_RE.match(path.name)
-        if match:
-            found[INIT_EPOCH if match.group(1) == 'init' else int(match.group(1))] = path
+        epoch = snapshot_epoch(path.name, weights=True)
+        if epoch is not None:
+            found[epoch] = path
     return dict(sorted(found.items()))
 
 
@@ -286,7 +285,7 @@ def _member_vector(path: Path, member: int, layout: Layout) -> torch.Tensor:
 
 def _read_snapshots(src: _Source, epochs: list[int] | None, allow_missing: bool, notes: list[str]) -> _Trajectory:
     """The predictions of a run's snapshots and, where every epoch read has them, its weights files (not read)."""
-    folder = src.folder / SNAPSHOT_DIR
+    folder = src.folder / RunFolder.SNAPSHOTS
     hint = '' if allow_missing else ' (--allow-missing-snapshots skips missing epochs)'
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
@@ -326,7 +325,7 @@ def _snapshot_sources(sources: list[_Source], epochs: list[int] | None, allow_mi
                       require: bool) -> tuple[dict[str, _Trajectory], list[str]]:
     snaps, notes = {}, []
     for s in sources:
-        if s.folder is None or not (s.folder / SNAPSHOT_DIR).is_dir():
+        if s.folder is None or not (s.folder / RunFolder.SNAPSHOTS).is_dir():
             if require:
                 raise AnalysisError(f"--snapshot-epochs was given but source {s.label} ({s.spec}) has no snapshots"
                                     f' folder: train it with --snapshot-subset N, or leave it out.')

@@ -11,6 +11,7 @@ from torch import nn
 
 from .. import data as te_data
 from .. import landscape, metrics, samplers, shift, uncertainty
+from .._checks import is_whole
 from ._compute import Layout, _evaluate, _member_vector, _weight_files, _weight_layout
 from ._sources import AnalysisError, _Source
 
@@ -72,16 +73,11 @@ def _parse_choices(value: str | Sequence[str] | None, valid: Sequence[str], flag
 
 def _parse_severities(severities: Sequence[int]) -> list[int]:
     values = list(severities or [])
-    bad = [v for v in values if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= shift.MAX_SEVERITY]
+    bad = [v for v in values if not is_whole(v, ge=1, le=shift.MAX_SEVERITY)]
     if not values or bad:
         raise AnalysisError(f'--severities must be integers in 1..{shift.MAX_SEVERITY} (the clean set, severity 0,'
                             f' is always shown), got {list(severities or [])}.')
     return sorted(set(values))
-
-
-def _check_count(value: int | None, flag: str, minimum: int = 1) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < minimum):
-        raise AnalysisError(f'{flag} must be an integer >= {minimum}, got {value!r}.')
 
 
 @dataclass

@@ -83,7 +83,7 @@ def _resolve_source(spec: str, label: str | None) -> _Source:
     path = Path(spec[len('local-dir:'):] if spec.startswith('local-dir:') else spec).expanduser()
     if not path.is_dir():
         raise AnalysisError(f"Source '{spec}' is neither an existing folder (a train.py output) nor an hf-hub: name.")
-    if not (path / 'config.json').is_file():
+    if not (path / RunFolder.CONFIG).is_file():
         raise AnalysisError(f"Source '{spec}' has no config.json: give a folder written by train.py (or by"
                             f' timm.models.save_for_hf).')
     src = _Source(spec, label or path.resolve().name, f'local-dir:{path.resolve()}', path)

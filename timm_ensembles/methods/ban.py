@@ -31,10 +31,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._builder import create_ensemble, register_ensemble_variants, register_student_variants
+from .._checks import check_option, check_range
 from .._distill import DistillationTask, StudentModel
 from .._ensemble import EnsembleModel
 from .._registry import register_task
-from .._task import TaskOutput, check_option
+from .._run import RunFolder
+from .._task import TaskOutput
+from ..losses import soft_cross_entropy  # re-exported: its home before losses.py
 
 __all__ = ['BornAgainStudent', 'BornAgainTask', 'BornAgainEnsemble', 'create_bane', 'soft_cross_entropy']
 
@@ -43,12 +46,6 @@ VARIANTS = ('ban', 'cwtm', 'dkpp')
 
 class BornAgainStudent(StudentModel):
     """A born-again student: one timm model (see ``StudentModel``), trained by ``BornAgainTask``."""
-
-
-def soft_cross_entropy(logits: torch.Tensor, target_probs: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """``T^2 * mean_b H(target, softmax(logits / T))``, the cross-entropy against a distribution, in fp32."""
-    log_p = F.log_softmax(logits.float() / temperature, dim=-1)
-    return -(target_probs.float() * log_p).sum(-1).mean() * temperature ** 2
 
 
 def permute_dark_knowledge(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -87,12 +84,9 @@ class BornAgainTask(DistillationTask):
         if variant not in VARIANTS:
             raise ValueError(f"Unknown born-again variant '{variant}', expected one of {VARIANTS}.")
         check_option('temperature', temperature, float)
-        check_option('label_weight', label_weight, float)
+        check_option('label_weight', label_weight, float, low=0)
         check_option('teacher_weight', teacher_weight, float, low=0)
-        if not temperature > 0:
-            raise ValueError(f'temperature must be > 0, got {temperature}.')
-        if label_weight < 0:
-            raise ValueError(f'label_weight must be >= 0, got {label_weight}.')
+        check_range('temperature', temperature, '> 0', gt=0)
         super().__init__(model, teachers, label_smoothing=label_smoothing)
         self.variant = variant
         self.temperature = temperature
@@ -200,8 +194,8 @@ def create_bane(generations: Sequence[str | Path], **kwargs) -> BornAgainEnsembl
 
 def _architecture(source, model: nn.Module) -> str:
     folder = Path(str(source).removeprefix('local-dir:'))
-    if (folder / 'config.json').is_file():
-        return json.loads((folder / 'config.json').read_text())['architecture']
+    if (folder / RunFolder.CONFIG).is_file():
+        return json.loads((folder / RunFolder.CONFIG).read_text())['architecture']
     return model.pretrained_cfg.get('architecture') or type(model).__name__
 
 

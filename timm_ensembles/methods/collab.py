@@ -29,7 +29,6 @@ Registered names: ``collab`` (``base_model=``, ``num_heads=``, ``split=``, ``hie
 import copy
 import fnmatch
 import math
-import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -40,10 +39,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .._builder import create_ensemble, register_ensemble_variants
+from .._checks import check_option, check_range, check_whole, is_whole
 from .._ensemble import EnsembleHead, ModelArgsMixin, refuse_script, sub_group_matcher
 from .._registry import check_base_model, register_task
+from .._run import RunFolder
 from .._split import SplitLayout, get_split_layout, grad_rescale
-from .._task import Task, TaskOutput, check_option
+from .._task import Task, TaskOutput
 from .._timm_compat import get_global_pool
 
 __all__ = ['CollaborativeNet', 'CollaborativeTask', 'default_splits']
@@ -105,12 +106,12 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
     ):
         super().__init__()
         check_base_model(base_model, what='base model')
-        if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 2:
+        if not is_whole(num_heads, ge=2):
             raise ValueError(f'A collaborative network needs num_heads >= 2 (an integer), got {num_heads!r}.')
         if combine not in COMBINE_MODES:
             raise ValueError(f"Unknown combine mode '{combine}', expected one of {COMBINE_MODES}.")
         hierarchy = [num_heads] if hierarchy is None else list(hierarchy)
-        if not hierarchy or any(isinstance(b, bool) or not isinstance(b, int) or b < 2 for b in hierarchy):
+        if not hierarchy or not all(is_whole(b, ge=2) for b in hierarchy):
             raise ValueError(f'hierarchy must list branching factors >= 2, one per split, got {hierarchy!r}.')
         if math.prod(hierarchy) != num_heads:
             raise ValueError(f'hierarchy {hierarchy} gives {math.prod(hierarchy)} heads, but num_heads={num_heads};'
@@ -138,9 +139,9 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
         n = self.layout.num_stages
         if split is None:
             split = default_splits(n, len(hierarchy))
-        splits = [split] if isinstance(split, numbers.Integral) and not isinstance(split, bool) else split
+        splits = [split] if is_whole(split, numpy=True) else split
         if (not isinstance(splits, Sequence) or len(splits) != len(hierarchy)
-                or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in splits)):
+                or not all(is_whole(s, numpy=True) for s in splits)):
             raise ValueError(f'split must give one stage index per level of the hierarchy {hierarchy}, got {split!r}.')
         splits = [int(s) for s in splits]
         if any(s < 0 or s > n for s in splits) or any(a >= b for a, b in zip(splits, splits[1:])):
@@ -167,8 +168,7 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
 
     @staticmethod
     def _check_head_index(index: Any, num_heads: int, what: str) -> None:
-        if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < num_heads:
-            raise ValueError(f'{what} must be a head index in 0..{num_heads - 1}, got {index!r}.')
+        check_whole(what, index, f'a head index in 0..{num_heads - 1}', ge=0, le=num_heads - 1)
 
     @staticmethod
     def _pool_of(model: nn.Module) -> str | None:
@@ -414,16 +414,14 @@ class CollaborativeTask(Task):
         check_option('temperature', temperature, float)
         if not isinstance(backward_rescale, bool):
             raise ValueError(f'backward_rescale must be True or False, got {backward_rescale!r}.')
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f'beta (the weight of the cross-entropy) must be in [0, 1], got {beta}.')
-        if not temperature > 0:
-            raise ValueError(f'temperature must be > 0, got {temperature}.')
+        check_range('beta (the weight of the cross-entropy)', beta, 'in [0, 1]', ge=0.0, le=1.0)
+        check_range('temperature', temperature, '> 0', gt=0)
         self.beta = beta
         self.temperature = temperature
         model.backward_rescale = backward_rescale
 
     def exports(self) -> dict[str, nn.Module]:
-        return {'exported': self.model.export_head()}
+        return {RunFolder.EXPORTED: self.model.export_head()}
 
     def forward(self, x: torch.Tensor, target: torch.Tensor) -> TaskOutput:
         logits = self.model.forward_members(x)

@@ -92,9 +92,10 @@ from collections.abc import Sequence
 import torch
 
 from .._builder import create_ensemble, register_ensemble_variants
+from .._checks import check_option, check_range
 from .._ensemble import FEATURE_TAPS, EnsembleModel, tapped_convs
 from .._registry import register_task
-from .._task import Task, TaskOutput, check_option
+from .._task import Task, TaskOutput
 from ..losses import FEATURE_DISTANCES, feature_difference_loss, loss_similarity, member_cross_entropy
 
 __all__ = ['FDLEnsemble', 'FDLTask']
@@ -176,8 +177,7 @@ class FDLTask(Task):
         for name, m in (('fdl_momentum', fdl_momentum), ('head_momentum', head_momentum)):
             if m is not None:
                 check_option(name, m, float, low=0)
-                if not m < 1:
-                    raise ValueError(f'{name} must be in [0, 1), got {m}.')
+                check_range(name, m, 'in [0, 1)', lt=1)
         if feature_taps == 'stages' and not hasattr(member, 'forward_intermediates'):
             raise ValueError(f"Base model '{model.base_model}' has no forward_intermediates() to tap its stages:"
                              f" use --task-kwargs feature_taps=convs.")

@@ -69,10 +69,11 @@ from torch import nn
 from torch.func import functional_call
 
 from .._builder import create_ensemble, register_student_variants
+from .._checks import check_option, check_range
 from .._distill import DistillationTask, StudentModel
 from .._registry import register_task
-from .._task import TaskOutput, check_option
-from .ban import soft_cross_entropy
+from .._task import TaskOutput
+from ..losses import soft_cross_entropy
 
 __all__ = ['MEALStudent', 'MEALTask', 'Discriminator', 'align', 'standardise', 'block_distance']
 
@@ -222,9 +223,8 @@ class MEALTask(DistillationTask):
         if version == 'v1':
             max_blocks = self._max_blocks(student)
             num_blocks = max_blocks if num_blocks is None else num_blocks
-            if not 0 <= num_blocks <= max_blocks:
-                raise ValueError(f'num_blocks must be in 0..{max_blocks} (the stages the student and every teacher'
-                                 f' have), got {num_blocks}.')
+            check_range('num_blocks', num_blocks, f'in 0..{max_blocks} (the stages the student and every teacher'
+                        f' have)', ge=0, le=max_blocks)
             channels = [f['num_chs'] for f in student.feature_info][len(student.feature_info) - num_blocks:]
             self.lengths = channels + [num_classes]
         else:
