@@ -100,7 +100,7 @@ def test_fdl_feature_distance_against_the_end_of_phase_zero(tmp_path):
 
 
 def test_fdl_pair_without_normalisation_at_a_common_learning_rate_finishes(tmp_path):
-    """The user's BatchNorm-free one-layer net with one filter per member (docs/studies/convnet.py, registered by
+    """The user's BatchNorm-free one-layer net with one filter per member (studies/convnet.py, registered by
     --import), lr 0.1 with the step schedule close to the reference's: the paper's similarity term alone used to
     drive both members' losses to 1e19 within tens of updates of the joint phase."""
     cmd = [sys.executable, str(ROOT / 'train.py'), '--import', 'convnet', '--model', 'fdl_convnet1x2',
@@ -108,7 +108,7 @@ def test_fdl_pair_without_normalisation_at_a_common_learning_rate_finishes(tmp_p
            '32', '--lr', '0.1', '--sched', 'step', '--decay-epochs', '1', '--decay-rate', '0.97', '--workers', '0',
            '--no-aug', '--epochs', '5', '--task-kwargs', 'feature_taps=convs', '--no-progress', '--output',
            str(tmp_path / 'run')]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT / 'docs' / 'studies')
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT / 'studies')
     assert proc.returncode == 0, proc.stderr[-2000:]
     epochs = _epochs(tmp_path / 'run')
     assert len(epochs) == 5

@@ -87,7 +87,7 @@ def test_the_wheel_trains_with_accelerate_and_its_scripts_outside_the_checkout(i
 def test_import_trains_a_model_registered_in_a_users_file(installed_wheel):
     site, work = installed_wheel
     # the FDL paper's one-layer network without normalisation, as a user's own file beside them
-    shutil.copy(ROOT / 'docs' / 'studies' / 'convnet.py', work / 'my_convnet.py')
+    shutil.copy(ROOT / 'studies' / 'convnet.py', work / 'my_convnet.py')
     _run([site / 'bin' / 'timm-ensembles-train', '--import', 'my_convnet', '--model', 'fdl_convnet1x2',
           '--model-kwargs', 'num_filters=4', '--in-chans', '1', '--img-size', '28', '--epochs', '2', *QUICK,
           '--output', 'fdl'], work, site)

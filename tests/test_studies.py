@@ -1,4 +1,4 @@
-"""The study runner (docs/studies/study.py): runs survive interruption, finished runs are skipped, tables come from
+"""The study runner (studies/study.py): runs survive interruption, finished runs are skipped, tables come from
 the run folders."""
 import json
 import os
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STUDY = ROOT / 'docs' / 'studies' / 'study.py'
+STUDY = ROOT / 'studies' / 'study.py'
 
 
 def _study(*args, check=True):

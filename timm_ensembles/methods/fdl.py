@@ -44,7 +44,7 @@ the documentation (docs/methods/fdl.md) renders it.
   'relative' (the default) divides each layer's term by the members' feature energy (scale-free, at most
   N / (N - 1); see ``losses.feature_difference_loss``): the members are pushed apart in direction, not magnitude.
 * **A step at which the term acts** (``fdl_lr=0.1``, where the reference steps -L_FDL at 1e-4). Measured on the studies'
-  recipe (Fashion-MNIST, a narrow resnet10t pair, 20 epochs, seed 0; the sweep in docs/studies/runs/fmnist-sweep): at
+  recipe (Fashion-MNIST, a narrow resnet10t pair, 20 epochs, seed 0; the sweep in studies/runs/fmnist-sweep): at
   the reference's step the members' features ended as far apart as an independent pair's (scale-free distance 0.69
   against 0.70, mse 0.87 against 0.85; the term's share of the members' gradient is about 1e-4 on the tests' runs and a
   one-layer MNIST pair). With the relative distance the features separate as the step grows: 0.85 (x1.21) at 1e-2, 0.99

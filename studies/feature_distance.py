@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """The members' feature distances of trained ensembles on a fixed 2,000-image subset of Fashion-MNIST's test set: the
 FDL paper's mse L_FDL and its scale-free form (losses.feature_difference_loss, 'relative'), at the stage outputs, and
-the members' disagreement. The FDL step sweep's distances (docs/studies/runs/fmnist-sweep) were read with it:
+the members' disagreement. The FDL step sweep's distances (studies/runs/fmnist-sweep) were read with it:
 
-    python docs/studies/feature_distance.py output/sweep/ens_x2-s0 output/sweep/fdl_rel_lr1e-1-s0 ...
+    python studies/feature_distance.py output/sweep/ens_x2-s0 output/sweep/fdl_rel_lr1e-1-s0 ...
 """
 import json
 import sys
