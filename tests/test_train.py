@@ -6,6 +6,7 @@ import math
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -35,8 +36,20 @@ def _env():
     return env
 
 
+def _train_cmd(args, launcher=None) -> list[str]:
+    return (launcher or [sys.executable]) + [str(ROOT / 'train.py'), *map(str, args)]
+
+
+def ddp_launcher(*machine_flags) -> list[str]:
+    """`accelerate launch` of two DDP processes (gloo on a machine without a GPU), on one machine unless
+    ``machine_flags`` say otherwise (``--num_machines 2 --machine_rank R ...``: one process on each machine)."""
+    accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))
+    return [accelerate, 'launch', '--multi_gpu', '--num_processes', '2', *(machine_flags or ('--num_machines', '1')),
+            '--mixed_precision', 'no', '--dynamo_backend', 'no']
+
+
 def run_train(*args, launcher=None, check=True, timeout=600):
-    cmd = (launcher or [sys.executable]) + [str(ROOT / 'train.py'), *map(str, args)]
+    cmd = _train_cmd(args, launcher)
     proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(f'train.py failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}')
@@ -501,10 +514,8 @@ def test_holdout_validates_on_training_images_and_tests_once(tmp_path):
 
 def test_two_processes(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` starts two gloo processes on a machine without a GPU."""
-    accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))
     out = tmp_path / 'ddp'
-    launcher = [accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-                '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    launcher = ddp_launcher()
     proc = run_train('--model', 'fdl_test_resnetx3', '--epochs', '2', '--output', out, '--cpu', *QUICK,
                      launcher=launcher)
     log = proc.stdout + proc.stderr
@@ -527,6 +538,89 @@ def test_two_processes(tmp_path):
                      '--task-kwargs', 'fdl_weight=1e30', 'fdl_distance=mse', *QUICK, launcher=launcher, check=False,
                      timeout=300)
     assert proc.returncode != 0 and 'Non-finite' in proc.stderr
+
+
+def run_two_machines(*args, logs: Path, machine_args=((), ()), timeout=300) -> list[subprocess.CompletedProcess]:
+    """Two "machines" on the loopback, one process each, launched as two nodes are (the same command on each, with
+    its --machine_rank); ``machine_args[r]``: the arguments that only machine r gets (what its own disk holds)."""
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    procs, results = [], []
+    try:
+        for rank in (0, 1):
+            launcher = ddp_launcher('--num_machines', '2', '--machine_rank', str(rank), '--main_process_ip',
+                                    '127.0.0.1', '--main_process_port', str(port))
+            out, err = open(logs / f'machine{rank}.out', 'w+'), open(logs / f'machine{rank}.err', 'w+')
+            procs.append((subprocess.Popen(_train_cmd([*args, *machine_args[rank]], launcher), stdout=out,
+                                           stderr=err, text=True, env=_env(), cwd=ROOT, start_new_session=True),
+                          out, err))
+        deadline = time.time() + timeout
+        for proc, out, err in procs:
+            proc.wait(timeout=max(deadline - time.time(), 1))
+            out.seek(0), err.seek(0)
+            results.append(subprocess.CompletedProcess(proc.args, proc.returncode, out.read(), err.read()))
+    finally:
+        for proc, out, err in procs:
+            if proc.poll() is None:  # a process left waiting: its launcher and workers go with it
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            out.close(), err.close()
+    return results
+
+
+def test_two_machines_train_as_two_processes_on_one(tmp_path):
+    """`accelerate launch --num_machines 2 --machine_rank 0|1` (one process each, gloo on the loopback) trains the
+    run that two processes on one machine train; only the main process writes. A machine that lacks an input (here
+    the checkpoint to resume, on machine 0's disk only) stops both with its line instead of leaving one waiting."""
+    # a learning rate that moves the weights from the first update: rank 1's half of each batch (its shard, its
+    # augmentation) shows in them
+    args = ['--model', 'ens_test_resnetx2', '--epochs', '1', '--lr', '0.05', '--warmup-epochs', '0', '--cpu',
+            '--dataset-download', *QUICK]  # --dataset-download: the inputs read in turns (digits fetch nothing)
+    one, two = tmp_path / 'one', tmp_path / 'two'
+    start = time.time()
+    run_train(*args, '--output', one, launcher=ddp_launcher())
+    single = time.time() - start
+    machines = run_two_machines(*args, '--output', two, logs=tmp_path)
+    assert [p.returncode for p in machines] == [0, 0], machines[1].stderr[-3000:] + machines[0].stderr[-3000:]
+    assert 'world size 2' in machines[0].stdout + machines[0].stderr
+    assert 'world size' not in machines[1].stdout + machines[1].stderr  # the main process alone logs
+    assert json.loads((two / 'results.json').read_text())['world_size'] == 2
+    a, b = load_file(one / 'model.safetensors'), load_file(two / 'model.safetensors')
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], msg=k)
+    lines = [[json.loads(ln) for ln in (run / 'metrics.jsonl').read_text().splitlines()] for run in (one, two)]
+    assert [ln['train'] for ln in lines[1]] == [pytest.approx(ln['train'], rel=1e-6) for ln in lines[0]]
+    assert [ln['val']['loss'] for ln in lines[1]] == [pytest.approx(ln['val']['loss'], rel=1e-6) for ln in lines[0]]
+    print(f'two processes on one machine {single:.0f} s; on two {time.time() - start - single:.0f} s')
+    # machine 1 lacks the run folder to resume: both stop, machine 0 with machine 1's line, and nothing is written
+    three, missing = tmp_path / 'three', tmp_path / 'only-on-machine-0'
+    start = time.time()
+    machines = run_two_machines(*args, '--output', three, logs=tmp_path, timeout=240,
+                                machine_args=(('--resume', one), ('--resume', missing)))
+    assert [p.returncode != 0 for p in machines] == [True, True] and time.time() - start < 200
+    line = next((ln for ln in machines[1].stderr.splitlines() if ln.startswith('error: ')), '')
+    assert str(missing) in line, machines[1].stderr[-3000:]
+    assert f'{line} [process 1 on ' in machines[0].stderr, machines[0].stderr[-3000:]
+    assert not three.exists()
+
+
+@pytest.mark.parametrize('variable', ['ACCELERATE_USE_DEEPSPEED', 'ACCELERATE_USE_FSDP'])
+def test_deepspeed_and_fsdp_launches_are_refused_before_anything_is_written(tmp_path, monkeypatch, variable):
+    """What `accelerate launch --use_deepspeed` / `--use_fsdp` (or a config's distributed_type) set: refused in one
+    line naming what runs instead, on the CPU too (where Accelerate would fail on DeepSpeed's import and silently
+    drop FSDP)."""
+    from timm_ensembles import train
+    monkeypatch.setenv(variable, 'true')
+    out = tmp_path / 'run'
+    with pytest.raises(SystemExit) as e:
+        train.main(['--model', 'test_resnet', '--epochs', '1', '--output', str(out), *QUICK])
+    message = str(e.value.code)
+    assert message.startswith('error: ') and '\n' not in message and variable in message
+    assert ('DeepSpeed is not supported' if 'DEEPSPEED' in variable else 'FSDP is not supported yet') in message
+    assert 'DDP on one or several machines' in message
+    assert not out.exists() and not list(tmp_path.iterdir())
 
 
 def test_mixed_precision_and_gradient_accumulation(tmp_path):
@@ -644,9 +738,7 @@ def test_born_again_generations_and_their_ensemble(fdl_run, tmp_path):
 
 def test_meal_student_of_an_ensemble_under_two_processes(fdl_run, tmp_path):
     teacher, _ = fdl_run
-    accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))
-    launcher = [accelerate, 'launch', '--multi_gpu', '--num_processes', '2', '--num_machines', '1',
-                '--mixed_precision', 'no', '--dynamo_backend', 'no']
+    launcher = ddp_launcher()
     out = tmp_path / 'meal'
     proc = run_train('--model', 'meal_test_resnet', '--teacher', teacher, '--epochs', '1', '--output', out, '--cpu',
                      *QUICK, launcher=launcher)

@@ -40,6 +40,7 @@ import io
 import logging
 import math
 import os
+import socket
 import sys
 import time
 import traceback
@@ -684,8 +685,28 @@ def train(args: argparse.Namespace, end_training: bool = True, generation: int |
     run's number in a --generations run, whose folder may hold that generation finished by the same command (kept,
     not trained again). The main process holds the output folder's lock from the moment it claims the folder (before
     writing anything there) to the end of the run."""
+    _refuse_unsupported_launch()
     with contextlib.ExitStack() as held:
         return _train(args, end_training, generation, held)
+
+
+# the ways of sharding the Accelerator takes from `accelerate launch` (--use_deepspeed, --use_fsdp, or a config's
+# distributed_type), by the variable it reads: neither is tested with this trainer. On a CPU Accelerate ignores FSDP and
+# fails on DeepSpeed's import, so the variable, not the Accelerator's distributed_type, says it the same everywhere
+_UNSUPPORTED_LAUNCH = (
+    ('ACCELERATE_USE_DEEPSPEED', 'DeepSpeed is not supported by this trainer'),
+    ('ACCELERATE_USE_FSDP', 'FSDP is not supported yet (open item 1 of issue 29: the trainer builds its optimizer'
+                            ' before sharding and saves on the main process only)'),
+)
+
+
+def _refuse_unsupported_launch() -> None:
+    """Refuse a DeepSpeed or FSDP launch in one line, before anything is built or written."""
+    for variable, reason in _UNSUPPORTED_LAUNCH:
+        if accelerate_utils.parse_flag_from_env(variable):
+            raise SystemExit(f'error: {reason} ({variable} is set by accelerate launch or its config); run one'
+                             f' process, or DDP on one or several machines (accelerate launch --multi_gpu'
+                             f' --num_processes N [--num_machines M ...]) without --use_deepspeed / --use_fsdp.')
 
 
 def _train(args: argparse.Namespace, end_training: bool, generation: int | None, held: contextlib.ExitStack) -> int:
@@ -695,32 +716,18 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
     if args.teacher:
         task_kwargs['teachers'] = list(args.teacher)
 
-    resume_state = None
-    if args.resume:
-        try:
-            resume_path = find_checkpoint(args.resume)
-            resume_state = load_checkpoint(resume_path)
-        except CheckpointError as e:
-            raise SystemExit(f'error: {e}') from None
-        args.output = args.output or str(resume_path.parent)
-
-    # data first: the class count and natural image size come from it
-    train_ds, val_ds, test_ds, info, num_classes = _create_datasets(args)
-    try:
-        # from the dataset's evaluation split (the test set with --holdout), which the snapshot loader reads
-        snapshot_idx = snapshot_indices(val_ds if test_ds is None else test_ds, args.snapshot_subset) \
-            if args.snapshot_subset else None
-    except ValueError as e:
-        raise SystemExit(f'error: {e}') from None
-    model, task, mixup_fn, data_config = _create_task(args, task_kwargs, num_classes, info)
-    _check_batch_of_one(args, task, data_config, train_ds)
-
     # Accelerate only forms a CPU process group (gloo) when told it runs on the CPU; without this, processes
     # started by `accelerate launch --multi_gpu` on a machine without an accelerator each train alone
     cpu = args.cpu or not _has_accelerator()
+    # the process group, formed before the inputs are read: every process reads them from its own machine (a
+    # checkpoint to resume, the data, the teachers), and one that lacks one must stop the others
+    state = PartialState(cpu=cpu)
+    (resume_state, train_ds, val_ds, test_ds, info, num_classes, snapshot_idx, model, task, mixup_fn,
+     data_config) = _on_every_process(state, functools.partial(_read_inputs, args, task_kwargs),
+                                      "reading the run's inputs", in_turns=args.dataset_download)
     # the device-dependent defaults, resolved into args (args.yaml records them) before Accelerate needs the
     # precision; PartialState is the device the Accelerator will use (`accelerate launch --cpu` included)
-    defaults = device_defaults(PartialState(cpu=cpu).device.type, args.opt, args.mixed_precision)
+    defaults = device_defaults(state.device.type, args.opt, args.mixed_precision)
     defaults.resolve(args)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
     run = RunFolder(args.output) if args.output else RunFolder.default(args.model)
@@ -987,6 +994,31 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
         for tracker in accelerator.trackers:  # the next generation starts its own
             tracker.finish()
     return 0
+
+
+def _read_inputs(args: argparse.Namespace, task_kwargs: dict) -> tuple:
+    """What a run reads before it trains, each refused in one line: the checkpoint to resume (``args.output``
+    defaults to its folder), the datasets (the data first: the class count and natural image size come from it),
+    the snapshot subset, the model and its task (teachers, initial checkpoint) and the data config."""
+    resume_state = None
+    if args.resume:
+        try:
+            resume_path = find_checkpoint(args.resume)
+            resume_state = load_checkpoint(resume_path)
+        except CheckpointError as e:
+            raise SystemExit(f'error: {e}') from None
+        args.output = args.output or str(resume_path.parent)
+    train_ds, val_ds, test_ds, info, num_classes = _create_datasets(args)
+    try:
+        # from the dataset's evaluation split (the test set with --holdout), which the snapshot loader reads
+        snapshot_idx = snapshot_indices(val_ds if test_ds is None else test_ds, args.snapshot_subset) \
+            if args.snapshot_subset else None
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    model, task, mixup_fn, data_config = _create_task(args, task_kwargs, num_classes, info)
+    _check_batch_of_one(args, task, data_config, train_ds)
+    return (resume_state, train_ds, val_ds, test_ds, info, num_classes, snapshot_idx, model, task, mixup_fn,
+            data_config)
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -1436,6 +1468,37 @@ def _on_main(accelerator, fn, what: str, kept=None):
         raise SystemExit(refusal)
     if failure is not None:
         raise SystemExit(failure)
+    return result
+
+
+def _on_every_process(state: PartialState, fn, what: str, in_turns: bool = False):
+    """Run ``fn`` on every process and return its own result there. A refusal on any process (a SystemExit with its
+    line: a folder or a dataset that one machine lacks) or a failure stops every process with that line, instead of
+    leaving the others waiting in their next collective call. ``in_turns``: first the main process, then the first
+    process of each other machine, then the rest, each turn ending when all are through it: files that ``fn``
+    fetches (--dataset-download) are complete, in a folder the machines share or in one of each machine's own, before
+    another process reads them."""
+    if state.num_processes == 1:
+        return fn()
+    mine = (0 if state.is_main_process else 1 if state.is_local_main_process else 2) if in_turns else 0
+    result, error, line = None, None, None
+    for turn in range(3 if in_turns else 1):
+        if turn == mine:
+            try:
+                result = fn()
+            except SystemExit as e:
+                error = e
+                line = e.code if isinstance(e.code, str) else f'error: process {state.process_index} stopped {what}.'
+            except Exception as e:  # noqa: BLE001  (raised again below; the others stop with its line)
+                error, line = e, f'error: {what} failed: {type(e).__name__}: {e}'
+        # also the barrier that ends the turn
+        lines = accelerate_utils.gather_object([(line, socket.gethostname())])
+        if error is not None:
+            raise error
+        failed = next(((k, *ln) for k, ln in enumerate(lines) if ln[0] is not None), None)
+        if failed is not None:
+            k, line, host = failed
+            raise SystemExit(f'{line} [process {k} on {host}; this process stops with it]')
     return result
 
 
