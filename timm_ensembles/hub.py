@@ -303,7 +303,7 @@ _CARD_METRICS = (
 def eval_results(run: dict[str, Any], dataset: str | None) -> list:
     """The run's results as huggingface_hub ``EvalResult`` entries (the card's ``model-index``): on the test set where
     the run had one (``--holdout``), else the final epoch's validation, which is then the dataset's evaluation split
-    (``--val-split``); only the numbers results.json holds. None without results or a dataset."""
+    (``--val-split``); only the numbers results.json holds. Empty without results or a dataset."""
     from huggingface_hub import EvalResult
 
     results = run.get('results') or {}
