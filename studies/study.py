@@ -88,6 +88,7 @@ class Run:
     generations: int = 1
     baseline: str | None = None  # the run its paired difference is taken against (default: the study's first row)
     init: str | None = None  # a run (same seed) whose exported model initialises this one (--initial-checkpoint)
+    recipe_kwargs: bool = True  # the recipe's --model-kwargs (its base's widths); False for another architecture
 
     @property
     def needs(self) -> list[str]:
@@ -168,6 +169,10 @@ def _fmnist_runs(base: str) -> dict[str, Run]:
         Run('ban_labels-g3', f'ban_{base}', teachers=[base], generations=3, task_kwargs=['label_weight=1.0']),
         Run('ens_x3', f'ens_{base}x3'),
         Run('fdl_x3', f'fdl_{base}x3', baseline='ens_x3'),
+        # MEAL's premise, a zoo of different architectures: the single network and timm's mobilenetv3_small_050 (at its
+        # own widths, 0.58 M parameters) as the V1 student's teachers, beside meal_v1 (two networks of its own kind)
+        Run('mobilenetv3', 'mobilenetv3_small_050', recipe_kwargs=False),
+        Run('meal_v1-zoo', f'meal_{base}', teachers=[base, 'mobilenetv3']),
     ]
     return {r.name: r for r in runs}
 
@@ -225,6 +230,8 @@ STUDIES = {
                    (0, 1, 2, 3, 4)),
     # settings of the seeds not tried before (issue 25 item 6), three seeds on the same machine as `mechanisms`
     'settings': ('fmnist-r', ['resnet10t', 'ban_labels-g3', 'ens_x3', 'fdl_x3'], (0, 1, 2)),
+    # MEAL V1 with a zoo of two architectures (issue 25 item 6), three seeds, beside `mechanisms`' meal_v1
+    'zoo': ('fmnist-r', ['resnet10t', 'mobilenetv3', 'meal_v1', 'meal_v1-zoo'], (0, 1, 2)),
     'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
     # the FDL reference's own MNIST network (BatchNorm) and step (issue 25 item 6)
     'fdl-mnist-bn': ('mnist-bn', list(_mnist_bn_runs()), (0, 1, 2)),
@@ -250,11 +257,13 @@ def _noisy_folder(out: Path, recipe: str) -> Path:
 def _command(run: Run, recipe: str, out: Path, seed: int, args: argparse.Namespace) -> list[str]:
     cfg = RECIPES[recipe]
     folder = run.folder(out, seed)
-    flags = [a.format(mnist=args.mnist, noisy=_noisy_folder(out, recipe) if 'noise' in cfg else '') for a in cfg['args']]
+    noisy = _noisy_folder(out, recipe) if 'noise' in cfg else ''
+    flags = [a.format(mnist=args.mnist, noisy=noisy) for a in cfg['args']]
     cmd = [sys.executable, str(ROOT / 'train.py'), '--model', run.model, '--seed', str(seed), '--epochs',
            str(cfg['epochs']), *flags, *run.extra, '--no-progress', '--output', str(folder)]
-    if cfg['model_kwargs'] or run.model_kwargs:
-        cmd += ['--model-kwargs', *cfg['model_kwargs'], *run.model_kwargs]
+    model_kwargs = [*(cfg['model_kwargs'] if run.recipe_kwargs else []), *run.model_kwargs]
+    if model_kwargs:
+        cmd += ['--model-kwargs', *model_kwargs]
     if run.task_kwargs:
         cmd += ['--task-kwargs', *run.task_kwargs]
     for teacher in run.teachers:

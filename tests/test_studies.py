@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,3 +131,29 @@ def test_diagnostics_table_reads_each_runs_mechanism_and_its_distance_against_th
     # share_fdl: first epoch 0.02 (mean), final 0.05 ± 0.014; distance 0.825 ± 0.106, each seed 1.5 x its pair's
     assert table[3] == ('| fdl_x2-vs-pair | share_fdl 0.02 → 0.05 ± 0.014 (0) | 0.82 ± 0.11 (× 1.50 ± 0.00 ens_x2)'
                         ' | 7.00 ± 1.41 % |')
+
+
+def test_noisy_copy_flips_the_share_asked_to_other_classes_and_keeps_the_rest(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / 'studies'))
+    from noisy_labels import noisy_copy
+    src = tmp_path / 'src'
+    src.mkdir()
+    clean = np.arange(10_000, dtype=np.uint8) % 10
+    header = (2049).to_bytes(4, 'big') + len(clean).to_bytes(4, 'big')
+    (src / 'train-labels-idx1-ubyte').write_bytes(header + clean.tobytes())
+    for name in ('train-images-idx3-ubyte', 't10k-images-idx3-ubyte', 't10k-labels-idx1-ubyte'):
+        (src / name).write_bytes(b'kept as it is')
+    changed = noisy_copy(src, tmp_path / 'dst', 0.4, seed=0)
+    raw = (tmp_path / 'dst' / 'train-labels-idx1-ubyte').read_bytes()
+    noisy = np.frombuffer(raw, dtype=np.uint8, offset=8)
+    assert raw[:8] == header and noisy.max() < 10
+    assert changed == (noisy != clean).mean() and abs(changed - 0.4) < 0.02  # 10,000 draws: sd 0.005
+    # a flipped label goes to each of the nine other classes about equally often (0.4 / 9 of the labels each)
+    offsets = np.bincount(((noisy.astype(int) - clean) % 10)[noisy != clean], minlength=10)
+    assert offsets[0] == 0 and offsets[1:].min() > 0.7 * len(clean) * 0.4 / 9
+    # the other files are the source's, linked; a second call writes nothing and gives the same share
+    assert (tmp_path / 'dst' / 't10k-labels-idx1-ubyte').is_symlink()
+    assert (tmp_path / 'dst' / 't10k-labels-idx1-ubyte').read_bytes() == b'kept as it is'
+    mtime = (tmp_path / 'dst' / 'train-labels-idx1-ubyte').stat().st_mtime_ns
+    assert noisy_copy(src, tmp_path / 'dst', 0.4, seed=0) == changed
+    assert (tmp_path / 'dst' / 'train-labels-idx1-ubyte').stat().st_mtime_ns == mtime
