@@ -235,7 +235,8 @@ STUDIES = {
     'mechanisms': ('fmnist-r', ['resnet10t', 'ens_x2', 'fdl_x2-vs-pair', 'fdl_x2-paper', 'meal_v1', 'meal_v2-init'],
                    (0, 1, 2, 3, 4)),
     # settings of the seeds not tried before (issue 25 item 6), three seeds on the same machine as `mechanisms`
-    'settings': ('fmnist-r', ['resnet10t', 'ban_labels-g3', 'ens_x3', 'fdl_x3'], (0, 1, 2)),
+    # (ens_x4: the independent ensemble of BANE's size, four networks)
+    'settings': ('fmnist-r', ['resnet10t', 'ban_labels-g3', 'ens_x3', 'fdl_x3', 'ens_x4'], (0, 1, 2)),
     # MEAL V1 with a zoo of two architectures (issue 25 item 6), three seeds, beside `mechanisms`' meal_v1
     'zoo': ('fmnist-r', ['resnet10t', 'mobilenetv3', 'meal_v1', 'meal_v1-zoo'], (0, 1, 2)),
     'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
