@@ -680,7 +680,8 @@ def diagnostics(study: str, args: argparse.Namespace) -> str:
                 continue
             start = f'{statistics.mean(first):.3g}' if None not in first else '-'
             sd = statistics.stdev(last) if len(last) > 1 else 0.0
-            cells.append(f'{key} {start} → {statistics.mean(last):.3g} ± {sd:.2g} ({entry["null"]:g})')
+            null = 'no null value' if entry['null'] is None else f'{entry["null"]:g}'  # a divergence has none
+            cells.append(f'{key} {start} → {statistics.mean(last):.3g} ± {sd:.2g} ({null})')
         epochs = [r['final_epoch'] for r in results]
         distance = disagreement = ''
         if all('feature_distance_rel' in e for e in epochs):

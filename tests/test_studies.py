@@ -121,16 +121,18 @@ def test_diagnostics_table_reads_each_runs_mechanism_and_its_distance_against_th
             folder = tmp_path / 'smoke' / f'{name}-s{seed}'
             folder.mkdir(parents=True)
             epoch = dict(acc=90.0, feature_distance_rel=distance, disagreement=disagreement)
-            mechanism = None if final is None else {'share_fdl': dict(value=final, null=0.0, note='')}
+            # a divergence has no null value (None): the table says so instead of failing
+            mechanism = None if final is None else {'share_fdl': dict(value=final, null=0.0, note=''),
+                                                    'kl': dict(value=2 * final, null=None, note='')}
             (folder / 'results.json').write_text(json.dumps(dict(final_epoch=epoch, mechanism=mechanism)))
-            line = dict(epoch=0, mechanism=None if first is None else {'share_fdl': first})
+            line = dict(epoch=0, mechanism=None if first is None else {'share_fdl': first, 'kl': 2 * first})
             (folder / 'metrics.jsonl').write_text(json.dumps(line) + '\n')
     args = study.argparse.Namespace(seeds=None, out=str(tmp_path / 'out'), archive=str(tmp_path), from_runs=False)
     table = study.diagnostics('probe', args).splitlines()
     assert table[2] == '| ens_x2 |  | 0.55 ± 0.07 | 6.00 ± 1.41 % |'
     # share_fdl: first epoch 0.02 (mean), final 0.05 ± 0.014; distance 0.825 ± 0.106, each seed 1.5 x its pair's
-    assert table[3] == ('| fdl_x2-vs-pair | share_fdl 0.02 → 0.05 ± 0.014 (0) | 0.82 ± 0.11 (× 1.50 ± 0.00 ens_x2)'
-                        ' | 7.00 ± 1.41 % |')
+    assert table[3] == ('| fdl_x2-vs-pair | share_fdl 0.02 → 0.05 ± 0.014 (0); kl 0.04 → 0.1 ± 0.028 (no null value) |'
+                        ' 0.82 ± 0.11 (× 1.50 ± 0.00 ens_x2) | 7.00 ± 1.41 % |')
 
 
 def test_noisy_copy_flips_the_share_asked_to_other_classes_and_keeps_the_rest(tmp_path, monkeypatch):
