@@ -72,6 +72,9 @@ RECIPES['fmnist-r'] = dict(RECIPES['fmnist'])
 # setting; the copy is written under --out before the first run
 RECIPES['fmnist-noise40'] = dict(RECIPES['fmnist'], args=['--dataset', 'idx:{noisy}', *RECIPES['fmnist']['args'][2:]],
                                  noise=0.4)
+# and without augmentation, where one network fits its training images and so can fit the wrong labels too
+RECIPES['fmnist-noaug-noise40'] = dict(RECIPES['fmnist-noise40'],
+                                       args=[*RECIPES['fmnist-noise40']['args'][:-3], '--no-aug'])
 # the FDL reference's BatchNorm MNIST network (studies/convnet.py: convnet1bn), at the mnist recipe
 RECIPES['mnist-bn'] = dict(RECIPES['mnist'], base='convnet1bn')
 
@@ -244,6 +247,7 @@ STUDIES = {
     'fdl-mnist-bn': ('mnist-bn', list(_mnist_bn_runs(MNIST_BN_FILTERS)), (0, 1, 2)),
     # the collaborative seed's robustness claim: 40 % of the training labels wrong (issue 25 item 6)
     'noise': ('fmnist-noise40', ['resnet10t', 'collab_x2'], (0, 1, 2)),
+    'noise-noaug': ('fmnist-noaug-noise40', ['resnet10t', 'collab_x2'], (0, 1, 2)),
     # the runs of docs/analysis' landscape and samplers figures
     'landscape': ('fmnist', ['resnet10t-snap'], (0,)),
     'smoke': ('smoke', ['test_resnet', 'ens_x2', 'fdl_x2', 'ban'], (0,)),
