@@ -15,7 +15,7 @@ import yaml
 from test_train import QUICK, ROOT, _env, run_train
 
 from timm_ensembles import data as te_data
-from timm_ensembles._checkpoint import TEMPORARY_PREFIX
+from timm_ensembles.train.checkpoint import TEMPORARY_PREFIX
 
 
 @pytest.mark.parametrize('args, message', [
@@ -168,7 +168,7 @@ def test_sparse_idx_labels_and_a_folder_named_fashion(tmp_path):
 def test_a_teacher_of_other_classes_with_the_same_count(tmp_path):
     import timm
 
-    from timm_ensembles._checkpoint import export_folder
+    from timm_ensembles.files.model_folder import export_folder
     teacher = export_folder(timm.create_model('test_resnet', num_classes=10), tmp_path / 'teacher',
                             model_config=dict(label_names=[f'shoe{i}' for i in range(10)]))
     proc = run_train('--model', 'ban_test_resnet', '--teacher', teacher, '--epochs', '1', *QUICK,
@@ -211,7 +211,7 @@ def test_loader_workers_draw_per_rank():
 
 
 def test_fp16_overflow_steps_are_skipped_and_only_a_run_of_them_stops(monkeypatch):
-    from timm_ensembles import _engine
+    from timm_ensembles.train import engine as _engine
 
     class InfGrad(torch.autograd.Function):
         @staticmethod
@@ -454,7 +454,7 @@ def test_a_second_trainer_or_resume_on_a_folder_in_use_is_refused_and_the_first_
 
 
 def test_a_stale_lock_is_taken_over_with_a_line_and_a_held_one_names_its_holder(tmp_path):
-    from timm_ensembles._run import RunBusyError, RunLock
+    from timm_ensembles.files.run_folder import RunBusyError, RunLock
     folder = tmp_path / 'run'
     folder.mkdir()
     # a lock file whose holder was killed: the kernel dropped its flock, the record stays
@@ -526,7 +526,7 @@ def test_cleanup_removes_only_what_the_trainer_left(finished, tmp_path):
 def test_resume_with_a_teacher_retrained_in_place_is_refused(tmp_path):
     import timm
 
-    from timm_ensembles._checkpoint import export_folder
+    from timm_ensembles.files.model_folder import export_folder
     teacher = tmp_path / 'teacher'
     labels = dict(label_names=[str(i) for i in range(10)])
     export_folder(timm.create_model('test_resnet', num_classes=10), teacher, model_config=labels)
@@ -547,7 +547,7 @@ def test_resume_with_a_teacher_retrained_in_place_is_refused(tmp_path):
 def test_generations_run_again_with_other_flags_are_refused_and_overwrite_trains_them_anew(tmp_path):
     import timm
 
-    from timm_ensembles._checkpoint import export_folder
+    from timm_ensembles.files.model_folder import export_folder
     teacher = export_folder(timm.create_model('test_resnet', num_classes=10), tmp_path / 'teacher',
                             model_config=dict(label_names=[str(i) for i in range(10)]))
     out = tmp_path / 'ban'
@@ -575,9 +575,9 @@ def test_generations_run_again_with_other_flags_are_refused_and_overwrite_trains
 
 
 def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
-    from timm_ensembles import _run
     from timm_ensembles import train as trainer
-    from timm_ensembles.analyze import main as analyze
+    from timm_ensembles.analysis import main as analyze
+    from timm_ensembles.files import run_folder as _run
     file = tmp_path / 'file'
     file.write_text('x')
     for argv, message in (
@@ -600,8 +600,8 @@ def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, cap
 def test_a_full_disk_at_a_checkpoint_says_so_and_what_is_kept(tmp_path, monkeypatch):
     import errno
 
-    from timm_ensembles import _checkpoint
     from timm_ensembles import train as trainer
+    from timm_ensembles.train import checkpoint as _checkpoint
     out = tmp_path / 'run'
     saves, before = [], {}
     real_save, real_save_epoch = _checkpoint.torch.save, trainer._save_epoch

@@ -5,14 +5,7 @@
 """
 import warnings
 
-from ._distill import DistillationTask, StudentModel
-from ._ensemble import EnsembleHead, EnsembleModel
-from ._registry import create_model, create_task, get_task_cls, list_ensemble_methods, register_task
-from ._snapshots import Snapshots, read_snapshots
-from ._split import SplitLayout, get_split_layout, register_split_layout
-from ._task import ClassificationTask, Task
 from .export import export
-from .hub import load_from_hub, push_to_hub
 from .methods import (
     BornAgainEnsemble,
     BornAgainStudent,
@@ -30,6 +23,13 @@ from .methods import (
     create_bane,
     ensemble_of,
 )
+from .models.distill import DistillationTask, StudentModel
+from .models.ensemble import EnsembleHead, EnsembleModel
+from .models.hub import load_from_hub, push_to_hub
+from .models.registry import create_model, create_task, get_task_cls, list_ensemble_methods, register_task
+from .models.split import SplitLayout, get_split_layout, register_split_layout
+from .task import ClassificationTask, Task
+from .train.snapshots import Snapshots, read_snapshots
 from .version import __version__
 
 # `timm_ensembles.export` is the function (the module of the same name is imported above, so that no later import of

@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_range, check_whole
-from ._extras import require
 from .losses import _check_features, pairwise_feature_difference
+from .utils.checks import check_range, check_whole
+from .utils.extras import require
 
 __all__ = [
     'member_correct', 'member_accuracy', 'ensemble_probs', 'ensemble_correct', 'ensemble_accuracy',

@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._builder import create_ensemble, register_ensemble_variants
-from .._checks import check_option, check_range, check_whole, is_whole
-from .._ensemble import EnsembleHead, ModelArgsMixin, refuse_script, sub_group_matcher
-from .._registry import check_base_model, register_task
-from .._run import RunFolder
-from .._split import SplitLayout, get_split_layout, grad_rescale
-from .._task import Task, TaskOutput
-from .._timm_compat import get_global_pool
+from ..files.run_folder import RunFolder
+from ..models.builder import create_ensemble, register_ensemble_variants
+from ..models.ensemble import EnsembleHead, ModelArgsMixin, refuse_script, sub_group_matcher
+from ..models.registry import check_base_model, register_task
+from ..models.split import SplitLayout, get_split_layout, grad_rescale
+from ..task import Task, TaskOutput
+from ..utils.checks import check_option, check_range, check_whole, is_whole
+from ..utils.timm_compat import get_global_pool
 
 __all__ = ['CollaborativeNet', 'CollaborativeTask', 'default_splits']
 

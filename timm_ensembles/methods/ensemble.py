@@ -23,12 +23,12 @@ from timm.data import resolve_data_config
 from timm.models import get_model_args
 from torch import nn
 
-from .._builder import create_ensemble, register_models
-from .._ensemble import COMBINE_MODES, EnsembleHead, ModelArgsMixin, refuse_script
-from .._registry import register_task
-from .._task import Task, TaskOutput
-from .._teachers import InputMap, load_teacher
 from ..losses import member_cross_entropy
+from ..models.builder import create_ensemble, register_models
+from ..models.ensemble import COMBINE_MODES, EnsembleHead, ModelArgsMixin, refuse_script
+from ..models.registry import register_task
+from ..models.teachers import InputMap, load_teacher
+from ..task import Task, TaskOutput
 
 __all__ = ['ModelEnsemble', 'ModelEnsembleTask', 'ensemble_of', 'ENSEMBLE_COMBINES']
 
@@ -119,7 +119,7 @@ class ModelEnsemble(ModelArgsMixin, nn.Module):
     @staticmethod
     def _build(member: str | dict | nn.Module, index: int) -> nn.Module:
         if isinstance(member, dict):  # a recorded spec: built empty, the ensemble's weights are loaded after
-            from .._registry import create_model
+            from ..models.registry import create_model
             return create_model(member['architecture'], pretrained=False, **member.get('args', {}))
         try:
             model = load_teacher(member)
