@@ -22,7 +22,7 @@ flag at its default (member strategy, channels_last, fused optimizer, pinned mem
    of the distance the second epoch moved them (a broken resume, another data order, a lost optimizer state or
    learning rate, moves them about as far as the epoch does).
 
-Then the member-strategy table: ``EnsembleModel.set_member_strategy('auto')`` (``_strategies.AutoStrategy``) times
+Then the member-strategy table: ``EnsembleModel.set_member_strategy('auto')`` (``models.strategies.AutoStrategy``) times
 every strategy that accepts ``ens_<base>xN`` on a training batch, in fp32, bf16 and fp16 autocast, and the table
 prints its median times and its choice.
 

@@ -265,7 +265,7 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
         statistics on a probe batch, in float64 on a CPU copy of the members, which stay untouched) and refused with a
         ``StrategyError`` (a ``ValueError``) that says why. Every strategy reads the members' own parameters and writes
         their own BatchNorm statistics, so the state_dict, checkpoints and Hub repos are the same whichever ran. See
-        ``_strategies.py``.
+        ``models/strategies``.
 
         Changing the members' modules afterwards (``reset_classifier`` and ``set_grad_checkpointing`` do this
         themselves) needs ``set_member_strategy`` again.
