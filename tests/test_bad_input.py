@@ -15,6 +15,7 @@ import yaml
 from test_train import QUICK, ROOT, _env, run_train
 
 from timm_ensembles import data as te_data
+from timm_ensembles.data.loaders import _seed_worker
 from timm_ensembles.train.checkpoint import TEMPORARY_PREFIX
 
 
@@ -204,7 +205,7 @@ def test_loader_workers_draw_per_rank():
     def draws(rank):
         import functools
         loader = torch.utils.data.DataLoader(Noise(), batch_size=4, num_workers=1,
-                                             worker_init_fn=functools.partial(te_data._seed_worker, rank),
+                                             worker_init_fn=functools.partial(_seed_worker, rank),
                                              generator=torch.Generator().manual_seed(0))
         return next(iter(loader))[0]
     assert torch.equal(draws(0), draws(0)) and not torch.equal(draws(0), draws(1))

@@ -40,7 +40,7 @@ def _canonical_dataset(name: str | None, root: str | None) -> str | None:
     if name is None:
         return None
     try:
-        kind, path, _ = te_data._resolve_source(name, root)
+        kind, path, _ = te_data.resolve_source(name, root)
     except (OSError, ValueError):
         return str(name)  # a path that no longer exists: compare the name as given
     # as data.py names them: absolute, symbolic links kept
