@@ -58,10 +58,10 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import timm_ensembles
-from timm_ensembles import train as trainer
 from timm_ensembles.files.run_folder import RunFolder
 from timm_ensembles.models import registry as _registry
 from timm_ensembles.train import checkpoint as _checkpoint
+from timm_ensembles.train import trainer
 from timm_ensembles.train.device import CpuFp16Accelerator, DeviceDefaults, device_defaults
 
 FAMILIES = ('fdl', 'ens', 'collab', 'ban', 'meal')

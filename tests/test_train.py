@@ -259,7 +259,7 @@ def test_tracking_log_lines_summary_csv_and_the_best_epoch(tmp_path):
 
 def test_the_best_epoch_is_the_validation_metrics_best_not_the_last(tmp_path, monkeypatch):
     """Validation losses scripted to 2.0, 1.0, 1.5: best/ holds epoch 1's weights, and the final folder epoch 2's."""
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     losses, weights = iter([2.0, 1.0, 1.5]), []
 
     def scripted(model, *args, **kwargs):
@@ -283,7 +283,7 @@ def test_checkpoint_hist_keeps_the_n_best_epochs_through_a_crash_and_resume(tmp_
     3 and 1, each holding its epoch's weights; epochs that fall out are removed. The run fails while saving epoch 3
     (after exporting it, before its checkpoint) and is resumed: the ranking comes back from the checkpoint, the
     unlisted export of epoch 3 is swept and redone, and epoch 2 goes once epoch 3's checkpoint is written."""
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     losses = {0: 3.0, 1: 1.0, 2: 2.0, 3: 0.5, 4: 1.5}
     epochs, weights, seen = iter([0, 1, 2, 3, 3, 4]), {}, []
 
@@ -340,7 +340,7 @@ def test_augmentation_flags_reach_timms_transforms(tmp_path, monkeypatch, caplog
     in-memory digits in gray, which then leave the batched path for timm's per-image transform."""
     from PIL import Image
 
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     loaders = []
     create_loaders = te_data.create_loaders
 
@@ -402,7 +402,7 @@ def test_model_ema_is_evaluated_exported_and_resumed(tmp_path):
 def test_model_ema_follows_every_update(tmp_path, monkeypatch):
     """One EMA update per optimizer update (2 epochs of 5 batches, 2 batches an update: 3 an epoch); with decay 0
     the average is the model itself, exactly."""
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     steps = []
 
     class Recording(trainer.ModelEmaV3):
@@ -436,16 +436,16 @@ def test_timms_recipe_mixup_cutmix_ema_and_layer_decay_for_every_method(model, f
 
 
 def test_mixup_mixes_every_training_batch_until_its_off_epoch(tmp_path, monkeypatch):
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import inputs, trainer
     mixed = []
 
-    class Recording(trainer.Mixup):
+    class Recording(inputs.Mixup):
         def __call__(self, x, target):
             x, target = super().__call__(x, target)
             mixed.append((target.shape, float(target.sum(-1).mean())))
             return x, target
 
-    monkeypatch.setattr(trainer, 'Mixup', Recording)
+    monkeypatch.setattr(inputs, 'Mixup', Recording)
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     trainer.main(['--model', 'ens_test_resnetx2', '--epochs', '3', '--mixup', '0.2', '--mixup-off-epoch', '2',
                   '--output', str(tmp_path / 'run'), *QUICK])
@@ -976,7 +976,7 @@ def test_resume_with_more_epochs_extends_the_run_as_timm(fdl_run, tmp_path):
 
 
 def test_timms_model_and_data_flags_reach_the_model_and_its_data_config(fdl_run, tmp_path):
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     args = trainer.parse_args(['--model', 'fdl_test_resnetx2', '--drop', '0.25', '--drop-path', '0.125',
                                '--input-size', '3', '32', '48', '--mean', '0.25', '--std', '0.5', '0.25', '1',
                                '--eval-metric', 'top1', '--initial-checkpoint', str(fdl_run[0])])
@@ -1024,7 +1024,7 @@ def test_plateau_state_resumes_with_its_patience_counters():
     cooldown counters too, so a resumed run decays on the same epoch as an uninterrupted one."""
     import argparse
 
-    from timm_ensembles.train.cli import SchedulerState, create_scheduler
+    from timm_ensembles.train.optim import SchedulerState, create_scheduler
 
     def plateau():
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -1084,7 +1084,7 @@ def test_the_summary_flags_a_member_count_beyond_the_registered_variants_with_it
     which is what train.py's checkpoint of the model, the task and an SGD step's momentum takes (within 2 %)."""
     import io
 
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     from timm_ensembles.train.summary import format_bytes, run_summary
     args = trainer.parse_args(['--model', 'fdl_test_resnetx5', *map(str, QUICK)])
     trainer.check_args(args)

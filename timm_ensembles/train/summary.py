@@ -11,7 +11,7 @@ from torch import nn
 from .. import data as te_data
 from ..files.run_folder import RunFolder
 from ..models.registry import registered_sizes
-from .cli import optimizer_state_ratio
+from .optim import optimizer_state_ratio
 
 __all__ = ['run_summary', 'format_bytes']
 

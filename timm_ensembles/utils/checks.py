@@ -10,11 +10,13 @@ The messages are ``<name> must be <expected>, got <value>.`` for a function's ar
 ``--<flag> <value>: must be <expected>.`` for a command-line flag; ``expected`` is the caller's, in the words of its
 domain (``a positive integer``, ``a probability in [0, 1]``).
 """
+import difflib
 import math
 import numbers
 from typing import Any
 
-__all__ = ['is_whole', 'is_number', 'check_whole', 'check_number', 'check_range', 'check_option', 'flag_message']
+__all__ = ['is_whole', 'is_number', 'check_whole', 'check_number', 'check_range', 'check_option', 'flag_message',
+           'close_matches']
 
 
 def _in_range(value: Any, ge=None, gt=None, le=None, lt=None) -> bool:
@@ -90,3 +92,8 @@ def flag_message(name: str, value: Any, expected: str) -> str:
     namespace spells it, ``_`` for ``-``; a list shown as its items, as typed)."""
     shown = ' '.join(map(str, value)) if isinstance(value, (list, tuple)) else value
     return f"--{name.replace('_', '-')} {shown}: must be {expected}."
+
+
+def close_matches(word: str, candidates, n: int = 3) -> list[str]:
+    """The candidates nearest ``word`` (difflib), best first."""
+    return difflib.get_close_matches(word, list(candidates), n=n, cutoff=0.6)
