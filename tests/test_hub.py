@@ -21,7 +21,9 @@ from safetensors.torch import load_file, save_file
 
 import timm_ensembles
 from timm_ensembles.files.model_folder import export_folder
-from timm_ensembles.models.hub import check_config, generate_model_card, load_from_hub, push_to_hub, read_run
+from timm_ensembles.hub.card import generate_model_card
+from timm_ensembles.hub.push import push_to_hub
+from timm_ensembles.models.hub import check_config, load_from_hub, read_run
 
 TESTS = Path(__file__).resolve().parent
 
@@ -333,7 +335,7 @@ def test_a_catalog_tag_and_hf_hub_names_load_from_an_offline_cache(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # the catalog: timm lists published weights only; pretrained=True says what is wrong in one line
 
-CATALOG_PY = TESTS.parent / 'timm_ensembles' / '_catalog.py'
+CATALOG_PY = TESTS.parent / 'timm_ensembles' / 'models' / 'catalog.py'
 NO_HUB = 'http://127.0.0.1:9'  # the discard port: nothing listens, a connection is refused at once
 
 
@@ -494,7 +496,7 @@ def test_every_family_round_trips_through_the_upload_server(hub, tmp_path):
         import torch, timm, timm_ensembles
         from pathlib import Path
         from _hub_families import exported, families, probe
-        from timm_ensembles.models.hub import push_to_hub
+        from timm_ensembles.hub.push import push_to_hub
         x = probe()
         for name, obj in families(Path({str(tmp_path / 'src')!r})).items():
             with torch.no_grad():
@@ -535,7 +537,7 @@ def test_revisions_pull_requests_and_private_repos(hub, tmp_path):
     out = _client(f"""
         import torch, timm, timm_ensembles
         from _hub_families import probe
-        from timm_ensembles.models.hub import push_to_hub
+        from timm_ensembles.hub.push import push_to_hub
         folder = {str(folder)!r}
         want = timm.create_model(f'local-dir:{{folder}}', pretrained=True).eval()(probe())
         push_to_hub(folder, 'org/rev', revision='v1')
@@ -579,15 +581,16 @@ def test_pushing_a_catalog_repo_says_to_mark_its_entry_published(hub, tmp_path):
     """, hub.endpoint, tmp_path)
     hints = [line for line in out.splitlines() if 'published=True' in line]
     assert hints == ["'fdl_resnet18x2.fmnist' is in the catalog, marked unpublished: set published=True on its entry in"
-                     " timm_ensembles/_catalog.py, so that timm lists it and create_model('fdl_resnet18x2.fmnist',"
-                     ' pretrained=True) loads it (hub/README.md, "Catalog")'], out
+                     " timm_ensembles/models/catalog.py, so that timm lists it and"
+                     " create_model('fdl_resnet18x2.fmnist', pretrained=True) loads it (hub/README.md,"
+                     ' "Catalog")'], out
 
 
 def test_a_model_pushes_to_a_new_branch_and_without_a_card_when_asked(hub, tmp_path):
     out = _client("""
         import torch, timm, timm_ensembles
         from _hub_families import probe
-        from timm_ensembles.models.hub import push_to_hub
+        from timm_ensembles.hub.push import push_to_hub
         model = timm.create_model('ens', base_model='test_resnet', num_members=2, num_classes=3).eval()
         push_to_hub(model, 'org/model-branch', revision='v2', model_card=False)
         with torch.no_grad():
@@ -731,7 +734,7 @@ def test_a_pushed_card_carries_base_model_and_a_model_index_that_huggingface_hub
     folder = families(tmp_path / 'src')['fdl']
     (folder / 'args.yaml').write_text('model: fdl_test_resnetx2\ndataset: digits\npretrained_base: true\n')
     _client(f"""
-        from timm_ensembles.models.hub import push_to_hub
+        from timm_ensembles.hub.push import push_to_hub
         push_to_hub({str(folder)!r}, 'org/card')
     """, hub.endpoint, tmp_path)
     data = _metadata(hub.files('org/card')['README.md'].decode())
@@ -750,7 +753,7 @@ def test_a_pushed_folder_names_no_path_of_this_machine(hub, tmp_path):
     results = json.loads((folder / 'results.json').read_text())
     (folder / 'results.json').write_text(json.dumps(dict(results, teacher=[f'{local}/teacher'])))
     _client(f"""
-        from timm_ensembles.models.hub import push_to_hub
+        from timm_ensembles.hub.push import push_to_hub
         push_to_hub({str(folder)!r}, 'org/paths')
     """, hub.endpoint, tmp_path)
     files = hub.files('org/paths')
