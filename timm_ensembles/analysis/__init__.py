@@ -62,15 +62,11 @@ from ._sections import (
     SECTIONS,
     _check_shift,
     _Context,
-    _landscape,
     _ood,
     _parse_choices,
     _parse_sections,
     _parse_severities,
-    _plan_landscape,
-    _plan_samplers,
     _prepare_ood,
-    _samplers,
     _shift,
     _uncertainty,
 )
@@ -85,6 +81,7 @@ from ._sources import (
     _short_labels,
     _unique_labels,
 )
+from ._space import _landscape, _plan_landscape, _plan_samplers, _samplers
 
 __all__ = ['AnalysisError', 'analyze_runs', 'get_args_parser', 'main', 'PLOTS', 'SECTIONS', 'DEFAULT_SECTIONS',
            'SAMPLERS']

@@ -34,7 +34,7 @@ import torch
 from timm.layers import DropBlock2d, DropPath
 from torch import nn
 
-from ..metrics import _as_float64, _check_logits, member_correct, pairwise_differ_counts
+from ..metrics import as_float64, check_logits, member_correct, pairwise_differ_counts
 from ..train.engine import MemberPredictor
 from ..utils.checks import check_number, check_whole, is_number
 from .landscape import _named_parameters, load_parameter_vector, parameter_vector, recompute_batchnorm
@@ -394,9 +394,9 @@ def normalized_disagreement(
         float64 ``[K]`` tensors: ``'accuracy'`` (percent), ``'disagreement'`` (``d_diff``, a fraction) and
         ``'normalized_disagreement'``.
     """
-    samples = _check_logits(sample_logits)
+    samples = check_logits(sample_logits)
     num_points, _, num_classes = samples.shape
-    reference = _as_float64(reference_logits, 'reference_logits')
+    reference = as_float64(reference_logits, 'reference_logits')
     if reference.ndim == 3 and reference.shape[1] == 1:
         reference = reference[:, 0]
     if reference.shape != (num_points, num_classes):

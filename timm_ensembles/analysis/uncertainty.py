@@ -23,14 +23,13 @@ References:
     AUPR). Geifman & El-Yaniv, "Selective Classification for Deep Neural Networks", NeurIPS 2017, and Geifman et al.,
     "Bias-Reduced Uncertainty Estimation for Deep Neural Classifiers", ICLR 2019 (risk-coverage curve, AURC).
 """
-from collections.abc import Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from ..metrics import _as_float64, _check_logits, _check_probs, _check_targets, _top_label
-from ..utils.checks import check_whole
+from ..metrics import as_float64, check_logits, check_probs, top_label
+from ..train.calibrate import calibrate, fit_temperature
 from ..utils.extras import require
 
 __all__ = [
@@ -40,10 +39,10 @@ __all__ = [
 
 
 def _check_probs_only(probs: Any) -> torch.Tensor:
-    probs = _as_float64(probs, 'probs')
-    # _check_probs checks the shape and the values with its own messages; targets of class 0 pass any valid probs
+    probs = as_float64(probs, 'probs')
+    # check_probs checks the shape and the values with its own messages; targets of class 0 pass any valid probs
     num_samples = probs.shape[0] if probs.ndim == 2 else 0
-    return _check_probs(probs, torch.zeros(num_samples, dtype=torch.long))[0]
+    return check_probs(probs, torch.zeros(num_samples, dtype=torch.long))[0]
 
 
 def _entropy(probs: torch.Tensor) -> torch.Tensor:
@@ -91,7 +90,7 @@ def expected_entropy(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[N]`` float64 tensor in [0, ln C].
     """
-    return _entropy(F.softmax(_check_logits(logits), dim=-1)).mean(1)
+    return _entropy(F.softmax(check_logits(logits), dim=-1)).mean(1)
 
 
 def mutual_information(logits: torch.Tensor) -> torch.Tensor:
@@ -107,7 +106,7 @@ def mutual_information(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[N]`` float64 tensor in [0, ln min(M, C)].
     """
-    return _decomposition(_check_logits(logits))['mutual_information']
+    return _decomposition(check_logits(logits))['mutual_information']
 
 
 def uncertainty_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -121,7 +120,7 @@ def uncertainty_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
         ``entropy`` (``predictive_entropy`` of the averaged probabilities: total), ``expected_entropy`` (aleatoric)
         and ``mutual_information`` (epistemic; ``entropy = expected_entropy + mutual_information``).
     """
-    return _decomposition(_check_logits(logits))
+    return _decomposition(check_logits(logits))
 
 
 def ood_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -134,7 +133,7 @@ def ood_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
         Dict of ``[N]`` float64 tensors: ``neg_max_prob`` (minus the top averaged probability, Hendrycks & Gimpel's
         baseline), ``entropy``, ``expected_entropy`` and ``mutual_information``.
     """
-    scores = _decomposition(_check_logits(logits))
+    scores = _decomposition(check_logits(logits))
     return {
         'neg_max_prob': -scores['max_prob'],
         'entropy': scores['entropy'],
@@ -142,111 +141,8 @@ def ood_scores(logits: torch.Tensor) -> dict[str, torch.Tensor]:
         'mutual_information': scores['mutual_information'],
     }
 
-
-def fit_temperature(logits: torch.Tensor, targets: torch.Tensor, max_iter: int = 100) -> float:
-    """The temperature T > 0 that minimises the NLL of ``softmax(logits / T)`` (Guo et al.'s temperature scaling).
-
-    Fit it on held-out data, not on the training set. ``logits`` are the model's output logits; for an ensemble that
-    averages probabilities, they are the log of the averaged probabilities, ``metrics.ensemble_probs(logits).log()``
-    (any logits that give the same softmax do: a constant per sample does not change ``softmax(logits / T)``).
-
-    ``log T`` is optimised (so that T stays positive) by ``torch.optim.LBFGS`` with a strong-Wolfe line search, in
-    float64, from T = 1. The NLL is convex in 1 / T, so its minimum is unique when it exists; it does not exist, and
-    a ValueError says so, when the target has the highest logit on every sample (the NLL falls as T -> 0) or, on
-    average, the target's logit is no higher than its sample's mean logit (the NLL falls as T -> inf).
-
-    Args:
-        logits: ``[N, C]`` finite logits of one model (or log-probabilities), C >= 2.
-        targets: ``[N]`` class indices.
-        max_iter: Most LBFGS iterations.
-
-    Returns:
-        The temperature; calibrated probabilities are ``softmax(logits / T)``.
-    """
-    logits = _as_float64(logits, 'logits')
-    if logits.ndim != 2:
-        hint = ' (for [N, M, C] member logits, pass metrics.ensemble_probs(logits).log())' if logits.ndim == 3 else ''
-        raise ValueError(f'fit_temperature expects [N, C] logits of one model{hint}, got shape'
-                         f' {tuple(logits.shape)}.')
-    num_samples, num_classes = logits.shape
-    if num_samples < 1 or num_classes < 2:
-        raise ValueError(f'fit_temperature needs at least 1 sample and 2 classes, got shape {tuple(logits.shape)}.')
-    if not torch.isfinite(logits).all():
-        raise ValueError('fit_temperature needs finite logits; for the log of probabilities that can be 0, clamp them'
-                         ' first (probs.clamp_min(1e-300).log()).')
-    targets = _check_targets(targets, num_samples, num_classes, logits.device)
-    check_whole('max_iter', max_iter, 'a positive integer', ge=1)
-    target_logits = logits.gather(1, targets[:, None]).squeeze(1)
-    # d NLL / d(1/T) at 1/T = 0 (uniform softmax) is mean(mean_c z - z_y); at 1/T -> inf it is mean(max_c z - z_y).
-    # The NLL being convex in 1/T, a finite T > 0 minimises it exactly when the first is < 0 and the second > 0
-    if logits.mean(1).sub(target_logits).mean() >= 0:
-        raise ValueError('fit_temperature: the NLL has no minimum at a finite temperature, it falls as T -> inf (on'
-                         " average the target's logit is no higher than its sample's mean logit: the uniform"
-                         ' prediction is best).')
-    if torch.equal(target_logits, logits.max(1).values):
-        raise ValueError('fit_temperature: the NLL has no minimum at a positive temperature, it falls as T -> 0 (the'
-                         ' target has the highest logit on every sample). Fit it on held-out data the model gets'
-                         ' wrong at times.')
-    # callers evaluate under no_grad or inference_mode; the fit needs autograd, and tensors made in inference mode
-    # cannot be saved for backward, hence the clones
-    with torch.inference_mode(False), torch.enable_grad():
-        logits, targets = logits.clone(), targets.clone()
-        log_t = torch.zeros((), dtype=torch.float64, device=logits.device, requires_grad=True)
-        optimizer = torch.optim.LBFGS([log_t], lr=1.0, max_iter=max_iter, line_search_fn='strong_wolfe',
-                                      tolerance_grad=1e-12, tolerance_change=1e-15)
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = F.cross_entropy(logits / log_t.exp(), targets)
-            loss.backward()
-            return loss
-
-        optimizer.step(closure)
-    return log_t.detach().exp().item()
-
-
-
-def calibrate(model: torch.nn.Module, loader: Iterable, accelerator=None) -> dict[str, float]:
-    """Fit the temperature of ``model`` on held-out data and set it (``model.set_temperature``).
-
-    The model's own prediction on every batch (its ``combine`` of the members, or its output) is gathered in eval
-    mode with the temperature at 1, ``fit_temperature`` fits T on it, and the model divides its logits by T from then
-    on (recorded in its ``model_args``, so an exported model reloads calibrated).
-
-    Args:
-        model: A model of this package (it has ``set_temperature``; a plain timm model has no place to keep T: wrap
-            it, e.g. ``timm_ensembles.ensemble_of([model])``).
-        loader: Held-out ``(x, target)`` batches: validation data the model was not trained on, never the test set.
-        accelerator: As ``_engine.MemberPredictor`` takes it (device, autocast, gathering across processes).
-
-    Returns:
-        ``{'temperature': T, 'nll_before': ..., 'nll_after': ...}`` on the loader's data.
-    """
-    from ..train.engine import MemberPredictor
-
-    if not hasattr(model, 'set_temperature'):
-        raise ValueError(f'{type(model).__name__} has no set_temperature, so it cannot keep a temperature: calibrate'
-                         ' a model of timm_ensembles (a plain timm model wrapped as ensemble_of([model]) is one).')
-    previous = model.temperature
-    model.set_temperature(1.0)
-    try:
-        outputs = [(out.logits.double().cpu(), out.target.long().cpu())
-                   for out in MemberPredictor(model, loader, accelerator, gather=accelerator is not None)]
-    finally:
-        model.set_temperature(previous)
-    if not outputs:
-        raise ValueError('calibrate: the loader gave no batch.')
-    # log(mean probs) of an ensemble can hold -inf where a probability underflowed; any very negative finite value
-    # gives the same softmax
-    logits = torch.cat([o for o, _ in outputs]).clamp_min(-1e30)
-    targets = torch.cat([t for _, t in outputs])
-    temperature = fit_temperature(logits, targets)
-    model.set_temperature(temperature)
-    return dict(temperature=temperature, nll_before=F.cross_entropy(logits, targets).item(),
-                nll_after=F.cross_entropy(logits / temperature, targets).item())
-
 def _check_scores(scores: Any, name: str) -> torch.Tensor:
-    scores = _as_float64(scores, name)
+    scores = as_float64(scores, name)
     if scores.ndim != 1 or scores.numel() == 0:
         raise ValueError(f'{name} must be a non-empty [N] tensor of one score per sample, got shape'
                          f' {tuple(scores.shape)}.')
@@ -320,8 +216,8 @@ def risk_coverage(
     Returns:
         Dict of ``[N]`` float64 tensors ``coverage`` and ``risk``.
     """
-    probs, targets = _check_probs(probs, targets)
-    top_prob, correct = _top_label(probs, targets)
+    probs, targets = check_probs(probs, targets)
+    top_prob, correct = top_label(probs, targets)
     if confidence is None:
         confidence = top_prob
     else:

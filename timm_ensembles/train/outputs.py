@@ -11,9 +11,9 @@ from accelerate import PartialState
 from accelerate import utils as accelerate_utils
 from accelerate.utils import broadcast_object_list
 
-from ..analysis.uncertainty import calibrate
 from ..files.run_folder import RunFolder, os_error_reason
 from ..utils.atomic import atomic_write_text
+from .calibrate import calibrate
 from .snapshots import member_parameters, predict_members, write_snapshot
 
 
