@@ -1,4 +1,4 @@
-"""What the distillation methods share (_distill.py, _teachers.py): frozen teachers outside the task's state, each
+"""What the distillation methods share (models/distill.py, teachers.py): frozen teachers outside the task's state, each
 fed its own preprocessing; bad teachers. The methods' own tests are in tests/methods/test_ban.py and test_meal.py."""
 import pytest
 import timm

@@ -193,7 +193,7 @@ def test_reset_classifier(tmp_path, method, base):
         assert without(x).shape == (2, without.num_features) and without.num_features == model.num_features
 
 
-# ---- the ensemble container (_ensemble.py) of the ensemble methods ----
+# ---- the ensemble container (models/ensemble.py) of the ensemble methods ----
 @pytest.mark.parametrize('method,base', [(m, b) for m in ENSEMBLE_METHODS for b in TINY_BASES])
 def test_ensemble_container_members_features_and_classifiers(method, base):
     model = create_method_model(method, base, size=3).eval()

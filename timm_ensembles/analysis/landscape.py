@@ -4,7 +4,7 @@ Garipov et al., "Loss Surfaces, Mode Connectivity, and Fast Ensembling of DNNs",
 
 The unit is one network: a plain timm model, or one member ``ensemble.members[i]`` of an ensemble of this package.
 A point of the landscape is a parameter vector (``parameter_vector``: every ``named_parameters()`` entry flattened in
-sorted-name order, the order of the weights snapshots of ``_snapshots``). BatchNorm running statistics are buffers,
+sorted-name order, the order of the weights snapshots of ``train.snapshots``). BatchNorm running statistics are buffers,
 not parameters: at a point between solutions neither endpoint's statistics fit, so they are re-estimated on training
 data (``recompute_batchnorm``) when a ``bn_loader`` is given, as Fort et al. and Garipov et al. do.
 

@@ -98,7 +98,7 @@ def create_loaders(
     and center-crops with the config's crop_pct. In-memory sources (digits, IDX folders) take a faster path with the
     same semantics: their training batches are augmented a whole batch at a time (random erasing included), their
     evaluation images transformed once, in the training process (``workers`` applies to the other sources); the crop
-    boxes and flips follow timm's distributions (see ``_tensor_data.py``). Auto-augment and colour jitter work on PIL
+    boxes and flips follow timm's distributions (see ``data/tensors.py``). Auto-augment and colour jitter work on PIL
     images one at a time: with either, in-memory training images take timm's per-image transform like the others.
 
     Args:
@@ -159,7 +159,7 @@ def create_loaders(
     pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
     generator = torch.Generator()
     generator.manual_seed(seed)
-    # in-memory images: augmented a batch at a time, evaluation images transformed once (see _tensor_data.py)
+    # in-memory images: augmented a batch at a time, evaluation images transformed once (see data/tensors.py)
     fast_train = None
     if train_transform is True and (auto_augment or color_jitter):
         if _array_source(train_ds) is not None:

@@ -72,7 +72,7 @@ class RunFolder:
     TRACKING = 'tracking'
     # <run>/checkpoints/epoch-<E> (``history_name``)
     HISTORY_EPOCH = 'epoch-'
-    # <run>/snapshots/ files of epoch E, with E as 000, 001, ... or init (``_snapshots``)
+    # <run>/snapshots/ files of epoch E, with E as 000, 001, ... or init (``train.snapshots``)
     SNAPSHOT_LOGITS = 'epoch_{}.safetensors'
     SNAPSHOT_WEIGHTS = 'epoch_{}.weights.safetensors'
     # --generations K: <output>/gen1..genK (``generation``)

@@ -5,7 +5,7 @@ No official PyTorch code.
 
 Generation k (a ``ban_<base>`` student, by default of the teacher's architecture) is trained on the cross-entropy
 between its predictions and generation k-1's, without temperature (the paper's BAN: teacher only, no labels), from
-a new random initialisation with the same schedule. The teacher is frozen and in eval mode (``_teachers.py``).
+a new random initialisation with the same schedule. The teacher is frozen and in eval mode (``models/teachers.py``).
 ``train.py --generations K`` runs K generations, each teaching the next. The BAN ensemble (``bane``) averages the
 predicted probabilities of several generations.
 

@@ -3,7 +3,7 @@
 Paper: "Collaborative Learning for Deep Neural Networks", Song & Chai, NeurIPS 2018 (arXiv:1805.11761). No official
 code; public ports: qq456cvb/Collaborative-Learning (TensorFlow), DefangChen/OKDDip (``CLILR_ResNet``).
 
-H copies of a timm model are cut at stage boundaries (``_split.py``). The stages before the split are shared
+H copies of a timm model are cut at stage boundaries (``models/split.py``). The stages before the split are shared
 (intermediate-level representation sharing, "ILR sharing"); each head owns the stages after it and a classifier.
 Simple sharing has one split point and H heads; hierarchical sharing is a tree of splits (``hierarchy=[2, 2]``:
 2-way at two depths, 4 heads). Each head is trained on ``beta * CE + (1 - beta) * T^2 * KL(q_h || p_h)``, where the

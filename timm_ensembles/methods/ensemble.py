@@ -5,7 +5,7 @@ its weights (a ``train.py`` folder, ``local-dir:`` / ``hf-hub:`` source, or a ti
 weights) and combines them: by averaged probabilities (default), averaged logits, majority vote or a trained linear
 head. Members of different architectures each see the input preprocessed their own way: the ensemble's batch,
 prepared with the ensemble's data config (the first member's unless ``data_config`` is given), is mapped to every
-member's normalisation and input size as a distillation teacher's is (``_teachers.InputMap``: an exact affine map of
+member's normalisation and input size as a distillation teacher's is (``teachers.InputMap``: an exact affine map of
 the normalisation, bilinear resizing; crops are not redone).
 
 The ensemble saves as one model (``save_for_hf``, ``train.py``, ``push_to_hub``): its ``model_args`` record every
@@ -58,7 +58,7 @@ class ModelEnsemble(ModelArgsMixin, nn.Module):
         device: Where to put the members.
         dtype: Their parameter dtype.
     """
-    base_free = True  # built from its members, not from one base model (see _builder.create_ensemble)
+    base_free = True  # built from its members, not from one base model (see models.builder.create_ensemble)
 
     def __init__(
             self,

@@ -2,7 +2,7 @@
 
 The student wrapper adds nothing to inference: ``forward`` is the student's, and the task exports the bare timm
 model (``export_model``), so that a trained student is an ordinary model of its architecture that plain timm loads.
-The teachers live in the task but outside its module tree (see ``_teachers.py``): never in a checkpoint or an export,
+The teachers live in the task but outside its module tree (see ``teachers.py``): never in a checkpoint or an export,
 never wrapped by DDP, always in eval mode.
 """
 from collections.abc import Sequence

@@ -1,7 +1,7 @@
 """The ensemble container shared by the ensemble methods: N timm models and a head that combines them.
 
 The container holds only what inference needs. What a method adds for training (losses, phases,
-teachers, discriminators) lives in its task (see ``_task.py``).
+teachers, discriminators) lives in its task (see ``task.py``).
 """
 import math
 import re

@@ -114,7 +114,7 @@ def get_split_layout(model: nn.Module, model_name: str = '') -> SplitLayout:
     raise ValueError(
         f"Cannot split '{model_name or type(model).__name__}' ({type(model).__name__}) into a shared trunk and heads:"
         f' layouts exist for {families}. Register one for {type(model).__name__} with'
-        f' timm_ensembles.register_split_layout (see timm_ensembles/_split.py).'
+        f' timm_ensembles.register_split_layout (see timm_ensembles/models/split.py).'
     )
 
 

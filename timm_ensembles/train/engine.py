@@ -275,7 +275,7 @@ class MemberPredictor:
         features: Ask for the feature difference.
         taps: The feature taps (``'stages'`` or ``'convs'``); None: the model's default.
         progress: A progress bar over the batches with this description, on the local main process when stderr is a
-            terminal (``_progress.progress``); None: none.
+            terminal (``utils.progress.progress``); None: none.
     """
 
     def __init__(self, model: nn.Module, loader: Iterable, accelerator=None, gather: bool = False,
