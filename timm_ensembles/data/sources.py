@@ -15,7 +15,7 @@ from .folders import _create_image_folder
 from .idx import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, _has_idx_files, load_idx_folder
 from .splits import _check_subset_size, subset_dataset
 
-__all__ = ['create_datasets', 'is_embedded']
+__all__ = ['create_datasets', 'is_embedded', 'resolve_source']
 
 _logger = logging.getLogger(__name__)
 

@@ -21,6 +21,9 @@ from .optim import SCHEDULERS
 __all__ = ['ArgumentParser', 'TIMM_SPELLINGS', 'TRACKERS', 'EVAL_METRICS', 'get_args_parser', 'parse_args',
            'import_user_module']
 
+# the first line of --help (the trainer module's docstring says the rest)
+DESCRIPTION = 'Train a timm model or a timm_ensembles ensemble with its own objective, on CPU, one GPU or many.'
+
 # flags of timm's train.py that this trainer spells differently on purpose, and what to type here
 TIMM_SPELLINGS = {
     '--torchcompile': '--compile',
@@ -84,7 +87,7 @@ EVAL_METRICS = ('acc', 'top5', 'loss', 'mean_probs_acc', 'member_acc_mean')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    parser = ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
+    parser = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of flag defaults (keys as the'
                         ' flags with underscores, e.g. batch_size: 64); flags given on the command line win')
     group = parser.add_argument_group('Model')

@@ -19,7 +19,7 @@ __all__ = ['verify_against_loop']
 _VERIFY_RTOL = 1e-8
 
 
-# ---- checking against the loop, and choosing ----
+# ---- checking against the loop ----
 
 @contextlib.contextmanager
 def _preserved_state(members: nn.ModuleList, device: torch.device) -> Iterator[None]:
