@@ -20,11 +20,14 @@ from timm.models import (
 )
 from torch import nn
 
+from ..files.model_folder import check_weights
 from ..files.run_folder import RunFolder
 from ..utils.checks import check_whole
+from ..utils.extras import INSTALL_FROM_SOURCE
 from ..utils.timm_compat import FeatureGetterNet
 from ..version import __version__
 from .catalog import catalog_cfgs, check_published
+from .hub import _hub_name, _require_safetensors, check_timm_source, hub_download_errors
 from .registry import register_ensemble_method, register_student_method
 
 __all__ = [
@@ -102,7 +105,6 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         features_only = kwargs.pop('features_only', False)
         out_indices = kwargs.pop('out_indices', None)
         feature_cls = kwargs.pop('feature_cls', 'getter')
-        from .hub import hub_download_errors
 
         # with pretrained_base the members (heads, student) fetch timm's weights of the base as they are built
         with hub_download_errors(base_model) if isinstance(base_model, str) else contextlib.nullcontext():
@@ -111,7 +113,6 @@ def create_ensemble(model_cls: type[nn.Module], variant: str, pretrained: bool =
         unknown = re.findall(r"unexpected keyword argument '(\w+)'", str(e))
         if not unknown:
             raise
-        from ..utils.extras import INSTALL_FROM_SOURCE
         # timm passes config.json's model_args here on a reload: a newer version may have written arguments this one
         # does not know
         raise TypeError(
@@ -170,7 +171,6 @@ def _load(model: nn.Module, variant: str, cfg_dict: dict, classifiers: list[str]
     load_cfg = dict(model.pretrained_cfg)
     num_classes = getattr(model, 'num_classes', load_cfg.get('num_classes'))
     in_chans = getattr(model, 'in_chans', kwargs.get('in_chans', 3))
-    from .hub import _hub_name, _require_safetensors, hub_download_errors
 
     # timm loads a repo's weights from the repo whatever else its config says (``check_sources`` refuses the rest)
     hub_id = load_cfg.get('hf_hub_id') if load_cfg.get('source') == 'hf-hub' or not (
@@ -206,7 +206,6 @@ def _load(model: nn.Module, variant: str, cfg_dict: dict, classifiers: list[str]
 
 def _check_recorded_weights(load_cfg: dict) -> None:
     """A local folder's or Hub repo's weights, against the sha256 its config.json records (``export_folder``)."""
-    from ..files.model_folder import check_weights
 
     if load_cfg.get('source') == 'local-dir' and load_cfg.get('file'):
         folder = Path(load_cfg['file'])
@@ -215,7 +214,6 @@ def _check_recorded_weights(load_cfg: dict) -> None:
     elif load_cfg.get('source') == 'hf-hub' and load_cfg.get('hf_hub_id'):
         from huggingface_hub import hf_hub_download
 
-        from .hub import _hub_name
 
         source = load_cfg['hf_hub_id']
         repo_id, revision = _hub_name(source)
@@ -333,7 +331,6 @@ def _checked_sources(kwargs: dict[str, Any]) -> contextlib.AbstractContextManage
     """For a model built from a config that timm read from a Hub repo or a folder: ``hub.check_timm_source`` (refuse
     what would fetch anything but its own weights, and mark the build). Pops the caller's ``trust_member_repos``
     (the opt-in to members elsewhere), which is no argument of any model."""
-    from .hub import check_timm_source
 
     trust = kwargs.pop('trust_member_repos', None)
     return check_timm_source(kwargs.get('pretrained_cfg'), kwargs.get('pretrained_model_args'), trust,

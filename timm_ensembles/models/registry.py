@@ -18,6 +18,9 @@ import timm
 from timm.models import parse_model_name, split_model_name_tag
 from torch import nn
 
+from ..task import ClassificationTask
+from .hub import hub_download_errors, load_from_hub
+
 __all__ = [
     'register_task', 'get_task_cls', 'create_task', 'register_ensemble_method', 'list_ensemble_methods',
     'create_model', 'check_model_name', 'check_base_model',
@@ -51,7 +54,6 @@ def get_task_cls(model: nn.Module | type) -> type:
     for cls in model_cls.__mro__:
         if cls in _task_by_model_cls:
             return _task_by_model_cls[cls]
-    from ..task import ClassificationTask
     return ClassificationTask
 
 
@@ -192,7 +194,6 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
                     raise ValueError(f"'{arch}' means {key}={value!r}, but {key}={given!r} was passed. Build the"
                                      f" generic '{model_name}' model (base_model=...) to choose {key}.")
             kwargs.update(dyn)
-    from .hub import hub_download_errors, load_from_hub
 
     if source is not None and pretrained:
         # a repo's or folder's weights: its own safetensors only, checked against the sha256 its config records,

@@ -19,6 +19,8 @@ from timm.data import resolve_data_config
 from torch import nn
 
 from ..files.run_folder import RunFolder
+from .hub import check_member_source
+from .registry import create_model
 
 __all__ = ['TeacherError', 'load_teacher', 'load_teachers', 'InputMap', 'TeacherAdapter']
 
@@ -55,8 +57,6 @@ def load_teacher(spec: str | nn.Module, device: torch.device | str | None = None
     else:
         if not isinstance(spec, str) or not spec:
             raise TeacherError(f'a teacher is a model name, hf-hub:/local-dir: source or folder, got {spec!r}.')
-        from .hub import check_member_source
-        from .registry import create_model
         name = _model_name(spec)
         try:
             check_member_source(name)  # a member named by a repo's config: Hub safetensors only
