@@ -22,7 +22,7 @@ flag at its default (member strategy, channels_last, fused optimizer, pinned mem
    of the distance the second epoch moved them (a broken resume, another data order, a lost optimizer state or
    learning rate, moves them about as far as the epoch does).
 
-Then the member-strategy table: ``EnsembleModel.set_member_strategy('auto')`` (``_strategies.AutoStrategy``) times
+Then the member-strategy table: ``EnsembleModel.set_member_strategy('auto')`` (``models.strategies.AutoStrategy``) times
 every strategy that accepts ``ens_<base>xN`` on a training batch, in fp32, bf16 and fp16 autocast, and the table
 prints its median times and its choice.
 
@@ -58,10 +58,11 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import timm_ensembles
-from timm_ensembles import _checkpoint, _registry
-from timm_ensembles import train as trainer
-from timm_ensembles._device import CpuFp16Accelerator, DeviceDefaults, device_defaults
-from timm_ensembles._run import RunFolder
+from timm_ensembles.files.run_folder import RunFolder
+from timm_ensembles.models import registry as _registry
+from timm_ensembles.train import checkpoint as _checkpoint
+from timm_ensembles.train import trainer
+from timm_ensembles.train.device import CpuFp16Accelerator, DeviceDefaults, device_defaults
 
 FAMILIES = ('fdl', 'ens', 'collab', 'ban', 'meal')
 PRECISIONS = ('bf16', 'fp16')

@@ -50,7 +50,7 @@ from _common import (
 )
 
 import timm_ensembles
-from timm_ensembles._strategies import StrategyError
+from timm_ensembles.models.strategies import StrategyError
 
 STRATEGIES = ('loop', 'vmap', 'grouped')
 

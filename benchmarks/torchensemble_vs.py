@@ -48,7 +48,7 @@ from _common import (
 )
 
 import timm_ensembles
-from timm_ensembles._strategies import StrategyError
+from timm_ensembles.models.strategies import StrategyError
 
 LR, MOMENTUM = 0.05, 0.9
 

@@ -482,7 +482,7 @@ def _bane(folders: list[Path], cache: Path, archived: Path, made_from: str) -> f
 
     import timm_ensembles
     from timm_ensembles import data as te_data
-    from timm_ensembles._engine import evaluate
+    from timm_ensembles.train.engine import evaluate
 
     run_args = yaml.safe_load((folders[-1] / 'args.yaml').read_text())
     train_ds, val_ds, _ = te_data.create_datasets(
@@ -527,7 +527,7 @@ def _chosen_on_holdout(folder: Path, cache: Path, archived: Path, holdout_size: 
 
     import timm_ensembles  # noqa: F401  (registers the models)
     from timm_ensembles import data as te_data
-    from timm_ensembles._engine import evaluate
+    from timm_ensembles.train.engine import evaluate
 
     run_args = yaml.safe_load((folder / 'args.yaml').read_text())
     _import_run_modules(run_args)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import timm_ensembles
-from timm_ensembles._checkpoint import export_folder
+from timm_ensembles.files.model_folder import export_folder
 
 IMG = 32
 NUM_CLASSES = 5

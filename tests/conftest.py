@@ -14,8 +14,9 @@ import torch  # noqa: E402
 from timm.data import resolve_data_config  # noqa: E402
 
 import timm_ensembles  # noqa: E402
-from timm_ensembles import _registry, methods  # noqa: E402
-from timm_ensembles._checkpoint import export_folder  # noqa: E402
+from timm_ensembles import methods  # noqa: E402
+from timm_ensembles.files.model_folder import export_folder  # noqa: E402
+from timm_ensembles.models import registry as _registry
 
 # one torch thread per pytest-xdist worker: more threads than free cores makes CPU steps many times slower
 torch.set_num_threads(1 if os.environ.get('PYTEST_XDIST_WORKER') else min(2, os.cpu_count() or 1))

@@ -1,4 +1,4 @@
-"""The report command: ``python -m timm_ensembles.analyze`` on tiny untrained models and synthetic snapshots."""
+"""The report command: ``python -m timm_ensembles.analysis`` on tiny untrained models and synthetic snapshots."""
 import json
 import os
 import subprocess
@@ -15,10 +15,10 @@ from timm.data import resolve_data_config
 import timm_ensembles  # noqa: F401  (registers the ensembles with timm)
 from timm_ensembles import data as te_data
 from timm_ensembles import metrics
-from timm_ensembles._checkpoint import export_folder
-from timm_ensembles._snapshots import read_snapshots
-from timm_ensembles.analyze import AnalysisError, analyze_runs, main
-from timm_ensembles.analyze._sources import _short_labels
+from timm_ensembles.analysis import AnalysisError, analyze_runs, main
+from timm_ensembles.analysis._sources import _short_labels
+from timm_ensembles.files.model_folder import export_folder
+from timm_ensembles.train.snapshots import read_snapshots
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 ROOT = Path(__file__).resolve().parents[1]
@@ -299,7 +299,7 @@ def test_one_run_heatmaps_fit_their_figure(tmp_path, monkeypatch):
     figure and every cell label inside its cell; cells too small for a readable number get none."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-    from timm_ensembles.analyze import _plots
+    from timm_ensembles.analysis import _plots
 
     figures = []
     save = _plots._save

@@ -19,9 +19,9 @@ from sklearn.metrics import roc_auc_score
 import timm_ensembles  # noqa: F401  (registers the ensembles with timm)
 from timm_ensembles import data as te_data
 from timm_ensembles import metrics
-from timm_ensembles._checkpoint import export_folder
-from timm_ensembles._snapshots import read_snapshots
-from timm_ensembles.analyze import AnalysisError, _compute, analyze_runs, main
+from timm_ensembles.analysis import AnalysisError, _compute, analyze_runs, main
+from timm_ensembles.files.model_folder import export_folder
+from timm_ensembles.train.snapshots import read_snapshots
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 NUM_CLASSES = 10

@@ -15,7 +15,8 @@ import yaml
 from test_train import QUICK, ROOT, _env, run_train
 
 from timm_ensembles import data as te_data
-from timm_ensembles._checkpoint import TEMPORARY_PREFIX
+from timm_ensembles.data.loaders import _seed_worker
+from timm_ensembles.train.checkpoint import TEMPORARY_PREFIX
 
 
 @pytest.mark.parametrize('args, message', [
@@ -63,8 +64,8 @@ def test_bad_flags_are_one_line_before_anything_is_written(args, message, tmp_pa
 
 @pytest.mark.parametrize('tracker, package', [('wandb', 'wandb'), ('comet_ml', 'comet-ml'), ('aim', 'aim')])
 def test_a_tracker_that_is_not_installed_is_named_with_its_package(tracker, package, tmp_path):
-    from timm_ensembles import train as trainer
-    if trainer._TRACKER_PACKAGES[tracker][0]():
+    from timm_ensembles.train import cli, trainer
+    if cli._TRACKER_PACKAGES[tracker][0]():
         pytest.skip(f'{tracker} is installed here')
     out = tmp_path / 'run'
     with pytest.raises(SystemExit, match=rf"--log-with {tracker}: the package '{package}' is not installed here;"
@@ -75,7 +76,7 @@ def test_a_tracker_that_is_not_installed_is_named_with_its_package(tracker, pack
 
 def test_mixup_is_refused_for_a_task_that_cannot_take_soft_targets(tmp_path, monkeypatch):
     from timm_ensembles import ClassificationTask
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     monkeypatch.setattr(ClassificationTask, 'accepts_soft_targets', False)
     out = tmp_path / 'run'
     with pytest.raises(SystemExit, match='--mixup/--cutmix give mixed .soft. targets, which ClassificationTask of'
@@ -168,7 +169,7 @@ def test_sparse_idx_labels_and_a_folder_named_fashion(tmp_path):
 def test_a_teacher_of_other_classes_with_the_same_count(tmp_path):
     import timm
 
-    from timm_ensembles._checkpoint import export_folder
+    from timm_ensembles.files.model_folder import export_folder
     teacher = export_folder(timm.create_model('test_resnet', num_classes=10), tmp_path / 'teacher',
                             model_config=dict(label_names=[f'shoe{i}' for i in range(10)]))
     proc = run_train('--model', 'ban_test_resnet', '--teacher', teacher, '--epochs', '1', *QUICK,
@@ -204,14 +205,14 @@ def test_loader_workers_draw_per_rank():
     def draws(rank):
         import functools
         loader = torch.utils.data.DataLoader(Noise(), batch_size=4, num_workers=1,
-                                             worker_init_fn=functools.partial(te_data._seed_worker, rank),
+                                             worker_init_fn=functools.partial(_seed_worker, rank),
                                              generator=torch.Generator().manual_seed(0))
         return next(iter(loader))[0]
     assert torch.equal(draws(0), draws(0)) and not torch.equal(draws(0), draws(1))
 
 
 def test_fp16_overflow_steps_are_skipped_and_only_a_run_of_them_stops(monkeypatch):
-    from timm_ensembles import _engine
+    from timm_ensembles.train import engine as _engine
 
     class InfGrad(torch.autograd.Function):
         @staticmethod
@@ -270,7 +271,7 @@ def test_fp16_overflow_steps_are_skipped_and_only_a_run_of_them_stops(monkeypatc
 
 def _refusal(argv, tmp_path, capsys) -> str:
     """The one line train.py answers ``argv`` with (in this process), after checking that nothing was written."""
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     out = tmp_path / 'run'
     with pytest.raises(SystemExit) as e:
         trainer.main([*argv, '--output', str(out)])
@@ -303,7 +304,7 @@ def test_a_bad_data_dir_is_one_line_before_any_output(make, message, tmp_path, c
     root = make(tmp_path / 'data')
     argv = ['--model', 'test_resnet', '--data-dir', str(root), '--epochs', '1', '--workers', '0', '--no-progress']
     if message is None:
-        from timm_ensembles import train as trainer
+        from timm_ensembles.train import trainer
         args = trainer.parse_args(argv)
         trainer.check_args(args)
         assert trainer._create_datasets(args)[3].split_paths[1] == str(root / 'valid')
@@ -454,7 +455,7 @@ def test_a_second_trainer_or_resume_on_a_folder_in_use_is_refused_and_the_first_
 
 
 def test_a_stale_lock_is_taken_over_with_a_line_and_a_held_one_names_its_holder(tmp_path):
-    from timm_ensembles._run import RunBusyError, RunLock
+    from timm_ensembles.files.run_folder import RunBusyError, RunLock
     folder = tmp_path / 'run'
     folder.mkdir()
     # a lock file whose holder was killed: the kernel dropped its flock, the record stays
@@ -526,7 +527,7 @@ def test_cleanup_removes_only_what_the_trainer_left(finished, tmp_path):
 def test_resume_with_a_teacher_retrained_in_place_is_refused(tmp_path):
     import timm
 
-    from timm_ensembles._checkpoint import export_folder
+    from timm_ensembles.files.model_folder import export_folder
     teacher = tmp_path / 'teacher'
     labels = dict(label_names=[str(i) for i in range(10)])
     export_folder(timm.create_model('test_resnet', num_classes=10), teacher, model_config=labels)
@@ -547,7 +548,7 @@ def test_resume_with_a_teacher_retrained_in_place_is_refused(tmp_path):
 def test_generations_run_again_with_other_flags_are_refused_and_overwrite_trains_them_anew(tmp_path):
     import timm
 
-    from timm_ensembles._checkpoint import export_folder
+    from timm_ensembles.files.model_folder import export_folder
     teacher = export_folder(timm.create_model('test_resnet', num_classes=10), tmp_path / 'teacher',
                             model_config=dict(label_names=[str(i) for i in range(10)]))
     out = tmp_path / 'ban'
@@ -575,9 +576,9 @@ def test_generations_run_again_with_other_flags_are_refused_and_overwrite_trains
 
 
 def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, capsys, monkeypatch):
-    from timm_ensembles import _run
-    from timm_ensembles import train as trainer
-    from timm_ensembles.analyze import main as analyze
+    from timm_ensembles.analysis import main as analyze
+    from timm_ensembles.files import run_folder as _run
+    from timm_ensembles.train import trainer
     file = tmp_path / 'file'
     file.write_text('x')
     for argv, message in (
@@ -600,8 +601,8 @@ def test_an_output_that_is_a_file_or_cannot_be_written_is_one_line(tmp_path, cap
 def test_a_full_disk_at_a_checkpoint_says_so_and_what_is_kept(tmp_path, monkeypatch):
     import errno
 
-    from timm_ensembles import _checkpoint
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import checkpoint as _checkpoint
+    from timm_ensembles.train import trainer
     out = tmp_path / 'run'
     saves, before = [], {}
     real_save, real_save_epoch = _checkpoint.torch.save, trainer._save_epoch
@@ -633,7 +634,7 @@ def test_a_full_disk_at_a_checkpoint_says_so_and_what_is_kept(tmp_path, monkeypa
 
 
 def test_a_failed_save_claims_only_a_checkpoint_that_exists(tmp_path):
-    from timm_ensembles.train import _kept
+    from timm_ensembles.train.outputs import _kept
     nothing = 'No epoch had been saved: nothing of this run is kept to resume from.'
     assert _kept(None) == nothing and _kept((tmp_path / 'checkpoint.pt', 3)) == nothing  # gone: not claimed
     (tmp_path / 'checkpoint.pt').write_bytes(b'x')
@@ -645,7 +646,7 @@ def test_a_full_disk_at_the_final_export_says_so_and_the_resume_exports(tmp_path
 
     import timm.models
 
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     out = tmp_path / 'run'
     before = {}
     real = timm.models.save_for_hf
@@ -700,7 +701,7 @@ def test_batch_size_one_is_refused_only_where_a_batchnorm_cannot_normalise():
     import timm
 
     from timm_ensembles import create_task
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     args = trainer.parse_args(['--model', 'test_vit', '--batch-size', '1'])
     vit = create_task(timm.create_model('test_vit', img_size=32, num_classes=10))
     trainer._check_batch_of_one(args, vit, dict(input_size=(3, 32, 32)), range(100))  # LayerNorm: trains

@@ -1,10 +1,11 @@
-"""timm_ensembles._checks: what a whole number and a number are, their bounds, and the lines that refuse a value."""
+"""timm_ensembles.utils.checks: what a whole number and a number are, their bounds, and the lines that refuse a
+value."""
 import math
 
 import numpy as np
 import pytest
 
-from timm_ensembles._checks import (
+from timm_ensembles.utils.checks import (
     check_number,
     check_option,
     check_range,

@@ -1,4 +1,4 @@
-"""What the distillation methods share (_distill.py, _teachers.py): frozen teachers outside the task's state, each
+"""What the distillation methods share (models/distill.py, teachers.py): frozen teachers outside the task's state, each
 fed its own preprocessing; bad teachers. The methods' own tests are in tests/methods/test_ban.py and test_meal.py."""
 import pytest
 import timm
@@ -7,8 +7,8 @@ import torch.nn.functional as F
 from conftest import IMG
 
 import timm_ensembles
-from timm_ensembles._checkpoint import export_folder
-from timm_ensembles._teachers import TeacherAdapter, TeacherError
+from timm_ensembles.files.model_folder import export_folder
+from timm_ensembles.models.teachers import TeacherAdapter, TeacherError
 
 
 def _student(method, num_classes=5, base='test_resnet'):
@@ -53,7 +53,7 @@ def test_teacher_with_other_preprocessing_sees_its_own():
 
 
 def test_input_map_between_gray_and_colour_models():
-    from timm_ensembles._teachers import InputMap
+    from timm_ensembles.models.teachers import InputMap
     colour = dict(mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), input_size=(3, 8, 8))
     gray = dict(mean=(0.5,), std=(0.25,), input_size=(1, 8, 8))
     x = _x(2)[:, :, :8, :8]

@@ -18,8 +18,8 @@ from conftest import METHODS, STUDENT_METHODS, create_method_model, create_metho
 from torch import nn
 
 import timm_ensembles
-from timm_ensembles._extras import MissingExtraError
 from timm_ensembles.export import FORMATS, ExportError, main
+from timm_ensembles.utils.extras import MissingExtraError
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 

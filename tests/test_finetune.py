@@ -6,8 +6,8 @@ import torch
 from timm.models import adapt_input_conv
 
 import timm_ensembles
-from timm_ensembles._builder import adaptable_layers
-from timm_ensembles._checkpoint import export_folder
+from timm_ensembles.files.model_folder import export_folder
+from timm_ensembles.models.builder import adaptable_layers
 
 IMG = 32
 FAMILIES = {

@@ -22,10 +22,10 @@ from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
 import timm_ensembles  # noqa: F401  (registers the models for the reloads)
-from timm_ensembles import _checkpoint
-from timm_ensembles import train as trainer
-from timm_ensembles._checkpoint import export_folder
-from timm_ensembles._device import FUSED_OPTS, CpuFp16Accelerator, DeviceDefaults, device_defaults
+from timm_ensembles.files.model_folder import export_folder
+from timm_ensembles.train import checkpoint as _checkpoint
+from timm_ensembles.train import trainer
+from timm_ensembles.train.device import FUSED_OPTS, CpuFp16Accelerator, DeviceDefaults, device_defaults
 
 # the GPU's pinned memory, asked for on a machine without one
 pytestmark = [pytest.mark.usefixtures('one_torch_thread'),

@@ -20,8 +20,10 @@ from _hub_families import ALLOWED_FILES, DATA_CONFIG, NUM_CLASSES, exported, fam
 from safetensors.torch import load_file, save_file
 
 import timm_ensembles
-from timm_ensembles._checkpoint import export_folder
-from timm_ensembles.hub import check_config, generate_model_card, load_from_hub, push_to_hub, read_run
+from timm_ensembles.files.model_folder import export_folder
+from timm_ensembles.hub.card import generate_model_card
+from timm_ensembles.hub.push import push_to_hub
+from timm_ensembles.models.hub import check_config, load_from_hub, read_run
 
 TESTS = Path(__file__).resolve().parent
 
@@ -93,7 +95,7 @@ def test_card_names_hub_datasets_in_its_metadata_and_never_a_local_path(tmp_path
 
 
 def test_catalog_tags_carry_the_preprocessing_train_py_evaluated_with():
-    from timm_ensembles._catalog import CATALOG
+    from timm_ensembles.models.catalog import CATALOG
 
     for name, cfg in CATALOG.items():
         model = timm_ensembles.create_model(name.split('.')[0])
@@ -333,7 +335,7 @@ def test_a_catalog_tag_and_hf_hub_names_load_from_an_offline_cache(tmp_path):
 # ---------------------------------------------------------------------------------------------------------------
 # the catalog: timm lists published weights only; pretrained=True says what is wrong in one line
 
-CATALOG_PY = TESTS.parent / 'timm_ensembles' / '_catalog.py'
+CATALOG_PY = TESTS.parent / 'timm_ensembles' / 'models' / 'catalog.py'
 NO_HUB = 'http://127.0.0.1:9'  # the discard port: nothing listens, a connection is refused at once
 
 
@@ -342,7 +344,7 @@ def _published(*tags: str) -> str:
     ``published`` field does once they are uploaded (the package registers the catalog with timm when imported)."""
     return textwrap.dedent(f"""
         import importlib.util, sys
-        spec = importlib.util.spec_from_file_location('timm_ensembles._catalog', {str(CATALOG_PY)!r})
+        spec = importlib.util.spec_from_file_location('timm_ensembles.models.catalog', {str(CATALOG_PY)!r})
         catalog = sys.modules[spec.name] = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(catalog)
         for tag in {list(tags)!r}:
@@ -360,7 +362,7 @@ def _error_line(text: str) -> str:
 def test_timm_lists_only_the_catalog_tags_that_are_published(tmp_path):
     from _hub_servers import run_client
 
-    from timm_ensembles._catalog import CATALOG
+    from timm_ensembles.models.catalog import CATALOG
 
     unpublished = {k for k, v in CATALOG.items() if not v['published']}
     assert {'fdl_resnet18x2.fmnist', 'ens_resnet18x2.fmnist', 'collab_resnet18x2.fmnist',
@@ -402,7 +404,7 @@ def test_pretrained_for_an_unpublished_tag_is_one_line_with_its_training_command
 
 
 def test_hub_readme_trains_and_pushes_every_catalog_entry_as_the_catalog_says():
-    from timm_ensembles._catalog import CATALOG, hub_repo
+    from timm_ensembles.models.catalog import CATALOG, hub_repo
 
     readme = (TESTS.parent / 'hub' / 'README.md').read_text()
     flags = re.search(r'^S="(.*)"$', readme, re.M).group(1).split()
@@ -494,7 +496,7 @@ def test_every_family_round_trips_through_the_upload_server(hub, tmp_path):
         import torch, timm, timm_ensembles
         from pathlib import Path
         from _hub_families import exported, families, probe
-        from timm_ensembles.hub import push_to_hub
+        from timm_ensembles.hub.push import push_to_hub
         x = probe()
         for name, obj in families(Path({str(tmp_path / 'src')!r})).items():
             with torch.no_grad():
@@ -535,7 +537,7 @@ def test_revisions_pull_requests_and_private_repos(hub, tmp_path):
     out = _client(f"""
         import torch, timm, timm_ensembles
         from _hub_families import probe
-        from timm_ensembles.hub import push_to_hub
+        from timm_ensembles.hub.push import push_to_hub
         folder = {str(folder)!r}
         want = timm.create_model(f'local-dir:{{folder}}', pretrained=True).eval()(probe())
         push_to_hub(folder, 'org/rev', revision='v1')
@@ -572,22 +574,23 @@ def test_pushing_a_catalog_repo_says_to_mark_its_entry_published(hub, tmp_path):
     folder = write_run(timm.create_model('fdl', base_model='test_resnet', num_members=2, num_classes=NUM_CLASSES),
                        tmp_path / 'run', 'fdl_test_resnetx2')
     out = _client(f"""
-        from timm_ensembles.push import main
+        from timm_ensembles.hub.push import main
         main([{str(folder)!r}, 'timm-ensembles/fdl_resnet18x2.fmnist'])
         main([{str(folder)!r}, 'timm-ensembles/ens_resnet18x2.fmnist', '--revision', 'v1'])  # not main: not loaded
         main([{str(folder)!r}, 'org/fdl'])
     """, hub.endpoint, tmp_path)
     hints = [line for line in out.splitlines() if 'published=True' in line]
     assert hints == ["'fdl_resnet18x2.fmnist' is in the catalog, marked unpublished: set published=True on its entry in"
-                     " timm_ensembles/_catalog.py, so that timm lists it and create_model('fdl_resnet18x2.fmnist',"
-                     ' pretrained=True) loads it (hub/README.md, "Catalog")'], out
+                     " timm_ensembles/models/catalog.py, so that timm lists it and"
+                     " create_model('fdl_resnet18x2.fmnist', pretrained=True) loads it (hub/README.md,"
+                     ' "Catalog")'], out
 
 
 def test_a_model_pushes_to_a_new_branch_and_without_a_card_when_asked(hub, tmp_path):
     out = _client("""
         import torch, timm, timm_ensembles
         from _hub_families import probe
-        from timm_ensembles.hub import push_to_hub
+        from timm_ensembles.hub.push import push_to_hub
         model = timm.create_model('ens', base_model='test_resnet', num_members=2, num_classes=3).eval()
         push_to_hub(model, 'org/model-branch', revision='v2', model_card=False)
         with torch.no_grad():
@@ -731,7 +734,7 @@ def test_a_pushed_card_carries_base_model_and_a_model_index_that_huggingface_hub
     folder = families(tmp_path / 'src')['fdl']
     (folder / 'args.yaml').write_text('model: fdl_test_resnetx2\ndataset: digits\npretrained_base: true\n')
     _client(f"""
-        from timm_ensembles.hub import push_to_hub
+        from timm_ensembles.hub.push import push_to_hub
         push_to_hub({str(folder)!r}, 'org/card')
     """, hub.endpoint, tmp_path)
     data = _metadata(hub.files('org/card')['README.md'].decode())
@@ -750,7 +753,7 @@ def test_a_pushed_folder_names_no_path_of_this_machine(hub, tmp_path):
     results = json.loads((folder / 'results.json').read_text())
     (folder / 'results.json').write_text(json.dumps(dict(results, teacher=[f'{local}/teacher'])))
     _client(f"""
-        from timm_ensembles.hub import push_to_hub
+        from timm_ensembles.hub.push import push_to_hub
         push_to_hub({str(folder)!r}, 'org/paths')
     """, hub.endpoint, tmp_path)
     files = hub.files('org/paths')
@@ -899,7 +902,7 @@ def test_an_ensemble_naming_members_in_other_repos_loads_them_only_when_trusted(
     before = len(hub.requests)
     refused = _client("""
         import argparse, timm, timm_ensembles
-        from timm_ensembles._inference import load_model
+        from timm_ensembles.inference import load_model
         for load in (lambda: timm_ensembles.load_from_hub('org/ens-of-repos'),
                      lambda: timm.create_model('hf-hub:org/ens-of-repos', pretrained=True),
                      lambda: load_model(argparse.Namespace(model='hf-hub:org/ens-of-repos', checkpoint=None,
@@ -923,7 +926,7 @@ def test_an_ensemble_naming_members_in_other_repos_loads_them_only_when_trusted(
     trusted = _client(f"""
         import argparse, torch, timm, timm_ensembles
         from _hub_families import probe
-        from timm_ensembles._inference import load_model
+        from timm_ensembles.inference import load_model
         with torch.no_grad():  # the ensemble as exported, its members recorded (same process, same float reductions)
             want = timm.create_model({f'local-dir:{folder}'!r}, pretrained=True).eval()(probe())
         for load in (lambda: timm_ensembles.load_from_hub('org/ens-of-repos', trust_member_repos=True),
@@ -957,7 +960,7 @@ def test_a_push_to_an_unreachable_hub_is_one_line(tmp_path):
     for env, says in (({}, f'{NO_HUB} cannot be reached (ConnectError'),
                       ({'HF_HUB_OFFLINE': '1'}, 'HF_HUB_OFFLINE is set')):
         proc = run_client(f"""
-            from timm_ensembles.push import main
+            from timm_ensembles.hub.push import main
             main([{str(folder)!r}, 'org/anywhere'])
         """, NO_HUB, tmp_path, env=dict(env, HF_TOKEN='hf_test'), check=False)
         assert proc.returncode == 1 and not proc.stdout, proc.stderr

@@ -1,6 +1,6 @@
-"""Loss landscape views (timm_ensembles.landscape): parameter vectors in the snapshots' order, BatchNorm recompute,
-evaluation, the linear path and its exact endpoints, trajectories, the barrier height and the plane through three
-solutions."""
+"""Loss landscape views (timm_ensembles.analysis.landscape): parameter vectors in the snapshots' order, BatchNorm
+recompute, evaluation, the linear path and its exact endpoints, trajectories, the barrier height and the plane through
+three solutions."""
 import copy
 import math
 
@@ -11,9 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from timm_ensembles import landscape
-from timm_ensembles._snapshots import member_parameters, read_snapshots, write_snapshot
-from timm_ensembles.landscape import (
+from timm_ensembles.analysis import landscape
+from timm_ensembles.analysis.landscape import (
     barrier_height,
     check_same_architecture,
     evaluate,
@@ -24,6 +23,7 @@ from timm_ensembles.landscape import (
     recompute_batchnorm,
     trajectory_path,
 )
+from timm_ensembles.train.snapshots import member_parameters, read_snapshots, write_snapshot
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 IMG = 8

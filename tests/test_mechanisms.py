@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 from test_train import ROOT, _env, run_train
 
 import timm_ensembles
-from timm_ensembles._checkpoint import export_folder, load_initial_checkpoint
+from timm_ensembles.files.model_folder import export_folder
+from timm_ensembles.train.checkpoint import load_initial_checkpoint
 
 QUICK = ['--train-subset', '480', '--val-subset', '80', '--batch-size', '32', '--workers', '0', '--no-progress',
          '--img-size', '32']

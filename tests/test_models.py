@@ -26,9 +26,9 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, get_model_a
 
 import timm_ensembles
 from timm_ensembles import DeepEnsemble, EnsembleModel
-from timm_ensembles._builder import DEFAULT_BASES, DEFAULT_SIZES
-from timm_ensembles._checkpoint import export_folder
-from timm_ensembles._registry import _size_args, parse_dynamic_name
+from timm_ensembles.files.model_folder import export_folder
+from timm_ensembles.models.builder import DEFAULT_BASES, DEFAULT_SIZES
+from timm_ensembles.models.registry import _size_args, parse_dynamic_name
 
 PARAMS = [(m, b) for m in METHODS for b in TINY_BASES]
 
@@ -99,7 +99,7 @@ def test_dynamic_names_for_any_base():
     # the generic architecture is what a reload needs
     assert model.pretrained_cfg['architecture'] == 'ens'
     # a base with an 'x' in its name parses (greedy base)
-    assert timm_ensembles._registry.parse_dynamic_name('fdl_resnext50_32x4dx2') == dict(
+    assert timm_ensembles.models.registry.parse_dynamic_name('fdl_resnext50_32x4dx2') == dict(
         method='fdl', base_model='resnext50_32x4d', num_members=2)
 
 
@@ -193,7 +193,7 @@ def test_reset_classifier(tmp_path, method, base):
         assert without(x).shape == (2, without.num_features) and without.num_features == model.num_features
 
 
-# ---- the ensemble container (_ensemble.py) of the ensemble methods ----
+# ---- the ensemble container (models/ensemble.py) of the ensemble methods ----
 @pytest.mark.parametrize('method,base', [(m, b) for m in ENSEMBLE_METHODS for b in TINY_BASES])
 def test_ensemble_container_members_features_and_classifiers(method, base):
     model = create_method_model(method, base, size=3).eval()

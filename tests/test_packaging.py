@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from timm_ensembles import _extras, analyze
-from timm_ensembles._extras import MissingExtraError, require
+from timm_ensembles import analysis as analyze
 from timm_ensembles.train import main as train_main
+from timm_ensembles.utils import extras as _extras
+from timm_ensembles.utils.extras import MissingExtraError, require
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ['--train-subset', '96', '--val-subset', '48', '--batch-size', '32', '--workers', '0', '--no-progress']

@@ -15,9 +15,10 @@ from PIL import Image
 from timm.data import create_transform, resolve_data_config
 
 from timm_ensembles import data as te_data
-from timm_ensembles import metrics, uncertainty
-from timm_ensembles._checkpoint import export_folder
-from timm_ensembles._run import RunFolder
+from timm_ensembles import metrics
+from timm_ensembles.analysis import uncertainty
+from timm_ensembles.files.model_folder import export_folder
+from timm_ensembles.files.run_folder import RunFolder
 from timm_ensembles.predict import main as predict
 from timm_ensembles.validate import main as validate
 

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import nn
 
-from timm_ensembles._engine import evaluate, train_one_epoch
-from timm_ensembles._progress import progress
+from timm_ensembles.train.engine import evaluate, train_one_epoch
+from timm_ensembles.utils.progress import progress
 
 pytestmark = pytest.mark.usefixtures('one_torch_thread')
 

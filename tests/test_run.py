@@ -1,7 +1,8 @@
-"""The run folder (_run.py): where a run's files are, and that only readers look for a run above a model folder."""
+"""The run folder (files.run_folder): where a run's files are, and that only readers look for a run above a model
+folder."""
 import json
 
-from timm_ensembles._run import RunFolder
+from timm_ensembles.files.run_folder import RunFolder
 
 
 def _finished(folder, results=None):

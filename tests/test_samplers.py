@@ -8,8 +8,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from timm_ensembles._snapshots import member_parameters, read_snapshots, write_snapshot
-from timm_ensembles.samplers import (
+from timm_ensembles.analysis.samplers import (
     diagonal_gaussian_samples,
     dropout_predictions,
     low_rank_gaussian_samples,
@@ -17,6 +16,7 @@ from timm_ensembles.samplers import (
     predict_samples,
     random_samples,
 )
+from timm_ensembles.train.snapshots import member_parameters, read_snapshots, write_snapshot
 
 # a mean or variance estimated from K draws is off by more than this many standard errors with probability < 1e-6
 SIGMAS = 5.0

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from timm_ensembles import shift
-from timm_ensembles.shift import CORRUPTIONS, SEVERITY_PARAMS, CorruptedLoader, corrupt
+from timm_ensembles.analysis import shift
+from timm_ensembles.analysis.shift import CORRUPTIONS, SEVERITY_PARAMS, CorruptedLoader, corrupt
 
 # CIFAR-10's statistics, as a data config carries them
 MEAN = (0.4914, 0.4822, 0.4465)

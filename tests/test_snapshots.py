@@ -12,8 +12,9 @@ from torch import nn
 import timm_ensembles
 from timm_ensembles import data as te_data
 from timm_ensembles import metrics
-from timm_ensembles._engine import evaluate, format_metrics
-from timm_ensembles._snapshots import (
+from timm_ensembles.losses import feature_difference_loss, pairwise_feature_difference
+from timm_ensembles.train.engine import evaluate, format_metrics
+from timm_ensembles.train.snapshots import (
     member_parameters,
     predict_members,
     read_snapshots,
@@ -21,7 +22,6 @@ from timm_ensembles._snapshots import (
     snapshot_indices,
     write_snapshot,
 )
-from timm_ensembles.losses import feature_difference_loss, pairwise_feature_difference
 
 META = dict(model='ens_x', dataset='digits')
 

@@ -23,9 +23,9 @@ from conftest import IMG, TINY_BASES, model_kwargs
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
 import timm_ensembles
-from timm_ensembles._checkpoint import export_folder
-from timm_ensembles._strategies import MEMBER_STRATEGIES, StrategyError
+from timm_ensembles.files.model_folder import export_folder
 from timm_ensembles.losses import feature_difference, feature_difference_loss
+from timm_ensembles.models.strategies import MEMBER_STRATEGIES, StrategyError
 
 NUM_CLASSES = 5
 # bases the grouped fusion accepts; the others (LayerNorm, attention, layer scale) are refused

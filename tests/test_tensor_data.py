@@ -10,7 +10,7 @@ from PIL import Image
 from timm.data.transforms import RandomResizedCropAndInterpolation
 
 from timm_ensembles import data as te_data
-from timm_ensembles._tensor_data import (
+from timm_ensembles.data.tensors import (
     BatchAugmentDataset,
     PreprocessedDataset,
     random_resized_crop_boxes,

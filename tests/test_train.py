@@ -22,7 +22,7 @@ from timm.data import resolve_data_config
 
 import timm_ensembles  # noqa: F401  (registers the models for the reloads)
 from timm_ensembles import data as te_data
-from timm_ensembles._engine import evaluate
+from timm_ensembles.train.engine import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 # a tiny, fast recipe on the embedded dataset
@@ -259,7 +259,7 @@ def test_tracking_log_lines_summary_csv_and_the_best_epoch(tmp_path):
 
 def test_the_best_epoch_is_the_validation_metrics_best_not_the_last(tmp_path, monkeypatch):
     """Validation losses scripted to 2.0, 1.0, 1.5: best/ holds epoch 1's weights, and the final folder epoch 2's."""
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     losses, weights = iter([2.0, 1.0, 1.5]), []
 
     def scripted(model, *args, **kwargs):
@@ -283,7 +283,7 @@ def test_checkpoint_hist_keeps_the_n_best_epochs_through_a_crash_and_resume(tmp_
     3 and 1, each holding its epoch's weights; epochs that fall out are removed. The run fails while saving epoch 3
     (after exporting it, before its checkpoint) and is resumed: the ranking comes back from the checkpoint, the
     unlisted export of epoch 3 is swept and redone, and epoch 2 goes once epoch 3's checkpoint is written."""
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     losses = {0: 3.0, 1: 1.0, 2: 2.0, 3: 0.5, 4: 1.5}
     epochs, weights, seen = iter([0, 1, 2, 3, 3, 4]), {}, []
 
@@ -340,7 +340,7 @@ def test_augmentation_flags_reach_timms_transforms(tmp_path, monkeypatch, caplog
     in-memory digits in gray, which then leave the batched path for timm's per-image transform."""
     from PIL import Image
 
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     loaders = []
     create_loaders = te_data.create_loaders
 
@@ -402,7 +402,7 @@ def test_model_ema_is_evaluated_exported_and_resumed(tmp_path):
 def test_model_ema_follows_every_update(tmp_path, monkeypatch):
     """One EMA update per optimizer update (2 epochs of 5 batches, 2 batches an update: 3 an epoch); with decay 0
     the average is the model itself, exactly."""
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     steps = []
 
     class Recording(trainer.ModelEmaV3):
@@ -436,16 +436,16 @@ def test_timms_recipe_mixup_cutmix_ema_and_layer_decay_for_every_method(model, f
 
 
 def test_mixup_mixes_every_training_batch_until_its_off_epoch(tmp_path, monkeypatch):
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import inputs, trainer
     mixed = []
 
-    class Recording(trainer.Mixup):
+    class Recording(inputs.Mixup):
         def __call__(self, x, target):
             x, target = super().__call__(x, target)
             mixed.append((target.shape, float(target.sum(-1).mean())))
             return x, target
 
-    monkeypatch.setattr(trainer, 'Mixup', Recording)
+    monkeypatch.setattr(inputs, 'Mixup', Recording)
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     trainer.main(['--model', 'ens_test_resnetx2', '--epochs', '3', '--mixup', '0.2', '--mixup-off-epoch', '2',
                   '--output', str(tmp_path / 'run'), *QUICK])
@@ -636,7 +636,7 @@ def test_mixed_precision_and_gradient_accumulation(tmp_path):
 
 
 def test_checkpoint_rotation_keeps_a_readable_checkpoint(tmp_path):
-    from timm_ensembles._checkpoint import load_checkpoint, save_checkpoint
+    from timm_ensembles.train.checkpoint import load_checkpoint, save_checkpoint
     for epoch in (1, 2, 3):
         save_checkpoint(dict(task={'w': torch.full((2,), float(epoch))}, epoch=epoch), tmp_path)
     assert load_checkpoint(tmp_path)['epoch'] == 3
@@ -645,7 +645,7 @@ def test_checkpoint_rotation_keeps_a_readable_checkpoint(tmp_path):
 
 
 def test_a_failed_write_leaves_the_old_checkpoint_and_no_temporary_file(tmp_path, monkeypatch):
-    from timm_ensembles import _checkpoint
+    from timm_ensembles.train import checkpoint as _checkpoint
     _checkpoint.save_checkpoint(dict(task={}, epoch=1), tmp_path)
 
     def failing_save(obj, f):
@@ -676,7 +676,7 @@ class _BlowUpTask(torch.nn.Module):
 
 
 def test_non_finite_term_is_named_and_its_step_not_applied():
-    from timm_ensembles._engine import NonFiniteLossError, train_one_epoch
+    from timm_ensembles.train.engine import NonFiniteLossError, train_one_epoch
     task = _BlowUpTask()
     optimizer = torch.optim.SGD(task.parameters(), lr=0.1)
     accelerator = Accelerator(cpu=True)
@@ -784,7 +784,7 @@ def _snapshot_inputs(model, indices, val_subset=80):
 
 
 def test_snapshots_hold_the_exported_models_predictions_and_weights(snapshot_runs):
-    from timm_ensembles._snapshots import predict_members, read_snapshots
+    from timm_ensembles.train.snapshots import predict_members, read_snapshots
     root, logs = snapshot_runs
     out = root / 'seed0'
     assert sorted(p.name for p in (out / 'snapshots').iterdir()) == [
@@ -817,7 +817,7 @@ def test_snapshots_hold_the_exported_models_predictions_and_weights(snapshot_run
 
 
 def test_runs_with_other_seeds_snapshot_the_same_inputs(snapshot_runs):
-    from timm_ensembles._snapshots import read_snapshots
+    from timm_ensembles.train.snapshots import read_snapshots
     root, _ = snapshot_runs
     a, b = read_snapshots(root / 'seed0'), read_snapshots(root / 'seed1')
     assert torch.equal(a.indices, b.indices) and torch.equal(a.targets, b.targets)
@@ -826,7 +826,7 @@ def test_runs_with_other_seeds_snapshot_the_same_inputs(snapshot_runs):
 
 
 def test_snapshots_of_a_plain_model_are_one_member(snapshot_runs):
-    from timm_ensembles._snapshots import read_snapshots
+    from timm_ensembles.train.snapshots import read_snapshots
     root, logs = snapshot_runs
     snaps = read_snapshots(root / 'plain', weights=True)
     model = timm.create_model(f'local-dir:{root / "plain"}', pretrained=True)
@@ -841,7 +841,7 @@ def test_resumed_run_rewrites_the_snapshots_of_the_epochs_it_redoes(snapshot_run
     the uninterrupted run."""
     from safetensors.torch import save_file
 
-    from timm_ensembles._snapshots import read_snapshots
+    from timm_ensembles.train.snapshots import read_snapshots
     root, _ = snapshot_runs
     full, copy = root / 'seed0', tmp_path / 'copy'
     shutil.copytree(full, copy)
@@ -976,7 +976,7 @@ def test_resume_with_more_epochs_extends_the_run_as_timm(fdl_run, tmp_path):
 
 
 def test_timms_model_and_data_flags_reach_the_model_and_its_data_config(fdl_run, tmp_path):
-    from timm_ensembles import train as trainer
+    from timm_ensembles.train import trainer
     args = trainer.parse_args(['--model', 'fdl_test_resnetx2', '--drop', '0.25', '--drop-path', '0.125',
                                '--input-size', '3', '32', '48', '--mean', '0.25', '--std', '0.5', '0.25', '1',
                                '--eval-metric', 'top1', '--initial-checkpoint', str(fdl_run[0])])
@@ -996,7 +996,7 @@ def test_timms_model_and_data_flags_reach_the_model_and_its_data_config(fdl_run,
 
 
 def test_initial_checkpoint_never_unpickles_and_must_fit(fdl_run, tmp_path):
-    from timm_ensembles._checkpoint import load_initial_checkpoint
+    from timm_ensembles.train.checkpoint import load_initial_checkpoint
     model = timm.create_model('test_resnet', num_classes=10)
     pickled = tmp_path / 'evil.pth'
     torch.save({'state_dict': model.state_dict(), 'payload': _Unpicklable()}, pickled)
@@ -1024,7 +1024,7 @@ def test_plateau_state_resumes_with_its_patience_counters():
     cooldown counters too, so a resumed run decays on the same epoch as an uninterrupted one."""
     import argparse
 
-    from timm_ensembles._cli import SchedulerState, create_scheduler
+    from timm_ensembles.train.optim import SchedulerState, create_scheduler
 
     def plateau():
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -1047,7 +1047,7 @@ def test_clip_modes_clip_as_timms_dispatch_clip_grad():
     """One SGD step (lr 1, no momentum) on gradients of 100 everywhere: 'value' clips each to 0.5; 'norm' scales the
     whole gradient to norm 1; 'agc' with factor 0.01 scales each unit of the body to 0.01 of its weight norm (rows of
     four ones: norm 2, so 0.02 for a gradient row of norm 200: 0.01 per weight) and leaves the classifier alone."""
-    from timm_ensembles._engine import train_one_epoch
+    from timm_ensembles.train.engine import train_one_epoch
 
     class Task(torch.nn.Module):
         def __init__(self):
@@ -1084,8 +1084,8 @@ def test_the_summary_flags_a_member_count_beyond_the_registered_variants_with_it
     which is what train.py's checkpoint of the model, the task and an SGD step's momentum takes (within 2 %)."""
     import io
 
-    from timm_ensembles import train as trainer
-    from timm_ensembles._summary import format_bytes, run_summary
+    from timm_ensembles.train import trainer
+    from timm_ensembles.train.summary import format_bytes, run_summary
     args = trainer.parse_args(['--model', 'fdl_test_resnetx5', *map(str, QUICK)])
     trainer.check_args(args)
     args.member_strategy = 'loop'
@@ -1112,7 +1112,7 @@ def test_the_summary_flags_a_member_count_beyond_the_registered_variants_with_it
     # a disk with less room than two checkpoints (three while one is replaced) and the exports: said up front
     import collections
 
-    from timm_ensembles import _summary
+    from timm_ensembles.train import summary as _summary
     assert 'free on the disk' not in '\n'.join(run_summary(args, info, task, {}, data_config, Accelerator(cpu=True),
                                                            optimizer, output=tmp_path / 'run'))
     monkeypatch.setattr(_summary.shutil, 'disk_usage',

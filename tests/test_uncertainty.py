@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from timm_ensembles import metrics, uncertainty
+from timm_ensembles import metrics
+from timm_ensembles.analysis import uncertainty
 
 
 def _h(*p: float) -> float:
@@ -327,7 +328,7 @@ def test_calibrate_sets_the_temperature_fitted_on_the_models_own_prediction():
     import timm
     from torch.utils.data import DataLoader, TensorDataset
 
-    from timm_ensembles.uncertainty import calibrate
+    from timm_ensembles.analysis.uncertainty import calibrate
 
     torch.manual_seed(0)
     model = timm.create_model('ens', base_model='test_resnet', num_members=2, num_classes=3).eval()

@@ -5,14 +5,8 @@
 """
 import warnings
 
-from ._distill import DistillationTask, StudentModel
-from ._ensemble import EnsembleHead, EnsembleModel
-from ._registry import create_model, create_task, get_task_cls, list_ensemble_methods, register_task
-from ._snapshots import Snapshots, read_snapshots
-from ._split import SplitLayout, get_split_layout, register_split_layout
-from ._task import ClassificationTask, Task
 from .export import export
-from .hub import load_from_hub, push_to_hub
+from .hub.push import push_to_hub
 from .methods import (
     BornAgainEnsemble,
     BornAgainStudent,
@@ -30,9 +24,18 @@ from .methods import (
     create_bane,
     ensemble_of,
 )
+from .models.distill import DistillationTask, StudentModel
+from .models.ensemble import EnsembleHead, EnsembleModel
+from .models.hub import load_from_hub
+from .models.registry import create_model, create_task, get_task_cls, list_ensemble_methods, register_task
+from .models.split import SplitLayout, get_split_layout, register_split_layout
+from .task import ClassificationTask, Task
+from .train.snapshots import Snapshots, read_snapshots
 from .version import __version__
 
 # `timm_ensembles.export` is the function (the module of the same name is imported above, so that no later import of
 # it rebinds the name); `python -m timm_ensembles.export` then finds the module imported already, which runpy warns of
 # and which is harmless here: the command runs in __main__ and uses nothing of the copy imported with the package
 warnings.filterwarnings('ignore', message=r"'timm_ensembles\.export' found in sys\.modules", category=RuntimeWarning)
+# the same for `python -m timm_ensembles.hub.push`, whose package imports it for push_to_hub
+warnings.filterwarnings('ignore', message=r"'timm_ensembles\.hub\.push' found in sys\.modules", category=RuntimeWarning)

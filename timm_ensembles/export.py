@@ -10,7 +10,7 @@
 
 - an ensemble (``ens``, ``fdl``, ``bane``, ``ensemble``): every member and the combine rule (the linear head, the
   averaged probabilities or logits, the vote) inside the graph; ``members=True`` adds the members' logits
-  ``[B, M, C]`` as a second output, for uncertainty (``timm_ensembles.uncertainty`` reads them);
+  ``[B, M, C]`` as a second output, for uncertainty (``timm_ensembles.analysis.uncertainty`` reads them);
 - a collaborative net: its designated head as a plain network of the base architecture (``export_head()``, what
   ``train.py`` ships in ``exported/``); all heads where ``forward`` averages them or with ``members=True``;
 - a student (born-again, MEAL): the bare student; a task: its ``export_model()``, as ``train.py`` exports it;
@@ -43,10 +43,10 @@ import torch
 from timm.data import resolve_data_config
 from torch import nn
 
-from ._distill import StudentModel
-from ._extras import MissingExtraError, require
-from ._strategies import LoopStrategy, MemberStrategy
-from ._task import Task
+from .models.distill import StudentModel
+from .models.strategies import LoopStrategy, MemberStrategy
+from .task import Task
+from .utils.extras import MissingExtraError, require
 
 __all__ = ['export', 'ExportError', 'FORMATS', 'get_args_parser', 'main']
 
@@ -231,7 +231,7 @@ def check_destination(path: str | os.PathLike, format: str = 'onnx') -> Path:
 
 
 def _load(source: str | os.PathLike, trust_member_repos: bool) -> nn.Module:
-    from .hub import load_from_hub
+    from .models.hub import load_from_hub
 
     name = str(source)
     if not (name.startswith(('hf-hub:', 'local-dir:')) or Path(name).is_dir()):
@@ -367,8 +367,8 @@ def export(
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from ._cli import ArgumentParser
-    from ._inference import add_model_args
+    from .inference import add_model_args
+    from .train.cli import ArgumentParser
 
     parser = ArgumentParser(prog='timm-ensembles-export', description=__doc__.split('\n\n')[0],
                             epilog='Also: python -m timm_ensembles.export. What the graph computes for each kind of'
@@ -390,7 +390,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from ._inference import fail, import_modules, load_model
+    from .inference import fail, import_modules, load_model
 
     logging.basicConfig(format='%(message)s')
     logging.getLogger('timm_ensembles').setLevel(logging.INFO)  # this package's lines, not the ONNX optimiser's

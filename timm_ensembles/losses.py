@@ -34,12 +34,12 @@ def _layer_pair_difference(layer: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def feature_difference(f_i: torch.Tensor, f_j: torch.Tensor) -> torch.Tensor:
     """Mean squared difference of two same-shape feature tensors over every element (B, C, H, W), in fp32."""
-    _check_features([[f_i], [f_j]])
+    check_features([[f_i], [f_j]])
     # every sample has the same number of elements: the mean of the samples' means is the mean over every element
     return _layer_pair_difference((f_i, f_j)).mean()
 
 
-def _check_features(features: Sequence[Sequence[torch.Tensor]]) -> None:
+def check_features(features: Sequence[Sequence[torch.Tensor]]) -> None:
     num_members = len(features)
     if num_members < 2:
         raise ValueError(f'The feature difference needs at least 2 members, got {num_members}.')
@@ -75,7 +75,7 @@ def feature_difference_loss(features: Sequence[Sequence[torch.Tensor]], distance
     Returns:
         Scalar fp32 tensor.
     """
-    _check_features(features)
+    check_features(features)
     if distance not in FEATURE_DISTANCES:
         raise ValueError(f"Unknown feature distance '{distance}', expected one of {FEATURE_DISTANCES}.")
     layer_losses = []
@@ -107,7 +107,7 @@ def pairwise_feature_difference(features: Sequence[Sequence[torch.Tensor]], dist
         features: ``features[m][d]`` is member m's ``[B, ...]`` feature tensor at layer d.
         distance: 'mse' or 'relative'.
     """
-    _check_features(features)
+    check_features(features)
     if distance not in FEATURE_DISTANCES:
         raise ValueError(f"Unknown feature distance '{distance}', expected one of {FEATURE_DISTANCES}.")
     num_members = len(features)

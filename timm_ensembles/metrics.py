@@ -26,9 +26,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._checks import check_range, check_whole
-from ._extras import require
-from .losses import _check_features, pairwise_feature_difference
+from .losses import check_features, pairwise_feature_difference
+from .utils.checks import check_range, check_whole
+from .utils.extras import require
 
 __all__ = [
     'member_correct', 'member_accuracy', 'ensemble_probs', 'ensemble_correct', 'ensemble_accuracy',
@@ -44,15 +44,15 @@ _BELOW_ONE_FP32 = 1.0 - 2.0 ** -24
 _MAX_LISTED_SUBSETS = 100_000
 
 
-def _as_float64(x: Any, name: str) -> torch.Tensor:
+def as_float64(x: Any, name: str) -> torch.Tensor:
     x = torch.as_tensor(x)
     if not x.is_floating_point():
         raise ValueError(f'{name} must be a floating-point tensor, got dtype {x.dtype}.')
     return x.detach().to(torch.float64)
 
 
-def _check_logits(logits: Any) -> torch.Tensor:
-    logits = _as_float64(logits, 'logits')
+def check_logits(logits: Any) -> torch.Tensor:
+    logits = as_float64(logits, 'logits')
     if logits.ndim != 3:
         raise ValueError(f'logits must be [N, M, C] (samples, members, classes), got shape {tuple(logits.shape)}.')
     if logits.shape[0] == 0 or logits.shape[1] == 0 or logits.shape[2] == 0:
@@ -61,7 +61,7 @@ def _check_logits(logits: Any) -> torch.Tensor:
     return logits
 
 
-def _check_targets(
+def check_targets(
         targets: Any, num_samples: int, num_classes: int, device: torch.device | None = None,
 ) -> torch.Tensor:
     targets = torch.as_tensor(targets)
@@ -77,8 +77,8 @@ def _check_targets(
     return targets
 
 
-def _check_probs(probs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    probs = _as_float64(probs, 'probs')
+def check_probs(probs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    probs = as_float64(probs, 'probs')
     if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
         raise ValueError(f'probs must be [N, C] probabilities of one model (for [N, M, C] logits use'
                          f' ensemble_probs), got shape {tuple(probs.shape)}.')
@@ -86,7 +86,7 @@ def _check_probs(probs: Any, targets: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if probs.min() < -1e-3 or probs.max() > 1 + 1e-3 or not torch.allclose(
             probs.sum(1), torch.ones((), dtype=probs.dtype), atol=1e-3, rtol=0):
         raise ValueError('probs must be probabilities in [0, 1] whose rows sum to 1 (softmax outputs, not logits).')
-    return probs.clamp(0, 1), _check_targets(targets, probs.shape[0], probs.shape[1], probs.device)
+    return probs.clamp(0, 1), check_targets(targets, probs.shape[0], probs.shape[1], probs.device)
 
 
 def _accuracy(probs_or_logits: torch.Tensor, targets: torch.Tensor) -> float:
@@ -101,8 +101,8 @@ def member_correct(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits: ``[N, M, C]`` logits (or probabilities) of M members.
         targets: ``[N]`` class indices.
     """
-    logits = _check_logits(logits)
-    targets = _check_targets(targets, logits.shape[0], logits.shape[2], logits.device)
+    logits = check_logits(logits)
+    targets = check_targets(targets, logits.shape[0], logits.shape[2], logits.device)
     return logits.argmax(-1).eq(targets[:, None]).sum(0)
 
 
@@ -128,7 +128,7 @@ def ensemble_probs(logits: torch.Tensor) -> torch.Tensor:
     Returns:
         ``[N, C]`` float64 probabilities.
     """
-    return F.softmax(_check_logits(logits), dim=-1).mean(1)
+    return F.softmax(check_logits(logits), dim=-1).mean(1)
 
 
 def ensemble_correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
@@ -139,7 +139,7 @@ def ensemble_correct(logits: torch.Tensor, targets: torch.Tensor) -> int:
         targets: ``[N]`` class indices.
     """
     probs = ensemble_probs(logits)
-    targets = _check_targets(targets, probs.shape[0], probs.shape[1], probs.device)
+    targets = check_targets(targets, probs.shape[0], probs.shape[1], probs.device)
     # argmax over the last dimension; torch breaks ties towards the lower class index
     return int(probs.argmax(-1).eq(targets).sum())
 
@@ -161,7 +161,7 @@ def pairwise_differ_counts(logits: torch.Tensor) -> torch.Tensor:
     Args:
         logits: ``[N, M, C]`` logits (or probabilities) of M models on the same N samples.
     """
-    preds = _check_logits(logits).argmax(-1)  # [N, M]
+    preds = check_logits(logits).argmax(-1)  # [N, M]
     num_models = preds.shape[1]
     out = torch.zeros(num_models, num_models, dtype=torch.int64, device=preds.device)
     # one row at a time: an [N, M, M] comparison would not fit in memory for many checkpoints
@@ -194,7 +194,7 @@ def mean_offdiag(matrix: torch.Tensor) -> float:
     Raises:
         ValueError: Not a square matrix, or fewer than 2 rows.
     """
-    matrix = _as_float64(matrix, 'matrix')
+    matrix = as_float64(matrix, 'matrix')
     if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
         raise ValueError(f'mean_offdiag expects a square [M, M] matrix, got shape {tuple(matrix.shape)}.')
     num = matrix.shape[0]
@@ -317,7 +317,7 @@ def feature_distance_matrix(features: Sequence[Sequence[torch.Tensor]]) -> torch
     if len(features) == 0:
         raise ValueError('feature_distance_matrix needs the features of at least one member.')
     if len(features) == 1:
-        _check_features(features * 2)  # one member: its layers are checked as a pair would be
+        check_features(features * 2)  # one member: its layers are checked as a pair would be
         return torch.zeros(1, 1, dtype=torch.float64)
     with torch.no_grad():
         return pairwise_feature_difference(features).mean(0).double().cpu()
@@ -334,7 +334,7 @@ def brier_score(probs: torch.Tensor, targets: torch.Tensor) -> float:
         probs: ``[N, C]`` probabilities.
         targets: ``[N]`` class indices.
     """
-    probs, targets = _check_probs(probs, targets)
+    probs, targets = check_probs(probs, targets)
     onehot = F.one_hot(targets, probs.shape[1]).to(probs.dtype)
     return (probs - onehot).pow(2).sum(1).mean().item()
 
@@ -351,11 +351,11 @@ def nll(probs: torch.Tensor, targets: torch.Tensor, eps: float = 1e-12) -> float
         targets: ``[N]`` class indices.
         eps: Smallest probability taken.
     """
-    probs, targets = _check_probs(probs, targets)
+    probs, targets = check_probs(probs, targets)
     return -probs.gather(1, targets[:, None]).clamp_min(eps).log().mean().item()
 
 
-def _top_label(probs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def top_label(probs: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-label confidence (float64) and whether the top label is correct, for already checked inputs."""
     confidence, pred = probs.max(1)
     return confidence, pred.eq(targets)
@@ -388,7 +388,7 @@ def expected_calibration_error(probs: torch.Tensor, targets: torch.Tensor, n_bin
     multiclass_calibration_error = require('torchmetrics.functional.classification',
                                            'expected_calibration_error').multiclass_calibration_error
 
-    probs, targets = _check_probs(probs, targets)
+    probs, targets = check_probs(probs, targets)
     check_whole('n_bins', n_bins, 'a positive integer', ge=1)
     if probs.shape[1] < 2:
         raise ValueError(f'expected_calibration_error needs at least 2 classes, got {probs.shape[1]}.')
@@ -413,12 +413,12 @@ def reliability_diagram(probs: torch.Tensor, targets: torch.Tensor, n_bins: int 
         of the bin's samples), ``accuracy`` ``[n_bins]`` (fraction of them whose top label is correct; both NaN
         where a bin is empty) and the int64 ``count`` ``[n_bins]``.
     """
-    probs, targets = _check_probs(probs, targets)
+    probs, targets = check_probs(probs, targets)
     probs, targets = probs.cpu(), targets.cpu()  # a few bins: no gain from an accelerator
     check_whole('n_bins', n_bins, 'a positive integer', ge=1)
     if probs.shape[1] < 2:
         raise ValueError(f'reliability_diagram needs at least 2 classes, got {probs.shape[1]}.')
-    confidence, correct = _top_label(probs, targets)
+    confidence, correct = top_label(probs, targets)
     # exactly torchmetrics' assignment: float32 confidences, float32 edges, bucketize(right=True) - 1
     edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float32)
     bins = torch.bucketize(_ece_preds(confidence).float(), edges, right=True) - 1
@@ -492,9 +492,9 @@ def ensemble_size_curve(
     Returns:
         One dict per k: ``k``, ``num_subsets``, ``acc_mean``, ``acc_std`` (percent), ``brier_mean``, ``brier_std``.
     """
-    logits = _check_logits(logits)
+    logits = check_logits(logits)
     num_samples, num_members, num_classes = logits.shape
-    targets = _check_targets(targets, num_samples, num_classes, logits.device)
+    targets = check_targets(targets, num_samples, num_classes, logits.device)
     check_whole('max_subsets', max_subsets, 'None or a positive integer', ge=1, optional=True)
     probs = F.softmax(logits, dim=-1)
     onehot = F.one_hot(targets, num_classes).to(probs.dtype)
@@ -574,9 +574,9 @@ def summarize(
         ``ensemble_calibration`` (dict ``nll``, ``brier``, ``ece`` of the averaged probabilities);
         ``member_calibration`` (list of such dicts, one per member); ``size_curve`` (``ensemble_size_curve``).
     """
-    logits = _check_logits(logits)
+    logits = check_logits(logits)
     num_samples, num_members, num_classes = logits.shape
-    targets = _check_targets(targets, num_samples, num_classes, logits.device)
+    targets = check_targets(targets, num_samples, num_classes, logits.device)
     disagreement = pairwise_disagreement(logits)
     probs = F.softmax(logits, dim=-1)
     return {

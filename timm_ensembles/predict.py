@@ -8,22 +8,22 @@
 (also ``python -m timm_ensembles.predict``). A folder is searched recursively, as timm's inference.py reads it; images
 are preprocessed with the model's own data config. Columns: filename (relative to the folder; index for a dataset),
 target (the image's subfolder, or the dataset's label: where known), pred1..predK and prob1..probK (the top-k classes,
-by the model's label names where it has them, and their probabilities), entropy (timm_ensembles.uncertainty, in nats,
-of the members' averaged probabilities), and for a model with members each member's top-1 class and probability
-(member0_pred, member0_prob, ...) with the entropy's parts: expected_entropy (aleatoric) and mutual_information
-(epistemic: the members' disagreement).
+by the model's label names where it has them, and their probabilities), entropy
+(timm_ensembles.analysis.uncertainty, in nats, of the members' averaged probabilities), and for a model with members
+each member's top-1 class and probability (member0_pred, member0_prob, ...) with the entropy's parts:
+expected_entropy (aleatoric) and mutual_information (epistemic: the members' disagreement).
 """
 import csv
 import io
 import sys
 from pathlib import Path
 
-from ._atomic import atomic_write_text
-from ._checks import flag_message, is_whole
-from ._engine import MemberPredictor
-from ._inference import batches, class_names, device_of, fail, get_args_parser, image_folder, load_model, open_dataset
-from ._inference import parse_args as _parse_args
-from .uncertainty import uncertainty_scores
+from .analysis.uncertainty import uncertainty_scores
+from .inference import batches, class_names, device_of, fail, get_args_parser, image_folder, load_model, open_dataset
+from .inference import parse_args as _parse_args
+from .train.engine import MemberPredictor
+from .utils.atomic import atomic_write_text
+from .utils.checks import flag_message, is_whole
 
 
 def _number(value: float) -> str:

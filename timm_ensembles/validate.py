@@ -16,12 +16,12 @@ import json
 import sys
 from pathlib import Path
 
-from ._atomic import atomic_write_text
-from ._checks import flag_message, is_whole
-from ._engine import evaluate
-from ._inference import batches, device_of, fail, get_args_parser, load_model, model_folder, open_dataset
-from ._inference import parse_args as _parse_args
-from ._run import RunFolder
+from .files.run_folder import RunFolder
+from .inference import batches, device_of, fail, get_args_parser, load_model, model_folder, open_dataset
+from .inference import parse_args as _parse_args
+from .train.engine import evaluate
+from .utils.atomic import atomic_write_text
+from .utils.checks import flag_message, is_whole
 
 
 def _recorded_data(args) -> None:

@@ -10,7 +10,7 @@ from conftest import IMG
 from torch import nn
 
 import timm_ensembles
-from timm_ensembles._checkpoint import export_folder
+from timm_ensembles.files.model_folder import export_folder
 from timm_ensembles.methods.ban import permute_dark_knowledge, soft_cross_entropy
 
 

@@ -12,9 +12,9 @@ from safetensors.torch import load_file, save_file
 
 import timm_ensembles
 from timm_ensembles import CollaborativeNet
-from timm_ensembles._checkpoint import export_folder
-from timm_ensembles._split import grad_rescale
+from timm_ensembles.files.model_folder import export_folder
 from timm_ensembles.methods.collab import collaborative_soft_loss, default_splits
+from timm_ensembles.models.split import grad_rescale
 
 SCHEMES = {'simple2': dict(num_heads=2), 'tree4': dict(num_heads=4, hierarchy=[2, 2])}
 PARAMS = [(b, s) for b in TINY_BASES for s in SCHEMES]

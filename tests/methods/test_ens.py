@@ -6,7 +6,7 @@ from conftest import IMG
 
 import timm_ensembles
 from timm_ensembles import DeepEnsembleTask
-from timm_ensembles._builder import DEFAULT_BASES, DEFAULT_SIZES
+from timm_ensembles.models.builder import DEFAULT_BASES, DEFAULT_SIZES
 
 
 def _batch(n=4):

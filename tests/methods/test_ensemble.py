@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_ensembles
-from timm_ensembles._checkpoint import export_folder
+from timm_ensembles.files.model_folder import export_folder
 
 CFG_A = dict(input_size=(3, 32, 32), mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0, interpolation='bilinear')
 CFG_B = dict(input_size=(3, 48, 48), mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=1.0,

@@ -12,9 +12,9 @@ from timm.scheduler import create_scheduler_v2
 
 import timm_ensembles
 from timm_ensembles import FDLEnsemble
-from timm_ensembles._builder import DEFAULT_BASES, DEFAULT_SIZES
-from timm_ensembles._ensemble import tapped_convs
 from timm_ensembles.losses import loss_similarity
+from timm_ensembles.models.builder import DEFAULT_BASES, DEFAULT_SIZES
+from timm_ensembles.models.ensemble import tapped_convs
 
 
 def _fdl(base='test_resnet', num_members=2, **task_args):
@@ -369,7 +369,7 @@ def test_fdl_pair_of_a_net_without_normalisation_does_not_collapse():
 
 
 def test_head_or_average_is_chosen_on_validation_metrics(tmp_path):
-    from timm_ensembles._checkpoint import export_folder
+    from timm_ensembles.files.model_folder import export_folder
     task = _fdl()
     model = task.model
     x, _ = _batch()

@@ -5,7 +5,7 @@ No official PyTorch code.
 
 Generation k (a ``ban_<base>`` student, by default of the teacher's architecture) is trained on the cross-entropy
 between its predictions and generation k-1's, without temperature (the paper's BAN: teacher only, no labels), from
-a new random initialisation with the same schedule. The teacher is frozen and in eval mode (``_teachers.py``).
+a new random initialisation with the same schedule. The teacher is frozen and in eval mode (``models/teachers.py``).
 ``train.py --generations K`` runs K generations, each teaching the next. The BAN ensemble (``bane``) averages the
 predicted probabilities of several generations.
 
@@ -30,14 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._builder import create_ensemble, register_ensemble_variants, register_student_variants
-from .._checks import check_option, check_range
-from .._distill import DistillationTask, StudentModel
-from .._ensemble import EnsembleModel
-from .._registry import register_task
-from .._run import RunFolder
-from .._task import TaskOutput
+from ..files.run_folder import RunFolder
 from ..losses import soft_cross_entropy  # re-exported: its home before losses.py
+from ..models.builder import create_ensemble, register_ensemble_variants, register_student_variants
+from ..models.distill import DistillationTask, StudentModel
+from ..models.ensemble import EnsembleModel
+from ..models.registry import register_task
+from ..task import TaskOutput
+from ..utils.checks import check_option, check_range
 
 __all__ = ['BornAgainStudent', 'BornAgainTask', 'BornAgainEnsemble', 'create_bane', 'soft_cross_entropy']
 
@@ -164,7 +164,7 @@ def create_bane(generations: Sequence[str | Path], **kwargs) -> BornAgainEnsembl
     Raises:
         ValueError: Fewer than two generations, or generations of different architectures or class counts.
     """
-    from .._teachers import load_teacher
+    from ..models.teachers import load_teacher
     if isinstance(generations, (str, Path)) or len(generations) < 2:
         raise ValueError(f'A BAN ensemble needs at least 2 generation folders, got {generations!r}.')
     models = [load_teacher(str(g)) for g in generations]
@@ -186,7 +186,7 @@ def create_bane(generations: Sequence[str | Path], **kwargs) -> BornAgainEnsembl
     for member, trained in zip(model.members, models):
         member.load_state_dict(trained.state_dict())
     # the preprocessing the generations were trained and saved with, not the base architecture's default
-    from .._builder import BASE_CFG_KEYS
+    from ..models.builder import BASE_CFG_KEYS
     model.pretrained_cfg = dict(model.pretrained_cfg, **{
         k: v for k, v in first.pretrained_cfg.items() if k in BASE_CFG_KEYS and v is not None})
     return model.eval()

@@ -3,7 +3,7 @@
 Paper: "Collaborative Learning for Deep Neural Networks", Song & Chai, NeurIPS 2018 (arXiv:1805.11761). No official
 code; public ports: qq456cvb/Collaborative-Learning (TensorFlow), DefangChen/OKDDip (``CLILR_ResNet``).
 
-H copies of a timm model are cut at stage boundaries (``_split.py``). The stages before the split are shared
+H copies of a timm model are cut at stage boundaries (``models/split.py``). The stages before the split are shared
 (intermediate-level representation sharing, "ILR sharing"); each head owns the stages after it and a classifier.
 Simple sharing has one split point and H heads; hierarchical sharing is a tree of splits (``hierarchy=[2, 2]``:
 2-way at two depths, 4 heads). Each head is trained on ``beta * CE + (1 - beta) * T^2 * KL(q_h || p_h)``, where the
@@ -38,14 +38,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .._builder import create_ensemble, register_ensemble_variants
-from .._checks import check_option, check_range, check_whole, is_whole
-from .._ensemble import EnsembleHead, ModelArgsMixin, refuse_script, sub_group_matcher
-from .._registry import check_base_model, register_task
-from .._run import RunFolder
-from .._split import SplitLayout, get_split_layout, grad_rescale
-from .._task import Task, TaskOutput
-from .._timm_compat import get_global_pool
+from ..files.run_folder import RunFolder
+from ..models.builder import create_ensemble, register_ensemble_variants
+from ..models.ensemble import EnsembleHead, ModelArgsMixin, refuse_script, sub_group_matcher
+from ..models.registry import check_base_model, register_task
+from ..models.split import SplitLayout, get_split_layout, grad_rescale
+from ..task import Task, TaskOutput
+from ..utils.checks import check_option, check_range, check_whole, is_whole
+from ..utils.timm_compat import get_global_pool
 
 __all__ = ['CollaborativeNet', 'CollaborativeTask', 'default_splits']
 

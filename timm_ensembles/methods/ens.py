@@ -8,11 +8,11 @@ Registered names: ``ens`` (``base_model=``, ``num_members=``) and ``ens_<base>x<
 """
 import torch
 
-from .._builder import create_ensemble, register_ensemble_variants
-from .._ensemble import EnsembleModel
-from .._registry import register_task
-from .._task import Task, TaskOutput
 from ..losses import member_cross_entropy
+from ..models.builder import create_ensemble, register_ensemble_variants
+from ..models.ensemble import EnsembleModel
+from ..models.registry import register_task
+from ..task import Task, TaskOutput
 
 __all__ = ['DeepEnsemble', 'DeepEnsembleTask']
 

@@ -5,7 +5,7 @@ its weights (a ``train.py`` folder, ``local-dir:`` / ``hf-hub:`` source, or a ti
 weights) and combines them: by averaged probabilities (default), averaged logits, majority vote or a trained linear
 head. Members of different architectures each see the input preprocessed their own way: the ensemble's batch,
 prepared with the ensemble's data config (the first member's unless ``data_config`` is given), is mapped to every
-member's normalisation and input size as a distillation teacher's is (``_teachers.InputMap``: an exact affine map of
+member's normalisation and input size as a distillation teacher's is (``teachers.InputMap``: an exact affine map of
 the normalisation, bilinear resizing; crops are not redone).
 
 The ensemble saves as one model (``save_for_hf``, ``train.py``, ``push_to_hub``): its ``model_args`` record every
@@ -23,12 +23,12 @@ from timm.data import resolve_data_config
 from timm.models import get_model_args
 from torch import nn
 
-from .._builder import create_ensemble, register_models
-from .._ensemble import COMBINE_MODES, EnsembleHead, ModelArgsMixin, refuse_script
-from .._registry import register_task
-from .._task import Task, TaskOutput
-from .._teachers import InputMap, load_teacher
 from ..losses import member_cross_entropy
+from ..models.builder import create_ensemble, register_models
+from ..models.ensemble import COMBINE_MODES, EnsembleHead, ModelArgsMixin, refuse_script
+from ..models.registry import register_task
+from ..models.teachers import InputMap, load_teacher
+from ..task import Task, TaskOutput
 
 __all__ = ['ModelEnsemble', 'ModelEnsembleTask', 'ensemble_of', 'ENSEMBLE_COMBINES']
 
@@ -58,7 +58,7 @@ class ModelEnsemble(ModelArgsMixin, nn.Module):
         device: Where to put the members.
         dtype: Their parameter dtype.
     """
-    base_free = True  # built from its members, not from one base model (see _builder.create_ensemble)
+    base_free = True  # built from its members, not from one base model (see models.builder.create_ensemble)
 
     def __init__(
             self,
@@ -119,7 +119,7 @@ class ModelEnsemble(ModelArgsMixin, nn.Module):
     @staticmethod
     def _build(member: str | dict | nn.Module, index: int) -> nn.Module:
         if isinstance(member, dict):  # a recorded spec: built empty, the ensemble's weights are loaded after
-            from .._registry import create_model
+            from ..models.registry import create_model
             return create_model(member['architecture'], pretrained=False, **member.get('args', {}))
         try:
             model = load_teacher(member)

@@ -91,12 +91,12 @@ from collections.abc import Sequence
 
 import torch
 
-from .._builder import create_ensemble, register_ensemble_variants
-from .._checks import check_option, check_range
-from .._ensemble import FEATURE_TAPS, EnsembleModel, tapped_convs
-from .._registry import register_task
-from .._task import Task, TaskOutput
 from ..losses import FEATURE_DISTANCES, feature_difference_loss, loss_similarity, member_cross_entropy
+from ..models.builder import create_ensemble, register_ensemble_variants
+from ..models.ensemble import FEATURE_TAPS, EnsembleModel, tapped_convs
+from ..models.registry import register_task
+from ..task import Task, TaskOutput
+from ..utils.checks import check_option, check_range
 
 __all__ = ['FDLEnsemble', 'FDLTask']
 

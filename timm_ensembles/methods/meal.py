@@ -68,12 +68,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from .._builder import create_ensemble, register_student_variants
-from .._checks import check_option, check_range
-from .._distill import DistillationTask, StudentModel
-from .._registry import register_task
-from .._task import TaskOutput
 from ..losses import soft_cross_entropy
+from ..models.builder import create_ensemble, register_student_variants
+from ..models.distill import DistillationTask, StudentModel
+from ..models.registry import register_task
+from ..task import TaskOutput
+from ..utils.checks import check_option, check_range
 
 __all__ = ['MEALStudent', 'MEALTask', 'Discriminator', 'align', 'standardise', 'block_distance']
 

@@ -1,6 +1,0 @@
-"""``python -m timm_ensembles.analyze``."""
-import sys
-
-from . import main
-
-sys.exit(main())
