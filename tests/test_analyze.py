@@ -3,6 +3,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from timm.data import resolve_data_config
 import timm_ensembles  # noqa: F401  (registers the ensembles with timm)
 from timm_ensembles import data as te_data
 from timm_ensembles import metrics
-from timm_ensembles.analysis import AnalysisError, analyze_runs, main
+from timm_ensembles.analysis import AnalysisError, DataOptions, OutputOptions, analyze_runs, main
 from timm_ensembles.analysis._sources import _short_labels
 from timm_ensembles.files.model_folder import export_folder
 from timm_ensembles.train.snapshots import read_snapshots
@@ -173,7 +174,8 @@ def test_mixed_class_counts_refused(runs, tmp_path):
     five = _make_run(tmp_path / 'five', timm.create_model('ens', base_model='test_resnet', num_members=2,
                                                           num_classes=5))
     with pytest.raises(AnalysisError, match=r'different numbers of classes.*ens .*10 classes.*five .*5 classes'):
-        analyze_runs([str(runs['ens']), str(five)], dataset='digits', out_dir=tmp_path / 'out', plots=False)
+        analyze_runs([str(runs['ens']), str(five)], data=DataOptions(dataset='digits'), out_dir=tmp_path / 'out',
+                     output=OutputOptions(plots=False))
 
 
 def test_mixed_datasets_refused(runs, tmp_path):
@@ -201,8 +203,8 @@ def test_missing_snapshot_epochs(runs, tmp_path, capsys):
 
 
 def test_single_member_model(runs, tmp_path):
-    report = analyze_runs([str(runs['plain']), str(runs['ens'])], dataset='digits', out_dir=tmp_path,
-                          val_subset=20, verbose=False)
+    report = analyze_runs([str(runs['plain']), str(runs['ens'])], data=DataOptions(dataset='digits', val_subset=20),
+                          out_dir=tmp_path, output=OutputOptions(verbose=False))
     plain = report['sources']['plain']
     assert plain['num_members'] == 1 and plain['disagreement_mean'] is None and plain['weight_cosine'] is None
     assert any('single-member' in n for n in plain['notes'])
@@ -218,19 +220,20 @@ def test_preprocessing(tmp_path):
     # a folder without args.yaml (a Hub model, an export): its saved data config, or the size given here
     folder = tmp_path / 'export'
     export_folder(timm.create_model('test_resnet', num_classes=NUM_CLASSES), folder, data_config=DATA_CONFIG)
-    kwargs = dict(dataset='digits', out_dir=tmp_path / 'out', val_subset=10, plots=False, verbose=False)
-    assert analyze_runs([str(folder)], **kwargs)['sources']['export']['input_size'] == [3, 32, 32]
-    report = analyze_runs([f'local-dir:{folder}'], img_size=48, labels=['big'], **kwargs)
+    kwargs = dict(out_dir=tmp_path / 'out', output=OutputOptions(plots=False, verbose=False))
+    data = DataOptions(dataset='digits', val_subset=10)
+    assert analyze_runs([str(folder)], data=data, **kwargs)['sources']['export']['input_size'] == [3, 32, 32]
+    report = analyze_runs([f'local-dir:{folder}'], data=replace(data, img_size=48), labels=['big'], **kwargs)
     assert report['sources']['big']['input_size'] == [3, 48, 48]
     with pytest.raises(AnalysisError, match=r'Cannot evaluate source gray: .*input size \(1, 48, 48\)'):
-        analyze_runs([str(folder)], img_size=48, in_chans=1, labels=['gray'], **kwargs)
+        analyze_runs([str(folder)], data=replace(data, img_size=48, in_chans=1), labels=['gray'], **kwargs)
 
 
 def test_shared_layer_heads(tmp_path):
     collab = timm.create_model('collab', base_model='test_resnet', num_heads=2, num_classes=NUM_CLASSES)
     folder = _make_run(tmp_path / 'collab', collab)
-    report = analyze_runs([f'local-dir:{folder}'], dataset='digits', out_dir=tmp_path / 'out', val_subset=20,
-                          plots=False, verbose=False)
+    report = analyze_runs([f'local-dir:{folder}'], data=DataOptions(dataset='digits', val_subset=20),
+                          out_dir=tmp_path / 'out', output=OutputOptions(plots=False, verbose=False))
     s = report['sources']['collab']
     assert s['num_members'] == 2 and s['disagreement_mean'] is not None
     # heads on shared layers have no weight vectors of their own, and this model exposes no member features
@@ -244,7 +247,8 @@ def test_different_snapshot_subsets_refused(runs, tmp_path):
     _write_snapshots(other, timm.create_model('ens', base_model='test_resnet', num_members=2,
                                               num_classes=NUM_CLASSES), list(range(1, 81, 4)), weights=False)
     with pytest.raises(AnalysisError, match=r'Snapshot subsets differ between sources \(ens: 20 samples.*other'):
-        analyze_runs([str(runs['ens']), str(other)], dataset='digits', out_dir=tmp_path / 'out', plots=False)
+        analyze_runs([str(runs['ens']), str(other)], data=DataOptions(dataset='digits'), out_dir=tmp_path / 'out',
+                     output=OutputOptions(plots=False))
 
 
 def test_bad_sources(tmp_path):
@@ -264,12 +268,12 @@ def test_hub_sources_are_read_with_their_run_files(runs, tmp_path, monkeypatch):
     _make_run(other, timm.create_model('test_resnet', num_classes=NUM_CLASSES), dataset='fashion-mnist')
     fill_cache(tmp_path / 'cache', 'org/other', other)
     monkeypatch.setattr('huggingface_hub.constants.HF_HUB_CACHE', str(tmp_path / 'cache'))
-    report = analyze_runs(['hf-hub:org/ens'], dataset='digits', out_dir=tmp_path / 'out', val_subset=20,
-                          verbose=False)
+    report = analyze_runs(['hf-hub:org/ens'], data=DataOptions(dataset='digits', val_subset=20),
+                          out_dir=tmp_path / 'out', output=OutputOptions(verbose=False))
     assert report['sources']['ens']['num_members'] == 3
     with pytest.raises(AnalysisError, match=r'another dataset than --dataset \(digits\).*other'):
-        analyze_runs(['hf-hub:org/ens', 'hf-hub:org/other'], dataset='digits', out_dir=tmp_path / 'out',
-                     val_subset=20, verbose=False)
+        analyze_runs(['hf-hub:org/ens', 'hf-hub:org/other'], data=DataOptions(dataset='digits', val_subset=20),
+                     out_dir=tmp_path / 'out', output=OutputOptions(verbose=False))
 
 
 def test_printed_accuracies_name_their_rule(tmp_path, capsys):

@@ -19,7 +19,19 @@ from sklearn.metrics import roc_auc_score
 import timm_ensembles  # noqa: F401  (registers the ensembles with timm)
 from timm_ensembles import data as te_data
 from timm_ensembles import metrics
-from timm_ensembles.analysis import AnalysisError, _compute, analyze_runs, main
+from timm_ensembles.analysis import (
+    AnalysisError,
+    DataOptions,
+    LandscapeOptions,
+    OODOptions,
+    OutputOptions,
+    SamplerOptions,
+    ShiftOptions,
+    SnapshotOptions,
+    _compute,
+    analyze_runs,
+    main,
+)
 from timm_ensembles.files.model_folder import export_folder
 from timm_ensembles.train.snapshots import read_snapshots
 
@@ -28,7 +40,8 @@ NUM_CLASSES = 10
 DATA_CONFIG = dict(input_size=(3, 32, 32), interpolation='bilinear', mean=(0.5,) * 3, std=(0.5,) * 3, crop_pct=1.0)
 EPOCHS = (-1, 0, 1, 2, 3)
 # small everywhere: this CPU is shared
-FAST = dict(dataset='digits', val_subset=30, batch_size=30, landscape_batches=1, plots=False, verbose=False)
+FAST = dict(data=DataOptions(dataset='digits', val_subset=30, batch_size=30, bn_batches=1),
+            output=OutputOptions(plots=False, verbose=False))
 
 
 def _fit_head(model, x, y):
@@ -131,19 +144,19 @@ def test_bad_options_are_refused_before_any_evaluation(runs, tmp_path):
     with pytest.raises(SystemExit, match=r'The ood section needs --ood-dataset NAME'):
         main(src + ['--sections', 'ood', '--out', str(tmp_path)])
     with pytest.raises(AnalysisError, match=r'Unknown --shift name\(s\) fog: valid ones are gaussian_noise'):
-        analyze_runs(src, sections='shift', shift='fog,rotation', out_dir=tmp_path)
+        analyze_runs(src, sections='shift', shift=ShiftOptions(corruptions='fog,rotation'), out_dir=tmp_path)
     with pytest.raises(AnalysisError, match=r'--severities must be integers in 1\.\.5.*got \[2, 7\]'):
-        analyze_runs(src, sections='shift', severities=[2, 7], out_dir=tmp_path)
+        analyze_runs(src, sections='shift', shift=ShiftOptions(severities=[2, 7]), out_dir=tmp_path)
     with pytest.raises(AnalysisError, match=r'Unknown --samplers name\(s\) swag'):
-        analyze_runs(src, sections='samplers', samplers='random,swag', out_dir=tmp_path)
+        analyze_runs(src, sections='samplers', samplers=SamplerOptions(names='random,swag'), out_dir=tmp_path)
     with pytest.raises(AnalysisError, match=r'--snapshot-epochs selects the snapshots of the trajectories and'):
-        analyze_runs(src, sections='landscape', snapshot_epochs=[1], out_dir=tmp_path)
+        analyze_runs(src, sections='landscape', snapshots=SnapshotOptions(epochs=[1]), out_dir=tmp_path)
     with pytest.raises(AnalysisError, match='--landscape-plane needs the landscape section'):
-        analyze_runs(src, landscape_plane=True, out_dir=tmp_path)
+        analyze_runs(src, landscape=LandscapeOptions(plane=True), out_dir=tmp_path)
     with pytest.raises(AnalysisError, match='--random-scale must be a finite number > 0'):
-        analyze_runs(src, sections='samplers', random_scale=0.0, out_dir=tmp_path)
+        analyze_runs(src, sections='samplers', samplers=SamplerOptions(random_scale=0.0), out_dir=tmp_path)
     with pytest.raises(AnalysisError, match='--landscape-points must be an integer >= 2'):
-        analyze_runs(src, sections='landscape', landscape_points=1, out_dir=tmp_path)
+        analyze_runs(src, sections='landscape', landscape=LandscapeOptions(points=1), out_dir=tmp_path)
     assert not (tmp_path / 'summary.json').exists()
 
 
@@ -196,8 +209,8 @@ def test_uncertainty_alone(runs, tmp_path):
 
 
 def test_ood_alone(runs, tmp_path):
-    analyze_runs([str(runs['ens']), str(runs['plain'])], sections='ood', ood_dataset=f"idx:{runs['noise']}",
-                 ood_subset=25, out_dir=tmp_path, **FAST)
+    analyze_runs([str(runs['ens']), str(runs['plain'])], sections='ood',
+                 ood=OODOptions(dataset=f"idx:{runs['noise']}", subset=25), out_dir=tmp_path, **FAST)
     summary, saved = _saved(tmp_path)
     ood = summary['ood']
     assert ood['num_samples'] == 25 and ood['dataset'] == f"idx:{runs['noise']}" and 'uncertainty' not in summary
@@ -240,14 +253,17 @@ def test_ood_images_a_transform_cannot_adapt_are_refused(runs, tmp_path, monkeyp
                         lambda name, **kw: (None, GreyOnly(), info) if name == 'grey-only' else create(name, **kw))
     with pytest.raises(AnalysisError, match=r'OOD dataset grey-only holds 1-channel images and source plain takes 3'
                                             r" channels.*GreyOnly cannot be set to read its images as 'RGB'"):
-        analyze_runs([str(runs['plain'])], sections='ood', ood_dataset='grey-only', out_dir=tmp_path, **FAST)
+        analyze_runs([str(runs['plain'])], sections='ood', ood=OODOptions(dataset='grey-only'), out_dir=tmp_path,
+                     **FAST)
     with pytest.raises(AnalysisError, match='is the evaluation dataset'):
-        analyze_runs([str(runs['plain'])], sections='ood', ood_dataset='digits', out_dir=tmp_path, **FAST)
+        analyze_runs([str(runs['plain'])], sections='ood', ood=OODOptions(dataset='digits'), out_dir=tmp_path,
+                     **FAST)
 
 
 def test_shift_alone(runs, tmp_path):
-    analyze_runs([str(runs['ens'])], sections='shift', shift='gaussian_noise, contrast', severities=[5, 2],
-                 out_dir=tmp_path, **FAST)
+    analyze_runs([str(runs['ens'])], sections='shift',
+                 shift=ShiftOptions(corruptions='gaussian_noise, contrast', severities=[5, 2]), out_dir=tmp_path,
+                 **FAST)
     summary, saved = _saved(tmp_path)
     sh = summary['shift']
     assert sh['severities'] == [0, 2, 5] and sh['corruptions'] == ['gaussian_noise', 'contrast']
@@ -275,8 +291,9 @@ def test_shift_alone(runs, tmp_path):
 
 
 def test_landscape_between_members_and_plane(runs, tmp_path):
-    report = analyze_runs([str(runs['ens'])], sections='landscape', landscape_points=3, landscape_plane=True,
-                          plane_epoch=1, plane_grid=2, out_dir=tmp_path, **FAST)
+    report = analyze_runs([str(runs['ens'])], sections='landscape',
+                          landscape=LandscapeOptions(points=3, plane=True, plane_epoch=1, plane_grid=2),
+                          out_dir=tmp_path, **FAST)
     ls = report['landscape']
     assert [(p['a'], p['b']) for p in ls['pairs']] == [('ens:m0', 'ens:m1'), ('ens:m0', 'ens:m2')]
     assert (ls['bn_batches'], ls['bn_images']) == (1, 30)
@@ -327,17 +344,17 @@ def test_landscape_needs_two_networks_of_one_architecture(runs, tmp_path):
     with pytest.raises(AnalysisError, match='landscape section needs two networks: source plain has one'):
         analyze_runs([str(runs['plain'])], sections='landscape', out_dir=tmp_path, **FAST)
     with pytest.raises(AnalysisError, match='--landscape-plane needs the snapshot weights of plain:m0'):
-        analyze_runs([str(runs['plain']), str(runs['ens'])], sections='landscape', landscape_plane=True,
-                     out_dir=tmp_path, **FAST)
+        analyze_runs([str(runs['plain']), str(runs['ens'])], sections='landscape',
+                     landscape=LandscapeOptions(plane=True), out_dir=tmp_path, **FAST)
     with pytest.raises(AnalysisError, match=r'--plane-epoch 9: source ens has snapshot weights of epochs'
                                             r' \[-1, 0, 1, 2, 3\] only'):
-        analyze_runs([str(runs['ens'])], sections='landscape', landscape_plane=True, plane_epoch=9,
+        analyze_runs([str(runs['ens'])], sections='landscape', landscape=LandscapeOptions(plane=True, plane_epoch=9),
                      out_dir=tmp_path, **FAST)
 
 
 def test_samplers_alone(runs, tmp_path):
-    report = analyze_runs([str(runs['ens']), str(runs['plain'])], sections='samplers', num_samples=2,
-                          out_dir=tmp_path, **FAST)
+    report = analyze_runs([str(runs['ens']), str(runs['plain'])], sections='samplers',
+                          samplers=SamplerOptions(num_samples=2), out_dir=tmp_path, **FAST)
     summary, saved = _saved(tmp_path)
     sm = summary['samplers']
     ens, plain = sm['sources']['ens'], sm['sources']['plain']
@@ -369,7 +386,8 @@ def test_samplers_alone(runs, tmp_path):
 
 def test_samplers_asked_for_by_name_that_cannot_run(runs, tmp_path):
     with pytest.raises(AnalysisError, match=r'--samplers diag cannot run on any source: plain: no snapshot weights'):
-        analyze_runs([str(runs['plain'])], sections='samplers', samplers='random,diag', out_dir=tmp_path, **FAST)
+        analyze_runs([str(runs['plain'])], sections='samplers', samplers=SamplerOptions(names='random,diag'),
+                     out_dir=tmp_path, **FAST)
     with pytest.raises(SystemExit, match=r'--samplers dropout cannot run on any source: plain: ResNet has no dropout'):
         main([str(runs['plain']), '--dataset', 'digits', '--sections', 'samplers', '--samplers', 'dropout', '--out',
               str(tmp_path)])

@@ -28,8 +28,8 @@ source's member logits ``<label>.logits``, and on the OOD images ``<label>.ood_l
 """
 import argparse
 import json
-import math
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,102 +82,68 @@ from ._sources import (
     _unique_labels,
 )
 from ._space import _landscape, _plan_landscape, _plan_samplers, _samplers
+from .options import (
+    DataOptions,
+    LandscapeOptions,
+    MetricOptions,
+    OODOptions,
+    OutputOptions,
+    SamplerOptions,
+    ShiftOptions,
+    SnapshotOptions,
+)
 
 __all__ = ['AnalysisError', 'analyze_runs', 'get_args_parser', 'main', 'PLOTS', 'SECTIONS', 'DEFAULT_SECTIONS',
-           'SAMPLERS']
+           'SAMPLERS', 'DataOptions', 'MetricOptions', 'SnapshotOptions', 'OODOptions', 'ShiftOptions',
+           'LandscapeOptions', 'SamplerOptions', 'OutputOptions']
+
+
+@dataclass
+class _Choices:
+    """The report's parsed choices: its sections and what they run on."""
+    sections: tuple[str, ...]
+    corruptions: list[str]
+    severities: list[int]
+    sampler_names: list[str]
+    explicit_samplers: bool
 
 
 def analyze_runs(
         sources: list[str],
-        dataset: str | None = None,
+        *,
+        sections: str | Sequence[str] | None = None,
         out_dir: str | Path = 'output/analysis',
         labels: list[str] | None = None,
-        data_dir: str | None = None,
-        val_split: str | None = None,
-        val_subset: int | None = None,
-        img_size: int | None = None,
-        in_chans: int | None = None,
-        crop_pct: float | None = None,
-        batch_size: int = 128,
-        workers: int = 0,
-        device: str | None = None,
-        n_bins: int = 15,
-        max_subsets: int | None = None,
-        feature_taps: str | None = 'stages',
-        include_buffers: bool = False,
-        snapshot_epochs: list[int] | None = None,
-        allow_missing_snapshots: bool = False,
         seed: int = 0,
-        plots: bool = True,
-        verbose: bool = True,
-        progress: bool = True,
-        sections: str | Sequence[str] | None = None,
-        ood_dataset: str | None = None,
-        ood_data_dir: str | None = None,
-        ood_subset: int | None = None,
-        shift: str | Sequence[str] | None = None,
-        severities: Sequence[int] = (1, 2, 3, 4, 5),
-        landscape_batches: int = 10,
-        landscape_points: int = 11,
-        landscape_plane: bool = False,
-        plane_epoch: int | None = None,
-        plane_grid: int = 11,
-        samplers: str | Sequence[str] | None = None,
-        num_samples: int | None = None,
-        random_scale: float = 0.1,
+        data: DataOptions | None = None,
+        metrics: MetricOptions | None = None,
+        snapshots: SnapshotOptions | None = None,
+        ood: OODOptions | None = None,
+        shift: ShiftOptions | None = None,
+        landscape: LandscapeOptions | None = None,
+        samplers: SamplerOptions | None = None,
+        output: OutputOptions | None = None,
 ) -> dict[str, Any]:
     """Evaluate the sources, compare them and their trajectories, write the report.
 
     Args:
         sources: ``train.py`` output folders, ``local-dir:<folder>`` or ``hf-hub:<repo>`` names.
-        dataset: Dataset name as for ``train.py --dataset``; None: the one every source's run recorded.
-        out_dir: Output folder (created).
-        labels: A name per source for plots and tables; default the folder (or repo) name, without the time stamp
-            of train.py's default folder name where the names stay distinct.
-        data_dir: Root folder for timm dataset names.
-        val_split: Split to evaluate on; None: the runs' own ``--val-split`` when they agree, else 'validation'.
-        val_subset: Evaluate on a fixed stratified subset of this many images (as ``train.py --val-subset``).
-        img_size: Input size of sources without a ``train.py`` args.yaml (Hub models); default their saved data
-            config. A run is always evaluated with its own flags and saved config.
-        in_chans: Input channels, likewise.
-        crop_pct: Evaluation centre-crop fraction, likewise.
-        batch_size: Evaluation batch size.
-        workers: Data loader processes.
-        device: Torch device; default CUDA when available.
-        n_bins: Confidence bins of the ECE and reliability diagram.
-        max_subsets: At most this many random k-subsets per ensemble size (None: all of them).
-        feature_taps: Features of the feature-distance matrix, as ``forward_members_with_features`` takes them
-            ('stages' or 'convs'); None to skip it.
-        include_buffers: Include BatchNorm buffers in the weight vectors.
-        snapshot_epochs: Epochs of the snapshots to compare (and to fit the samplers' Gaussians to); None: every
-            snapshot each run wrote. When given with the trajectories section, every source must have snapshots.
-        allow_missing_snapshots: Skip requested snapshot epochs a run did not write instead of failing.
-        seed: Seed of the subset sampling, the t-SNE, the temperature-scaling split, the corruptions and the
-            samplers.
-        plots: Write the PNG plots.
-        verbose: Print the key numbers (and the progress of the slow sections).
-        progress: Progress bars on stderr over the evaluation of every source and the plots, when stderr is a
-            terminal.
         sections: The parts of the report (a list, or one comma-separated string) of ``SECTIONS``; 'default'
             stands for ``DEFAULT_SECTIONS`` (the default), 'all' for every one. The sources are always evaluated
             once, and their accuracy and calibration always reported.
-        ood_dataset: The out-of-distribution dataset of the ood section, a ``train.py --dataset`` name (its
-            validation split); each source reads it through its own eval transform.
-        ood_data_dir: Root folder of ``ood_dataset`` (as ``data_dir``).
-        ood_subset: At most this many OOD images (a fixed stratified subset).
-        shift: Corruptions of the shift section (names of ``shift.CORRUPTIONS``; None: all of them).
-        severities: Their severities, in 1..5 (severity 0, the clean set, is always shown).
-        landscape_batches: Training batches (of ``batch_size``) the BatchNorm statistics are recomputed on at every
-            point of the landscape and for every sampled network.
-        landscape_points: Points of every line of the landscape (and per axis of its plane).
-        landscape_plane: Also draw the plane through the first two networks and a snapshot of the first one's
-            trajectory (it needs that source's snapshot weights).
-        plane_epoch: The snapshot epoch of that plane (-1: the initialisation); None: the middle of the trajectory.
-        plane_grid: Evenly spaced values per axis of the plane (the three solutions' coordinates are added).
-        samplers: The samplers of the samplers section (``SAMPLERS``); None: every one that can run, with a note
-            for the others. One named here that can run on no source is an error.
-        num_samples: Networks per sampled ensemble; None: the source's member count (4 for a single network).
-        random_scale: Radius of the random sampler, relative to every filter's norm.
+        out_dir: Output folder (created).
+        labels: A name per source for plots and tables; default the folder (or repo) name, without the time stamp
+            of train.py's default folder name where the names stay distinct.
+        seed: Seed of the subset sampling, the t-SNE, the temperature-scaling split, the corruptions and the
+            samplers.
+        data: The evaluation data (``DataOptions``; None: its defaults), and likewise for the rest:
+        metrics: How every source's numbers are computed (``MetricOptions``).
+        snapshots: The snapshots of the trajectories and samplers sections (``SnapshotOptions``).
+        ood: The images of the ood section (``OODOptions``).
+        shift: The corruptions of the shift section (``ShiftOptions``).
+        landscape: The lines and plane of the landscape section (``LandscapeOptions``).
+        samplers: The samplers section (``SamplerOptions``).
+        output: Plots, printing and progress bars (``OutputOptions``).
 
     Returns:
         The report (what ``summary.json`` holds): ``sections``, ``sources`` (numbers per label), ``between`` (2+
@@ -187,119 +153,197 @@ def analyze_runs(
     Raises:
         AnalysisError: A source that cannot be read, sources of other datasets or class counts (the message names
             each source's dataset and class count), unreadable or missing snapshots, snapshots of different subsets,
-            an unknown section, corruption or sampler, the ood section without ``ood_dataset`` or with a dataset the
+            an unknown section, corruption or sampler, the ood section without ``ood.dataset`` or with a dataset the
             sources' transforms cannot read, a landscape between networks of different architectures, a sampler
             asked for by name that can run on no source (diag and lowrank need snapshot weights, dropout a model
             with dropout); an ``out_dir`` that is a file or cannot be written, or a write to it that fails (a
             full disk said as such).
         MissingExtraError: The analysis extra is not installed (``pip install 'timm-ensembles[analysis]'``).
     """
+    data, metrics, snapshots = data or DataOptions(), metrics or MetricOptions(), snapshots or SnapshotOptions()
+    ood, shift, landscape = ood or OODOptions(), shift or ShiftOptions(), landscape or LandscapeOptions()
+    samplers, output = samplers or SamplerOptions(), output or OutputOptions()
     if not sources:
         raise AnalysisError('No source given: pass train.py output folders or hf-hub: names.')
     problem = output_problem(out_dir)
     if problem:  # before minutes of evaluation
         raise AnalysisError(f'--out {out_dir}: {problem}; give a folder that can be written.')
-    # every option before minutes of evaluation
-    sections = _parse_sections(sections)
-    if 'ood' in sections and not ood_dataset:
-        raise AnalysisError('The ood section needs --ood-dataset NAME: a dataset of images of none of the classes'
-                            " (as train.py --dataset names it, e.g. 'idx:<folder>' of MNIST against a Fashion-MNIST"
-                            ' model).')
-    corruptions, _ = _parse_choices(shift, te_shift.CORRUPTIONS, '--shift')
-    severities = _parse_severities(severities)
-    sampler_names, explicit_samplers = _parse_choices(samplers, SAMPLERS, '--samplers')
-    for value, flag, minimum in ((ood_subset, '--ood-subset', 1), (landscape_batches, '--landscape-batches', 1),
-                                 (landscape_points, '--landscape-points', 2), (num_samples, '--num-samples', 1),
-                                 (plane_grid, '--plane-grid', 2)):
-        check_whole(flag, value, f'an integer >= {minimum}', ge=minimum, optional=True, error=AnalysisError)
-    check_number('--random-scale', random_scale, "a finite number > 0 (a fraction of every filter's norm)", gt=0,
-                 error=AnalysisError)
-    if snapshot_epochs is not None and not {'trajectories', 'samplers'} & set(sections):
-        raise AnalysisError('--snapshot-epochs selects the snapshots of the trajectories and samplers sections:'
-                            f" add one of them to --sections (asked for: {', '.join(sections)}).")
-    if plane_epoch is not None and not landscape_plane:
-        raise AnalysisError('--plane-epoch needs --landscape-plane.')
-    if landscape_plane and 'landscape' not in sections:
-        raise AnalysisError('--landscape-plane needs the landscape section (--sections ...,landscape).')
-    # before minutes of evaluation: the packages of the analysis extra
-    require('torchmetrics', 'the calibration error of the report')
-    if plots:
-        require('matplotlib', "the report's plots (--no-plots skips them)")
+    choices = _check_options(sections, data, snapshots, ood, shift, landscape, samplers, output)
     if labels is not None and len(labels) != len(sources):
         raise AnalysisError(f'{len(labels)} labels for {len(sources)} sources: give one label per source.')
     srcs = [_resolve_source(spec, labels[i] if labels else None) for i, spec in enumerate(sources)]
     defaults = [s.label for s in srcs]
     for s, label in zip(srcs, _unique_labels(defaults if labels else _short_labels(defaults))):
         s.label = label
+    data, train_ds, val_ds, info = _open_dataset(srcs, data)
+    dev = torch.device(data.device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    _load_models(srcs, data, info)
 
-    # the dataset: given, or the one the runs recorded (all of them the same)
-    if dataset is None:
+    plans = _plan_sections(srcs, choices, info.name, snapshots, ood, landscape)
+    report: dict[str, Any] = dict(dataset=info.name, val_split=data.val_split, n_bins=metrics.n_bins,
+                                  sections=list(choices.sections), include_buffers=metrics.include_buffers, sources={},
+                                  notes=[])
+    evals = _evaluate_sources(srcs, val_ds, data, metrics, dev, seed, choices.sections, report, output)
+    ctx = _Context(train_ds, val_ds, data.batch_size, data.workers, dev, metrics.n_bins, seed, data.bn_batches,
+                   output.verbose)
+    _run_sections(report, srcs, evals, choices, plans, ctx, landscape, samplers)
+    for s in srcs:
+        s.model = None  # free them: only the numbers are needed from here on
+
+    report = _write_report(Path(out_dir), report, [s.label for s in srcs], evals, output)
+    if output.verbose:
+        for line in _key_lines(report):
+            print(line)
+        print(f'report: {Path(out_dir) / "summary.md"}')
+    return report
+
+
+def _check_options(sections, data: DataOptions, snapshots: SnapshotOptions, ood: OODOptions, shift: ShiftOptions,
+                   landscape: LandscapeOptions, samplers: SamplerOptions, output: OutputOptions) -> _Choices:
+    """Every option, and the packages of the analysis extra, before minutes of evaluation."""
+    sections = _parse_sections(sections)
+    if 'ood' in sections and not ood.dataset:
+        raise AnalysisError('The ood section needs --ood-dataset NAME: a dataset of images of none of the classes'
+                            " (as train.py --dataset names it, e.g. 'idx:<folder>' of MNIST against a Fashion-MNIST"
+                            ' model).')
+    corruptions, _ = _parse_choices(shift.corruptions, te_shift.CORRUPTIONS, '--shift')
+    severities = _parse_severities(shift.severities)
+    sampler_names, explicit_samplers = _parse_choices(samplers.names, SAMPLERS, '--samplers')
+    for value, flag, minimum in ((ood.subset, '--ood-subset', 1), (data.bn_batches, '--landscape-batches', 1),
+                                 (landscape.points, '--landscape-points', 2),
+                                 (samplers.num_samples, '--num-samples', 1), (landscape.plane_grid, '--plane-grid', 2)):
+        check_whole(flag, value, f'an integer >= {minimum}', ge=minimum, optional=True, error=AnalysisError)
+    check_number('--random-scale', samplers.random_scale, "a finite number > 0 (a fraction of every filter's norm)",
+                 gt=0, error=AnalysisError)
+    if snapshots.epochs is not None and not {'trajectories', 'samplers'} & set(sections):
+        raise AnalysisError('--snapshot-epochs selects the snapshots of the trajectories and samplers sections:'
+                            f" add one of them to --sections (asked for: {', '.join(sections)}).")
+    if landscape.plane_epoch is not None and not landscape.plane:
+        raise AnalysisError('--plane-epoch needs --landscape-plane.')
+    if landscape.plane and 'landscape' not in sections:
+        raise AnalysisError('--landscape-plane needs the landscape section (--sections ...,landscape).')
+    require('torchmetrics', 'the calibration error of the report')
+    if output.plots:
+        require('matplotlib', "the report's plots (--no-plots skips them)")
+    return _Choices(sections, corruptions, severities, sampler_names, explicit_samplers)
+
+
+def _open_dataset(srcs: list, data: DataOptions):
+    """The dataset given, or the one the runs recorded (all of them the same), checked against every source.
+
+    Returns:
+        ``data`` with the dataset, its folder and the split resolved, the train and validation datasets, their info.
+    """
+    if data.dataset is None:
         recorded = {s.dataset for s in srcs if s.dataset is not None}
         if len(recorded) != 1:
             raise AnalysisError(
                 'Pass --dataset: the sources record ' + ('no dataset' if not recorded else 'different datasets')
                 + f' ({_describe(srcs)}).')
-        dataset = recorded.pop()
-        data_dir = data_dir or next((s.args.get('data_dir') for s in srcs if s.args.get('data_dir')), None)
-    if val_split is None:
+        data_dir = data.data_dir or next((s.args.get('data_dir') for s in srcs if s.args.get('data_dir')), None)
+        data = replace(data, dataset=recorded.pop(), data_dir=data_dir)
+    if data.val_split is None:
         splits = {s.args.get('val_split') for s in srcs if s.args.get('val_split')}
-        val_split = splits.pop() if len(splits) == 1 else 'validation'
-    canonical = _canonical_dataset(dataset, data_dir)
+        data = replace(data, val_split=splits.pop() if len(splits) == 1 else 'validation')
+    canonical = _canonical_dataset(data.dataset, data.data_dir)
     _check_datasets(srcs, canonical)
     try:
-        train_ds, val_ds, info = te_data.create_datasets(dataset, root=data_dir, val_split=val_split,
-                                                         val_subset=val_subset)
+        train_ds, val_ds, info = te_data.create_datasets(data.dataset, root=data.data_dir, val_split=data.val_split,
+                                                         val_subset=data.val_subset)
     except (OSError, ValueError) as e:
-        raise AnalysisError(f'Cannot create dataset {dataset!r}: {e}') from e
+        raise AnalysisError(f'Cannot create dataset {data.dataset!r}: {e}') from e
     if info.name != canonical:
         _check_datasets(srcs, info.name)
+    return data, train_ds, val_ds, info
 
-    dev = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+
+def _load_models(srcs: list, data: DataOptions, info) -> None:
+    """Every source's model, class count and data config, their class counts checked against the dataset's."""
     for s in srcs:
         try:
             s.model = create_model(s.model_name, pretrained=True)
         except Exception as e:  # noqa: BLE001  (any failure to load is reported with the source's name)
             raise AnalysisError(f'Cannot load source {s.label} ({s.spec}): {type(e).__name__}: {e}') from e
         s.num_classes = _num_classes(s.model)
-        s.data_config = _data_config(s, img_size, in_chans, crop_pct)
+        s.data_config = _data_config(s, data.img_size, data.in_chans, data.crop_pct)
     _check_classes(srcs, info.name, info.num_classes)
-    # snapshots, OOD data, networks and sampler inputs before the evaluation, which can take long: what cannot be
-    # used fails first
+
+
+@dataclass
+class _Plans:
+    """What the sections will run on, prepared before the evaluation."""
+    snapshots: dict
+    snapshot_notes: list[str]
+    ood_data: tuple | None
+    landscape: Any
+    samplers: Any
+
+
+def _plan_sections(srcs: list, choices: _Choices, dataset: str, snapshots: SnapshotOptions, ood: OODOptions,
+                   landscape: LandscapeOptions) -> _Plans:
+    """Snapshots, OOD data, networks and sampler inputs before the evaluation, which can take long: what cannot be
+    used fails first."""
+    chosen = choices.sections
     snaps, notes = {}, []
-    if 'trajectories' in sections:
-        snaps, notes = _snapshot_sources(srcs, snapshot_epochs, allow_missing_snapshots, info.name,
-                                         require=snapshot_epochs is not None)
+    if 'trajectories' in chosen:
+        snaps, notes = _snapshot_sources(srcs, snapshots.epochs, snapshots.allow_missing, dataset,
+                                         require=snapshots.epochs is not None)
         if snaps:
             _check_snapshots(snaps, {s.label: s for s in srcs}, srcs[0].num_classes)
-    if 'shift' in sections:
-        _check_shift(srcs, corruptions)
-    ood_data = _prepare_ood(ood_dataset, ood_data_dir, ood_subset, info.name, srcs) if 'ood' in sections else None
-    landscape_plan = _plan_landscape(srcs, landscape_plane, plane_epoch) if 'landscape' in sections else None
-    sampler_plan = (_plan_samplers(srcs, sampler_names, explicit_samplers, snapshot_epochs)
-                    if 'samplers' in sections else None)
+    if 'shift' in chosen:
+        _check_shift(srcs, choices.corruptions)
+    return _Plans(
+        snaps, notes,
+        _prepare_ood(ood.dataset, ood.data_dir, ood.subset, dataset, srcs) if 'ood' in chosen else None,
+        _plan_landscape(srcs, landscape.plane, landscape.plane_epoch) if 'landscape' in chosen else None,
+        (_plan_samplers(srcs, choices.sampler_names, choices.explicit_samplers, snapshots.epochs)
+         if 'samplers' in chosen else None))
 
+
+def _run_sections(report: dict[str, Any], srcs: list, evals: list[dict], choices: _Choices, plans: _Plans,
+                  ctx: _Context, landscape: LandscapeOptions, samplers: SamplerOptions) -> None:
+    """The sections beyond the sources' own numbers, each into its entry of ``report``."""
+    if plans.snapshots:
+        report['trajectories'] = _trajectories(plans.snapshots, ctx.seed)
+        report['trajectories']['notes'] = plans.snapshot_notes + report['trajectories']['notes']
+    elif plans.snapshot_notes:
+        report['notes'].append('no trajectories: ' + '; '.join(plans.snapshot_notes))
+    if 'uncertainty' in choices.sections:
+        report['uncertainty'] = _uncertainty(srcs, evals, ctx.n_bins, ctx.seed)
+    if plans.ood_data is not None:
+        report['ood'] = _ood(srcs, evals, *plans.ood_data, ctx)
+    if 'shift' in choices.sections:
+        report['shift'] = _shift(srcs, evals, choices.corruptions, choices.severities, ctx)
+    if plans.landscape is not None:
+        report['landscape'] = _landscape(srcs, plans.landscape, landscape.points, landscape.plane_grid, ctx)
+    if plans.samplers is not None:
+        report['samplers'] = _samplers(srcs, evals, plans.samplers, choices.sampler_names, samplers.num_samples,
+                                       samplers.random_scale, ctx)
+
+
+def _evaluate_sources(srcs: list, val_ds, data: DataOptions, metrics: MetricOptions, dev: torch.device, seed: int,
+                      sections: tuple[str, ...], report: dict[str, Any], output: OutputOptions) -> list[dict]:
+    """Evaluate every source once: its numbers (and those between sources) into ``report``; its logits returned."""
     members = 'members' in sections
-    report: dict[str, Any] = dict(dataset=info.name, val_split=val_split, n_bins=n_bins, sections=list(sections),
-                                  include_buffers=include_buffers, sources={}, notes=[])
     evals, weights = [], []
     for s in srcs:
-        loader = te_data.create_eval_loader(val_ds, s.data_config, batch_size, workers)
+        loader = te_data.create_eval_loader(val_ds, s.data_config, data.batch_size, data.workers)
         s.model.to(dev)
         try:
             check_input_size(s.model, s.data_config['input_size'], s.spec)
         except ValueError as e:
             raise AnalysisError(f'Cannot evaluate source {s.label}: {e} (--img-size / --in-chans apply to sources'
                                 f' without a train.py args.yaml).') from e
-        if verbose:
+        if output.verbose:
             print(f'[analyze] evaluating {s.label}', flush=True)
-        ev = _evaluate(s.model, loader, dev, feature_taps if members else None,
-                       progress=f'evaluating {s.label}' if progress else None)
+        ev = _evaluate(s.model, loader, dev, metrics.feature_taps if members else None,
+                       progress=f'evaluating {s.label}' if output.progress else None)
         if ev['logits'].shape[-1] != srcs[0].num_classes:
             raise AnalysisError(f'{s.label} predicts {ev["logits"].shape[-1]} classes: {_describe(srcs)}.')
         s.model.cpu()
         needs_weights = members or ('between' in sections and len(srcs) > 1)
-        w, why = _weights(s.model, include_buffers) if needs_weights else (None, None)
-        numbers = _source_numbers(s, ev, w, n_bins, max_subsets, seed, members=members)
+        w, why = _weights(s.model, metrics.include_buffers) if needs_weights else (None, None)
+        numbers = _source_numbers(s, ev, w, metrics.n_bins, metrics.max_subsets, seed, members=members)
         for note in (ev['feature_note'], why):
             if note and members:
                 numbers['notes'].append(note)
@@ -308,45 +352,28 @@ def analyze_runs(
         report['sources'][s.label] = numbers
         evals.append(ev)
         weights.append(w)
-    labels_ = [s.label for s in srcs]
+    labels = [s.label for s in srcs]
     report['num_samples'] = int(evals[0]['targets'].shape[0])
     report['num_classes'] = int(evals[0]['logits'].shape[-1])
     if len(srcs) > 1 and 'between' in sections:
-        report['between'] = _between_sources(labels_, evals)
-        report['between_weights'] = _between_weights(labels_, weights)
+        report['between'] = _between_sources(labels, evals)
+        report['between_weights'] = _between_weights(labels, weights)
         if report['between_weights'] is None:
             report['notes'].append('no weight cosine between sources: some have no member weights or their'
                                    ' weights differ in length (other architectures)')
-    del weights
+    return evals
 
-    if snaps:
-        report['trajectories'] = _trajectories(snaps, seed)
-        report['trajectories']['notes'] = notes + report['trajectories']['notes']
-    elif notes:
-        report['notes'].append('no trajectories: ' + '; '.join(notes))
 
-    ctx = _Context(train_ds, val_ds, batch_size, workers, dev, n_bins, seed, landscape_batches, verbose)
-    if 'uncertainty' in sections:
-        report['uncertainty'] = _uncertainty(srcs, evals, n_bins, seed)
-    if ood_data is not None:
-        report['ood'] = _ood(srcs, evals, *ood_data, ctx)
-    if 'shift' in sections:
-        report['shift'] = _shift(srcs, evals, corruptions, severities, ctx)
-    if landscape_plan is not None:
-        report['landscape'] = _landscape(srcs, landscape_plan, landscape_points, plane_grid, ctx)
-    if sampler_plan is not None:
-        report['samplers'] = _samplers(srcs, evals, sampler_plan, sampler_names, num_samples, random_scale, ctx)
-    for s in srcs:
-        s.model = None  # free them: only the numbers are needed from here on
-
-    out = Path(out_dir)
+def _write_report(out: Path, report: dict[str, Any], labels: list[str], evals: list[dict],
+                  output: OutputOptions) -> dict[str, Any]:
+    """Write the plots, the logits and the summaries; the report as ``summary.json`` holds it."""
     try:
         out.mkdir(parents=True, exist_ok=True)
         for name in PLOTS:  # a stale plot of an earlier report must not pass for one of this report
             (out / f'{name}.png').unlink(missing_ok=True)
-        files = _write_plots(out, report, progress=progress) if plots else {}
+        files = _write_plots(out, report, progress=output.progress) if output.plots else {}
         report['files'] = files
-        tensors = {f'{label}.logits': ev['logits'].contiguous() for label, ev in zip(labels_, evals)}
+        tensors = {f'{label}.logits': ev['logits'].contiguous() for label, ev in zip(labels, evals)}
         tensors['targets'] = evals[0]['targets'].contiguous()
         for label, o in (report.get('ood') or {}).get('sources', {}).items():
             tensors[f'{label}.ood_logits'] = o.pop('logits').contiguous()
@@ -357,10 +384,6 @@ def analyze_runs(
     except OSError as e:
         raise AnalysisError(f'writing the report to {out} failed: {os_error_reason(e)}; the sources are unchanged.')\
             from e
-    if verbose:
-        for line in _key_lines(report):
-            print(line)
-        print(f'report: {out / "summary.md"}')
     return report
 
 
@@ -449,25 +472,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """``analyze_runs``'s keywords from the command line's flags."""
+    return dict(
+        sections=args.sections, out_dir=args.out, labels=args.labels, seed=args.seed,
+        data=DataOptions(dataset=args.dataset, data_dir=args.data_dir, val_split=args.val_split,
+                         val_subset=args.val_subset, img_size=args.img_size, in_chans=args.in_chans,
+                         crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                         bn_batches=args.landscape_batches),
+        metrics=MetricOptions(n_bins=args.bins, max_subsets=args.max_subsets,
+                              feature_taps=None if args.feature_taps == 'none' else args.feature_taps,
+                              include_buffers=args.include_buffers),
+        snapshots=SnapshotOptions(epochs=args.snapshot_epochs, allow_missing=args.allow_missing_snapshots),
+        ood=OODOptions(dataset=args.ood_dataset, data_dir=args.ood_data_dir, subset=args.ood_subset),
+        shift=ShiftOptions(corruptions=args.shift, severities=args.severities),
+        landscape=LandscapeOptions(points=args.landscape_points, plane=args.landscape_plane,
+                                   plane_epoch=args.plane_epoch, plane_grid=args.plane_grid),
+        samplers=SamplerOptions(names=args.samplers, num_samples=args.num_samples, random_scale=args.random_scale),
+        output=OutputOptions(plots=not args.no_plots, progress=not args.no_progress),
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
-        analyze_runs(
-            args.sources, dataset=args.dataset, out_dir=args.out, labels=args.labels, data_dir=args.data_dir,
-            val_split=args.val_split, val_subset=args.val_subset, img_size=args.img_size, in_chans=args.in_chans,
-            crop_pct=args.crop_pct, batch_size=args.batch_size, workers=args.workers, device=args.device,
-            n_bins=args.bins, max_subsets=args.max_subsets,
-            feature_taps=None if args.feature_taps == 'none' else args.feature_taps,
-            include_buffers=args.include_buffers, snapshot_epochs=args.snapshot_epochs,
-            allow_missing_snapshots=args.allow_missing_snapshots, seed=args.seed, plots=not args.no_plots,
-            progress=not args.no_progress,
-            sections=args.sections, ood_dataset=args.ood_dataset, ood_data_dir=args.ood_data_dir,
-            ood_subset=args.ood_subset, shift=args.shift, severities=args.severities,
-            landscape_batches=args.landscape_batches, landscape_points=args.landscape_points,
-            landscape_plane=args.landscape_plane, plane_epoch=args.plane_epoch, plane_grid=args.plane_grid,
-            samplers=args.samplers,
-            num_samples=args.num_samples, random_scale=args.random_scale)
+        analyze_runs(args.sources, **_options_from_args(args))
     except (AnalysisError, MissingExtraError) as e:
         raise SystemExit(f'error: {e}') from None
     return 0
-
