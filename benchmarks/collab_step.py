@@ -3,7 +3,7 @@ inference against the plain base.
 
 Configurations, all on one fixed random batch in train mode with SGD (lr 0.05, momentum 0.9):
 
-* ``single``: the base model with its ``ClassificationTask``, one full training step (forward, backward, optimizer
+* ``single``: the base model with its ``CrossEntropyTask``, one full training step (forward, backward, optimizer
   step, zero_grad);
 * ``collab xH``: ``collab_<base>xH`` as registered (H = 2: one split; H = 4: a 2-way split at two depths) with
   ``CollaborativeTask``, one full training step;

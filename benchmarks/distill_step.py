@@ -3,7 +3,7 @@ forward passes, and the exported student's inference against the plain architect
 
 Configurations, on one fixed random batch, SGD (lr 0.05, momentum 0.9):
 
-* ``student``: the student architecture alone with its ``ClassificationTask``, one full training step;
+* ``student``: the student architecture alone with its ``CrossEntropyTask``, one full training step;
 * ``teacher fwd``: one forward pass of the teacher (``--base``, eval mode, no gradients);
 * ``member fwd``: one forward pass of one member of the ensemble teacher (``ens_<base>x2``);
 * ``ensemble fwd``: one forward pass of the whole ensemble teacher;

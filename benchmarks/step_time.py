@@ -4,7 +4,7 @@ One *step* is what a training loop does per batch: the task's forward (``task(x,
 ``optimizer.step()`` and ``optimizer.zero_grad()``, everything in train mode on one fixed random batch. Timed
 configurations, for each number of members N given:
 
-* ``single``: the base model alone with its ``ClassificationTask`` (timed once, shared by every N);
+* ``single``: the base model alone with its ``CrossEntropyTask`` (timed once, shared by every N);
 * ``ens xN``: the independent deep ensemble (``timm.create_model('ens', ...)``) with its task;
 * ``fdl xN``: the FDL ensemble with its task in the joint phase (features, similarity term, -L_FDL, head);
 * ``FDL term xN``: ``feature_difference_loss`` alone, forward and backward, on the features of one forward pass

@@ -4,7 +4,7 @@ One *step* is what a training loop does per batch, as in ``step_time.py``: the t
 ``optimizer.step()`` and ``optimizer.zero_grad()``, in train mode on one fixed random batch, SGD (lr 0.05, momentum
 0.9). Configurations:
 
-* ``single``: the base model alone with its ``ClassificationTask``;
+* ``single``: the base model alone with its ``CrossEntropyTask``;
 * ``<strategy> xN``: the ensemble (``ens`` by default, ``--method fdl`` for the FDL ensemble in its joint phase)
   with its task, its members run by ``loop``, ``vmap`` or ``grouped`` (``EnsembleModel.set_member_strategy``); a
   strategy that refuses the base is reported and skipped. Every ensemble of one N starts from the same weights.

@@ -75,11 +75,11 @@ def test_a_tracker_that_is_not_installed_is_named_with_its_package(tracker, pack
 
 
 def test_mixup_is_refused_for_a_task_that_cannot_take_soft_targets(tmp_path, monkeypatch):
-    from timm_ensembles import ClassificationTask
+    from timm_ensembles import CrossEntropyTask
     from timm_ensembles.train import trainer
-    monkeypatch.setattr(ClassificationTask, 'accepts_soft_targets', False)
+    monkeypatch.setattr(CrossEntropyTask, 'accepts_soft_targets', False)
     out = tmp_path / 'run'
-    with pytest.raises(SystemExit, match='--mixup/--cutmix give mixed .soft. targets, which ClassificationTask of'
+    with pytest.raises(SystemExit, match='--mixup/--cutmix give mixed .soft. targets, which CrossEntropyTask of'
                                          ' test_resnet cannot learn from'):
         trainer.main(['--model', 'test_resnet', '--mixup', '0.2', '--output', str(out), *map(str, QUICK)])
     assert not out.exists()

@@ -11,7 +11,7 @@ from conftest import IMG, METHODS, TINY_BASES, create_method_model, create_metho
 from timm.scheduler import create_scheduler_v2
 
 import timm_ensembles
-from timm_ensembles import ClassificationTask, FDLTask
+from timm_ensembles import CrossEntropyTask, FDLTask
 
 
 def _batch(n=4):
@@ -89,7 +89,7 @@ def test_one_hot_soft_targets_give_the_loss_of_the_labels(tmp_path, method, task
 
 
 def test_a_task_with_the_older_param_groups_signature_still_builds_its_optimizer():
-    class OwnGroups(timm_ensembles.ClassificationTask):
+    class OwnGroups(timm_ensembles.CrossEntropyTask):
         def param_groups(self, weight_decay):
             return [dict(params=list(self.parameters()), weight_decay=weight_decay)]
 
@@ -129,9 +129,18 @@ def test_every_parameter_gets_a_gradient_in_every_phase(tmp_path, method, base):
         assert all(torch.isfinite(p.grad).all() for p in trainable if p.grad is not None)
 
 
+def test_task_names_do_not_clash_with_timm_task():
+    # our tasks are not timm.task's (task.py says why), so no public name of the package may be one of timm.task's:
+    # a user importing both must not get two classes of one name
+    import timm.task
+    ours = {n for n in dir(timm_ensembles) if not n.startswith('_')}
+    assert ours.isdisjoint(timm.task.__all__), sorted(ours & set(timm.task.__all__))
+    assert not issubclass(timm_ensembles.Task, timm.task.TrainingTask)
+
+
 def test_task_registry():
     assert timm_ensembles.get_task_cls(timm.create_model('fdl_resnet18x2')) is FDLTask
-    assert timm_ensembles.get_task_cls(timm.create_model('test_resnet')) is ClassificationTask
+    assert timm_ensembles.get_task_cls(timm.create_model('test_resnet')) is CrossEntropyTask
     plain = timm_ensembles.create_task(timm.create_model('test_resnet', num_classes=4), label_smoothing=0.1)
     x, y = _batch()
     out = plain(x, y)

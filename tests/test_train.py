@@ -930,7 +930,7 @@ def test_data_dir_trains_on_the_folder_and_the_first_lines_say_so(folder_run):
     assert config['num_classes'] == 2 and config['label_names'] == ['cat', 'dog']
     assert json.loads((out / 'results.json').read_text())['dataset'] == str(pets)
     lines = log.splitlines()
-    assert lines[0] == 'model: test_resnet (ResNet, trained by ClassificationTask)', lines[:3]
+    assert lines[0] == 'model: test_resnet (ResNet, trained by CrossEntropyTask)', lines[:3]
     summary = lines[:lines.index(next(ln for ln in lines if ln.startswith('train 0')))]
     assert f'  dataset: {pets} (image folder: training {pets}/train, validation {pets}/validation)' in summary
     assert '  classes: 2 (cat, dog)' in summary and '  splits: training 24, validation 12' in summary

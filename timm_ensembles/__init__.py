@@ -29,7 +29,7 @@ from .models.ensemble import EnsembleHead, EnsembleModel
 from .models.hub import load_from_hub
 from .models.registry import create_model, create_task, get_task_cls, list_ensemble_methods, register_task
 from .models.split import SplitLayout, get_split_layout, register_split_layout
-from .task import ClassificationTask, Task
+from .task import CrossEntropyTask, Task
 from .train.snapshots import Snapshots, read_snapshots
 from .version import __version__
 

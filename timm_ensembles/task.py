@@ -1,11 +1,13 @@
 """The task contract: a training objective as an ``nn.Module`` holding its model.
 
-In the spirit of ``timm.task``: ``task(x, target)`` returns a dict with ``loss`` (what to backpropagate),
-``output`` (``[B, C]`` logits for training accuracy), ``components`` (named loss terms, detached, for
-logging), ``stats`` (other named scalars, averaged over the epoch like the components) and ``mechanism`` (the
-method's own terms, weighted as they enter ``loss`` and not detached: the training loop measures the share of the
-model's gradient each one gives, ``share_<name>``, on some steps). ``mechanism(train, val)`` turns an epoch's
-numbers into the method's diagnostics, each with the value it takes when the mechanism does nothing.
+In the spirit of ``timm.task`` (timm >= 1.0.23), but not built on it and named apart from it (``Task`` says why).
+
+``task(x, target)`` returns a dict with ``loss`` (what to backpropagate), ``output`` (``[B, C]`` logits for training
+accuracy), ``components`` (named loss terms, detached, for logging), ``stats`` (other named scalars, averaged over the
+epoch like the components) and ``mechanism`` (the method's own terms, weighted as they enter ``loss`` and not
+detached: the training loop measures the share of the model's gradient each one gives, ``share_<name>``, on some
+steps). ``mechanism(train, val)`` turns an epoch's numbers into the method's diagnostics, each with the value it
+takes when the mechanism does nothing.
 
 A task owns every training-only part (teachers, discriminators, extra heads) and their optimisation
 (``create_optimizer``); the model it holds is what gets exported. A training script asks
@@ -21,13 +23,25 @@ from torch import nn
 from .utils.checks import check_option, check_range
 
 # check_option: the tasks' own option check, kept importable from here where a task of its own found it
-__all__ = ['Task', 'ClassificationTask', 'TaskOutput', 'check_option']
+__all__ = ['Task', 'CrossEntropyTask', 'TaskOutput', 'check_option']
 
 TaskOutput = dict[str, Any]
 
 
 class Task(nn.Module):
     """Base class of training objectives.
+
+    Not ``timm.task.TrainingTask`` nor a subclass of it, and so named apart from it: ``Task`` (timm's base is
+    ``TrainingTask``) and ``CrossEntropyTask`` (``ClassificationTask`` is timm's). timm's contract is made for
+    timm's train.py: the task owns its EMA (``setup_ema``, ``update_ema``), its DDP wrapping
+    (``prepare_distributed``) and compilation, and hands out the trained part and its checkpoint state
+    (``get_trainable_module``, ``get_eval_model``, ``get_checkpoint_state``). Here the trainer is Accelerate's and
+    owns those (the EMA of ``export_model()``, ``accelerator.prepare``, the run's checkpoint), while a task owns
+    what timm's has no place for: its optimizer and parameter groups (``create_optimizer``), the exported model and
+    further exports, the method's diagnostics (``mechanism``) and the choice left to validation
+    (``select_on_validation``). Subclassing ``TrainingTask`` would promise hooks that nothing here calls and that
+    would do the wrong thing if called (an EMA beside the trainer's); sharing its class names would give a user who
+    imports both two ``ClassificationTask`` classes that take different arguments.
 
     Subclasses implement ``forward(x, target) -> TaskOutput`` and may override the hooks below.
 
@@ -166,8 +180,11 @@ class Task(nn.Module):
         raise NotImplementedError
 
 
-class ClassificationTask(Task):
+class CrossEntropyTask(Task):
     """Cross-entropy on ``model(x)``: the task of any plain timm model (the single-network baseline).
+
+    Named for its loss, not ``ClassificationTask``: that is ``timm.task.ClassificationTask`` (a ``TrainingTask``
+    taking a criterion, with its own EMA and DDP hooks), a different class that a user may import beside this one.
 
     Args:
         model: Any classifier.

@@ -130,6 +130,9 @@ class StudentModel(ModelArgsMixin, nn.Module):
 class DistillationTask(Task):
     """Base of the distillation tasks: frozen teachers, each fed its own preprocessing, and the bare student exported.
 
+    A ``Task`` of this package, not ``timm.task``'s (``Task`` says why); its name does not clash with
+    timm's distillation tasks (``LogitDistillationTask``, ``FeatureDistillationTask``, ``TokenDistillationTask``).
+
     Args:
         model: The ``StudentModel``.
         teachers: One or more teachers: timm names (timm's pretrained weights), ``hf-hub:`` / ``local-dir:``

@@ -18,7 +18,7 @@ import timm
 from timm.models import parse_model_name, split_model_name_tag
 from torch import nn
 
-from ..task import ClassificationTask
+from ..task import CrossEntropyTask
 from .hub import hub_download_errors, load_from_hub
 
 __all__ = [
@@ -54,7 +54,7 @@ def get_task_cls(model: nn.Module | type) -> type:
     for cls in model_cls.__mro__:
         if cls in _task_by_model_cls:
             return _task_by_model_cls[cls]
-    return ClassificationTask
+    return CrossEntropyTask
 
 
 def create_task(model: nn.Module, **task_args: Any) -> nn.Module:

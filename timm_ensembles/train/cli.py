@@ -87,9 +87,22 @@ EVAL_METRICS = ('acc', 'top5', 'loss', 'mean_probs_acc', 'member_acc_mean')
 
 
 def get_args_parser() -> argparse.ArgumentParser:
+    """The trainer's parser: ``--config``, then one function per argument group, in the order ``--help`` shows."""
     parser = ArgumentParser(description=DESCRIPTION, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument('-c', '--config', default='', metavar='FILE', help='YAML file of flag defaults (keys as the'
                         ' flags with underscores, e.g. batch_size: 64); flags given on the command line win')
+    _add_model_args(parser)
+    _add_data_args(parser)
+    _add_optimisation_args(parser)
+    _add_model_ema_args(parser)
+    _add_run_args(parser)
+    _add_analysis_args(parser)
+    return parser
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The ``Model`` flags: the model, its weights and options, its task's options, teachers and generations, and
+    how it runs."""
     group = parser.add_argument_group('Model')
     group.add_argument('--import', dest='imports', action='append', default=[], metavar='MODULE',
                        help='import this Python module first (repeatable), e.g. one that registers your own timm'
@@ -131,6 +144,11 @@ def get_args_parser() -> argparse.ArgumentParser:
                             ' Checkpoints and exports are the same whichever runs; other models ignore it')
     group.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=None,
                        help='model in channels_last memory format (default: on a GPU only; on a CPU it is slower)')
+
+
+def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    """The ``Data`` flags: the dataset, its splits and subsets, the input and its preprocessing, augmentation and
+    mixing, the loaders."""
     group = parser.add_argument_group('Data')
     group.add_argument('--dataset', default='',
                        help="'' (as timm: the image folder or MNIST-format IDX folder --data-dir names; without"
@@ -197,6 +215,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='mix parameters per batch, per pair or per element')
     group.add_argument('--mixup-off-epoch', type=int, default=0, help='stop mixing from this epoch (0: never)')
     group.add_argument('-j', '--workers', type=int, default=2, help='data loader processes per training process')
+
+
+def _add_optimisation_args(parser: argparse.ArgumentParser) -> None:
+    """The ``Optimisation`` flags: epochs, batch, optimizer, schedule, clipping, label smoothing and precision."""
     group = parser.add_argument_group('Optimisation')
     group.add_argument('--epochs', type=int, default=8)
     group.add_argument('-b', '--batch-size', type=int, default=64, help='per process')
@@ -237,6 +259,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--fused-opt', action=argparse.BooleanOptionalAction, default=None,
                        help="torch's fused optimizer kernel (default: on a GPU, for the optimizers that have one:"
                             f" {', '.join(_FUSED_OPTS)})")
+
+
+def _add_model_ema_args(parser: argparse.ArgumentParser) -> None:
+    """The ``Model EMA`` flags: timm's exponential moving average of the model."""
     group = parser.add_argument_group('Model EMA')
     group.add_argument('--model-ema', action='store_true',
                        help="keep timm's ModelEmaV3 of the model (of every member of an ensemble), evaluate it every"
@@ -244,6 +270,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--model-ema-decay', type=float, default=0.9998, help='its decay per update (timm: 0.9998)')
     group.add_argument('--model-ema-warmup', action='store_true',
                        help="timm's decay warm-up (short runs: the average follows the model at first)")
+
+
+def _add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The ``Run`` flags: device, seed, output folder, resuming, logging and trackers, the validation metric and the
+    checkpoints kept."""
     group = parser.add_argument_group('Run')
     group.add_argument('--cpu', action='store_true', help='run on the CPU even where an accelerator is available')
     group.add_argument('--seed', type=int, default=0)
@@ -279,6 +310,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                             ' keeps its N best checkpoints. Default 0 (none), where timm keeps 10: each is a whole'
                             ' model (an ensemble: all its members), so 10 would multiply the folder\'s size by up to'
                             ' 11, and best/ already holds the best one')
+
+
+def _add_analysis_args(parser: argparse.ArgumentParser) -> None:
+    """The ``Analysis`` flags: the per-epoch snapshots of the members' logits and weights."""
     group = parser.add_argument_group('Analysis')
     group.add_argument('--snapshot-subset', type=int, default=0, metavar='N',
                        help='after every epoch, and at the initialisation (epoch -1), save every member\'s logits on N'
@@ -287,7 +322,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     group.add_argument('--snapshot-weights', action='store_true',
                        help='with --snapshot-subset, also save every member\'s parameters each epoch (models whose'
                             ' members share layers have none of their own and are refused)')
-    return parser
 
 
 class _Kwargs(argparse.Action):
