@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 import timm_ensembles  # noqa: F401  (registers the models for the reloads)
 from timm_ensembles.files.model_folder import export_folder
 from timm_ensembles.train import checkpoint as _checkpoint
-from timm_ensembles.train import trainer
+from timm_ensembles.train import loop, trainer
 from timm_ensembles.train.device import FUSED_OPTS, CpuFp16Accelerator, DeviceDefaults, device_defaults
 
 # the GPU's pinned memory, asked for on a machine without one
@@ -110,7 +110,7 @@ def _gpu_run(monkeypatch, argv: list[str]) -> dict:
         exported[name] = (model, _is_channels_last(model))
         return out
 
-    monkeypatch.setattr(trainer, 'export_folder', capture)
+    monkeypatch.setattr(loop, 'export_folder', capture)
     monkeypatch.setattr(_checkpoint, 'export_folder', capture)  # export_new_folder's
     assert trainer.main(argv) == 0
     return exported
