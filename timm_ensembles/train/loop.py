@@ -53,6 +53,7 @@ class TrainingRun:
     mixup_fn: Callable | None
     snapshot_idx: Any
     run_identity: dict
+    flags: argparse.Namespace  # args with the device settings resolved: as args.yaml records them
     teachers: list = dataclasses.field(default_factory=list)
     unwrapped: Any = None  # the task without Accelerate's and torch.compile's wrappers
     export_model: Any = None

@@ -50,7 +50,7 @@ from ..files.run_folder import RunFolder, output_problem
 from ..models.hub import trusting_member_repos
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, sweep_history
 from .cli import _NOT_RECORDED, import_user_module, parse_args
-from .device import FUSED_UNSAFE_FP16, device_defaults
+from .device import FUSED_UNSAFE_FP16, DeviceSettings, device_defaults
 from .flags import IDENTITY_FLAGS, _mixing, _normalised, check_args
 from .inputs import _check_batch_of_one, _create_datasets, _create_loaders, _create_task
 from .loop import TrainingRun, finish_run, run_epoch
@@ -189,18 +189,21 @@ def _build(args: argparse.Namespace) -> tuple[TrainingRun, dict | None, dict]:
     (resume_state, train_ds, val_ds, test_ds, info, num_classes, snapshot_idx, model, task, mixup_fn,
      data_config) = _on_every_process(state, functools.partial(_read_inputs, args, task_kwargs),
                                       "reading the run's inputs", in_turns=args.dataset_download)
-    # the device-dependent defaults, resolved into args (args.yaml records them) before Accelerate needs the
-    # precision; PartialState is the device the Accelerator will use (`accelerate launch --cpu` included)
+    # the device-dependent settings, each flag as given or its default, before Accelerate needs the precision;
+    # PartialState is the device the Accelerator will use (`accelerate launch --cpu` included). args keeps what was
+    # given; `flags` is args as args.yaml and the checkpoint's identity record it, these settings resolved: a --resume
+    # reads its flags back from args.yaml and compares that identity, so that a resumed run, on whatever device, runs
+    # with the settings it started with (and the runs of earlier versions recorded them so)
     defaults = device_defaults(state.device.type, args.opt, args.mixed_precision)
-    defaults.resolve(args)
+    device, flags = defaults.settings(args), defaults.resolve(args)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
     run = RunFolder(args.output) if args.output else RunFolder.default(args.model)
-    accelerator = Accelerator(cpu=cpu, mixed_precision=args.mixed_precision,
+    accelerator = Accelerator(cpu=cpu, mixed_precision=device.mixed_precision,
                               gradient_accumulation_steps=args.grad_accum_steps, kwargs_handlers=[ddp_kwargs],
                               log_with=args.log_with,
                               project_dir=run.sub(RunFolder.TRACKING) if args.log_with else None)
     log = _logger.info if accelerator.is_main_process else (lambda *a, **k: None)
-    if args.fused_opt and accelerator.scaler is not None and args.opt.lower() in FUSED_UNSAFE_FP16:
+    if device.fused_opt and accelerator.scaler is not None and args.opt.lower() in FUSED_UNSAFE_FP16:
         raise SystemExit(f"error: --fused-opt with --opt {args.opt} under fp16: torch's fused SGD starts from"
                          f' uninitialised momentum when the grad scaler skips its first step (an overflow, routine in'
                          f' fp16); pass --no-fused-opt, or use bf16 or --opt adamw.')
@@ -209,25 +212,25 @@ def _build(args: argparse.Namespace) -> tuple[TrainingRun, dict | None, dict]:
             ' this run computes in fp32 (bf16 autocasts on a CPU).')
 
     loaders = dict(zip(('train', 'val', 'test', 'snapshot'), _create_loaders(
-        args, accelerator, train_ds, val_ds, test_ds, data_config, info, snapshot_idx, defaults)))
+        args, accelerator, train_ds, val_ds, test_ds, data_config, info, snapshot_idx, device)))
     try:
-        _apply_speed_flags(args, task, data_config['input_size'], log)
+        _apply_speed_flags(device, task, data_config['input_size'], log)
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
     try:
         optimizer = task.create_optimizer(opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                           layer_decay=args.layer_decay, momentum=args.momentum,
-                                          **(dict(fused=True) if args.fused_opt else {}))
+                                          **(dict(fused=True) if device.fused_opt else {}))
     except ValueError as e:  # e.g. a task whose terms need an optimizer of another kind
         raise SystemExit(f'error: {e}') from None
 
     run_identity = _normalised(dict(
-        **{flag: getattr(args, flag) for flag in IDENTITY_FLAGS},
+        **{flag: getattr(flags, flag) for flag in IDENTITY_FLAGS},
         model_args=get_model_args(model), dataset=info.name, input_size=list(data_config['input_size'])))
     # reseeded every epoch, so that a resumed run sees the same data order as an uninterrupted one
     r = TrainingRun(args=args, accelerator=accelerator, run=run, log=log, task=task, optimizer=optimizer,
                     loaders=loaders, info=info, num_classes=num_classes, data_config=data_config, mixup_fn=mixup_fn,
-                    snapshot_idx=snapshot_idx, run_identity=run_identity,
+                    snapshot_idx=snapshot_idx, run_identity=run_identity, flags=flags,
                     shuffle_generator=loaders['train'].generator)
     return r, resume_state, dict(training=train_ds, validation=val_ds, test=test_ds)
 
@@ -238,7 +241,7 @@ def _prepare(r: TrainingRun, resume_state: dict | None, verdict: dict, datasets:
     args, accelerator, output = r.args, r.accelerator, r.run.path
     r.teachers = verdict['teachers']
     r.last_saved = (find_checkpoint(args.resume), resume_state['epoch']) if resume_state is not None else None
-    r.log('\n'.join(run_summary(args, r.info, r.task, datasets, r.data_config, accelerator, r.optimizer,
+    r.log('\n'.join(run_summary(r.flags, r.info, r.task, datasets, r.data_config, accelerator, r.optimizer,
                                 output=output)))
     saved_lrs = None
     if resume_state is not None:
@@ -246,7 +249,7 @@ def _prepare(r: TrainingRun, resume_state: dict | None, verdict: dict, datasets:
         r.optimizer.load_state_dict(resume_state['optimizer'])
         saved_lrs = [group['lr'] for group in r.optimizer.param_groups]  # before a new scheduler sets its own
     # what reproduces the run: never where it was written, where it resumed from, or the config it came from
-    recorded = _normalised({k: v for k, v in vars(args).items() if k not in _NOT_RECORDED})
+    recorded = _normalised({k: v for k, v in vars(r.flags).items() if k not in _NOT_RECORDED})
     _on_main(accelerator, functools.partial(r.run.write_args, recorded), f'writing {r.run.file(RunFolder.ARGS)}')
     if args.log_with:
         # the run's flags as the trackers' config (scalars only: what every tracker takes)
@@ -349,23 +352,22 @@ def _read_inputs(args: argparse.Namespace, task_kwargs: dict) -> tuple:
             data_config)
 
 
-def _apply_speed_flags(args: argparse.Namespace, task: torch.nn.Module, input_size: tuple[int, ...], log) -> None:
-    """Apply the member strategy and memory format (resolved for the device by ``DeviceDefaults.resolve``) to the
-    model."""
+def _apply_speed_flags(device: DeviceSettings, task: torch.nn.Module, input_size: tuple[int, ...], log) -> None:
+    """Apply the member strategy and memory format of the run's device settings to the model."""
     model = getattr(task, 'model', task)
     if hasattr(model, 'set_member_strategy'):
         # vmap and grouped are checked against the loop when set, here on a probe batch of the run's input size
         # (from a generator of its own: the global random stream stays the same whatever the strategy); auto
         # decides on the first batches, on the run's device
         probe = None
-        if args.member_strategy in ('vmap', 'grouped'):
+        if device.member_strategy in ('vmap', 'grouped'):
             ref = next(model.parameters())
             probe = torch.randn((2, *input_size), generator=torch.Generator().manual_seed(0), dtype=ref.dtype)
-        model.set_member_strategy(args.member_strategy, example_input=probe)
-    elif args.member_strategy in ('vmap', 'grouped'):  # auto (a GPU's default) has nothing to choose from either
-        log(f'--member-strategy {args.member_strategy}: {type(model).__name__} has no members to run another way;'
+        model.set_member_strategy(device.member_strategy, example_input=probe)
+    elif device.member_strategy in ('vmap', 'grouped'):  # auto (a GPU's default) has nothing to choose from either
+        log(f'--member-strategy {device.member_strategy}: {type(model).__name__} has no members to run another way;'
             f' ignored')
-    if args.channels_last:
+    if device.channels_last:
         model.to(memory_format=torch.channels_last)
 
 
