@@ -19,7 +19,7 @@ from timm.utils import ModelEmaV3
 
 from ..files.model_folder import export_folder
 from ..files.run_folder import RunFolder
-from .checkpoint import export_new_folder, history_folder, rank_history, save_checkpoint, sweep_history
+from .checkpoint import export_new_folder, rank_history, save_checkpoint, sweep_history
 from .engine import (
     LabelError,
     NonFiniteLossError,
@@ -184,8 +184,7 @@ def _save(r: TrainingRun, state: TrainingState, epoch: int, record: dict, value:
     if improved:
         exports.append(functools.partial(export_folder, r.export_model, run.sub(RunFolder.BEST), **configs))
     if any(h['epoch'] == epoch for h in state.history):
-        exports.append(functools.partial(export_new_folder, r.export_model, history_folder(history_root, epoch),
-                                         **configs))
+        exports.append(functools.partial(export_new_folder, r.export_model, run.history_path(epoch), **configs))
     # the epochs that fell out of the ranking go once the checkpoint no longer lists them
     dropped = functools.partial(sweep_history, history_root, [h['epoch'] for h in state.history])
     _on_main(r.accelerator, functools.partial(_save_epoch, run, record, checkpoint, exports, dropped),
