@@ -602,10 +602,10 @@ def test_a_full_disk_at_a_checkpoint_says_so_and_what_is_kept(tmp_path, monkeypa
     import errno
 
     from timm_ensembles.train import checkpoint as _checkpoint
-    from timm_ensembles.train import trainer
+    from timm_ensembles.train import loop, trainer
     out = tmp_path / 'run'
     saves, before = [], {}
-    real_save, real_save_epoch = _checkpoint.torch.save, trainer._save_epoch
+    real_save, real_save_epoch = _checkpoint.torch.save, loop._save_epoch
 
     def save_epoch(run, record, *args, **kwargs):
         if record['epoch'] == 1:
@@ -619,7 +619,7 @@ def test_a_full_disk_at_a_checkpoint_says_so_and_what_is_kept(tmp_path, monkeypa
             raise OSError(errno.ENOSPC, 'No space left on device')
         real_save(obj, f)
 
-    monkeypatch.setattr(trainer, '_save_epoch', save_epoch)
+    monkeypatch.setattr(loop, '_save_epoch', save_epoch)
     monkeypatch.setattr(_checkpoint.torch, 'save', full_disk)
     with pytest.raises(SystemExit) as e:
         trainer.main(['--model', 'test_resnet', '--epochs', '2', '--output', str(out), *map(str, QUICK)])

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 import timm_ensembles  # noqa: F401  (registers the models for the reloads)
 from timm_ensembles.files.model_folder import export_folder
 from timm_ensembles.train import checkpoint as _checkpoint
-from timm_ensembles.train import trainer
-from timm_ensembles.train.device import FUSED_OPTS, CpuFp16Accelerator, DeviceDefaults, device_defaults
+from timm_ensembles.train import loop, trainer
+from timm_ensembles.train.device import FUSED_OPTS, CpuFp16Accelerator, DeviceDefaults, DeviceSettings, device_defaults
 
 # the GPU's pinned memory, asked for on a machine without one
 pytestmark = [pytest.mark.usefixtures('one_torch_thread'),
@@ -110,7 +110,7 @@ def _gpu_run(monkeypatch, argv: list[str]) -> dict:
         exported[name] = (model, _is_channels_last(model))
         return out
 
-    monkeypatch.setattr(trainer, 'export_folder', capture)
+    monkeypatch.setattr(loop, 'export_folder', capture)
     monkeypatch.setattr(_checkpoint, 'export_folder', capture)  # export_new_folder's
     assert trainer.main(argv) == 0
     return exported
@@ -214,3 +214,12 @@ def test_gpu_defaults_train_checkpoint_export_reload_and_resume(model, precision
     assert final['epoch'] == 2 and final['num_updates'] == state['num_updates']
     if precision == 'fp16':
         assert final['scaler'] == state['scaler']  # the scale and its growth count carried across the resume
+
+
+def test_settings_take_each_flag_given_else_its_default_and_leave_the_flags_as_given():
+    gpu = DeviceDefaults.for_device('cuda', 'sgd', bf16=True)
+    given = dict(member_strategy='grouped', channels_last=False, fused_opt=None, mixed_precision=None)
+    args = argparse.Namespace(**given)
+    assert gpu.settings(args) == DeviceSettings(member_strategy='grouped', channels_last=False, fused_opt=True,
+                                                mixed_precision='bf16', pin_memory=True)
+    assert vars(gpu.resolve(args))['fused_opt'] is True and vars(args) == given  # resolve gives a copy

@@ -259,7 +259,7 @@ def test_tracking_log_lines_summary_csv_and_the_best_epoch(tmp_path):
 
 def test_the_best_epoch_is_the_validation_metrics_best_not_the_last(tmp_path, monkeypatch):
     """Validation losses scripted to 2.0, 1.0, 1.5: best/ holds epoch 1's weights, and the final folder epoch 2's."""
-    from timm_ensembles.train import trainer
+    from timm_ensembles.train import loop, trainer
     losses, weights = iter([2.0, 1.0, 1.5]), []
 
     def scripted(model, *args, **kwargs):
@@ -267,7 +267,7 @@ def test_the_best_epoch_is_the_validation_metrics_best_not_the_last(tmp_path, mo
         weights.append({k: v.clone() for k, v in model.state_dict().items()})
         return dict(metrics, loss=next(losses))
 
-    monkeypatch.setattr(trainer, 'evaluate', scripted)
+    monkeypatch.setattr(loop, 'evaluate', scripted)
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     out = tmp_path / 'run'
     trainer.main(['--model', 'test_resnet', '--epochs', '3', '--eval-metric', 'loss', '--output', str(out), *QUICK])
@@ -283,7 +283,7 @@ def test_checkpoint_hist_keeps_the_n_best_epochs_through_a_crash_and_resume(tmp_
     3 and 1, each holding its epoch's weights; epochs that fall out are removed. The run fails while saving epoch 3
     (after exporting it, before its checkpoint) and is resumed: the ranking comes back from the checkpoint, the
     unlisted export of epoch 3 is swept and redone, and epoch 2 goes once epoch 3's checkpoint is written."""
-    from timm_ensembles.train import trainer
+    from timm_ensembles.train import loop, trainer
     losses = {0: 3.0, 1: 1.0, 2: 2.0, 3: 0.5, 4: 1.5}
     epochs, weights, seen = iter([0, 1, 2, 3, 3, 4]), {}, []
 
@@ -292,7 +292,7 @@ def test_checkpoint_hist_keeps_the_n_best_epochs_through_a_crash_and_resume(tmp_
         weights[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
         return dict(evaluate(model, *args, **kwargs), loss=losses[epoch])
 
-    save_checkpoint = trainer.save_checkpoint
+    save_checkpoint = loop.save_checkpoint
 
     def failing_at_epoch_3(states, folder):
         seen.append(sorted(p.name for p in (folder / 'checkpoints').iterdir()))
@@ -300,8 +300,8 @@ def test_checkpoint_hist_keeps_the_n_best_epochs_through_a_crash_and_resume(tmp_
             raise OSError('disk full')
         return save_checkpoint(states, folder)
 
-    monkeypatch.setattr(trainer, 'evaluate', scripted)
-    monkeypatch.setattr(trainer, 'save_checkpoint', failing_at_epoch_3)
+    monkeypatch.setattr(loop, 'evaluate', scripted)
+    monkeypatch.setattr(loop, 'save_checkpoint', failing_at_epoch_3)
     monkeypatch.setenv('OMP_NUM_THREADS', '1')
     out = tmp_path / 'run'
     with pytest.raises(SystemExit, match='disk full'):

@@ -144,6 +144,15 @@ class RunFolder:
     def checkpoint_path(self) -> Path:
         return self.run_path / self.CHECKPOINT
 
+    @property
+    def previous_checkpoint_path(self) -> Path:
+        """The checkpoint before the last one, kept beside it (``checkpoint-prev.pt``)."""
+        return self.run_path / self.PREVIOUS_CHECKPOINT
+
+    def history_path(self, epoch: int) -> Path:
+        """The folder of one epoch's model kept by ``--checkpoint-hist``: ``checkpoints/epoch-<epoch>``."""
+        return self.sub(self.HISTORY) / self.history_name(epoch)
+
     def sub(self, name: str) -> Path:
         """A sub-folder of the run: ``BEST``, ``EMA``, ``EXPORTED``, ``HISTORY``, ``SNAPSHOTS``, ``TRACKING``, or an
         export a task names."""

@@ -19,7 +19,7 @@ from ..files.run_folder import RunFolder
 from ..utils.atomic import TEMPORARY_PREFIX, atomic_replace, fsync_dir, sweep_temporaries
 
 __all__ = ['CheckpointError', 'save_checkpoint', 'load_checkpoint', 'find_checkpoint', 'export_new_folder',
-           'rank_history', 'history_folder', 'sweep_history', 'load_initial_checkpoint', 'model_identity']
+           'rank_history', 'sweep_history', 'load_initial_checkpoint', 'model_identity']
 
 
 class CheckpointError(RuntimeError):
@@ -40,18 +40,19 @@ def save_checkpoint(state: dict[str, Any], folder: str | Path) -> Path:
     is readable (a corrupt one, which a run resumed from the backup leaves, never replaces a readable backup)."""
     folder = Path(folder)
     sweep_temporaries(folder)
-    dest = folder / RunFolder.CHECKPOINT
-    new = folder / f'{TEMPORARY_PREFIX}{RunFolder.CHECKPOINT}.new'
+    run = RunFolder(folder)
+    dest, prev = run.checkpoint_path, run.previous_checkpoint_path
+    new = dest.with_name(f'{TEMPORARY_PREFIX}{dest.name}.new')
     atomic_replace(lambda f: torch.save(state, f), new)
     if dest.exists() and _readable(dest):
         # a second name for the current checkpoint, so that checkpoint.pt exists at every instant
-        prev_tmp = folder / f'{TEMPORARY_PREFIX}{RunFolder.PREVIOUS_CHECKPOINT}.new'
+        prev_tmp = prev.with_name(f'{TEMPORARY_PREFIX}{prev.name}.new')
         prev_tmp.unlink(missing_ok=True)
         try:
             os.link(dest, prev_tmp)
         except OSError:  # no hard links on this file system
             shutil.copy2(dest, prev_tmp)
-        os.replace(prev_tmp, folder / RunFolder.PREVIOUS_CHECKPOINT)
+        os.replace(prev_tmp, prev)
     os.replace(new, dest)
     fsync_dir(folder)
     return dest
@@ -61,8 +62,8 @@ def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint file that ``--resume path`` means: the file itself, or ``path/checkpoint.pt``."""
     path = Path(path)
     if path.is_dir():
-        if (path / RunFolder.CHECKPOINT).is_file():
-            return path / RunFolder.CHECKPOINT
+        if RunFolder(path).checkpoint_path.is_file():
+            return RunFolder(path).checkpoint_path
         raise CheckpointError(f"No {RunFolder.CHECKPOINT} in '{path}': it is not the output folder of a run that"
                               f" finished an epoch. --resume takes a run's output folder or a checkpoint file.")
     if path.is_file():
@@ -76,7 +77,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as e:
-        prev = path.parent / RunFolder.PREVIOUS_CHECKPOINT
+        prev = RunFolder(path.parent).previous_checkpoint_path
         hint = f" The checkpoint before it is '{prev}': --resume {prev}." if prev.is_file() and prev != path else ''
         raise CheckpointError(
             f"Checkpoint '{path}' is truncated or corrupt and cannot be read ({type(e).__name__}: {e}).{hint}"
@@ -112,11 +113,6 @@ def export_new_folder(model: nn.Module, folder: str | Path, **kwargs) -> Path:
     return folder
 
 
-def history_folder(root: str | Path, epoch: int) -> Path:
-    """The folder of one epoch's exported model kept by ``--checkpoint-hist``: ``<root>/epoch-<epoch>``."""
-    return Path(root) / RunFolder.history_name(epoch)
-
-
 def rank_history(
         history: list[dict[str, Any]], epoch: int, metric: str, value: float, size: int, lower_is_better: bool,
 ) -> list[dict[str, Any]]:
@@ -150,7 +146,7 @@ def sweep_history(root: str | Path, keep: list[int]) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    wanted = {history_folder(root, e).name for e in keep}
+    wanted = {RunFolder.history_name(e) for e in keep}
     stale = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink() and p.name not in wanted
              and RunFolder.is_history_name(p.name)]
     for path in stale:
@@ -184,7 +180,7 @@ def load_initial_checkpoint(model: nn.Module, source: str | Path, exported: nn.M
         weights = path / RunFolder.WEIGHTS
         if not weights.is_file():
             unfinished = f' (a run that has not finished: --resume {path} continues it)' \
-                if (path / RunFolder.CHECKPOINT).is_file() else ''
+                if RunFolder(path).checkpoint_path.is_file() else ''
             raise ValueError(f"--initial-checkpoint {spec}: the folder has no model.safetensors{unfinished}; give a"
                              f" folder written by train.py or timm's save_for_hf, a .safetensors file or a .pth file.")
         if (path / RunFolder.CONFIG).is_file():

@@ -6,11 +6,12 @@ torch's fused kernel where it has one (but SGD's under fp16, see ``FUSED_UNSAFE_
 GPU computes it natively, and the loaders pin host memory; on a CPU (and other accelerators) none of it. A flag given
 explicitly wins over its default.
 
-``DeviceDefaults.for_device('cuda', ...)`` answers what a GPU run would get on any machine, so that a test can give a
-CPU run the GPU's defaults through the same code path (``train.py`` calls :func:`device_defaults` for the device it
-is on). Accelerate runs ``mixed_precision='fp16'`` on a CPU in fp32 (no autocast, no grad scaler);
-:class:`CpuFp16Accelerator` gives such a run the GPU's fp16 path (float16 autocast and a loss-scaling GradScaler,
-both of which torch has for the CPU), for the tests and the device check.
+``DeviceDefaults.settings(args)`` gives the :class:`DeviceSettings` a run uses (the trainer reads them there; its
+argparse namespace keeps the flags as given). ``DeviceDefaults.for_device('cuda', ...)`` answers what a GPU run would
+get on any machine, so that a test can give a CPU run the GPU's defaults through the same code path (``train.py``
+calls :func:`device_defaults` for the device it is on). Accelerate runs ``mixed_precision='fp16'`` on a CPU in fp32
+(no autocast, no grad scaler); :class:`CpuFp16Accelerator` gives such a run the GPU's fp16 path (float16 autocast and
+a loss-scaling GradScaler, both of which torch has for the CPU), for the tests and the device check.
 """
 import dataclasses
 import os
@@ -19,7 +20,8 @@ from argparse import Namespace
 import torch
 from accelerate import Accelerator
 
-__all__ = ['DeviceDefaults', 'device_defaults', 'CpuFp16Accelerator', 'FUSED_OPTS', 'FUSED_UNSAFE_FP16']
+__all__ = ['DeviceDefaults', 'DeviceSettings', 'device_defaults', 'CpuFp16Accelerator', 'FUSED_OPTS',
+           'FUSED_UNSAFE_FP16']
 
 # timm optimizer names that map to torch optimizers with a fused kernel (torch.optim.SGD, Adam, AdamW)
 FUSED_OPTS = ('sgd', 'nesterov', 'momentum', 'adam', 'adamw')
@@ -72,13 +74,40 @@ class DeviceDefaults:
                    fused_opt=gpu and opt in FUSED_OPTS and not (fp16 and opt in FUSED_UNSAFE_FP16),
                    mixed_precision=precision, pin_memory=gpu)
 
+    def settings(self, args: Namespace) -> 'DeviceSettings':
+        """What a run given ``args`` uses: each device-dependent flag as given, or this default where it is unset
+        (None)."""
+        given = {name: getattr(args, name) for name in self.FLAGS}
+        chosen = {name: getattr(self, name) if value is None else value for name, value in given.items()}
+        return DeviceSettings(**chosen, pin_memory=self.pin_memory)
+
     def resolve(self, args: Namespace) -> Namespace:
-        """Give each of ``args``' device-dependent flags left unset its default (in place, so that args.yaml records
-        what ran). Returns ``args``."""
-        for name in self.FLAGS:
-            if getattr(args, name) is None:
-                setattr(args, name, getattr(self, name))
-        return args
+        """A copy of ``args`` with its device-dependent flags as the run uses them (``settings``): the flags as
+        args.yaml records them. ``args`` itself is left as given."""
+        return Namespace(**{**vars(args), **self.settings(args).flags()})
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSettings:
+    """The device-dependent settings of one run, as it uses them: each flag as given, else its device default
+    (``DeviceDefaults.settings``). The trainer reads them here, not from its flags, which keep what was given.
+
+    Attributes:
+        member_strategy: How an ensemble's members run.
+        channels_last: The model in channels_last memory format.
+        fused_opt: torch's fused optimizer kernel.
+        mixed_precision: The precision given to Accelerate (None: Accelerate's config decides).
+        pin_memory: The data loaders pin host memory.
+    """
+    member_strategy: str
+    channels_last: bool
+    fused_opt: bool
+    mixed_precision: str | None
+    pin_memory: bool
+
+    def flags(self) -> dict:
+        """The settings that are flags (``DeviceDefaults.FLAGS``), by their names in the argparse namespace."""
+        return {name: getattr(self, name) for name in DeviceDefaults.FLAGS}
 
 
 def device_defaults(device_type: str, opt: str, mixed_precision: str | None = None) -> DeviceDefaults:

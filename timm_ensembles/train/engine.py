@@ -133,53 +133,23 @@ def train_one_epoch(
     overflows = 0  # consecutive fp16 overflow steps, which GradScaler skips and answers with a smaller scale
     with progress_bar(loader, desc=f'train {epoch}', enabled=show_progress and accelerator.is_local_main_process,
                       unit='batch') as bar:
-        interval_loss, interval_samples, interval_start = 0.0, 0, time.perf_counter()
+        interval = _Interval(log if log_interval else None, log_interval, len(loader), accelerator.num_processes)
         for step, (x, target) in enumerate(bar):
             if step == 0:
                 check_batch_labels(target, num_classes, 'training')
             if mixup_fn is not None and mixup_fn.mixup_enabled:
-                if x.shape[0] % 2:
-                    # mixing pairs images (timm's Mixup refuses odd batches): only a data set smaller than one batch,
-                    # or an odd --batch-size refused before training, gives one
-                    x, target = x[:-1], target[:-1]
-                x, target = mixup_fn(x, target)
+                x, target = _mix(mixup_fn, x, target)
             with accelerator.accumulate(task):
                 out = task(x, target)
-                bad = _non_finite_terms(out)
-                if accelerator.num_processes > 1:
-                    # every process must stop together, or the others hang in the next all-reduce
-                    flag = torch.tensor([float(bool(bad))], device=out['loss'].device)
-                    if accelerator.reduce(flag, reduction='sum').item() > 0 and not bad:
-                        bad = ['loss (on another process)']
-                if bad:
-                    terms = {k: float(v) for k, v in out.get('components', {}).items()}
-                    raise NonFiniteLossError(
-                        f"Non-finite loss at epoch {epoch}, update {num_updates}: {', '.join(bad)} blew up"
-                        f" (terms: {terms}). The step was not applied."
-                    )
+                _check_finite_loss(out, accelerator, epoch, num_updates)
                 if out.get('mechanism') and model_params and mechanism_interval and (
                         step == 0 or (accelerator.sync_gradients and (num_updates + 1) % mechanism_interval == 0)):
                     for name, share in mechanism_shares(out['loss'], out['mechanism'], model_params).items():
                         means.update(f'share_{name}', share)
                 accelerator.backward(out['loss'])
                 if accelerator.sync_gradients:
-                    # the gradients are all-reduced by now, so every process sees the same norm and stops together;
-                    # the norm unscales fp16 gradients first, so that the other modes clip true gradient values
-                    max_norm = clip_grad if clip_grad and clip_mode == 'norm' else float('inf')
-                    grad_norm = accelerator.clip_grad_norm_(task.parameters(), max_norm)
-                    finite = bool(torch.isfinite(grad_norm))
-                    if clip_params is not None and finite:
-                        dispatch_clip_grad(clip_params, clip_grad, mode=clip_mode)
-                    overflows = 0 if finite else overflows + 1
-                    # with fp16's GradScaler an overflow is routine: the scaler skips that step and halves its scale;
-                    # only a run of them (the scale cannot get small enough) means the gradient itself is not finite
-                    if not finite and (accelerator.scaler is None or overflows > MAX_FP16_OVERFLOWS):
-                        terms = {k: float(v) for k, v in out.get('components', {}).items()}
-                        raise NonFiniteLossError(
-                            f'Non-finite gradient at epoch {epoch}, update {num_updates}, from finite loss terms'
-                            f' {terms} and weights {out.get("stats", {})}: a term\'s gradient overflowed. The step was'
-                            ' not applied.'
-                        )
+                    overflows = _clip_gradients(task, accelerator, clip_grad, clip_mode, clip_params, overflows, out,
+                                                epoch, num_updates)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
             if accelerator.sync_gradients:
@@ -189,30 +159,98 @@ def train_one_epoch(
                 if on_update is not None:
                     on_update(num_updates)
             n = target.shape[0]
-            if log is not None and log_interval:
-                interval_loss = interval_loss + out['loss'].detach() * n  # a tensor: no device sync but at log steps
-                interval_samples += n
-                last = step + 1 == len(loader)
-                if accelerator.sync_gradients and (num_updates % log_interval == 0 or last):
-                    seconds = max(time.perf_counter() - interval_start, 1e-9)
-                    log(dict(update=num_updates, batch=step + 1, batches=len(loader),
-                             loss=float(interval_loss) / interval_samples, lr=optimizer.param_groups[0]['lr'],
-                             samples_per_sec=interval_samples * accelerator.num_processes / seconds))
-                    interval_loss, interval_samples, interval_start = 0.0, 0, time.perf_counter()
-            means.update('loss', out['loss'].detach(), n)
-            for name, value in out.get('components', {}).items():
-                means.update(name, value, n)
-            for name, value in out.get('stats', {}).items():
-                means.update(name, value, n)
-            if out.get('output') is not None:
-                hard = target.argmax(-1) if target.ndim == 2 else target
-                means.update('train_acc', (out['output'].detach().argmax(-1) == hard).float().mean() * 100, n)
+            interval.add(out['loss'], n, step, num_updates, accelerator.sync_gradients, optimizer)
+            _record_batch(means, out, target, n)
             bar.set_postfix(loss=f"{out['loss'].item():.4f}", refresh=False)
     # a finite gradient can still overflow a parameter; such weights must never become a checkpoint
     bad_params = [n for n, p in task.named_parameters() if not torch.isfinite(p).all()]
     if bad_params:
         raise NonFiniteLossError(f'Parameters became non-finite in the last update of epoch {epoch}: {bad_params[:5]}.')
     return means.result(), num_updates
+
+
+def _mix(mixup_fn: Callable, x: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """timm's Mixup on one batch, its last sample dropped when the batch is odd."""
+    if x.shape[0] % 2:
+        # mixing pairs images (timm's Mixup refuses odd batches): only a data set smaller than one batch, or an odd
+        # --batch-size refused before training, gives one
+        x, target = x[:-1], target[:-1]
+    return mixup_fn(x, target)
+
+
+def _check_finite_loss(out: dict[str, Any], accelerator, epoch: int, num_updates: int) -> None:
+    """Raise NonFiniteLossError, on every process, when a term of ``out`` is not finite on any process."""
+    bad = _non_finite_terms(out)
+    if accelerator.num_processes > 1:
+        # every process must stop together, or the others hang in the next all-reduce
+        flag = torch.tensor([float(bool(bad))], device=out['loss'].device)
+        if accelerator.reduce(flag, reduction='sum').item() > 0 and not bad:
+            bad = ['loss (on another process)']
+    if bad:
+        terms = {k: float(v) for k, v in out.get('components', {}).items()}
+        raise NonFiniteLossError(
+            f"Non-finite loss at epoch {epoch}, update {num_updates}: {', '.join(bad)} blew up"
+            f" (terms: {terms}). The step was not applied."
+        )
+
+
+def _clip_gradients(task: nn.Module, accelerator, clip_grad: float | None, clip_mode: str, clip_params, overflows: int,
+                    out: dict[str, Any], epoch: int, num_updates: int) -> int:
+    """Clip the (all-reduced) gradients by ``clip_mode`` and check their norm; returns the count of consecutive fp16
+    overflow steps, ``overflows`` included. Raises NonFiniteLossError on a non-finite gradient that is no fp16
+    overflow the grad scaler answers."""
+    # the gradients are all-reduced by now, so every process sees the same norm and stops together; the norm unscales
+    # fp16 gradients first, so that the other modes clip true gradient values
+    max_norm = clip_grad if clip_grad and clip_mode == 'norm' else float('inf')
+    grad_norm = accelerator.clip_grad_norm_(task.parameters(), max_norm)
+    finite = bool(torch.isfinite(grad_norm))
+    if clip_params is not None and finite:
+        dispatch_clip_grad(clip_params, clip_grad, mode=clip_mode)
+    overflows = 0 if finite else overflows + 1
+    # with fp16's GradScaler an overflow is routine: the scaler skips that step and halves its scale; only a run of
+    # them (the scale cannot get small enough) means the gradient itself is not finite
+    if not finite and (accelerator.scaler is None or overflows > MAX_FP16_OVERFLOWS):
+        terms = {k: float(v) for k, v in out.get('components', {}).items()}
+        raise NonFiniteLossError(
+            f'Non-finite gradient at epoch {epoch}, update {num_updates}, from finite loss terms'
+            f' {terms} and weights {out.get("stats", {})}: a term\'s gradient overflowed. The step was'
+            ' not applied.'
+        )
+    return overflows
+
+
+def _record_batch(means: _Means, out: dict[str, Any], target: torch.Tensor, n: int) -> None:
+    """Add one batch's loss, terms, stats and accuracy (against a soft target's largest share) to the epoch's means."""
+    means.update('loss', out['loss'].detach(), n)
+    for name, value in out.get('components', {}).items():
+        means.update(name, value, n)
+    for name, value in out.get('stats', {}).items():
+        means.update(name, value, n)
+    if out.get('output') is not None:
+        hard = target.argmax(-1) if target.ndim == 2 else target
+        means.update('train_acc', (out['output'].detach().argmax(-1) == hard).float().mean() * 100, n)
+
+
+class _Interval:
+    """The loss and throughput over the updates since the last ``log`` call, logged every ``every`` updates and at
+    the epoch's last batch (nothing when ``log`` is None)."""
+
+    def __init__(self, log: Callable[[dict[str, float]], None] | None, every: int, batches: int, processes: int):
+        self.log, self.every, self.batches, self.processes = log, every, batches, processes
+        self.loss, self.samples, self.start = 0.0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, n: int, step: int, num_updates: int, synced: bool, optimizer) -> None:
+        if self.log is None:
+            return
+        self.loss = self.loss + loss.detach() * n  # a tensor: no device sync but at log steps
+        self.samples += n
+        last = step + 1 == self.batches
+        if synced and (num_updates % self.every == 0 or last):
+            seconds = max(time.perf_counter() - self.start, 1e-9)
+            self.log(dict(update=num_updates, batch=step + 1, batches=self.batches,
+                          loss=float(self.loss) / self.samples, lr=optimizer.param_groups[0]['lr'],
+                          samples_per_sec=self.samples * self.processes / seconds))
+            self.loss, self.samples, self.start = 0.0, 0, time.perf_counter()
 
 
 def mechanism_shares(loss: torch.Tensor, terms: dict[str, torch.Tensor],

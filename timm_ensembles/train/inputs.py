@@ -10,25 +10,25 @@ from .. import data as te_data
 from ..models.registry import create_model, create_task
 from ..utils.extras import MissingExtraError
 from .checkpoint import load_initial_checkpoint
-from .device import DeviceDefaults
+from .device import DeviceSettings
 from .engine import check_input_size
 from .flags import _MODEL_RATES, _mixing
 from .snapshots import member_parameters
 
 
 def _create_loaders(args: argparse.Namespace, accelerator, train_ds, val_ds, test_ds, data_config: dict, info,
-                    snapshot_idx, defaults: DeviceDefaults):
+                    snapshot_idx, device: DeviceSettings):
     """The training and validation loaders (timm's transforms, or the in-memory batched path), the test loader with
     --holdout, and the loader of the snapshot subset with --snapshot-subset (else None); host memory pinned as the
-    device's defaults say."""
+    device settings say."""
     hflip = args.hflip if args.hflip is not None else info.default_hflip
     train_loader, val_loader = te_data.create_loaders(
         train_ds, val_ds, data_config, batch_size=args.batch_size, workers=args.workers, hflip=hflip,
         scale=tuple(args.scale), train_transform=not args.no_aug, seed=args.seed, rank=accelerator.process_index,
         auto_augment=args.aa, color_jitter=args.color_jitter, re_prob=args.reprob, re_mode=args.remode,
-        re_count=args.recount, pin_memory=defaults.pin_memory)
+        re_count=args.recount, pin_memory=device.pin_memory)
     test_loader = None if test_ds is None else te_data.create_eval_loader(
-        test_ds, data_config, args.batch_size, args.workers, pin_memory=defaults.pin_memory)
+        test_ds, data_config, args.batch_size, args.workers, pin_memory=device.pin_memory)
     snapshot_loader = None
     if snapshot_idx is not None:
         # the evaluation transform (set by the loaders above); its own generator keeps the global RNG untouched
