@@ -10,26 +10,13 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 
-class ConvNet1(nn.Module):
-    """One convolution layer and a linear classifier.
+class _OneLayerNet(nn.Module):
+    """What the two networks share: the flattened maps of their one layer into a linear classifier (``fc``)."""
 
-    Args:
-        num_classes: Number of classes (0: no classifier, ``forward`` gives the flattened maps).
-        in_chans: Input channels.
-        num_filters: Filters of the convolution (the paper's M).
-        img_size: Input side; the classifier's width follows from it.
-    """
-
-    def __init__(self, num_classes: int = 10, in_chans: int = 1, num_filters: int = 16, img_size: int = 28, **kwargs):
-        super().__init__()
+    def _set_classifier(self, num_features: int, num_classes: int) -> None:
+        self.num_features = num_features
         self.num_classes = num_classes
-        self.num_filters = num_filters
-        self.conv = nn.Conv2d(in_chans, num_filters, 5, padding=2)
-        self.num_features = num_filters * (img_size // 2) ** 2
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.max_pool2d(self.conv(x).relu(), 2)
+        self.fc = nn.Linear(num_features, num_classes) if num_classes else nn.Identity()
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = x.flatten(1)
@@ -42,8 +29,27 @@ class ConvNet1(nn.Module):
         return self.fc
 
     def reset_classifier(self, num_classes: int, global_pool=None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self._set_classifier(self.num_features, num_classes)
+
+
+class ConvNet1(_OneLayerNet):
+    """One convolution layer and a linear classifier.
+
+    Args:
+        num_classes: Number of classes (0: no classifier, ``forward`` gives the flattened maps).
+        in_chans: Input channels.
+        num_filters: Filters of the convolution (the paper's M).
+        img_size: Input side; the classifier's width follows from it.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 1, num_filters: int = 16, img_size: int = 28, **kwargs):
+        super().__init__()
+        self.num_filters = num_filters
+        self.conv = nn.Conv2d(in_chans, num_filters, 5, padding=2)
+        self._set_classifier(num_filters * (img_size // 2) ** 2, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.max_pool2d(self.conv(x).relu(), 2)
 
 
 default_cfgs = generate_default_cfgs({'convnet1': dict(
@@ -56,7 +62,7 @@ def convnet1(pretrained: bool = False, **kwargs) -> ConvNet1:
     return build_model_with_cfg(ConvNet1, 'convnet1', pretrained, **kwargs)
 
 
-class ConvNet1BN(nn.Module):
+class ConvNet1BN(_OneLayerNet):
     """The FDL reference's BatchNorm MNIST network (``basic_mnist.py``): a 3x3 convolution of M filters at stride 2,
     BatchNorm, ReLU, 2x2 max pooling, and a linear classifier over the flattened 7x7 maps.
 
@@ -72,12 +78,10 @@ class ConvNet1BN(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_chans: int = 1, num_filters: int = 16, img_size: int = 28, **kwargs):
         super().__init__()
-        self.num_classes = num_classes
         self.num_filters = num_filters
         self.conv = nn.Conv2d(in_chans, num_filters, 3, stride=2, padding=1)
         self.bn = nn.BatchNorm2d(num_filters)
-        self.num_features = num_filters * (img_size // 4) ** 2
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+        self._set_classifier(num_filters * (img_size // 4) ** 2, num_classes)
         self.feature_info = [dict(num_chs=num_filters, reduction=4, module='bn')]
         # the reference's initialisation of the convolution: He normal over the fan-out, zero bias
         nn.init.normal_(self.conv.weight, 0, (2.0 / (9 * num_filters)) ** 0.5)
@@ -92,19 +96,6 @@ class ConvNet1BN(nn.Module):
         features = self.forward_features(x)
         return [features] if intermediates_only else (features, [features])
 
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = x.flatten(1)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
-
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
 
 
 default_cfgs.update(generate_default_cfgs({'convnet1bn': dict(
