@@ -61,7 +61,7 @@ import timm_ensembles
 from timm_ensembles.files.run_folder import RunFolder
 from timm_ensembles.models import registry as _registry
 from timm_ensembles.train import checkpoint as _checkpoint
-from timm_ensembles.train import trainer
+from timm_ensembles.train import loop, trainer
 from timm_ensembles.train.device import CpuFp16Accelerator, DeviceDefaults, device_defaults
 
 FAMILIES = ('fdl', 'ens', 'collab', 'ban', 'meal')
@@ -125,7 +125,7 @@ def _device_patches(args: argparse.Namespace, captured: dict):
         return out
 
     with contextlib.ExitStack() as stack:
-        stack.enter_context(mock.patch.object(trainer, 'export_folder', capture))
+        stack.enter_context(mock.patch.object(loop, 'export_folder', capture))  # the final export's
         stack.enter_context(mock.patch.object(_checkpoint, 'export_folder', capture))  # export_new_folder's
         if args.cpu:
             stack.enter_context(mock.patch.object(trainer, 'device_defaults', lambda device_type, opt, precision:

@@ -81,6 +81,7 @@ def _worker(rank: int, world: int, port: int, method: str, tmp: str, out: str):
         if rank == 0:
             torch.save(dict(groups=groups, losses=losses, final=final, resumed_loss=resumed_loss,
                             resumed_final=resumed_final), out)
+        dist.barrier()  # neither process tears the group down while the other still uses it
     finally:
         dist.destroy_process_group()
 
