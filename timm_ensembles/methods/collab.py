@@ -88,6 +88,9 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
         dtype: Parameter dtype.
         **kwargs: Passed to ``timm.create_model`` of the base (``img_size``, drop rates, ...).
     """
+    # the heads reach the layers they share through views of the owning head's modules, made at each call: FSDP
+    # cannot make the network a shard unit of its own (models/sharding.py)
+    shares_modules_by_views = True
 
     def __init__(
             self,

@@ -83,8 +83,8 @@ def shard_units(model: nn.Module) -> list[nn.Module]:
 
 
 def _shares_modules(model: nn.Module) -> bool:
-    # a collaborative network: its heads reach the shared layers through views made at each call
-    return hasattr(model, 'heads') and hasattr(model, 'layout')
+    # a model whose parts reach shared layers through views made at each call says so (CollaborativeNet)
+    return getattr(model, 'shares_modules_by_views', False)
 
 
 def _register_forward_methods(modules: Iterable[nn.Module]) -> None:
