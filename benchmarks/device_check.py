@@ -22,6 +22,14 @@ flag at its default (member strategy, channels_last, fused optimizer, pinned mem
    of the distance the second epoch moved them (a broken resume, another data order, a lost optimizer state or
    learning rate, moves them about as far as the epoch does).
 
+Then **FSDP**: each of fdl, collab and meal (``--fsdp-families``) trained as its bf16 run above, but under
+Accelerate's FSDP2 (``accelerate launch --use_fsdp --fsdp_version 2 --num_processes 1``: Accelerate's preparation of
+the task the trainer sharded, its optimizer mapping and mixed-precision policy, the gathered checkpoints and exports);
+its final weights must be the unsharded run's within the resume tolerance below, and its epoch-0 checkpoint must
+resume unsharded to its own final weights. One process: the data and BatchNorm statistics are the unsharded run's
+(two processes' sharding is tested against DDP on the CPU, tests/test_train_fsdp.py). Skipped with ``--cpu``:
+Accelerate shards on GPUs only.
+
 Then the member-strategy table: ``EnsembleModel.set_member_strategy('auto')`` (``models.strategies.AutoStrategy``) times
 every strategy that accepts ``ens_<base>xN`` on a training batch, in fp32, bf16 and fp16 autocast, and the table
 prints its median times and its choice.
@@ -42,6 +50,7 @@ import json
 import logging
 import platform
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -66,6 +75,7 @@ from timm_ensembles.train.device import CpuFp16Accelerator, DeviceDefaults, devi
 
 FAMILIES = ('fdl', 'ens', 'collab', 'ban', 'meal')
 PRECISIONS = ('bf16', 'fp16')
+FSDP_FAMILIES = ('fdl', 'collab', 'meal')
 TABLE_PRECISIONS = ('fp32', 'bf16', 'fp16')
 # the second epoch of a resumed run may differ from the uninterrupted one's by this share of what the epoch moved the
 # weights, where kernels are not deterministic or auto chose another strategy
@@ -79,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="on the CPU, with a CUDA GPU's defaults and fp16 as a GPU runs it, at tiny sizes")
     parser.add_argument('--families', nargs='+', default=list(FAMILIES), choices=FAMILIES)
     parser.add_argument('--precisions', nargs='+', default=list(PRECISIONS), choices=PRECISIONS)
+    parser.add_argument('--fsdp-families', nargs='*', default=list(FSDP_FAMILIES), choices=FSDP_FAMILIES,
+                        help='the families also trained under FSDP2 (GPU only)')
     parser.add_argument('--base', default='test_resnet', help='the timm base model of every family')
     parser.add_argument('--members', type=int, nargs='+', default=None,
                         help='ensemble sizes of the strategy table (default: 2 4; 2 with --cpu)')
@@ -128,8 +140,9 @@ def _device_patches(args: argparse.Namespace, captured: dict):
         stack.enter_context(mock.patch.object(loop, 'export_folder', capture))  # the final export's
         stack.enter_context(mock.patch.object(_checkpoint, 'export_folder', capture))  # export_new_folder's
         if args.cpu:
-            stack.enter_context(mock.patch.object(trainer, 'device_defaults', lambda device_type, opt, precision:
-                                                  DeviceDefaults.for_device('cuda', opt, True, precision)))
+            stack.enter_context(mock.patch.object(
+                trainer, 'device_defaults', lambda device_type, opt, precision, sharded=False:
+                DeviceDefaults.for_device('cuda', opt, True, precision, sharded=sharded)))
             stack.enter_context(mock.patch.object(trainer, 'Accelerator', CpuFp16Accelerator))
         yield
 
@@ -217,23 +230,69 @@ def _resume_check(args: argparse.Namespace, full: Path, choices: dict | None, de
                 scaler_equal=scaler_equal, expected_exact=deterministic, ok=ok)
 
 
+def _family_argv(args: argparse.Namespace, family: str, precision: str, img_size: int, output: Path,
+                 teacher: Path | None) -> list[str]:
+    """The flags of a family's run: two epochs with the device's defaults, --model-ema and --checkpoint-hist."""
+    model = _model_name(family, args.base)
+    argv = ['--model', model, '--mixed-precision', precision, '--epochs', '2', '--train-subset', str(args.train_subset),
+            '--val-subset', str(args.val_subset), '--batch-size', str(args.batch_size), '--img-size', str(img_size),
+            '--workers', '0', '--no-progress', '--log-interval', '1000', '--model-ema', '--checkpoint-hist', '1',
+            '--output', str(output)]
+    if family in _registry._student_methods:
+        argv += ['--teacher', str(teacher)]
+    return argv + (['--cpu'] if args.cpu else [])
+
+
+def _weights_distance(a: dict, b: dict) -> float:
+    keys = [k for k in a if a[k].is_floating_point()]
+    return sum(float((a[k].double() - b[k].double()).norm() ** 2) for k in keys) ** 0.5
+
+
+def _fsdp_family(args: argparse.Namespace, family: str, root: Path, teacher: Path | None, device: torch.device) -> dict:
+    """One family's bf16 run again under Accelerate's FSDP2 (one process), against the unsharded run."""
+    model, precision = _model_name(family, args.base), 'bf16'
+    record = dict(family=family, model=model, precision=precision, ok=False)
+    unsharded, full = root / f'{family}-{precision}', root / f'{family}-{precision}-fsdp'
+    if not (unsharded / 'model.safetensors').is_file():
+        record['error'] = 'no unsharded run to compare with (it failed)'
+        return record
+    accelerate_cli = shutil.which('accelerate', path=str(Path(sys.executable).parent)) or 'accelerate'
+    cmd = [accelerate_cli, 'launch', '--use_fsdp', '--fsdp_version', '2', '--num_processes', '1', '--num_machines',
+           '1', '--mixed_precision', precision, '--dynamo_backend', 'no', '-m', 'timm_ensembles.train',
+           *_family_argv(args, family, precision, _img_size(args, precision), full, teacher)]
+    try:
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        record['seconds'] = time.perf_counter() - start
+        if proc.returncode:
+            raise RuntimeError(f'the FSDP run failed ({proc.returncode}): {proc.stderr[-2000:]}')
+        log = proc.stdout + proc.stderr
+        sharded = 'FSDP2: the task sharded' in log and 'DistributedType.FSDP' in log
+        final, reference = load_file(full / 'model.safetensors'), load_file(unsharded / 'model.safetensors')
+        before = torch.load(unsharded / RunFolder.PREVIOUS_CHECKPOINT, map_location='cpu', weights_only=True)['task']
+        prefix = _task_prefix(before, next(iter(reference)))
+        moved = _weights_distance(reference, {k: before[prefix + k] for k in reference})
+        distance = _weights_distance(final, reference) if final.keys() == reference.keys() else float('inf')
+        record.update(sharded_by_accelerate=sharded, distance=distance, epoch_moved=moved,
+                      distance_share=distance / moved if moved else None,
+                      resume=_resume_check(args, full, None, device))
+        record['ok'] = sharded and distance <= RESUME_TOLERANCE * moved and record['resume']['ok']
+    except (Exception, SystemExit) as e:  # noqa: BLE001  (recorded; the other families still run)
+        record['error'] = f'{type(e).__name__}: {e}'
+        record['traceback'] = traceback.format_exc(limit=8)
+    return record
+
+
 def _run_family(args: argparse.Namespace, family: str, precision: str, root: Path, teacher: Path | None,
                 device: torch.device) -> dict:
     model = _model_name(family, args.base)
     img_size = _img_size(args, precision)
     record = dict(family=family, model=model, precision=precision, img_size=img_size, ok=False)
     full = root / f'{family}-{precision}'
-    argv = ['--model', model, '--mixed-precision', precision, '--epochs', '2', '--train-subset', str(args.train_subset),
-            '--val-subset', str(args.val_subset), '--batch-size', str(args.batch_size), '--img-size', str(img_size),
-            '--workers', '0', '--no-progress', '--log-interval', '1000', '--model-ema', '--checkpoint-hist', '1',
-            '--output', str(full)]
-    if family in _registry._student_methods:
-        if teacher is None:
-            record['error'] = 'no teacher: the ens run failed'
-            return record
-        argv += ['--teacher', str(teacher)]
-    if args.cpu:
-        argv.append('--cpu')
+    if family in _registry._student_methods and teacher is None:
+        record['error'] = 'no teacher: the ens run failed'
+        return record
+    argv = _family_argv(args, family, precision, img_size, full, teacher)
     try:
         captured, seconds = _train(args, argv)
         live = captured[full.name]
@@ -341,12 +400,19 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{record['model']} {precision}: {status} ({record.get('seconds', 0):.1f} s; val acc"
                       f" {record.get('val_acc')}; reload {record.get('reload', {}).get('same_format_max_diff')};"
                       f" resume exact {record.get('resume', {}).get('exact')})", flush=True)
+        report['fsdp'] = [dict(family=f, ok=None, skipped='Accelerate shards on GPUs only (the CPU path:'
+                               ' tests/test_train_fsdp.py)') for f in args.fsdp_families] if args.cpu else \
+            [_fsdp_family(args, f, root, teachers.get('bf16'), device) for f in args.fsdp_families]
+        for record in report['fsdp']:
+            status = 'ok' if record['ok'] else record.get('skipped') or f"FAILED {record.get('error', '')}"
+            print(f"{record['family']} under FSDP2: {status} (weights off the unsharded run's by"
+                  f" {record.get('distance_share')} of what the epoch moved them)", flush=True)
         report['strategies'] = _strategy_table(args, device, defaults)
         _print_table(report['strategies'])
     finally:
         if args.output_dir is None:
             shutil.rmtree(root, ignore_errors=True)
-    report['ok'] = all(r['ok'] is not False for r in report['runs']) and \
+    report['ok'] = all(r['ok'] is not False for r in report['runs'] + report['fsdp']) and \
         not any('error' in r for r in report['strategies'])
     report['seconds'] = time.perf_counter() - start
     Path(args.out).write_text(json.dumps(report, indent=2, default=str))

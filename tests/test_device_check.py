@@ -30,6 +30,9 @@ def test_device_check_runs_every_family_in_bf16_and_fp16(tmp_path):
         assert run['reload']['weights_equal'] and run['reload']['same_format_max_diff'] == 0
         assert run['resume']['exact'] and run['resume']['epoch_moved'] > 0  # a CPU is deterministic
         assert (run['scaler'] is not None) == (precision == 'fp16') and run['resume']['scaler_equal']
+    # Accelerate shards on GPUs only: the FSDP runs are skipped here, saying where the CPU path is tested
+    assert [(r['family'], r['ok']) for r in report['fsdp']] == [('fdl', None), ('collab', None), ('meal', None)]
+    assert all('tests/test_train_fsdp.py' in r['skipped'] for r in report['fsdp'])
     # auto's timing of each strategy, by precision; vmap is left out under autocast
     table = {r['precision']: r for r in report['strategies']}
     assert set(table) == {'fp32', 'bf16', 'fp16'}

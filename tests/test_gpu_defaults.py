@@ -98,8 +98,9 @@ def _is_channels_last(model: torch.nn.Module) -> bool:
 def _gpu_run(monkeypatch, argv: list[str]) -> dict:
     """``train.main(argv)`` with a CUDA device's defaults on the CPU; returns the live model of the final export (and
     of every other export) as train.py held it after exporting."""
-    monkeypatch.setattr(trainer, 'device_defaults', lambda device_type, opt, mixed_precision: DeviceDefaults.for_device(
-        'cuda', opt, bf16=True, mixed_precision=mixed_precision))
+    monkeypatch.setattr(trainer, 'device_defaults', lambda device_type, opt, mixed_precision, sharded=False:
+                        DeviceDefaults.for_device('cuda', opt, bf16=True, mixed_precision=mixed_precision,
+                                                  sharded=sharded))
     monkeypatch.setattr(trainer, 'Accelerator', CpuFp16Accelerator)
     exported = {}
 

@@ -88,8 +88,8 @@ class CollaborativeNet(ModelArgsMixin, nn.Module):
         dtype: Parameter dtype.
         **kwargs: Passed to ``timm.create_model`` of the base (``img_size``, drop rates, ...).
     """
-    # the heads reach the layers they share through views of the owning head's modules, made at each call: FSDP
-    # cannot make the network a shard unit of its own (models/sharding.py)
+    # the heads reach the layers they share through the owning head's modules, made at each call: FSDP makes the
+    # network one unit, with no unit inside it (models/sharding.py)
     shares_modules_by_views = True
 
     def __init__(

@@ -13,9 +13,9 @@ The plan, for a task whose ``model`` is one of this package's models (what ``sha
 * the **model** itself, then the **task** as the root (the task's own parameters: MEAL's discriminators and frozen
   teachers).
 
-A collaborative network is no unit of its own: its parameters are sharded with the task's (the root), whose
-``forward`` gathers them. Its heads reach the low layers they share through views of the owning head's modules made
-at each call, which would keep holding the shards where the network's own hooks gathered the owner's.
+A collaborative network has no units inside it: its heads reach the low layers they share through the owning head's
+modules, so the network is one unit, which stays gathered from its forward to its backward (its entry points call one
+another, and an inner one's resharding would leave the outer one the shards).
 
 FSDP2 gathers a unit's parameters in its ``forward`` hooks only. The tasks and the evaluation reach the models through
 other methods (``forward_members``, ``forward_members_with_features``, ``forward_features``,
@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ['FORWARD_METHODS', 'SHARDABLE_STRATEGIES', 'check_shardable', 'shard_units', 'shard_task',
-           'full_state_dict', 'load_full_state_dict', 'full_optimizer_state_dict', 'load_full_optimizer_state_dict']
+__all__ = ['FORWARD_METHODS', 'SHARDABLE_STRATEGIES', 'check_shardable', 'shard_units', 'shard_model', 'shard_task',
+           'fully_shard_unit', 'full_state_dict', 'load_full_state_dict', 'full_optimizer_state_dict',
+           'load_full_optimizer_state_dict']
 
 # the entry points besides ``forward`` through which the tasks, the evaluation and the export reach a model
 FORWARD_METHODS = ('forward_members', 'forward_members_with_features', 'forward_members_features', 'forward_features',
@@ -95,22 +96,63 @@ def _register_forward_methods(modules: Iterable[nn.Module]) -> None:
                 register_fsdp_forward_method(module, name)
 
 
-def shard_task(task: nn.Module, **fully_shard_kwargs: Any) -> nn.Module:
-    """Shard ``task`` in place with ``fully_shard`` on the plan of the module docstring and return it; build the
-    optimizer afterwards, on the sharded parameters (``task.create_optimizer``), so that its parameter groups hold
-    them. Needs an initialised process group; ``fully_shard_kwargs`` go to every ``fully_shard`` call (``mesh``,
-    ``reshard_after_forward``, ``mp_policy``, ``offload_policy``)."""
-    from torch.distributed.fsdp import fully_shard
-    model = task.model
-    check_shardable(model)
-    units = shard_units(model)
-    if not _shares_modules(model):
-        units.append(model)
-    for unit in units:
-        fully_shard(unit, **fully_shard_kwargs)
-    fully_shard(task, **fully_shard_kwargs)
-    _register_forward_methods(units)
+def shard_model(model: nn.Module, extra_units: Iterable[nn.Module] = (), **fully_shard_kwargs: Any) -> nn.Module:
+    """Shard ``model`` in place with ``fully_shard`` on the plan of the module docstring, ``model`` itself the root
+    (a collaborative network too: as a root its ``forward`` and registered entry points gather all it holds), and
+    return it. ``extra_units``: more units inside it (an Accelerate config's wrap policy), sharded first; none may be
+    inside a model that shares modules through views."""
+    _shard(model, extra_units, fully_shard_kwargs, as_root=True)
+    return model
+
+
+def shard_task(task: nn.Module, extra_units: Iterable[nn.Module] = (), **fully_shard_kwargs: Any) -> nn.Module:
+    """Shard ``task`` in place with ``fully_shard`` on the plan of the module docstring (its model's units, the model
+    unless it shares modules through views, the task the root) and return it; build the optimizer afterwards, on the
+    sharded parameters (``task.create_optimizer``), so that its parameter groups hold them. Needs an initialised
+    process group; ``fully_shard_kwargs`` go to every ``fully_shard`` call (``mesh``, ``reshard_after_forward``,
+    ``mp_policy``, ``offload_policy``)."""
+    _shard(task.model, extra_units, fully_shard_kwargs, as_root=False)
+    fully_shard_unit(task, **{**fully_shard_kwargs, 'reshard_after_forward': None})  # the root (see ``_shard``)
     return task
+
+
+def _shard(model: nn.Module, extra_units: Iterable[nn.Module], kwargs: dict, as_root: bool) -> None:
+    check_shardable(model)
+    units = _plan(model, extra_units)
+    for unit in units:
+        fully_shard_unit(unit, **kwargs)
+    if as_root:
+        # as Accelerate shards a root: torch's default keeps a root's parameters gathered after its forward, which
+        # its backward would gather again at once
+        fully_shard_unit(model, **{**kwargs, 'reshard_after_forward': None})
+    elif _shares_modules(model):
+        # its entry points call one another (forward_members runs forward_members_features): resharding when an
+        # inner one returns would leave the outer one the shards
+        fully_shard_unit(model, **{**kwargs, 'reshard_after_forward': False})
+    else:
+        fully_shard_unit(model, **kwargs)
+    _register_forward_methods([*units, model])
+
+
+def fully_shard_unit(module: nn.Module, **fully_shard_kwargs: Any) -> None:
+    """``fully_shard(module)``, the ``None`` values of the keywords left to its defaults (an Accelerate plugin's
+    unset options)."""
+    from torch.distributed.fsdp import fully_shard
+    fully_shard(module, **{k: v for k, v in fully_shard_kwargs.items() if v is not None})
+
+
+def _plan(model: nn.Module, extra_units: Iterable[nn.Module]) -> list[nn.Module]:
+    planned = shard_units(model)
+    # a ModuleList or ModuleDict is never called, so its forward hooks would never gather what it holds
+    extra = [m for m in extra_units if m is not model and not isinstance(m, (nn.ModuleList, nn.ModuleDict))
+             and not any(m is p for p in planned)]
+    if extra and _shares_modules(model):
+        raise ValueError(f'{type(model).__name__} shares its low layers between heads through views, so no module'
+                         f' inside it can be a shard unit of its own: drop the wrap policy (fsdp_auto_wrap_policy:'
+                         f' NO_WRAP), the whole network is sharded as one unit.')
+    # innermost first: a unit's parameters are those no unit inside it took
+    inside = [m for m in extra if any(m is d for p in planned for d in p.modules())]
+    return inside + planned + [m for m in extra if not any(m is i for i in inside)]
 
 
 def _snapshot(state):

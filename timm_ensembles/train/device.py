@@ -21,7 +21,7 @@ import torch
 from accelerate import Accelerator
 
 __all__ = ['DeviceDefaults', 'DeviceSettings', 'device_defaults', 'CpuFp16Accelerator', 'FUSED_OPTS',
-           'FUSED_UNSAFE_FP16']
+           'FUSED_UNSAFE_FP16', 'FUSED_UNSHARDABLE']
 
 # timm optimizer names that map to torch optimizers with a fused kernel (torch.optim.SGD, Adam, AdamW)
 FUSED_OPTS = ('sgd', 'nesterov', 'momentum', 'adam', 'adamw')
@@ -31,6 +31,9 @@ FUSED_OPTS = ('sgd', 'nesterov', 'momentum', 'adam', 'adamw')
 # NaN or 1e9 weights after two steps, on the CPU; the CUDA path is the same Python code). Fused Adam and AdamW
 # initialise their state and honour the skip.
 FUSED_UNSAFE_FP16 = ('sgd', 'nesterov', 'momentum')
+# those whose fused kernel cannot step sharded parameters: DTensor has no sharding rule for aten._fused_sgd_ (torch
+# 2.14; Adam's and AdamW's it has), so an FSDP run would stop at its first step
+FUSED_UNSHARDABLE = ('sgd', 'nesterov', 'momentum')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,7 @@ class DeviceDefaults:
 
     @classmethod
     def for_device(cls, device_type: str, opt: str = 'sgd', bf16: bool = False,
-                   mixed_precision: str | None = None) -> 'DeviceDefaults':
+                   mixed_precision: str | None = None, sharded: bool = False) -> 'DeviceDefaults':
         """The defaults on a device of this kind.
 
         Args:
@@ -66,12 +69,16 @@ class DeviceDefaults:
             bf16: Whether the device computes bf16 natively (autocast to it then).
             mixed_precision: The precision the run is given (``--mixed-precision``, or Accelerate's config), if any:
                 the fused kernel's default depends on it.
+            sharded: The model is sharded (FSDP): its members run one by one (the fused strategies read their
+                weights stacked, which sharding splits), and SGD is not fused (``FUSED_UNSHARDABLE``).
         """
         gpu, opt = device_type == 'cuda', opt.lower()
         precision = 'bf16' if gpu and bf16 else None
         fp16 = (mixed_precision or precision) == 'fp16'
-        return cls(device_type=device_type, member_strategy='auto' if gpu else 'loop', channels_last=gpu,
-                   fused_opt=gpu and opt in FUSED_OPTS and not (fp16 and opt in FUSED_UNSAFE_FP16),
+        return cls(device_type=device_type, member_strategy='auto' if gpu and not sharded else 'loop',
+                   channels_last=gpu,
+                   fused_opt=gpu and opt in FUSED_OPTS and not (fp16 and opt in FUSED_UNSAFE_FP16)
+                   and not (sharded and opt in FUSED_UNSHARDABLE),
                    mixed_precision=precision, pin_memory=gpu)
 
     def settings(self, args: Namespace) -> 'DeviceSettings':
@@ -110,15 +117,18 @@ class DeviceSettings:
         return {name: getattr(self, name) for name in DeviceDefaults.FLAGS}
 
 
-def device_defaults(device_type: str, opt: str, mixed_precision: str | None = None) -> DeviceDefaults:
+def device_defaults(device_type: str, opt: str, mixed_precision: str | None = None,
+                    sharded: bool = False) -> DeviceDefaults:
     """The defaults on the device this process runs on, of kind ``device_type`` (``torch.device.type``), for a run
-    given ``mixed_precision`` (None: bf16 where the GPU has it, else what ``accelerate launch`` or its config set)."""
+    given ``mixed_precision`` (None: bf16 where the GPU has it, else what ``accelerate launch`` or its config set),
+    its model ``sharded`` (FSDP) or not."""
     bf16 = device_type == 'cuda' and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if mixed_precision is None and not bf16:
         # neither a flag nor the bf16 default: Accelerate's config decides, through the variable that `accelerate
         # launch` sets from its --mixed_precision or its config file
         mixed_precision = os.environ.get('ACCELERATE_MIXED_PRECISION')
-    return DeviceDefaults.for_device(device_type, opt, bf16=bf16, mixed_precision=mixed_precision)
+    return DeviceDefaults.for_device(device_type, opt, bf16=bf16, mixed_precision=mixed_precision,
+                                     sharded=sharded)
 
 
 class CpuFp16Accelerator(Accelerator):

@@ -31,9 +31,11 @@ from .engine import (
 )
 from .optim import SchedulerState
 from .outputs import _calibrate, _flat, _kept, _on_main, _results, _write_snapshot, write_summary
+from .sharded import SavedModels, Sharding, gather
+from .snapshots import INIT_EPOCH, predict_members
 from .state import TrainingState
 
-__all__ = ['TrainingRun', 'run_epoch', 'finish_run', 'epoch_seed']
+__all__ = ['TrainingRun', 'run_epoch', 'finish_run', 'epoch_seed', 'saved_models', 'write_epoch_snapshot']
 
 
 @dataclasses.dataclass
@@ -66,6 +68,7 @@ class TrainingRun:
     model_config: dict | None = None
     last_saved: tuple | None = None  # the last checkpoint on disk, (file, epochs it holds): what a failed save keeps
     unexplained: set = dataclasses.field(default_factory=set)  # diagnostics said once to be not computable
+    sharding: Sharding | None = None  # FSDP's parts besides the task (sharded.py)
 
     def bar(self, desc: str) -> str | None:  # the evaluations' progress bars, as training's
         return None if self.args.no_progress else desc
@@ -76,6 +79,33 @@ def epoch_seed(seed: int, epoch: int) -> int:
     not replay seed s's shuffles shifted by one epoch (``seed + epoch`` did); seed 0 keeps ``epoch``. Below 2^32, as
     numpy's seed must be."""
     return (seed * 100_003 + epoch) % 2 ** 32
+
+
+def saved_models(r: TrainingRun, with_optimizer: bool = True) -> SavedModels:
+    """What the main process writes the run's files from: the live task, model, optimizer and EMA, or under FSDP
+    their unsharded copies, gathered (a collective: every process calls it; the others get the live objects, which
+    they pass to the main process's writers and never write from)."""
+    saved = gather(r.unwrapped, r.optimizer, r.sharding, with_optimizer) if r.sharding is not None else None
+    return saved or SavedModels(task=r.unwrapped, export_model=r.export_model, optimizer=r.optimizer, ema=r.ema)
+
+
+def write_epoch_snapshot(r: TrainingRun, epoch: int) -> None:
+    """The snapshot of ``epoch`` (or of the initialisation), written by the main process. Under FSDP the forward
+    gathers the shards, so every process computes the logits; the weights come from the gathered copy."""
+    if r.loaders['snapshot'] is None:
+        return
+    predicted, model, accelerator = None, r.export_model, r.accelerator
+    if r.sharding is not None and epoch == INIT_EPOCH:
+        # the first sharded module to run becomes FSDP's root, which must be the task: before its first step the
+        # main process computes the initialisation's point on its unsharded copy, on its CPU
+        model, accelerator = saved_models(r, with_optimizer=False).export_model, None
+    elif r.sharding is not None:
+        predicted = predict_members(r.export_model, r.loaders['snapshot'], r.accelerator)
+        if r.args.snapshot_weights:
+            model = saved_models(r, with_optimizer=False).export_model
+    _on_main(r.accelerator, functools.partial(_write_snapshot, r.run.path, epoch, model, r.loaders['snapshot'],
+                                              r.snapshot_idx, r.args, r.info, accelerator, predicted=predicted),
+             f'writing the snapshot of epoch {epoch}', kept=functools.partial(_kept, r.last_saved))
 
 
 def run_epoch(r: TrainingRun, state: TrainingState, epoch: int) -> None:
@@ -127,7 +157,8 @@ def _train_epoch(r: TrainingRun, state: TrainingState, epoch: int) -> dict:
             show_progress=not args.no_progress, num_classes=r.num_classes if epoch == r.start_epoch else None,
             log_interval=args.log_interval, log=functools.partial(_log_progress, r, epoch),
             on_update=None if ema is None else (lambda n: ema.update(r.export_model, step=n)), mixup_fn=r.mixup_fn,
-            mechanism_interval=args.log_interval)
+            # FSDP's forward uses gathered copies of the sharded parameters, which the measured gradients would be of
+            mechanism_interval=0 if r.sharding is not None else args.log_interval)
     except LabelError as e:  # a dataset that does not expose its labels, checked on its first batch
         raise SystemExit(f'error: {e}') from None
     except NonFiniteLossError as e:
@@ -157,11 +188,8 @@ def _validate(r: TrainingRun, state: TrainingState, epoch: int) -> None:
     if r.ema is not None:
         sync_buffers(r.ema.module, accelerator)
         state.ema_metrics = evaluate(r.ema.module, r.loaders['val'], accelerator, progress=r.bar(f'val {epoch} ema'))
-    if r.loaders['snapshot'] is not None:
-        # before the checkpoint: a run killed in between redoes this epoch and rewrites its snapshot
-        _on_main(accelerator, functools.partial(_write_snapshot, r.run.path, epoch, export_model, r.loaders['snapshot'],
-                                                r.snapshot_idx, r.args, r.info, accelerator),
-                 f'writing the snapshot of epoch {epoch}', kept=functools.partial(_kept, r.last_saved))
+    # before the checkpoint: a run killed in between redoes this epoch and rewrites its snapshot
+    write_epoch_snapshot(r, epoch)
 
 
 def _save(r: TrainingRun, state: TrainingState, epoch: int, record: dict, value: float) -> None:
@@ -174,17 +202,18 @@ def _save(r: TrainingRun, state: TrainingState, epoch: int, record: dict, value:
     state.history = rank_history(state.history, epoch, args.eval_metric, value, args.checkpoint_hist,
                                  lower_is_better=args.eval_metric == 'loss')
     state.epoch = epoch + 1
-    checkpoint = dict(task=r.unwrapped, optimizer=r.optimizer, scheduler=r.scheduler_state,
+    saved = saved_models(r)
+    checkpoint = dict(task=saved.task, optimizer=saved.optimizer, scheduler=r.scheduler_state,
                       scaler=r.accelerator.scaler, **state.state_dict(), run=r.run_identity, teachers=r.teachers,
-                      **({} if r.ema is None else dict(ema=r.ema)))
+                      **({} if saved.ema is None else dict(ema=saved.ema)))
     # the best epoch's model (and this epoch's, when it ranks among the --checkpoint-hist best) before the
     # checkpoint: a run killed in between redoes the epoch and its exports
     history_root = run.sub(RunFolder.HISTORY)
     exports, configs = [], dict(model_config=r.model_config, data_config=r.data_config)
     if improved:
-        exports.append(functools.partial(export_folder, r.export_model, run.sub(RunFolder.BEST), **configs))
+        exports.append(functools.partial(export_folder, saved.export_model, run.sub(RunFolder.BEST), **configs))
     if any(h['epoch'] == epoch for h in state.history):
-        exports.append(functools.partial(export_new_folder, r.export_model, run.history_path(epoch), **configs))
+        exports.append(functools.partial(export_new_folder, saved.export_model, run.history_path(epoch), **configs))
     # the epochs that fell out of the ranking go once the checkpoint no longer lists them
     dropped = functools.partial(sweep_history, history_root, [h['epoch'] for h in state.history])
     _on_main(r.accelerator, functools.partial(_save_epoch, run, record, checkpoint, exports, dropped),
@@ -214,20 +243,28 @@ def finish_run(r: TrainingRun, state: TrainingState) -> None:
         calibration=calibration, ema=None if ema is None else dict(final_epoch=state.ema_metrics,
                                                                    test=ema_test_metrics),
         mechanism=state.mechanism)
-    _on_main(accelerator, functools.partial(_export_final, r, state, results, test_metrics),
+    saved = saved_models(r, with_optimizer=False)
+    if r.sharding is not None and accelerator.is_main_process:
+        # the choices made on the sharded model, made again on the copy written (neither is in a state dict)
+        if selection:
+            saved.task.select_on_validation(state.val_metrics)
+        if calibration is not None and 'error' not in calibration:  # (an error: none was set)
+            saved.export_model.set_temperature(calibration['temperature'])
+    _on_main(accelerator, functools.partial(_export_final, r, saved, state, results, test_metrics),
              f'exporting the final model to {r.run.path}', kept=functools.partial(_kept, r.last_saved, finished=True))
 
 
-def _export_final(r: TrainingRun, state: TrainingState, results: Callable[[], dict], test_metrics: dict | None) -> None:
+def _export_final(r: TrainingRun, saved: SavedModels, state: TrainingState, results: Callable[[], dict],
+                  test_metrics: dict | None) -> None:
     """The final model (with the evaluation preprocessing in config.json, so that
     ``resolve_data_config(model=reloaded)`` gives it), the task's exports, the EMA and results.json (main process)."""
     run, configs = r.run, dict(model_config=r.model_config, data_config=r.data_config)
-    export_folder(r.export_model, run.path, **configs)
-    for name, extra in r.unwrapped.exports().items():
+    export_folder(saved.export_model, run.path, **configs)
+    for name, extra in saved.task.exports().items():
         export_folder(extra, run.sub(name), **configs)
         r.log(f"saved {type(extra).__name__} '{name}' to {run.sub(name)}")
-    if r.ema is not None:
-        export_folder(r.ema.module, run.sub(RunFolder.EMA), **configs)
+    if saved.ema is not None:
+        export_folder(saved.ema.module, run.sub(RunFolder.EMA), **configs)
         r.log(f"saved the model's EMA to {run.sub(RunFolder.EMA)}")
     run.write_results(results())
     test = '' if test_metrics is None else f', test acc {test_metrics["acc"]:.2f} (mean-probs' \

@@ -55,9 +55,10 @@ def _calibrate(model, loader, accelerator, log) -> dict:
     return calibration
 
 
-def _write_snapshot(output, epoch: int, model, loader, indices, args, info, accelerator) -> None:
-    """The snapshot of one epoch (or of the initialisation): member logits on the subset, weights when asked."""
-    logits, targets = predict_members(model, loader, accelerator)
+def _write_snapshot(output, epoch: int, model, loader, indices, args, info, accelerator, predicted=None) -> None:
+    """The snapshot of one epoch (or of the initialisation): member logits on the subset (``predicted``: computed
+    already, ``(logits, targets)``), weights when asked."""
+    logits, targets = predict_members(model, loader, accelerator) if predicted is None else predicted
     params = member_parameters(model) if args.snapshot_weights else None
     write_snapshot(output, epoch, logits, targets, indices, dict(model=args.model, dataset=info.name),
                    member_params=params)

@@ -50,13 +50,14 @@ from ..files.run_folder import RunFolder, output_problem
 from ..models.hub import trusting_member_repos
 from .checkpoint import CheckpointError, find_checkpoint, load_checkpoint, sweep_history
 from .cli import _NOT_RECORDED, import_user_module, parse_args
-from .device import FUSED_UNSAFE_FP16, DeviceSettings, device_defaults
+from .device import FUSED_UNSAFE_FP16, FUSED_UNSHARDABLE, DeviceSettings, device_defaults
 from .flags import IDENTITY_FLAGS, _mixing, _normalised, check_args
 from .inputs import _check_batch_of_one, _create_datasets, _create_loaders, _create_task
-from .loop import TrainingRun, finish_run, run_epoch
+from .loop import TrainingRun, finish_run, run_epoch, write_epoch_snapshot
 from .optim import SchedulerState, create_scheduler
-from .outputs import _on_every_process, _on_main, _write_snapshot
+from .outputs import _on_every_process, _on_main
 from .resume import _claim_folder, _extension_note
+from .sharded import check_fsdp_launch, fsdp_requested, load_sharded_state, shard_run
 from .snapshots import INIT_EPOCH, remove_snapshots_from, snapshot_indices
 from .state import TrainingState
 from .summary import run_summary
@@ -125,23 +126,18 @@ def train(args: argparse.Namespace, end_training: bool = True, generation: int |
         return _train(args, end_training, generation, held)
 
 
-# the ways of sharding the Accelerator takes from `accelerate launch` (--use_deepspeed, --use_fsdp, or a config's
-# distributed_type), by the variable it reads: neither is tested with this trainer. On a CPU Accelerate ignores FSDP and
-# fails on DeepSpeed's import, so the variable, not the Accelerator's distributed_type, says it the same everywhere
-_UNSUPPORTED_LAUNCH = (
-    ('ACCELERATE_USE_DEEPSPEED', 'DeepSpeed is not supported by this trainer'),
-    ('ACCELERATE_USE_FSDP', 'FSDP is not supported yet (open item 1 of issue 29: the trainer builds its optimizer'
-                            ' before sharding and saves on the main process only)'),
-)
-
-
 def _refuse_unsupported_launch() -> None:
-    """Refuse a DeepSpeed or FSDP launch in one line, before anything is built or written."""
-    for variable, reason in _UNSUPPORTED_LAUNCH:
-        if accelerate_utils.parse_flag_from_env(variable):
-            raise SystemExit(f'error: {reason} ({variable} is set by accelerate launch or its config); run one'
-                             f' process, or DDP on one or several machines (accelerate launch --multi_gpu'
-                             f' --num_processes N [--num_machines M ...]) without --use_deepspeed / --use_fsdp.')
+    """Refuse a DeepSpeed launch, or FSDP1, in one line, before anything is built or written. DeepSpeed is read from
+    the variable `accelerate launch` sets (--use_deepspeed, or a config's distributed_type): on a CPU Accelerate
+    fails on DeepSpeed's import, so the variable says it the same everywhere. FSDP2 is taken (``sharded.py``)."""
+    try:
+        check_fsdp_launch()
+    except ValueError as e:
+        raise SystemExit(f'error: {e}') from None
+    if accelerate_utils.parse_flag_from_env('ACCELERATE_USE_DEEPSPEED'):
+        raise SystemExit('error: DeepSpeed is not supported by this trainer (ACCELERATE_USE_DEEPSPEED is set by'
+                         ' accelerate launch or its config); shard with FSDP2 (accelerate launch --use_fsdp'
+                         ' --fsdp_version 2 ...), or run DDP (accelerate launch --multi_gpu --num_processes N ...).')
 
 
 def _train(args: argparse.Namespace, end_training: bool, generation: int | None, held: contextlib.ExitStack) -> int:
@@ -158,6 +154,10 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
             resume_state = None  # a generation of another command, moved aside by --overwrite: trained anew
         state = _prepare(r, resume_state, verdict, datasets)
         _on_main(accelerator, functools.partial(_prepare_folder, r, state), f'preparing {output}')
+        if state.epoch == 0:
+            # the trajectory's first point (Fort et al.'s start at the initialisation); rewritten by a run resumed
+            # before its first epoch finished, from the same seeded initialisation
+            write_epoch_snapshot(r, INIT_EPOCH)
         for epoch in range(r.start_epoch, r.num_epochs):
             run_epoch(r, state, epoch)
         finish_run(r, state)
@@ -194,7 +194,10 @@ def _build(args: argparse.Namespace) -> tuple[TrainingRun, dict | None, dict]:
     # given; `flags` is args as args.yaml and the checkpoint's identity record it, these settings resolved: a --resume
     # reads its flags back from args.yaml and compares that identity, so that a resumed run, on whatever device, runs
     # with the settings it started with (and the runs of earlier versions recorded them so)
-    defaults = device_defaults(state.device.type, args.opt, args.mixed_precision)
+    # sharded where Accelerate would shard: FSDP asked for, in a process group (`accelerate launch` forms one for a
+    # single GPU process too; one CPU process has none)
+    sharded = fsdp_requested() and torch.distributed.is_available() and torch.distributed.is_initialized()
+    defaults = device_defaults(state.device.type, args.opt, args.mixed_precision, sharded=sharded)
     device, flags = defaults.settings(args), defaults.resolve(args)
     ddp_kwargs = DistributedDataParallelKwargs(find_unused_parameters=task.find_unused_parameters)
     run = RunFolder(args.output) if args.output else RunFolder.default(args.model)
@@ -203,6 +206,9 @@ def _build(args: argparse.Namespace) -> tuple[TrainingRun, dict | None, dict]:
                               log_with=args.log_with,
                               project_dir=run.sub(RunFolder.TRACKING) if args.log_with else None)
     log = _logger.info if accelerator.is_main_process else (lambda *a, **k: None)
+    if device.fused_opt and sharded and args.opt.lower() in FUSED_UNSHARDABLE:
+        raise SystemExit(f"error: --fused-opt with --opt {args.opt} under FSDP: torch's fused SGD kernel has no rule"
+                         f' for sharded parameters (DTensor); pass --no-fused-opt, or use --opt adamw.')
     if device.fused_opt and accelerator.scaler is not None and args.opt.lower() in FUSED_UNSAFE_FP16:
         raise SystemExit(f"error: --fused-opt with --opt {args.opt} under fp16: torch's fused SGD starts from"
                          f' uninitialised momentum when the grad scaler skips its first step (an overflow, routine in'
@@ -213,8 +219,12 @@ def _build(args: argparse.Namespace) -> tuple[TrainingRun, dict | None, dict]:
 
     loaders = dict(zip(('train', 'val', 'test', 'snapshot'), _create_loaders(
         args, accelerator, train_ds, val_ds, test_ds, data_config, info, snapshot_idx, device)))
+    if fsdp_requested() and not sharded:
+        log('FSDP on one CPU process: no process group to shard over, the task trains unsharded')
     try:
         _apply_speed_flags(device, task, data_config['input_size'], log)
+        # the optimizer is built on the sharded parameters, its groups as the task makes them
+        sharding = shard_run(accelerator, task, _ema_kwargs(args), log) if sharded else None
     except ValueError as e:
         raise SystemExit(f'error: {e}') from None
     try:
@@ -231,7 +241,7 @@ def _build(args: argparse.Namespace) -> tuple[TrainingRun, dict | None, dict]:
     r = TrainingRun(args=args, accelerator=accelerator, run=run, log=log, task=task, optimizer=optimizer,
                     loaders=loaders, info=info, num_classes=num_classes, data_config=data_config, mixup_fn=mixup_fn,
                     snapshot_idx=snapshot_idx, run_identity=run_identity, flags=flags,
-                    shuffle_generator=loaders['train'].generator)
+                    shuffle_generator=loaders['train'].generator, sharding=sharding)
     return r, resume_state, dict(training=train_ds, validation=val_ds, test=test_ds)
 
 
@@ -243,11 +253,10 @@ def _prepare(r: TrainingRun, resume_state: dict | None, verdict: dict, datasets:
     r.last_saved = (find_checkpoint(args.resume), resume_state['epoch']) if resume_state is not None else None
     r.log('\n'.join(run_summary(r.flags, r.info, r.task, datasets, r.data_config, accelerator, r.optimizer,
                                 output=output)))
-    saved_lrs = None
-    if resume_state is not None:
+    sharding = r.sharding
+    if resume_state is not None and sharding is None:
         r.task.load_state_dict(resume_state['task'])
         r.optimizer.load_state_dict(resume_state['optimizer'])
-        saved_lrs = [group['lr'] for group in r.optimizer.param_groups]  # before a new scheduler sets its own
     # what reproduces the run: never where it was written, where it resumed from, or the config it came from
     recorded = _normalised({k: v for k, v in vars(r.flags).items() if k not in _NOT_RECORDED})
     _on_main(accelerator, functools.partial(r.run.write_args, recorded), f'writing {r.run.file(RunFolder.ARGS)}')
@@ -257,17 +266,28 @@ def _prepare(r: TrainingRun, resume_state: dict | None, verdict: dict, datasets:
         accelerator.init_trackers('timm-ensembles', config=config, init_kwargs={'wandb': {'name': output.name}})
 
     task = torch.compile(r.task) if args.compile else r.task
-    r.task, r.optimizer, r.loaders['train'], r.loaders['val'] = accelerator.prepare(
-        task, r.optimizer, r.loaders['train'], r.loaders['val'])
+    if sharding is None or sharding.by_accelerate:
+        r.task, r.optimizer, r.loaders['train'], r.loaders['val'] = accelerator.prepare(
+            task, r.optimizer, r.loaders['train'], r.loaders['val'])
+    else:  # sharded by the trainer over CPU processes: Accelerate would wrap the sharded task in DDP
+        r.task = task
+        r.optimizer, r.loaders['train'], r.loaders['val'] = accelerator.prepare(
+            r.optimizer, r.loaders['train'], r.loaders['val'])
     if r.loaders['test'] is not None:
         r.loaders['test'] = accelerator.prepare(r.loaders['test'])
     unwrapped = accelerator.unwrap_model(r.task)
     r.unwrapped = getattr(unwrapped, '_orig_mod', unwrapped)
     r.export_model = r.unwrapped.export_model()
+    if resume_state is not None and sharding is not None:  # a collective, on the sharded task as prepared
+        load_sharded_state(r.unwrapped, r.optimizer, sharding, resume_state)
+    # before a new scheduler sets its own
+    saved_lrs = [group['lr'] for group in r.optimizer.param_groups] if resume_state is not None else None
     # the average of the exported model's weights (an ensemble's: every member's), on its device; each process keeps
-    # the same one (the weights are the same after every all-reduced update)
-    r.ema = ModelEmaV3(r.export_model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) \
-        if args.model_ema else None
+    # the same one (the weights are the same after every all-reduced update); a sharded one was built unsharded
+    if sharding is not None:
+        r.ema = sharding.ema
+    elif args.model_ema:
+        r.ema = ModelEmaV3(r.export_model, **_ema_kwargs(args))
     # the schedule counts the updates of this process's share of the batches (as prepared)
     updates_per_epoch = max(math.ceil(len(r.loaders['train']) / args.grad_accum_steps), 1)
     try:
@@ -308,7 +328,7 @@ def _resume(r: TrainingRun, state: TrainingState, resume_state: dict, extended_f
     # as the checkpoint has it (a --checkpoint-hist given now that is smaller keeps the first N; epochs dropped
     # before cannot come back under a larger one)
     state.history = state.history[:args.checkpoint_hist]
-    if r.ema is not None:
+    if r.ema is not None and r.sharding is None:  # a sharded one was loaded with the task
         r.ema.load_state_dict(resume_state['ema'])
     r.log(f'resumed from {args.resume} at epoch {state.epoch}')
 
@@ -320,11 +340,6 @@ def _prepare_folder(r: TrainingRun, state: TrainingState) -> None:
     remove_snapshots_from(output, state.epoch)
     # the epochs this run redoes (exported before a kill could stop their checkpoint)
     sweep_history(r.run.sub(RunFolder.HISTORY), [h['epoch'] for h in state.history])
-    if r.loaders['snapshot'] is not None and state.epoch == 0:
-        # the trajectory's first point (Fort et al.'s start at the initialisation); rewritten by a run resumed
-        # before its first epoch finished, from the same seeded initialisation
-        _write_snapshot(output, INIT_EPOCH, r.export_model, r.loaders['snapshot'], r.snapshot_idx, r.args, r.info,
-                        r.accelerator)
 
 
 def _read_inputs(args: argparse.Namespace, task_kwargs: dict) -> tuple:
@@ -369,6 +384,11 @@ def _apply_speed_flags(device: DeviceSettings, task: torch.nn.Module, input_size
             f' ignored')
     if device.channels_last:
         model.to(memory_format=torch.channels_last)
+
+
+def _ema_kwargs(args: argparse.Namespace) -> dict | None:
+    """timm's ``ModelEmaV3`` arguments from the run's flags, None without --model-ema."""
+    return dict(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup) if args.model_ema else None
 
 
 def _has_accelerator() -> bool:
