@@ -75,6 +75,8 @@ RECIPES['fmnist-noise40'] = dict(RECIPES['fmnist'], args=['--dataset', 'idx:{noi
 # and without augmentation, where one network fits its training images and so can fit the wrong labels too
 RECIPES['fmnist-noaug-noise40'] = dict(RECIPES['fmnist-noise40'],
                                        args=[*RECIPES['fmnist-noise40']['args'][:-3], '--no-aug'])
+# fmnist-noaug again on this machine (as fmnist-r is fmnist): the overfitting regime's ensembles and FDL beside BANE
+RECIPES['fmnist-noaug-r'] = dict(RECIPES['fmnist-noaug'])
 # the FDL reference's BatchNorm MNIST network (studies/convnet.py: convnet1bn), at the mnist recipe
 RECIPES['mnist-bn'] = dict(RECIPES['mnist'], base='convnet1bn')
 
@@ -240,6 +242,9 @@ STUDIES = {
     # settings of the seeds not tried before (issue 25 item 6), three seeds on the same machine as `mechanisms`
     # (ens_x4: the independent ensemble of BANE's size, four networks)
     'settings': ('fmnist-r', ['resnet10t', 'ban_labels-g3', 'ens_x3', 'fdl_x3', 'ens_x4'], (0, 1, 2)),
+    # ensembles and FDL without augmentation, where one network overfits, and BANE beside the independent ensemble of
+    # its size (issue 25 item 6), three seeds on this machine
+    'noaug': ('fmnist-noaug-r', ['resnet10t', 'ens_x2', 'fdl_x2', 'ban_labels-g3', 'ens_x4'], (0, 1, 2)),
     # MEAL V1 with a zoo of two architectures (issue 25 item 6), three seeds, beside `mechanisms`' meal_v1
     'zoo': ('fmnist-r', ['resnet10t', 'mobilenetv3', 'meal_v1', 'meal_v1-zoo'], (0, 1, 2)),
     'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
