@@ -27,7 +27,7 @@ def fsdp_launcher(*flags) -> list[str]:
             '--dynamo_backend', 'no', '--use_fsdp', '--fsdp_version', '2', *flags]
 
 
-COMMON = ['--epochs', '2', '--model-ema', '--holdout', '40', '--cpu', *QUICK]
+COMMON = ['--epochs', '2', '--model-ema', '--checkpoint-hist', '1', '--holdout', '40', '--cpu', *QUICK]
 FAMILIES = {
     # a wrap policy naming the members' blocks: units inside the members' units
     'fdl': (['--model', 'fdl_test_resnetx2', '--calibrate', '--snapshot-subset', '8', '--snapshot-weights'],
@@ -114,7 +114,8 @@ def test_sharded_run_trains_checkpoints_resumes_and_exports_as_ddp(family, teach
     assert ('member strategy: loop' in log) == (family == 'fdl')  # a GPU's default too (auto) when sharded
     assert ('the modules the wrap policy names' in log) == bool(policy)
     # the metrics of every epoch (the EMA's too), the checkpoints (the optimizer's state in the unsharded format),
-    # best/, ema/, the snapshots (weights gathered), the calibrated, validation-selected export, results.json
+    # best/, checkpoints/ (--checkpoint-hist), ema/, the snapshots (weights gathered), the calibrated,
+    # validation-selected export, results.json
     assert_same_run(ddp, fsdp)
     # a sharded checkpoint resumes unsharded, and an unsharded one sharded, each to the uninterrupted run
     resumed = _cut_after_first_epoch(fsdp, tmp_path / 'fsdp-cut')
