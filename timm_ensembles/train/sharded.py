@@ -85,19 +85,19 @@ def _plugin(accelerator) -> FullyShardedDataParallelPlugin:
     return FullyShardedDataParallelPlugin()  # what `accelerate launch` set, read from its variables as Accelerate does
 
 
-def _policy_units(plugin: FullyShardedDataParallelPlugin, task: nn.Module) -> list[nn.Module]:
-    """The modules a config's wrap policy names (innermost first): the classes of
+def _policy_units(plugin: FullyShardedDataParallelPlugin, model: nn.Module) -> list[nn.Module]:
+    """The modules of ``model`` a config's wrap policy names (innermost first): the classes of
     ``fsdp_transformer_layer_cls_to_wrap``, or with ``SIZE_BASED_WRAP`` those over ``fsdp_min_num_params``
     parameters."""
     from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy, transformer_auto_wrap_policy
     policy = getattr(plugin.auto_wrap_policy, 'func', plugin.auto_wrap_policy)
-    modules = list(task.model.modules())[::-1]  # children before their parents
+    modules = list(model.modules())[::-1]  # children before their parents
     if policy is transformer_auto_wrap_policy and plugin.transformer_cls_names_to_wrap:
         names = set(plugin.transformer_cls_names_to_wrap)
         missing = names - {type(m).__name__ for m in modules}
         if missing:
             raise ValueError(f'fsdp_transformer_layer_cls_to_wrap names {sorted(missing)}, which'
-                             f' {type(task.model).__name__} has no module of: name classes it has (a'
+                             f' {type(model).__name__} has no module of: name classes it has (a'
                              f" member's blocks, 'Block' of a ViT, say), or leave it unset (one unit per member, or"
                              f' per block of a student).')
         return [m for m in modules if type(m).__name__ in names]
@@ -114,7 +114,7 @@ def shard_run(accelerator, task: nn.Module, ema_kwargs: dict | None, log) -> Sha
     if plugin.activation_checkpointing:
         raise ValueError('fsdp_activation_checkpointing: Accelerate applies it only to a model it shards itself;'
                          ' set it false (this trainer shards the task on its own plan).')
-    extra = _policy_units(plugin, task)
+    extra = _policy_units(plugin, task.model)
     kwargs = dict(reshard_after_forward=plugin.reshard_after_forward, mp_policy=plugin.mixed_precision_policy,
                   offload_policy=plugin.cpu_offload)
     main = accelerator.is_main_process
@@ -127,8 +127,7 @@ def shard_run(accelerator, task: nn.Module, ema_kwargs: dict | None, log) -> Sha
         plain_ema = copy.deepcopy(ema) if main else None
     shard_task(task, extra, **kwargs)
     if ema is not None:
-        ema_model = ema.module
-        shard_model(ema_model, [m for m in ema_model.modules() if type(m) in {type(u) for u in extra}], **kwargs)
+        shard_model(ema.module, _policy_units(plugin, ema.module), **kwargs)
     state_dict_type = str(plugin.state_dict_type).rsplit('.', 1)[-1]
     policy = ', and the modules the wrap policy names' if extra else ''
     unused = '' if state_dict_type == 'FULL_STATE_DICT' else f' ({state_dict_type} not used: an export is one file)'
