@@ -161,6 +161,8 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
         for epoch in range(r.start_epoch, r.num_epochs):
             run_epoch(r, state, epoch)
         finish_run(r, state)
+        if r.sharding is not None:
+            _release_sharded(r)
     # the next generation of a --generations run reads this run's folder on every process
     accelerator.wait_for_everyone()
     if end_training:
@@ -169,6 +171,16 @@ def _train(args: argparse.Namespace, end_training: bool, generation: int | None,
         for tracker in accelerator.trackers:  # the next generation starts its own
             tracker.finish()
     return 0
+
+
+def _release_sharded(r: TrainingRun) -> None:
+    """Free a finished sharded run's modules and optimizer before the process group goes. FSDP's modules hold gloo's
+    last asynchronous works in reference cycles, which the interpreter would otherwise free at its exit, when doing
+    so can abort the process (pytorch/pytorch#179291: seen once here, a finished run's second process exiting with
+    SIGABRT under load)."""
+    r.task = r.unwrapped = r.export_model = r.ema = r.optimizer = r.sharding = None
+    r.lr_scheduler = r.scheduler_state = None
+    r.accelerator.free_memory()  # Accelerate's own references, then the garbage collector
 
 
 def _build(args: argparse.Namespace) -> tuple[TrainingRun, dict | None, dict]:
