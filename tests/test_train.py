@@ -44,8 +44,16 @@ def ddp_launcher(*machine_flags) -> list[str]:
     """`accelerate launch` of two DDP processes (gloo on a machine without a GPU), on one machine unless
     ``machine_flags`` say otherwise (``--num_machines 2 --machine_rank R ...``: one process on each machine)."""
     accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))
-    return [accelerate, 'launch', '--multi_gpu', '--num_processes', '2', *(machine_flags or ('--num_machines', '1')),
+    # a free port of its own: Accelerate's default (29500) is taken by a launch of another test worker (pytest -n 2)
+    one_machine = ('--num_machines', '1', '--main_process_port', str(free_port()))
+    return [accelerate, 'launch', '--multi_gpu', '--num_processes', '2', *(machine_flags or one_machine),
             '--mixed_precision', 'no', '--dynamo_backend', 'no']
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
 
 
 def run_train(*args, launcher=None, check=True, timeout=600):
@@ -543,9 +551,7 @@ def test_two_processes(tmp_path):
 def run_two_machines(*args, logs: Path, machine_args=((), ()), timeout=300) -> list[subprocess.CompletedProcess]:
     """Two "machines" on the loopback, one process each, launched as two nodes are (the same command on each, with
     its --machine_rank); ``machine_args[r]``: the arguments that only machine r gets (what its own disk holds)."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
+    port = free_port()
     procs, results = [], []
     try:
         for rank in (0, 1):

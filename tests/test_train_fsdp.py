@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_train import QUICK, ddp_launcher, run_train
+from test_train import QUICK, ddp_launcher, free_port, run_train
 
 from timm_ensembles.train.device import DeviceDefaults
 
@@ -23,8 +23,9 @@ from timm_ensembles.train.device import DeviceDefaults
 def fsdp_launcher(*flags) -> list[str]:
     """`accelerate launch` of two FSDP2 processes (gloo on a machine without a GPU)."""
     accelerate = shutil.which('accelerate', path=str(Path(sys.executable).parent))
-    return [accelerate, 'launch', '--num_processes', '2', '--num_machines', '1', '--mixed_precision', 'no',
-            '--dynamo_backend', 'no', '--use_fsdp', '--fsdp_version', '2', *flags]
+    return [accelerate, 'launch', '--num_processes', '2', '--num_machines', '1', '--main_process_port',
+            str(free_port()), '--mixed_precision', 'no', '--dynamo_backend', 'no', '--use_fsdp', '--fsdp_version', '2',
+            *flags]
 
 
 COMMON = ['--epochs', '2', '--model-ema', '--checkpoint-hist', '1', '--holdout', '40', '--cpu', *QUICK]
@@ -33,6 +34,8 @@ FAMILIES = {
     'fdl': (['--model', 'fdl_test_resnetx2', '--calibrate', '--snapshot-subset', '8', '--snapshot-weights'],
             ['--fsdp_auto_wrap_policy', 'TRANSFORMER_BASED_WRAP', '--fsdp_transformer_layer_cls_to_wrap',
              'BasicBlock']),
+    # a GPU's sharded default given on the CPU: fused AdamW (the strategy is the loop when sharded)
+    'ens-fused-adamw': (['--model', 'ens_test_resnetx2', '--opt', 'adamw', '--lr', '0.01', '--fused-opt'], []),
     'collab': (['--model', 'collab_test_resnetx2', '--calibrate', '--snapshot-subset', '8'], []),
     'meal': (['--model', 'meal_test_resnet', '--snapshot-subset', '8', '--snapshot-weights'], []),
 }
@@ -111,7 +114,7 @@ def test_sharded_run_trains_checkpoints_resumes_and_exports_as_ddp(family, teach
     proc = run_train(*args, '--output', fsdp, launcher=fsdp_launcher(*policy))
     log = proc.stdout + proc.stderr
     assert 'FSDP2: the task sharded over 2 processes' in log
-    assert ('member strategy: loop' in log) == (family == 'fdl')  # a GPU's default too (auto) when sharded
+    assert ('member strategy: loop' in log) == (family != 'collab' and family != 'meal')  # the sharded default
     assert ('the modules the wrap policy names' in log) == bool(policy)
     # the metrics of every epoch (the EMA's too), the checkpoints (the optimizer's state in the unsharded format),
     # best/, checkpoints/ (--checkpoint-hist), ema/, the snapshots (weights gathered), the calibrated,
@@ -144,6 +147,9 @@ def test_sharded_run_trains_checkpoints_resumes_and_exports_as_ddp(family, teach
     (['--model', 'fdl_test_resnetx2', '--fused-opt'], [],
      "--fused-opt with --opt sgd under FSDP: torch's fused SGD kernel has no rule for sharded parameters (DTensor);"
      ' pass --no-fused-opt, or use --opt adamw.'),
+    (['--model', 'fdl_test_resnetx2', '--channels-last'], [],
+     'error: --channels-last under FSDP: FSDP2 cannot shard non-contiguous (channels_last) parameters; pass'
+     ' --no-channels-last (the default when sharded).'),
     (['--model', 'fdl_test_resnetx2'], ['--fsdp_activation_checkpointing', 'true'],
      'fsdp_activation_checkpointing: Accelerate applies it only to a model it shards itself'),
 ])
@@ -174,6 +180,9 @@ def test_a_gpus_defaults_when_sharded():
     sharded = {opt: DeviceDefaults.for_device('cuda', opt, bf16=True, sharded=True) for opt in ('sgd', 'adamw')}
     assert sharded['sgd'].member_strategy == sharded['adamw'].member_strategy == 'loop'
     assert not sharded['sgd'].fused_opt and sharded['adamw'].fused_opt
+    # FSDP2 cannot shard channels_last (non-contiguous) parameters: a GPU's channels_last is off when sharded
+    assert DeviceDefaults.for_device('cuda', 'sgd', bf16=True).channels_last
+    assert not sharded['sgd'].channels_last and not sharded['adamw'].channels_last
     assert DeviceDefaults.for_device('cuda', 'sgd', bf16=True).fused_opt  # unsharded, SGD's is fused
     assert DeviceDefaults.for_device('cpu', sharded=True).member_strategy == 'loop'
 
@@ -192,16 +201,18 @@ def test_fused_adamw_steps_sharded_parameters_and_fused_sgd_cannot(tmp_path):
         '    model(torch.randn(4, 8)).sum().backward()\n'
         '    try:\n'
         '        optimizer.step()\n'
-        "        print(type(optimizer).__name__, 'steps', flush=True)\n"
+        '        verdict = "steps"\n'
         '    except NotImplementedError:\n'
-        "        print(type(optimizer).__name__, 'cannot', flush=True)\n"
+        '        verdict = "cannot"\n'
+        '    if dist.get_rank() == 0:  # (one writer: two processes interleave their prints in the pipe)\n'
+        "        print(type(optimizer).__name__, verdict, flush=True)\n"
         'dist.destroy_process_group()\n')
     torchrun = shutil.which('torchrun', path=str(Path(sys.executable).parent))
-    proc = subprocess.run([torchrun, '--nproc_per_node', '2', str(script)], capture_output=True, text=True,
+    proc = subprocess.run([torchrun, '--nproc_per_node', '2', '--master_port', str(free_port()), str(script)],
+                          capture_output=True, text=True,
                           env=dict(os.environ, OMP_NUM_THREADS='1'), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # (counted: the two processes' lines may interleave in the one pipe)
-    assert proc.stdout.count('AdamW steps') == 2 and proc.stdout.count('SGD cannot') == 2, proc.stdout
+    assert proc.stdout.split('\n') == ['AdamW steps', 'SGD cannot', ''], proc.stdout
 
 
 def test_the_checkpoint_keeps_the_optimizers_own_indexing_under_sharding():

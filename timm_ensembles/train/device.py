@@ -70,13 +70,14 @@ class DeviceDefaults:
             mixed_precision: The precision the run is given (``--mixed-precision``, or Accelerate's config), if any:
                 the fused kernel's default depends on it.
             sharded: The model is sharded (FSDP): its members run one by one (the fused strategies read their
-                weights stacked, which sharding splits), and SGD is not fused (``FUSED_UNSHARDABLE``).
+                weights stacked, which sharding splits), SGD is not fused (``FUSED_UNSHARDABLE``), and the model
+                stays in the default memory format (FSDP2 cannot shard channels_last, non-contiguous, parameters).
         """
         gpu, opt = device_type == 'cuda', opt.lower()
         precision = 'bf16' if gpu and bf16 else None
         fp16 = (mixed_precision or precision) == 'fp16'
         return cls(device_type=device_type, member_strategy='auto' if gpu and not sharded else 'loop',
-                   channels_last=gpu,
+                   channels_last=gpu and not sharded,
                    fused_opt=gpu and opt in FUSED_OPTS and not (fp16 and opt in FUSED_UNSAFE_FP16)
                    and not (sharded and opt in FUSED_UNSHARDABLE),
                    mixed_precision=precision, pin_memory=gpu)

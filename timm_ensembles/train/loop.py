@@ -97,8 +97,10 @@ def write_epoch_snapshot(r: TrainingRun, epoch: int) -> None:
     predicted, model, accelerator = None, r.export_model, r.accelerator
     if r.sharding is not None and epoch == INIT_EPOCH:
         # the first sharded module to run becomes FSDP's root, which must be the task: before its first step the
-        # main process computes the initialisation's point on its unsharded copy, on its CPU
-        model, accelerator = saved_models(r, with_optimizer=False).export_model, None
+        # main process computes the initialisation's point on its unsharded copy (built from the same weights), on
+        # its CPU; nothing to gather
+        plain = r.sharding.plain_task
+        model, accelerator = (r.export_model if plain is None else plain.export_model()), None
     elif r.sharding is not None:
         predicted = predict_members(r.export_model, r.loaders['snapshot'], r.accelerator)
         if r.args.snapshot_weights:

@@ -218,6 +218,9 @@ def _build(args: argparse.Namespace) -> tuple[TrainingRun, dict | None, dict]:
                               log_with=args.log_with,
                               project_dir=run.sub(RunFolder.TRACKING) if args.log_with else None)
     log = _logger.info if accelerator.is_main_process else (lambda *a, **k: None)
+    if device.channels_last and sharded:
+        raise SystemExit('error: --channels-last under FSDP: FSDP2 cannot shard non-contiguous (channels_last)'
+                         ' parameters; pass --no-channels-last (the default when sharded).')
     if device.fused_opt and sharded and args.opt.lower() in FUSED_UNSHARDABLE:
         raise SystemExit(f"error: --fused-opt with --opt {args.opt} under FSDP: torch's fused SGD kernel has no rule"
                          f' for sharded parameters (DTensor); pass --no-fused-opt, or use --opt adamw.')
