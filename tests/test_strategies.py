@@ -94,14 +94,20 @@ def test_strategies_equal_the_loop(base, n):
             model.zero_grad()
             loop.zero_grad()
         _assert_buffers_equal(model, loop)
-        # features, both kinds of taps, in train mode (then the statistics again: they were updated once more)
-        for taps in ('stages', 'convs') if base != 'test_vit' else ('stages',):
+        # features, every kind of taps, in train mode, and the gradients of FDL's term through them (then the
+        # statistics again: they were updated once more)
+        for taps in ('preact', 'stages', 'convs') if base != 'test_vit' else ('preact', 'stages'):
             logits, feats = model.forward_members_with_features(x, taps)
             ref_logits, ref_feats = loop.forward_members_with_features(x, taps)
             _assert_close(logits, ref_logits)
             assert len(feats) == n and [len(f) for f in feats] == [len(f) for f in ref_feats]
             for f, r in zip(itertools.chain(*feats), itertools.chain(*ref_feats)):
                 _assert_close(f, r)
+            feature_difference_loss(feats).backward()
+            feature_difference_loss(ref_feats).backward()
+            _assert_grads_close(model, loop)
+            model.zero_grad()
+            loop.zero_grad()
         _assert_buffers_equal(model, loop)
         model.eval()
         loop.eval()
@@ -304,8 +310,10 @@ def test_train_py_member_strategy_flag(tmp_path):
         assert args['member_strategy'] == name and args['channels_last'] is False and args['fused_opt'] is False
         saved[name] = load_file(out / 'model.safetensors')
     assert list(saved['grouped']) == list(saved['loop'])
+    # one step's gradients agree to rounding (test_strategies_equal_the_loop); over the run's
+    # steps the grouped kernels' rounding (1e-7) grows through -L_FDL's push apart to about 2e-5 in a few weights
     for key, value in saved['loop'].items():
-        torch.testing.assert_close(saved['grouped'][key], value, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(saved['grouped'][key], value, rtol=1e-3, atol=1e-4)
 
 
 class _Flat28(torch.nn.Module):

@@ -46,6 +46,52 @@ def test_mission_name_builds():
     assert resolve_data_config(model=model) == resolve_data_config(model=timm.create_model('resnet50'))
 
 
+def test_preact_taps_are_the_stage_outputs_before_their_activation():
+    model = _build('fdl', 'test_resnet').eval()  # deterministic (the test base drops paths in training)
+    member = model.members[0]
+    # by hand: the inputs of the stem's activation and of each stage's last block's closing ReLU (the test base mixes
+    # basic blocks, closed by act2, and a bottleneck, by act3)
+    blocks = [getattr(member, f'layer{i}')[-1] for i in range(1, 5)]
+    acts = [member.act1] + [getattr(b, 'act3', None) or b.act2 for b in blocks]
+    inputs = []
+    handles = [a.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].clone())) for a in acts]
+    x = torch.randn(4, 3, IMG, IMG)
+    with torch.no_grad():
+        member(x)
+        for h in handles:
+            h.remove()
+        logits, pre = model.forward_members_with_features(x, 'preact')
+        _, post = model.forward_members_with_features(x, 'stages')
+    assert len(pre[0]) == len(inputs) == 5
+    for p, q, hand in zip(pre[0], post[0], inputs):
+        assert torch.equal(p, hand) and torch.equal(p.relu(), q)
+    # signed, not the ReLU's output (at initialisation layer1's residual branch is zero, timm's zero_init_last, and its
+    # ReLU's input is the non-negative shortcut)
+    assert sum(bool(p.min() < 0) for p in pre[0]) == 4
+    assert torch.equal(logits, model.forward_members(x))
+    # the term reaches the members through the taken inputs (cloned before the in-place ReLU)
+    features = model.train().forward_members_with_features(x, 'preact')[1]
+    timm_ensembles.losses.feature_difference_loss(features).backward()
+    # (the stem, and each closing block's last BatchNorm: the convolutions before it get none while timm's
+    # zero_init_last keeps that BatchNorm's weight 0)
+    for m in model.members:
+        closing = [getattr(b, 'bn3', None) or b.bn2 for b in (getattr(m, f'layer{i}')[-1] for i in range(1, 5))]
+        stem = next(c for c in m.modules() if isinstance(c, torch.nn.Conv2d))
+        assert all(p.weight.grad.abs().sum() > 0 for p in (stem, *closing))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+@pytest.mark.parametrize('base', ('test_vit', 'test_convnext'))
+def test_preact_taps_equal_the_stage_outputs_without_a_closing_activation(base):
+    # a residual stream (ViT blocks, ConvNeXt stages) ends in an addition: nothing to take it before
+    model = _build('fdl', base).eval()
+    x = torch.randn(2, 3, IMG, IMG)
+    with torch.no_grad():
+        pre = model.forward_members_with_features(x, 'preact')[1]
+        post = model.forward_members_with_features(x, 'stages')[1]
+    assert all(torch.equal(p, q) for p, q in zip(pre[0], post[0]))
+
+
 def test_conv_taps_are_the_references_convolutions():
     model = _build('fdl', 'test_resnet').eval()
     # every convolution but the shortcut projections ('downsample'), as the reference's name rule picks them
@@ -62,7 +108,8 @@ def test_conv_taps_are_the_references_convolutions():
 
 @pytest.mark.parametrize('base', TINY_BASES)
 def test_fdl_loss_equals_hand_assembled_terms(base):
-    task = _fdl(base, fdl_weight=0.3, similarity_weight=2.0, fdl_distance='mse')
+    # the stage outputs as forward_intermediates returns them; the default taps' features: test_preact_taps_*
+    task = _fdl(base, fdl_weight=0.3, similarity_weight=2.0, fdl_distance='mse', feature_taps='stages')
     task.on_epoch_start(1)  # joint phase
     x, y = _batch()
     out = task(x, y)
@@ -134,16 +181,16 @@ def test_fdl_weight_is_set_by_the_schedules_base_learning_rate():
     optimizer = task.create_optimizer(opt='sgd', lr=0.1, momentum=0.9)
     task.on_epoch_start(1)
     x, y = _batch()
-    # steady-state step of the -L_FDL optimiser (lr 0.1 by default, the reference's momentum 0.85) over the members'
+    # steady-state step of the -L_FDL optimiser (lr 0.03 by default, the reference's momentum 0.85) over the members'
     # (0.1, 0.9)
-    expected = (0.1 / 0.15) / (0.1 / 0.1)
+    expected = (0.03 / 0.15) / (0.1 / 0.1)
     assert task(x, y)['stats']['fdl_weight'] == pytest.approx(expected)
     # an annealed learning rate leaves the weight where it was: the term's step anneals with the schedule
     for group in optimizer.param_groups:
         group['lr'] = 1e-5
     assert task(x, y)['stats']['fdl_weight'] == pytest.approx(expected)
     task.create_optimizer(opt='sgd', lr=0.01, momentum=0.5)
-    assert task.fdl_term_weight == pytest.approx((0.1 / 0.15) / (0.01 / 0.5))
+    assert task.fdl_term_weight == pytest.approx((0.03 / 0.15) / (0.01 / 0.5))
 
 
 def test_head_has_its_own_group_annealed_by_the_schedule():
@@ -174,7 +221,7 @@ def test_loss_is_the_sum_of_its_terms_at_every_learning_rate():
             g['lr'] = lr
         out = task(x, y)
         c = out['components']
-        w = (0.1 / 0.15) / (0.05 / 0.1)
+        w = (0.03 / 0.15) / (0.05 / 0.1)
         expected = 2 * c['ce'] + c['similarity'] - w * c['fdl'] + c['head_ce']
         torch.testing.assert_close(out['loss'].detach(), expected, rtol=1e-5, atol=1e-5)
         assert out['loss'] < 3 * (2 * c['ce'] + c['head_ce'])
@@ -265,9 +312,12 @@ def test_distance_defaults_to_the_bounded_one_on_every_base():
     assert timm_ensembles.create_task(model).fdl_distance == 'relative'  # no normalisation layer at all
     with pytest.raises(ValueError, match="Unknown fdl_distance 'auto'"):
         _fdl(fdl_distance='auto')
-    # the step: 0.1 on the stage outputs, the reference's 1e-4 on the pre-activation convolution outputs (a step that
-    # acts there killed members); a given one is kept
-    assert (_fdl().fdl_lr, _fdl(feature_taps='convs').fdl_lr, _fdl(fdl_lr=1e-3).fdl_lr) == (0.1, 1e-4, 1e-3)
+    # the taps: the stage outputs before their final activation; the step: 0.03 there, 0.1 on the stage outputs after
+    # it, the reference's 1e-4 on the pre-normalisation convolution outputs (a step that acts there killed members); a
+    # given one is kept
+    assert _fdl().feature_taps == 'preact'
+    assert (_fdl().fdl_lr, _fdl(feature_taps='stages').fdl_lr, _fdl(feature_taps='convs').fdl_lr,
+            _fdl(fdl_lr=1e-3).fdl_lr) == (0.03, 0.1, 1e-4, 1e-3)
 
 
 def test_similarity_pairs_are_the_same_on_every_process_and_every_resume():

@@ -420,8 +420,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                        help='confidence bins of the ECE / reliability diagram')
     group.add_argument('--max-subsets', type=int, default=None, metavar='N',
                        help='at most N random k-subsets per ensemble size (default: all)')
-    group.add_argument('--feature-taps', default='stages', choices=('stages', 'convs', 'none'),
-                       help='features of the feature-distance matrix (default: stages; none to skip)')
+    group.add_argument('--feature-taps', default='preact', choices=('preact', 'stages', 'convs', 'none'),
+                       help='features of the feature-distance matrix (default: preact, the stage outputs before their'
+                            ' final activation; none to skip)')
     group.add_argument('--include-buffers', action='store_true', help='BatchNorm buffers in the weight vectors')
     group.add_argument('--snapshot-epochs', type=int, nargs='+', default=None, metavar='E',
                        help='snapshot epochs to compare, and to fit the diag/lowrank samplers to (default: every'

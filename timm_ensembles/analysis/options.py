@@ -50,12 +50,12 @@ class MetricOptions:
         n_bins: Confidence bins of the ECE and reliability diagram (``--bins``).
         max_subsets: At most this many random k-subsets per ensemble size (None: all of them).
         feature_taps: Features of the feature-distance matrix, as ``forward_members_with_features`` takes them
-            ('stages' or 'convs'); None to skip it.
+            ('preact', 'stages' or 'convs'); None to skip it.
         include_buffers: Include BatchNorm buffers in the weight vectors.
     """
     n_bins: int = 15
     max_subsets: int | None = None
-    feature_taps: str | None = 'stages'
+    feature_taps: str | None = 'preact'
     include_buffers: bool = False
 
 

@@ -43,28 +43,40 @@ the documentation (docs/methods/fdl.md) renders it.
   below.)
   'relative' (the default) divides each layer's term by the members' feature energy (scale-free, at most
   N / (N - 1); see ``losses.feature_difference_loss``): the members are pushed apart in direction, not magnitude.
-* **A step at which the term acts** (``fdl_lr=0.1``, where the reference steps -L_FDL at 1e-4). Measured on the studies'
-  recipe (Fashion-MNIST, a narrow resnet10t pair, 20 epochs, seed 0; the sweep in studies/runs/fmnist-sweep): at
-  the reference's step the members' features ended as far apart as an independent pair's (scale-free distance 0.69
-  against 0.70, mse 0.87 against 0.85; the term's share of the members' gradient is about 1e-4 on the tests' runs and a
-  one-layer MNIST pair). With the relative distance the features separate as the step grows: 0.85 (x1.21) at 1e-2, 0.99
-  (x1.41) at 1e-1, 1.00 at 3e-1, where post-ReLU stage features cannot go past orthogonal (1.0, x1.43): no setting
-  reaches the x1.5 the paper's plots suggest. The members' accuracy moves by +0.09, -0.21 and -0.28 (seeds 1 and 2 at
-  1e-1: x1.38 and x1.40, -0.15 and +0.01), and their disagreement does not rise (0.051-0.059 against 0.056-0.058). At
-  3e-3 the paper's 'mse' distance reaches x1.9 with the members level, but by growing the features (scale-free x1.09).
-  0.1 reaches the ceiling but for rounding at a smaller cost than 0.3, its members within 0.3 points of the independent
-  pair's on the three seeds measured; the study ``mechanisms`` compares it over five seeds. With
-  ``feature_taps='convs'`` the default step stays the reference's 1e-4, where the term does not act (2e-4 of the
-  gradient): convolution outputs precede their activation, so two members' maps can be pushed to opposite signs (a
-  distance up to 2), and a member whose map goes negative everywhere dies behind its ReLU. Measured on the paper's
-  one-layer MNIST network with one filter a member (lr 0.1, step schedule): the second member fell to chance as the
-  joint phase began at 0.1 and at 1e-3 (one torch thread), not at 0.01 (two threads) or 1e-4; a one-filter pair on the
-  digits lost a member at 0.01 and kept both at 1e-3. A step that acts there is the user's choice
-  (``--task-kwargs fdl_lr=...``), to be watched in ``member_acc``.
-* **Features** come from the same forward pass as the logits (the reference runs two). Default taps: the stage
-  outputs of timm's ``forward_intermediates`` (blocks for ViTs), or the convolutions for a model without it;
-  ``feature_taps='convs'`` takes the outputs of the convolutions the reference takes (its rule: every traced node
-  named "conv", which leaves out the shortcut projections, named ``downsample``; see ``tapped_convs``).
+* **Features before the activation, at a step where the term acts** (``feature_taps='preact'``, ``fdl_lr=0.03``;
+  the reference steps -L_FDL at 1e-4 on the outputs of its convolutions, which precede their normalisation and
+  activation). The default taps are the stage outputs of timm's ``forward_intermediates`` (blocks for ViTs), each
+  taken before the activation module that produced it (``strategies.stage_features``), or the convolutions for a model
+  without ``forward_intermediates``. After a ReLU the features are non-negative, so two members' can be at most
+  orthogonal: the scale-free distance cannot pass 1, 1.43 times an independent pair's 0.70 on the studies' recipe.
+  Before it they can point opposite ways (up to 2). Measured on that recipe (Fashion-MNIST, a narrow resnet10t pair,
+  20 epochs; distances on 2,000 test images):
+
+  - at the reference's step the members' features ended as far apart as an independent pair's (the term's share of
+    the members' gradient about 1e-4; studies/runs/fmnist-sweep, seed 0);
+  - on the stage outputs after the activation (``feature_taps='stages'``, the default before), the features separate
+    as the step grows: 0.85 (x1.21) at 1e-2, 0.99 (x1.41) at 1e-1, 1.00 at 3e-1, the ceiling; the members' accuracy
+    moves by +0.09, -0.21 and -0.28 (seed 0). Read before the activation, those x1.41 runs are 1.37-1.41 against the
+    pair's 0.97-1.02 (x1.37-1.42, seeds 0-4 of the study ``mechanisms``; ``studies/feature_distance.py``);
+  - trained on the features before the activation, at 0.03 the members' distance there ends at 1.66-1.69 against the
+    pair's 0.97-1.00 (x1.7, seeds 0-2), the members within 0.14 points of the pair's (-0.02, -0.14, -0.03); at 0.1 it
+    ends at 1.76 (seed 0) with the members 0.38 below. 0.03 is the default; the study ``fdl-preact`` measures it over
+    five seeds (docs/results.md).
+
+  On every setting the members' disagreement does not rise with their feature distance (0.050-0.057 at 0.03 against
+  the pair's 0.059-0.062 on those images): the features part, the predictions do not. The paper's 'mse' distance
+  reaches x1.9 at 3e-3 on the post-activation taps with the members level, but by growing the features (scale-free
+  x1.09). With ``feature_taps='convs'`` the default step stays the reference's 1e-4, where the term does not act (2e-4
+  of the gradient): a convolution's output precedes its normalisation, whose weight can take either sign, so maps
+  pushed to opposite signs need not change what a member computes; on the paper's one-layer MNIST network (no
+  normalisation) a member whose map goes negative everywhere dies behind its ReLU. Measured on that network with one
+  filter a member (lr 0.1, step schedule): the second member fell to chance as the joint phase began at 0.1 and at
+  1e-3 (one torch thread), not at 0.01 (two threads) or 1e-4; a one-filter pair on the digits lost a member at 0.01
+  and kept both at 1e-3. A step that acts there is the user's choice (``--task-kwargs fdl_lr=...``), to be watched in
+  ``member_acc``.
+* **Features** come from the same forward pass as the logits (the reference runs two); ``feature_taps='convs'`` takes
+  the outputs of the convolutions the reference takes (its rule: every traced node named "conv", which leaves out the
+  shortcut projections, named ``downsample``; see ``tapped_convs``).
 * **The head** is trained on the detached logits of the training pass (members in train mode) from the first epoch
   (it cannot affect the members, and training it in every step keeps every parameter used, which DDP needs); the
   reference runs a separate pass with the members in eval mode from the joint phase on: ``head_input='eval'``. It
@@ -93,7 +105,7 @@ import torch
 
 from ..losses import FEATURE_DISTANCES, feature_difference_loss, loss_similarity, member_cross_entropy
 from ..models.builder import create_ensemble, register_ensemble_variants
-from ..models.ensemble import FEATURE_TAPS, EnsembleModel, tapped_convs
+from ..models.ensemble import DEFAULT_FEATURE_TAPS, FEATURE_TAPS, EnsembleModel, tapped_convs
 from ..models.registry import register_task
 from ..task import Task, TaskOutput
 from ..utils.checks import check_option, check_range
@@ -116,17 +128,18 @@ class FDLTask(Task):
 
     Args:
         model: An ``FDLEnsemble`` (any ``EnsembleModel`` works).
-        feature_taps: 'stages' (timm's ``forward_intermediates``) or 'convs' (the outputs of the convolutions the
-            reference taps, see ``tapped_convs``); default: 'stages' where the base has ``forward_intermediates``
-            (every timm model), else 'convs' (a model of the user's own).
-        feature_indices: Which stages with ``feature_taps='stages'`` (``forward_intermediates``' ``indices``);
-            None for all.
+        feature_taps: 'preact' (the stage outputs of timm's ``forward_intermediates``, each before the activation
+            that closes its stage), 'stages' (those outputs as they are) or 'convs' (the outputs of the convolutions
+            the reference taps, see ``tapped_convs``); default: 'preact' where the base has
+            ``forward_intermediates`` (every timm model), else 'convs' (a model of the user's own).
+        feature_indices: Which stages with ``feature_taps='preact'`` or ``'stages'`` (``forward_intermediates``'
+            ``indices``); None for all.
         fdl_distance: 'relative' (default: scale-free and bounded, see ``feature_difference_loss``) or 'mse' (the
             paper's, which the features can raise without bound by growing).
         member_warmup_epochs: Epochs of phase 0, where each member trains on its cross-entropy alone.
-        fdl_lr: The learning rate of the -L_FDL step, at the schedule's start (default: 0.1 with the stage taps, 1e-4
-            with the conv taps, measured above; the reference's is 1e-4 for CIFAR-10, 1e-5 for CIFAR-100); the term's
-            step follows the members' schedule from there.
+        fdl_lr: The learning rate of the -L_FDL step, at the schedule's start (default: 0.03 with the 'preact' taps,
+            0.1 with 'stages', 1e-4 with 'convs', measured above; the reference's is 1e-4 for CIFAR-10, 1e-5 for
+            CIFAR-100); the term's step follows the members' schedule from there.
         fdl_momentum: The reference's momentum of the -L_FDL step.
         fdl_weight: A fixed weight for -L_FDL instead of the one ``fdl_lr`` gives (needed with adaptive optimisers).
         similarity_weight: Weight of S (1: the reference steps S at the members' learning rate and momentum).
@@ -160,7 +173,7 @@ class FDLTask(Task):
             raise TypeError(f'FDLTask trains an ensemble of this package, got {type(model).__name__}.')
         member = model.members[0]
         if feature_taps is None:
-            feature_taps = 'stages' if hasattr(member, 'forward_intermediates') else 'convs'
+            feature_taps = DEFAULT_FEATURE_TAPS if hasattr(member, 'forward_intermediates') else 'convs'
         if feature_taps not in FEATURE_TAPS:
             raise ValueError(f"Unknown feature_taps '{feature_taps}', expected one of {FEATURE_TAPS}.")
         if fdl_distance not in FEATURE_DISTANCES:
@@ -178,7 +191,7 @@ class FDLTask(Task):
             if m is not None:
                 check_option(name, m, float, low=0)
                 check_range(name, m, 'in [0, 1)', lt=1)
-        if feature_taps == 'stages' and not hasattr(member, 'forward_intermediates'):
+        if feature_taps in ('preact', 'stages') and not hasattr(member, 'forward_intermediates'):
             raise ValueError(f"Base model '{model.base_model}' has no forward_intermediates() to tap its stages:"
                              f" use --task-kwargs feature_taps=convs.")
         if feature_taps == 'convs' and not tapped_convs(member):
@@ -343,8 +356,8 @@ class FDLTask(Task):
             self.model.train(was_training)
 
 
-# the -L_FDL step by taps (see the module docstring): stage outputs are post-activation, convolution outputs are not
-_DEFAULT_FDL_LR = dict(stages=0.1, convs=1e-4)
+# the -L_FDL step by taps, measured (see the module docstring)
+_DEFAULT_FDL_LR = dict(preact=0.03, stages=0.1, convs=1e-4)
 
 
 def _create_fdl(variant: str, pretrained: bool = False, **kwargs) -> FDLEnsemble:

@@ -28,11 +28,14 @@ from .strategies import (
 )
 
 __all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'prefix_group_matcher', 'sub_group_matcher',
-           'refuse_script', 'COMBINE_MODES', 'FEATURE_TAPS', 'MEMBER_STRATEGIES', 'capture_conv_outputs',
-           'conv_modules', 'tapped_convs']
+           'refuse_script', 'COMBINE_MODES', 'FEATURE_TAPS', 'DEFAULT_FEATURE_TAPS', 'MEMBER_STRATEGIES',
+           'capture_conv_outputs', 'conv_modules', 'tapped_convs']
 
 COMBINE_MODES = ('linear', 'mean_logits', 'mean_probs')
-FEATURE_TAPS = ('stages', 'convs')
+FEATURE_TAPS = ('preact', 'stages', 'convs')
+# where the members' features are compared by default (FDL's term, the evaluation's feature distance, the analysis):
+# the stage outputs before their final activation, where post-ReLU features could be at most orthogonal
+DEFAULT_FEATURE_TAPS = 'preact'
 
 
 class EnsembleHead(nn.Module):
@@ -472,18 +475,20 @@ class EnsembleModel(ModelArgsMixin, nn.Module):
     def forward_members_with_features(
             self,
             x: torch.Tensor,
-            taps: str = 'stages',
+            taps: str = DEFAULT_FEATURE_TAPS,
             indices: int | Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """Member logits and intermediate features from one forward pass of the members (run by the member strategy).
 
         Args:
             x: Input batch.
-            taps: ``'stages'``: the outputs of the stages (blocks for ViTs) from timm's
-                ``forward_intermediates``; ``'convs'``: the outputs of the convolutions the FDL reference taps
+            taps: ``'preact'``: the outputs of the stages (blocks for ViTs) from timm's ``forward_intermediates``,
+                each taken before the activation module that produced it, where one did (``strategies.stage_features``:
+                post-ReLU features are non-negative, so two members' could be at most orthogonal); ``'stages'``:
+                those outputs as they are; ``'convs'``: the outputs of the convolutions the FDL reference taps
                 (``tapped_convs``: all but the shortcut projections).
-            indices: With ``taps='stages'``, which intermediates (as ``forward_intermediates`` takes them:
-                an int n for the last n, or a list of indices); None for all.
+            indices: With ``taps='preact'`` or ``'stages'``, which intermediates (as ``forward_intermediates``
+                takes them: an int n for the last n, or a list of indices); None for all.
 
         Returns:
             ``([B, M, C] logits, features)`` where ``features[m]`` is the list of member m's feature tensors.

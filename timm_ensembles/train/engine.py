@@ -311,7 +311,8 @@ class MemberPredictor:
             device, no autocast, this process.
         gather: Gather every batch across processes (each sample once, the duplicated tail dropped).
         features: Ask for the feature difference.
-        taps: The feature taps (``'stages'`` or ``'convs'``); None: the model's default.
+        taps: The feature taps (``'preact'``, ``'stages'`` or ``'convs'``); None: the model's default (``'preact'``,
+            the stage outputs before their final activation).
         progress: A progress bar over the batches with this description, on the local main process when stderr is a
             terminal (``utils.progress.progress``); None: none.
     """
@@ -396,8 +397,9 @@ def evaluate(model: nn.Module, loader, accelerator, num_classes: int | None = No
         ensemble's rule, whatever the model's own combine rule is), ``disagreement`` (the fraction of samples on
         which two members' argmax differ, averaged over member pairs) and, for models with
         ``forward_members_with_features``, ``feature_distance`` (the FDL paper's L_FDL between the members' stage
-        features, averaged over samples and pairs) and ``feature_distance_rel`` (its scale-free form, 1 for
-        orthogonal features: ``losses.pairwise_feature_difference``). Every sample counts once, also under DDP.
+        outputs before their final activation, ``taps='preact'``, averaged over samples and pairs) and
+        ``feature_distance_rel`` (its scale-free form, 1 for orthogonal features, 2 for opposite ones:
+        ``losses.pairwise_feature_difference``). Every sample counts once, also under DDP.
     """
     # the stage features come out of the same forward pass as the member logits: no second pass
     predictor = MemberPredictor(model, loader, accelerator, gather=accelerator is not None, features=True,

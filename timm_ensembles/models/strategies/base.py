@@ -1,5 +1,6 @@
-"""What every member strategy shares: the base class, its errors, and the convolutions FDL taps."""
+"""What every member strategy shares: the base class, its errors, and the features FDL taps."""
 import contextlib
+import weakref
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -47,6 +48,70 @@ def capture_conv_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
     finally:
         for h in handles:
             h.remove()
+
+
+# the modules of these packages are activations: elementwise maps a stage may end with
+_ACTIVATION_PACKAGES = ('torch.nn.modules.activation', 'timm.layers.activations', 'timm.layers.activations_me')
+# per model and ``indices``: the names of the activation modules whose outputs forward_intermediates returned
+_PREACT_SOURCES: 'weakref.WeakKeyDictionary[nn.Module, dict]' = weakref.WeakKeyDictionary()
+
+
+def _activation_modules(model: nn.Module) -> dict[str, nn.Module]:
+    # torch's activation module also defines MultiheadAttention, which is not one
+    return {n: m for n, m in model.named_modules()
+            if type(m).__module__ in _ACTIVATION_PACKAGES and not isinstance(m, nn.MultiheadAttention)}
+
+
+def stage_features(model: nn.Module, x: torch.Tensor, taps: str, indices=None) -> tuple[torch.Tensor, list]:
+    """Logits and the features of ``taps='stages'`` or ``'preact'`` from one ``forward_intermediates`` pass.
+
+    ``'preact'`` takes each intermediate before the activation module that produced it, where one did: a ResNet
+    stage ends in ReLU, and post-ReLU features are non-negative, so two networks' can be at most orthogonal (the
+    scale-free distance cannot pass 1); before the activation they can point opposite ways (up to 2, the bound of
+    ``losses.feature_difference_loss``). An intermediate that no activation module returned (a ViT's or ConvNeXt's
+    residual stream, an activation called as a function) is taken as it is. Which activations those are is found on
+    the first call for a model and ``indices`` (every activation's input kept for that one call), after which only
+    their inputs are kept, cloned where the activation works in place.
+    """
+    if taps == 'stages':
+        final, inter = model.forward_intermediates(x, indices=indices)
+        return model.forward_head(final), list(inter)
+    key = indices if not isinstance(indices, list) else tuple(indices)
+    known = _PREACT_SOURCES.setdefault(model, {}).get(key)
+    acts = _activation_modules(model)
+    watched = acts if known is None else {n: acts[n] for n in known}
+    inputs: dict[str, torch.Tensor] = {}
+    calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, output, input before the activation)
+
+    def pre_hook(name):
+        def hook(module, args):
+            if args and isinstance(args[0], torch.Tensor):
+                inputs[name] = args[0].clone() if getattr(module, 'inplace', False) else args[0]
+        return hook
+
+    def post_hook(name):
+        def hook(module, args, out):
+            if name in inputs:
+                calls.append((name, out, inputs.pop(name)))
+        return hook
+
+    handles = [h for n, m in watched.items()
+               for h in (m.register_forward_pre_hook(pre_hook(n)), m.register_forward_hook(post_hook(n)))]
+    try:
+        final, inter = model.forward_intermediates(x, indices=indices)
+    finally:
+        for h in handles:
+            h.remove()
+    features, sources = [], []
+    for t in inter:
+        # the last call that returned this very tensor (an activation module can run more than once)
+        hit = next(((n, pre) for n, out, pre in reversed(calls) if out is t), None)
+        features.append(t if hit is None else hit[1])
+        if hit is not None:
+            sources.append(hit[0])
+    if known is None:
+        _PREACT_SOURCES[model][key] = tuple(sources)
+    return model.forward_head(final), features
 
 
 class MemberStrategy:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MemberStrategy, StrategyError, _synchronize, tapped_convs
+from .base import MemberStrategy, StrategyError, _synchronize, stage_features, tapped_convs
 
 __all__ = ['GroupedStrategy']
 
@@ -366,10 +366,9 @@ class GroupedStrategy(MemberStrategy):
 
     def forward_members_with_features(self, x, taps='stages', indices=None):
         self._sync_modes()
-        if taps == 'stages':
+        if taps in ('stages', 'preact'):
             self._check_stage_taps()
-            final, inter = self.fused.forward_intermediates(x, indices=indices)
-            logits = self.fused.forward_head(final)
+            logits, inter = stage_features(self.fused, x, taps, indices)
             per_layer = [self._split(f) for f in inter]
             features = [[layer[m] for layer in per_layer] for m in range(self.num_members)]
         else:

@@ -2,7 +2,7 @@
 
 import torch
 
-from .base import MemberStrategy, capture_conv_outputs
+from .base import MemberStrategy, capture_conv_outputs, stage_features
 
 __all__ = ['LoopStrategy']
 
@@ -17,11 +17,11 @@ class LoopStrategy(MemberStrategy):
     def forward_members_with_features(self, x, taps='stages', indices=None):
         logits, features = [], []
         for member in self.members:
-            if taps == 'stages':
+            if taps in ('stages', 'preact'):
                 self._check_stage_taps()
-                final, inter = member.forward_intermediates(x, indices=indices)
-                logits.append(member.forward_head(final))
-                features.append(list(inter))
+                out, inter = stage_features(member, x, taps, indices)
+                logits.append(out)
+                features.append(inter)
             else:
                 with capture_conv_outputs(member) as convs:
                     logits.append(member(x))

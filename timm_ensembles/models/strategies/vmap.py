@@ -5,7 +5,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import MemberStrategy, StrategyError, capture_conv_outputs
+from .base import MemberStrategy, StrategyError, capture_conv_outputs, stage_features
 
 __all__ = ['VmapStrategy']
 
@@ -23,9 +23,8 @@ class _Runner(nn.Module):
     def forward(self, x: torch.Tensor, mode: str = 'logits', indices: Any = None) -> Any:
         if mode == 'logits':
             return self.m(x)
-        if mode == 'stages':
-            final, inter = self.m.forward_intermediates(x, indices=indices)
-            return self.m.forward_head(final), list(inter)
+        if mode in ('stages', 'preact'):
+            return stage_features(self.m, x, mode, indices)
         with capture_conv_outputs(self.m) as convs:
             out = self.m(x)
         return out, list(convs)
@@ -90,7 +89,7 @@ class VmapStrategy(MemberStrategy):
         return self._run(x, 'logits').movedim(0, 1)
 
     def forward_members_with_features(self, x, taps='stages', indices=None):
-        if taps == 'stages':
+        if taps in ('stages', 'preact'):
             self._check_stage_taps()
         logits, feats = self._run(x, taps, indices)
         if not feats:
