@@ -67,7 +67,8 @@ class ConvNet1BN(_OneLayerNet):
     BatchNorm, ReLU, 2x2 max pooling, and a linear classifier over the flattened 7x7 maps.
 
     ``forward_intermediates`` gives the one stage the reference's -MSE step compares: the pooled maps after BatchNorm
-    and ReLU, so FDL's default taps (``feature_taps='stages'``) take what the reference takes.
+    and ReLU. The ReLU is a function, not a module, so FDL's default taps ('preact') find no activation to take the
+    maps before, and take them as ``feature_taps='stages'`` does.
 
     Args:
         num_classes: Number of classes (0: no classifier).

@@ -77,6 +77,9 @@ RECIPES['fmnist-noaug-noise40'] = dict(RECIPES['fmnist-noise40'],
                                        args=[*RECIPES['fmnist-noise40']['args'][:-3], '--no-aug'])
 # fmnist-noaug again on this machine (as fmnist-r is fmnist): the overfitting regime's ensembles and FDL beside BANE
 RECIPES['fmnist-noaug-r'] = dict(RECIPES['fmnist-noaug'])
+# fmnist again (the machine of fmnist-r), where FDL's term and the evaluation's feature distance take the stage outputs
+# before their final activation (feature_taps='preact', the default since): the independent pair measured there too
+RECIPES['fmnist-p'] = dict(RECIPES['fmnist'])
 # the FDL reference's BatchNorm MNIST network (studies/convnet.py: convnet1bn), at the mnist recipe
 RECIPES['mnist-bn'] = dict(RECIPES['mnist'], base='convnet1bn')
 
@@ -200,7 +203,9 @@ MNIST_FILTERS = (4, 8, 16, 32)
 def _mnist_bn_runs(filters: tuple[int, ...]) -> dict[str, Run]:
     """The reference's BatchNorm network at M filters, its independent pair and FDL pairs of M/2: FDL as the reference
     steps it (the mse distance on the post-BatchNorm maps, -L_FDL at lr 2e-4, momentum 0.85) and at the package's
-    default (the relative distance at 0.1), both against the independent pair."""
+    default when the study ran (the relative distance at 0.1), both against the independent pair. That default is
+    pinned (``feature_taps=stages``): the network's one stage ends in pooling after a functional ReLU, so today's
+    default taps ('preact') take the same maps, at their own step (0.03)."""
     runs = []
     for m in filters:
         kw = [f'num_filters={m // 2}']
@@ -208,13 +213,17 @@ def _mnist_bn_runs(filters: tuple[int, ...]) -> dict[str, Run]:
                  Run(f'ens_x2_m{m // 2}', 'ens_convnet1bnx2', model_kwargs=kw, baseline=f'convnet1bn_m{m}'),
                  Run(f'fdl_x2_m{m // 2}-paper', 'fdl_convnet1bnx2', model_kwargs=kw, baseline=f'ens_x2_m{m // 2}',
                      task_kwargs=['fdl_distance=mse', 'fdl_lr=2e-4']),
-                 Run(f'fdl_x2_m{m // 2}', 'fdl_convnet1bnx2', model_kwargs=kw, baseline=f'ens_x2_m{m // 2}')]
+                 Run(f'fdl_x2_m{m // 2}', 'fdl_convnet1bnx2', model_kwargs=kw, baseline=f'ens_x2_m{m // 2}',
+                     task_kwargs=['feature_taps=stages'])]
     return {r.name: r for r in runs}
 
 
 # the BatchNorm network's widths: the study's 16, and 64 (the reference pairs two of 256 filters: too slow on this CPU)
 MNIST_BN_FILTERS = (16, 64)
 
+# the recipes whose runs' evaluation measured the members' feature distance before the stages' final activation
+# (feature_taps='preact', the evaluation's taps since); the older ones measured it after
+MEASURED_BEFORE_ACTIVATION = ('fmnist-p',)
 # models whose table comparisons use their averaged probabilities (the deep ensemble's rule), not their own forward
 COMPARED_BY_AVERAGE = ('ens_', 'fdl_')
 # each study: its recipe, the runs it needs in the order `run` trains them (seed-major: every run of the first seed
@@ -245,6 +254,9 @@ STUDIES = {
     # ensembles and FDL without augmentation, where one network overfits, and BANE beside the independent ensemble of
     # its size (issue 25 item 6), three seeds on this machine
     'noaug': ('fmnist-noaug-r', ['resnet10t', 'ens_x2', 'fdl_x2', 'ban_labels-g3', 'ens_x4'], (0, 1, 2)),
+    # FDL at its default taps (the stage outputs before their final activation) and step against the independent
+    # pair, both measured on those features, five seeds (issue 25 item 3)
+    'fdl-preact': ('fmnist-p', ['ens_x2', 'fdl_x2-vs-pair'], (0, 1, 2, 3, 4)),
     # MEAL V1 with a zoo of two architectures (issue 25 item 6), three seeds, beside `mechanisms`' meal_v1
     'zoo': ('fmnist-r', ['resnet10t', 'mobilenetv3', 'meal_v1', 'meal_v1-zoo'], (0, 1, 2)),
     'fdl-mnist': ('mnist', list(_mnist_runs(MNIST_FILTERS)), (0, 1, 2)),
@@ -668,8 +680,9 @@ def diagnostics(study: str, args: argparse.Namespace) -> str:
     seeds = args.seeds or default_seeds
     root = Path(args.out) / recipe if args.from_runs else Path(args.archive) / recipe
     runs = _runs(recipe)
-    lines = ['| run | mechanism: first epoch → final epoch (null) | feature distance, scale-free (× baseline, same'
-             ' seed) | disagreement |', '|---|---|---|---|']
+    where = 'before' if recipe in MEASURED_BEFORE_ACTIVATION else 'after'
+    lines = [f'| run | mechanism: first epoch → final epoch (null) | feature distance, scale-free, stage outputs'
+             f' {where} their final activation (× baseline, same seed) | disagreement |', '|---|---|---|---|']
     for name in names:
         run = runs[name]
         if not all(run.done_marker(root, s).exists() for s in seeds):
