@@ -6,7 +6,9 @@ configurations, for each number of members N given:
 
 * ``single``: the base model alone with its ``CrossEntropyTask`` (timed once, shared by every N);
 * ``ens xN``: the independent deep ensemble (``timm.create_model('ens', ...)``) with its task;
-* ``fdl xN``: the FDL ensemble with its task in the joint phase (features, similarity term, -L_FDL, head);
+* ``fdl xN``: the FDL ensemble with its task in the joint phase (features, similarity term, -L_FDL, head), its
+  features at the default taps (the stage outputs before their final activation, kept by hooks on the activations);
+* ``fdl xN stages``: the same on the stage outputs as ``forward_intermediates`` returns them (no hooks);
 * ``FDL term xN``: ``feature_difference_loss`` alone, forward and backward, on the features of one forward pass
   of the ``fdl xN`` members, held as leaf tensors so that only the term itself is timed (the network backward it
   feeds is shared with the cross-entropy's in a real step and is counted in ``fdl xN``).
@@ -25,6 +27,8 @@ How to read it: absolute times depend on the machine and its load, so the script
   independent ensemble trained side by side (stage features via ``forward_intermediates``, the FDL and
   similarity terms, the ensemble head).
 * ``FDL term / fdl xN``: the share of the FDL step spent in the feature difference term itself.
+* ``fdl xN / fdl xN stages``: what taking the features before the activation costs (a clone of each tapped
+  activation's input where it works in place).
 
 Ratios are given two ways: the median over rounds of the ratio within a round (configurations of one round ran
 under about the same load), and the ratio of the minima (each configuration's least disturbed round). When the
@@ -108,6 +112,10 @@ def build_configs(args: argparse.Namespace, x: torch.Tensor,
             raise RuntimeError(f'fdl x{n} is in phase {fdl.phase!r}, expected the joint phase.')
         # FDLTask reads the optimizer's lr for its term weights, so the optimizer must come from the task
         steps[f'fdl x{n}'] = make_train_step(fdl, fdl.create_optimizer(**OPTIMIZER_ARGS), x, target)
+        stages = timm.create_model('fdl', base_model=args.base, num_members=n, num_classes=NUM_CLASSES)
+        stages = timm_ensembles.create_task(stages, feature_taps='stages').to(device).train()
+        stages.on_epoch_start(1)
+        steps[f'fdl x{n} stages'] = make_train_step(stages, stages.create_optimizer(**OPTIMIZER_ARGS), x, target)
 
         # the features the fdl task would tap, computed once; as leaves, the term's backward stops at them
         with torch.no_grad():
@@ -124,12 +132,13 @@ def report(args: argparse.Namespace, times: dict[str, list[float]]) -> None:
     for n in args.members:
         ens, fdl, term = times[f'ens x{n}'], times[f'fdl x{n}'], times[f'FDL term x{n}']
         print(f'\n### N = {n}')
-        time_table(times, ['single', f'ens x{n}', f'fdl x{n}', f'FDL term x{n}'])
+        time_table(times, ['single', f'ens x{n}', f'fdl x{n}', f'fdl x{n} stages', f'FDL term x{n}'])
         ratio_table([
             ratio_row(f'ens x{n} / ({n} x single)', ens, single, scale=n),
             ratio_row(f'fdl x{n} / ({n} x single)', fdl, single, scale=n),
             ratio_row(f'fdl x{n} / ens x{n}', fdl, ens),
             ratio_row(f'FDL term x{n} / fdl x{n} (share of the step)', term, fdl),
+            ratio_row(f'fdl x{n} / fdl x{n} stages (features before the activation)', fdl, times[f'fdl x{n} stages']),
         ])
 
 
