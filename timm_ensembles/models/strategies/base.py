@@ -68,8 +68,9 @@ def stage_features(model: nn.Module, x: torch.Tensor, taps: str, indices=None) -
     ``'preact'`` takes each intermediate before the activation module that produced it, where one did: a ResNet
     stage ends in ReLU, and post-ReLU features are non-negative, so two networks' can be at most orthogonal (the
     scale-free distance cannot pass 1); before the activation they can point opposite ways (up to 2, the bound of
-    ``losses.feature_difference_loss``). An intermediate that no activation module returned (a ViT's or ConvNeXt's
-    residual stream, an activation called as a function) is taken as it is. Which activations those are is found on
+    ``losses.feature_difference_loss``). Activation modules are those of ``torch.nn`` and ``timm.layers``
+    (``nn.ReLU``, timm's ``GELU``, ...). An intermediate that none returned (a ViT's or ConvNeXt's residual stream, an
+    activation called as a function or of a class of the user's own) is taken as it is. Which activations those are is found on
     the first call for a model and ``indices`` (every activation's input kept for that one call), after which only
     their inputs are kept, cloned where the activation works in place.
     """
