@@ -70,9 +70,9 @@ def stage_features(model: nn.Module, x: torch.Tensor, taps: str, indices=None) -
     scale-free distance cannot pass 1); before the activation they can point opposite ways (up to 2, the bound of
     ``losses.feature_difference_loss``). Activation modules are those of ``torch.nn`` and ``timm.layers``
     (``nn.ReLU``, timm's ``GELU``, ...). An intermediate that none returned (a ViT's or ConvNeXt's residual stream, an
-    activation called as a function or of a class of the user's own) is taken as it is. Which activations those are is found on
-    the first call for a model and ``indices`` (every activation's input kept for that one call), after which only
-    their inputs are kept, cloned where the activation works in place.
+    activation called as a function or of a class of the user's own) is taken as it is. Which activations those are is
+    found on the first call for a model and ``indices`` (every activation's input kept for that one call), after which
+    only their inputs are kept, cloned where the activation works in place.
     """
     if taps == 'stages':
         final, inter = model.forward_intermediates(x, indices=indices)
