@@ -18,6 +18,8 @@ from ..utils.checks import check_number, is_whole
 from ..utils.timm_compat import get_global_pool
 from .registry import check_base_model
 from .strategies import (
+    DEFAULT_FEATURE_TAPS,
+    FEATURE_TAPS,
     MEMBER_STRATEGIES,
     AutoStrategy,
     MemberStrategy,
@@ -32,10 +34,6 @@ __all__ = ['EnsembleModel', 'EnsembleHead', 'ModelArgsMixin', 'prefix_group_matc
            'capture_conv_outputs', 'conv_modules', 'tapped_convs']
 
 COMBINE_MODES = ('linear', 'mean_logits', 'mean_probs')
-FEATURE_TAPS = ('preact', 'stages', 'convs')
-# where the members' features are compared by default (FDL's term, the evaluation's feature distance, the analysis):
-# the stage outputs before their final activation, where post-ReLU features could be at most orthogonal
-DEFAULT_FEATURE_TAPS = 'preact'
 
 
 class EnsembleHead(nn.Module):

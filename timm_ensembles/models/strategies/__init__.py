@@ -47,6 +47,8 @@ from torch import nn
 
 from .auto import AUTO_CANDIDATES, AutoStrategy
 from .base import (
+    DEFAULT_FEATURE_TAPS,
+    FEATURE_TAPS,
     MEMBER_STRATEGIES,
     MemberStrategy,
     StrategyError,
@@ -61,8 +63,8 @@ from .verify import _build, _check, default_probe_input, verify_against_loop
 from .vmap import VmapStrategy
 
 __all__ = [
-    'MEMBER_STRATEGIES', 'MemberStrategy', 'LoopStrategy', 'VmapStrategy', 'GroupedStrategy', 'AutoStrategy',
-    'StrategyError', 'create_member_strategy', 'verify_against_loop',
+    'MEMBER_STRATEGIES', 'FEATURE_TAPS', 'DEFAULT_FEATURE_TAPS', 'MemberStrategy', 'LoopStrategy', 'VmapStrategy',
+    'GroupedStrategy', 'AutoStrategy', 'StrategyError', 'create_member_strategy', 'verify_against_loop',
 ]
 
 
@@ -121,6 +123,6 @@ class _CheckedOnFirstCall(MemberStrategy):
         self._ensure_checked(x)
         return self.inner.forward_members(x)
 
-    def forward_members_with_features(self, x, taps='stages', indices=None):
+    def forward_members_with_features(self, x, taps=DEFAULT_FEATURE_TAPS, indices=None):
         self._ensure_checked(x)
         return self.inner.forward_members_with_features(x, taps, indices)

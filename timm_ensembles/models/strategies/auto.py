@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import MemberStrategy, StrategyError, _synchronize
+from .base import DEFAULT_FEATURE_TAPS, MemberStrategy, StrategyError, _synchronize
 from .verify import _build, _check, _preserved_state
 
 __all__ = ['AutoStrategy']
@@ -119,7 +119,7 @@ class AutoStrategy(MemberStrategy):
     def forward_members(self, x: torch.Tensor) -> torch.Tensor:
         return self._dispatch(('logits',), x, lambda s: s.forward_members(x))
 
-    def forward_members_with_features(self, x, taps='stages', indices=None):
+    def forward_members_with_features(self, x, taps=DEFAULT_FEATURE_TAPS, indices=None):
         kind = (taps, indices if not isinstance(indices, list) else tuple(indices))
         return self._dispatch(kind, x, lambda s: s.forward_members_with_features(x, taps, indices))
 

@@ -6,9 +6,13 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import nn
 
-__all__ = ['MEMBER_STRATEGIES', 'MemberStrategy', 'StrategyError']
+__all__ = ['MEMBER_STRATEGIES', 'FEATURE_TAPS', 'DEFAULT_FEATURE_TAPS', 'MemberStrategy', 'StrategyError']
 
 MEMBER_STRATEGIES = ('loop', 'vmap', 'grouped', 'auto')
+FEATURE_TAPS = ('preact', 'stages', 'convs')
+# where the members' features are compared by default (FDL's term, the evaluation's feature distance, the analysis):
+# the stage outputs before their final activation, where post-ReLU features could be at most orthogonal
+DEFAULT_FEATURE_TAPS = 'preact'
 
 
 class StrategyError(ValueError):
@@ -52,7 +56,7 @@ def capture_conv_outputs(model: nn.Module) -> Iterator[list[torch.Tensor]]:
 
 # the modules of these packages are activations: elementwise maps a stage may end with
 _ACTIVATION_PACKAGES = ('torch.nn.modules.activation', 'timm.layers.activations', 'timm.layers.activations_me')
-# per model and ``indices``: the names of the activation modules whose outputs forward_intermediates returned
+# per model and ``indices``: the activation modules whose outputs forward_intermediates returned
 _PREACT_SOURCES: 'weakref.WeakKeyDictionary[nn.Module, dict]' = weakref.WeakKeyDictionary()
 
 
@@ -79,8 +83,8 @@ def stage_features(model: nn.Module, x: torch.Tensor, taps: str, indices=None) -
         return model.forward_head(final), list(inter)
     key = indices if not isinstance(indices, list) else tuple(indices)
     known = _PREACT_SOURCES.setdefault(model, {}).get(key)
-    acts = _activation_modules(model)
-    watched = acts if known is None else {n: acts[n] for n in known}
+    # the modules themselves are kept (they do not reference the model): no walk over the model after the first call
+    watched = _activation_modules(model) if known is None else dict(known)
     inputs: dict[str, torch.Tensor] = {}
     calls: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, output, input before the activation)
 
@@ -109,7 +113,7 @@ def stage_features(model: nn.Module, x: torch.Tensor, taps: str, indices=None) -
         hit = next(((n, pre) for n, out, pre in reversed(calls) if out is t), None)
         features.append(t if hit is None else hit[1])
         if hit is not None:
-            sources.append(hit[0])
+            sources.append((hit[0], watched[hit[0]]))
     if known is None:
         _PREACT_SOURCES[model][key] = tuple(sources)
     return model.forward_head(final), features
@@ -137,7 +141,7 @@ class MemberStrategy:
         raise NotImplementedError
 
     def forward_members_with_features(
-            self, x: torch.Tensor, taps: str = 'stages', indices: int | Sequence[int] | None = None,
+            self, x: torch.Tensor, taps: str = DEFAULT_FEATURE_TAPS, indices: int | Sequence[int] | None = None,
     ) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
         """Member logits ``[B, M, C]`` and ``features[m]``, the list of member m's feature tensors."""
         raise NotImplementedError

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import MemberStrategy, StrategyError, _synchronize, stage_features, tapped_convs
+from .base import DEFAULT_FEATURE_TAPS, MemberStrategy, StrategyError, _synchronize, stage_features, tapped_convs
 
 __all__ = ['GroupedStrategy']
 
@@ -364,7 +364,7 @@ class GroupedStrategy(MemberStrategy):
         self._sync_modes()
         return self.fused(x).unflatten(1, (self.num_members, -1))
 
-    def forward_members_with_features(self, x, taps='stages', indices=None):
+    def forward_members_with_features(self, x, taps=DEFAULT_FEATURE_TAPS, indices=None):
         self._sync_modes()
         if taps in ('stages', 'preact'):
             self._check_stage_taps()

@@ -2,7 +2,7 @@
 
 import torch
 
-from .base import MemberStrategy, capture_conv_outputs, stage_features
+from .base import DEFAULT_FEATURE_TAPS, MemberStrategy, capture_conv_outputs, stage_features
 
 __all__ = ['LoopStrategy']
 
@@ -14,7 +14,7 @@ class LoopStrategy(MemberStrategy):
     def forward_members(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([m(x) for m in self.members], dim=1)
 
-    def forward_members_with_features(self, x, taps='stages', indices=None):
+    def forward_members_with_features(self, x, taps=DEFAULT_FEATURE_TAPS, indices=None):
         logits, features = [], []
         for member in self.members:
             if taps in ('stages', 'preact'):

@@ -5,7 +5,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import MemberStrategy, StrategyError, capture_conv_outputs, stage_features
+from .base import DEFAULT_FEATURE_TAPS, MemberStrategy, StrategyError, capture_conv_outputs, stage_features
 
 __all__ = ['VmapStrategy']
 
@@ -88,7 +88,7 @@ class VmapStrategy(MemberStrategy):
     def forward_members(self, x: torch.Tensor) -> torch.Tensor:
         return self._run(x, 'logits').movedim(0, 1)
 
-    def forward_members_with_features(self, x, taps='stages', indices=None):
+    def forward_members_with_features(self, x, taps=DEFAULT_FEATURE_TAPS, indices=None):
         if taps in ('stages', 'preact'):
             self._check_stage_taps()
         logits, feats = self._run(x, taps, indices)
